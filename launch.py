@@ -1,0 +1,116 @@
+"""Halyard's command line: compose the Hydra config, validate it, then fine-tune.
+
+    accelerate launch launch.py loss=sft model=smollm2 datasets=[data/demo/train.jsonl] exp_name=my-run
+    python launch.py loss=sft model=tiny datasets=[data.jsonl] ++model.name_or_path=/path/to/model
+    python launch.py --help          # every config key, with its type, default and meaning
+
+Reads like a table of contents: each step is a builder in `train/`. Heavy libraries (torch, transformers) are
+imported only after the config is valid, so mistakes are reported in about a second.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).resolve().parent / "config"
+EXIT_USER_ERROR = 2
+
+logger = logging.getLogger("halyard")
+
+
+def compose_config(overrides: list[str]):
+    """Compose config/config.yaml with Hydra and the command-line overrides; return the typed, validated Config."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from train.config import register_schema, validate
+    from train.errors import ConfigError
+
+    register_schema()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            raw = compose(config_name="config", overrides=_as_forced_overrides(overrides))
+    except (HydraException, OmegaConfBaseException) as error:
+        raise ConfigError([str(error).strip()]) from None
+    return validate(raw)
+
+
+def _as_forced_overrides(overrides: list[str]) -> list[str]:
+    """Rewrite plain `key=value` overrides as `++key=value`.
+
+    Hydra stops at the first key missing from the YAML. Forcing each override lets composition finish, so the
+    schema check can report every unknown key at once and name the closest valid one. Config-group choices
+    (`model=tiny`), `+`, `++`, `~` and `hydra.*` overrides pass through unchanged.
+    """
+    groups = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()}
+    rewritten = []
+    for override in overrides:
+        key = override.split("=", 1)[0]
+        is_plain = "=" in override and not key.startswith(("+", "~", "hydra.")) and key.split("@")[0] not in groups
+        rewritten.append(f"++{override}" if is_plain else override)
+    return rewritten
+
+
+def is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def setup_logging() -> None:
+    # Only the main process logs at INFO; the others report warnings and errors.
+    level = logging.INFO if is_main_process() else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def print_help() -> None:
+    from train.config import describe_schema
+
+    print(__doc__)
+    print("Config keys (override with key=value; presets: loss=<config/loss/*.yaml>, model=<config/model/*.yaml>):")
+    print(describe_schema())
+
+
+def run(cfg) -> None:
+    """Build everything from the validated config, train, and save FINAL/."""
+    from train.data import build_datasets
+    from train.models import build_model, build_tokenizer
+    from train.trainers import get_trainer_class
+    from train.utils import build_accelerator, prepare_run_dir
+
+    trainer_class = get_trainer_class(cfg.loss.trainer)
+    accelerator = build_accelerator(cfg)
+    prepare_run_dir(cfg, accelerator)
+    tokenizer = build_tokenizer(cfg.model)
+    train_data, eval_data = build_datasets(cfg, tokenizer)
+    model = build_model(cfg.model, cfg.seed)
+    trainer = trainer_class(cfg, accelerator, model, tokenizer, train_data, eval_data)
+    trainer.train()
+    trainer.save_final()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print_help()
+        return 0
+    setup_logging()
+    from train.errors import HalyardError
+
+    try:
+        cfg = compose_config(argv)
+        run(cfg)
+    except HalyardError as error:
+        # A user error: say what is wrong and how to fix it, without a traceback.
+        if is_main_process():
+            print(f"halyard: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

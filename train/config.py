@@ -1,0 +1,317 @@
+"""The typed schema of Halyard's configuration, and its validation.
+
+Every key has exactly one default and one line of documentation, here. The YAML files under `config/` are presets
+that choose values (a model, a loss); `python launch.py --help` prints this schema as a table.
+
+This module imports no torch, so that `--help` and config errors answer in about a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from train.errors import ConfigError
+
+
+def setting(default: Any, help: str) -> Any:
+    """A dataclass field with its one default and its documentation (lists get a fresh copy per instance)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class PeftConfig:
+    lora_r: int = setting(16, "LoRA rank (the inner dimension of each low-rank update).")
+    lora_alpha: float = setting(32.0, "LoRA scaling numerator: updates are scaled by lora_alpha / lora_r.")
+    lora_dropout: float = setting(0.05, "Dropout probability on the LoRA input, in [0, 1).")
+    target_modules: list[str] = setting(
+        ["all-linear"], "Module names to adapt, e.g. [q_proj,v_proj]; [all-linear] adapts every linear layer but the head."
+    )
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str | None = setting(None, "Local folder (or hub id, when online) of the model to fine-tune.")
+    tokenizer_name_or_path: str | None = setting(None, "Tokenizer folder or hub id; defaults to model.name_or_path.")
+    dtype: str = setting(
+        "float32",
+        "Compute dtype: float32 | bfloat16. bfloat16 autocasts the forward pass; trained weights and optimizer "
+        "state stay float32, and with use_peft the frozen base weights are loaded in bfloat16.",
+    )
+    attn_implementation: str = setting("sdpa", "Attention kernel: eager | sdpa | flash_attention_2 (CUDA only).")
+    batch_size: int = setting(8, "Global batch per optimizer step, in examples, summed over processes and accumulation.")
+    eval_batch_size: int = setting(8, "Global batch for evaluation, in examples.")
+    gradient_accumulation_steps: int = setting(1, "Micro-batches accumulated per optimizer step on each process.")
+    max_length: int = setting(512, "Maximum tokens per example (prompt + response); longer examples are truncated.")
+    max_grad_norm: float | None = setting(1.0, "Clip the global gradient L2 norm to this value; null disables clipping.")
+    gradient_checkpointing: bool = setting(False, "Recompute activations in the backward pass: less memory, ~30% slower.")
+    trust_remote_code: bool = setting(False, "Allow model code shipped with the checkpoint to run. Off unless you trust it.")
+    use_peft: bool = setting(False, "Train LoRA adapters (through PEFT) instead of every weight.")
+    peft: PeftConfig = field(default_factory=PeftConfig, metadata={"help": "LoRA settings, read when use_peft=true."})
+
+
+@dataclass
+class DataConfig:
+    prompt_key: str = setting("instruction", "Instruction-style rows: field holding the user's instruction.")
+    query_key: str = setting("input", "Instruction-style rows: optional field appended to the instruction.")
+    response_key: str = setting("output", "Instruction-style rows: field holding the response to train on.")
+    system_key: str = setting("system", "Instruction-style rows: optional field holding a system prompt.")
+    messages_key: str = setting("messages", "Chat rows: field holding the list of {role, content} messages.")
+
+
+@dataclass
+class LossConfig:
+    """Base of every loss's settings. A loss's YAML names the loss and the trainer class that implements it."""
+
+    name: str | None = setting(None, "Loss name; pick one with loss=<name> (a file in config/loss/).")
+    trainer: str | None = setting(None, "Trainer class (from train/trainers.py) that implements this loss.")
+
+
+@dataclass
+class SFTLossConfig(LossConfig):
+    pass
+
+
+# The settings schema of each loss, keyed by `loss.name`. A new loss with extra settings adds its dataclass here.
+LOSS_SCHEMAS: dict[str, type[LossConfig]] = {"sft": SFTLossConfig}
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = setting(False, "Log to Weights & Biases (set WANDB_MODE=offline to log without an account).")
+    project: str = setting("halyard", "Weights & Biases project name.")
+    entity: str | None = setting(None, "Weights & Biases team or user; null uses your default entity.")
+
+
+@dataclass
+class TensorboardConfig:
+    enabled: bool = setting(False, "Write TensorBoard event files under the run directory.")
+
+
+@dataclass
+class Config:
+    exp_name: str = setting("default", "Name of the run; its files go to ${cache_dir}/${exp_name}.")
+    seed: int = setting(0, "Seed for data order, initialization and dropout.")
+    cache_dir: str = setting("runs", "Folder that holds run directories.")
+    run_dir: str = setting("${cache_dir}/${exp_name}", "Where this run writes config.yaml, metrics.jsonl and FINAL/.")
+    datasets: list[str] = setting([], "Training data: .json or .jsonl files (instruction-style or chat rows).")
+    eval_datasets: list[str] = setting([], "Held-out data evaluated every eval_every_steps; empty disables evaluation.")
+    n_epochs: int = setting(1, "Passes over the training data.")
+    max_steps: int | None = setting(None, "Stop after this many optimizer steps (caps n_epochs); null runs every epoch.")
+    lr: float = setting(1e-5, "Peak learning rate of AdamW.")
+    warmup_ratio: float = setting(0.1, "Fraction of the optimizer steps spent in linear warmup, before cosine decay.")
+    weight_decay: float = setting(0.0, "AdamW weight decay, applied to matrices only (not to biases or norms).")
+    eval_every_steps: int = setting(100, "Evaluate every this many optimizer steps (and before the first, and at the end).")
+    log_every_steps: int = setting(10, "Write a metrics line every this many optimizer steps (and at the last step).")
+    loss: LossConfig = field(default_factory=LossConfig, metadata={"help": "The loss; chosen with loss=<name>."})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The model; chosen with model=<name>."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "How rows of the data files are read."})
+    wandb: WandbConfig = field(default_factory=WandbConfig, metadata={"help": "Weights & Biases logging."})
+    tensorboard: TensorboardConfig = field(default_factory=TensorboardConfig, metadata={"help": "TensorBoard logging."})
+
+
+def register_schema() -> None:
+    """Register the schema with Hydra's ConfigStore, so a config can be composed against it (`- halyard_schema`)."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(name="halyard_schema", node=Config)
+    for name, schema in LOSS_SCHEMAS.items():
+        store.store(group="loss", name=f"{name}_schema", node=schema)
+
+
+DTYPES = ("float32", "bfloat16")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+DATA_EXTENSIONS = (".json", ".jsonl")
+
+
+def validate(raw: DictConfig, world_size: int | None = None) -> Config:
+    """Check a composed config against the schema and the rules between keys; return it typed.
+
+    Collects every problem (unknown keys with their closest valid name, wrong types, bad values, missing files)
+    and raises one ConfigError listing them all.
+    """
+    problems: list[str] = []
+    raw_tree = OmegaConf.to_container(raw, resolve=False)
+    loss_schema = _loss_schema(raw_tree, problems)
+    typed = OmegaConf.structured(Config(loss=loss_schema()))
+    _merge_checked(raw_tree, typed, "", problems, schema_paths=sorted(_leaf_paths(typed)))
+    try:
+        cfg = OmegaConf.to_object(typed)
+    except OmegaConfBaseException as error:
+        problems.append(f"could not resolve the configuration: {error}")
+        raise ConfigError(problems) from None
+    problems += check_values(cfg, world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _loss_schema(raw_tree: dict, problems: list[str]) -> type[LossConfig]:
+    loss_name = (raw_tree.get("loss") or {}).get("name")
+    if loss_name is None:
+        problems.append(f"no loss chosen: add loss=<name> with one of {sorted(LOSS_SCHEMAS)}")
+    elif loss_name not in LOSS_SCHEMAS:
+        problems.append(f"loss.name={loss_name!r} is not a known loss; valid: {sorted(LOSS_SCHEMAS)}")
+    return LOSS_SCHEMAS.get(loss_name, LossConfig)
+
+
+def _leaf_paths(node: DictConfig, prefix: str = "") -> list[str]:
+    paths = []
+    for key in node:
+        child = node._get_node(key)
+        path = f"{prefix}{key}"
+        paths += _leaf_paths(child, path + ".") if isinstance(child, DictConfig) else [path]
+    return paths
+
+
+def _merge_checked(raw: dict, typed: DictConfig, prefix: str, problems: list[str], schema_paths: list[str]) -> None:
+    """Copy raw values into the typed config one key at a time, recording every unknown key and type error."""
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        if key not in typed:
+            problems.append(f"unknown key '{path}'{_did_you_mean(path, schema_paths)}")
+            continue
+        child = typed._get_node(key)
+        if isinstance(child, DictConfig) and isinstance(value, dict):
+            _merge_checked(value, child, path + ".", problems, schema_paths)
+            continue
+        try:
+            typed[key] = value
+        except OmegaConfBaseException:
+            expected = _type_name(typing.get_type_hints(OmegaConf.get_type(typed))[key])
+            problems.append(f"{path}={value!r}: expected {expected}")
+
+
+def _did_you_mean(path: str, schema_paths: list[str]) -> str:
+    guess = difflib.get_close_matches(path, schema_paths, n=1, cutoff=0.6)
+    if not guess:  # a misspelled leaf in the wrong section, e.g. `batch_sise` for `model.batch_size`
+        by_leaf = {_leaf(p): p for p in schema_paths}
+        guess = [by_leaf[m] for m in difflib.get_close_matches(_leaf(path), list(by_leaf), n=1, cutoff=0.6)]
+    return f" (did you mean '{guess[0]}'?)" if guess else " (run `python launch.py --help` for every valid key)"
+
+
+def _leaf(path: str) -> str:
+    return path.rsplit(".", 1)[-1]
+
+
+def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, str):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(annotation)[0])}"
+    if origin in (typing.Union, types.UnionType):
+        names = [_type_name(a) for a in typing.get_args(annotation) if a is not type(None)]
+        return " or ".join(names) + " or null"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(annotation, str(annotation))
+
+
+def check_values(cfg: Config, world_size: int) -> list[str]:
+    """Rules on values and between keys. Returns a list of problems, each with the value and how to fix it."""
+    problems = []
+    problems += _check_positive(cfg)
+    if not 0 <= cfg.warmup_ratio < 1:
+        problems.append(f"warmup_ratio={cfg.warmup_ratio}: must be in [0, 1)")
+    if cfg.weight_decay < 0:
+        problems.append(f"weight_decay={cfg.weight_decay}: must be >= 0")
+    if not cfg.exp_name.strip():
+        problems.append("exp_name is empty: name the run, e.g. exp_name=my-run")
+    problems += _check_data_files(cfg)
+    problems += _check_model(cfg.model, world_size)
+    return problems
+
+
+def _check_positive(cfg: Config) -> list[str]:
+    must_be_positive = {
+        "n_epochs": cfg.n_epochs,
+        "lr": cfg.lr,
+        "eval_every_steps": cfg.eval_every_steps,
+        "log_every_steps": cfg.log_every_steps,
+        "max_steps": cfg.max_steps,
+        "model.batch_size": cfg.model.batch_size,
+        "model.eval_batch_size": cfg.model.eval_batch_size,
+        "model.gradient_accumulation_steps": cfg.model.gradient_accumulation_steps,
+        "model.max_length": cfg.model.max_length,
+        "model.max_grad_norm": cfg.model.max_grad_norm,
+    }
+    return [f"{key}={value}: must be > 0" for key, value in must_be_positive.items() if value is not None and value <= 0]
+
+
+def _check_data_files(cfg: Config) -> list[str]:
+    problems = []
+    if not cfg.datasets:
+        problems.append("datasets is empty: give the training files, e.g. datasets=[data/train.jsonl]")
+    for key, paths in (("datasets", cfg.datasets), ("eval_datasets", cfg.eval_datasets)):
+        for path in paths:
+            if not Path(path).is_file():
+                problems.append(f"{key}: file '{path}' does not exist (paths are relative to {Path.cwd()})")
+            elif Path(path).suffix not in DATA_EXTENSIONS:
+                problems.append(f"{key}: '{path}' has an unsupported extension; use one of {list(DATA_EXTENSIONS)}")
+    return problems
+
+
+def _check_model(model: ModelConfig, world_size: int) -> list[str]:
+    problems = []
+    if not model.name_or_path:
+        problems.append("model.name_or_path is not set: pick a preset (model=smollm2) or set ++model.name_or_path=DIR")
+    if model.dtype not in DTYPES:
+        problems.append(f"model.dtype={model.dtype!r}: must be one of {list(DTYPES)}")
+    if model.attn_implementation not in ATTN_IMPLEMENTATIONS:
+        problems.append(f"model.attn_implementation={model.attn_implementation!r}: must be one of {list(ATTN_IMPLEMENTATIONS)}")
+    elif model.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        problems.append("model.attn_implementation=flash_attention_2 needs the flash-attn package (CUDA): pip install .[gpu], or use sdpa")
+    micro_batches = world_size * model.gradient_accumulation_steps
+    if model.batch_size > 0 and model.gradient_accumulation_steps > 0 and model.batch_size % micro_batches:
+        problems.append(
+            f"model.batch_size={model.batch_size} does not split into {world_size} process(es) x "
+            f"{model.gradient_accumulation_steps} accumulation step(s); choose a multiple of {micro_batches}"
+        )
+    if model.eval_batch_size > 0 and model.eval_batch_size % world_size:
+        problems.append(f"model.eval_batch_size={model.eval_batch_size}: must be a multiple of the {world_size} processes")
+    if model.use_peft:
+        peft = model.peft
+        if peft.lora_r <= 0:
+            problems.append(f"model.peft.lora_r={peft.lora_r}: must be > 0")
+        if peft.lora_alpha <= 0:
+            problems.append(f"model.peft.lora_alpha={peft.lora_alpha}: must be > 0")
+        if not 0 <= peft.lora_dropout < 1:
+            problems.append(f"model.peft.lora_dropout={peft.lora_dropout}: must be in [0, 1)")
+        if not peft.target_modules:
+            problems.append("model.peft.target_modules is empty: name modules to adapt, or use [all-linear]")
+    return problems
+
+
+def describe_schema() -> str:
+    """A table of every key: path, type, default and documentation (for `launch.py --help`)."""
+    rows = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            path = prefix + f.name
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], path + ".")
+                continue
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            rows.append((path, _type_name(hints[f.name]), "null" if default is None else str(default), f.metadata["help"]))
+
+    walk(Config, "")
+    for name, schema in LOSS_SCHEMAS.items():
+        walk_extra = [f for f in dataclasses.fields(schema) if f.name not in {g.name for g in dataclasses.fields(LossConfig)}]
+        for f in walk_extra:
+            rows.append((f"loss.{f.name} ({name})", _type_name(typing.get_type_hints(schema)[f.name]), str(f.default), f.metadata["help"]))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"  {path:<{width}}  {help}  [{type_}; default {default}]" for path, type_, default, help in rows)

@@ -1,0 +1,75 @@
+"""Loading the tokenizer and the model (optionally wrapped with LoRA adapters through PEFT)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from accelerate.utils import set_seed
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from train.config import ModelConfig
+from train.errors import HalyardError
+
+logger = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def build_tokenizer(settings: ModelConfig):
+    """The tokenizer, with a pad token (EOS when it has none: padding is masked out of the labels, not matched by id)."""
+    source = settings.tokenizer_name_or_path or settings.name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=settings.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise HalyardError(f"could not load the tokenizer from '{source}': {error}") from None
+    if not tokenizer.is_fast:
+        raise HalyardError(f"the tokenizer at '{source}' is a slow tokenizer; label masks need a fast one (tokenizer.json)")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_model(settings: ModelConfig, seed: int):
+    """The causal LM to train: float32 weights for full fine-tuning; for LoRA, the frozen base in the compute dtype."""
+    set_seed(seed)  # LoRA initialization is random
+    load_dtype = TORCH_DTYPES[settings.dtype] if settings.use_peft else torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            settings.name_or_path,
+            dtype=load_dtype,
+            attn_implementation=settings.attn_implementation,
+            trust_remote_code=settings.trust_remote_code,
+        )
+    except (OSError, ValueError) as error:
+        raise HalyardError(
+            f"could not load the model from model.name_or_path='{settings.name_or_path}': {error}\n"
+            f"Give a local folder with config.json and weights (offline, hub ids cannot be downloaded)."
+        ) from None
+    model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    if settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if settings.use_peft:
+        model = add_lora(model, settings)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+    logger.info(f"model: {n_total / 1e6:.1f}M parameters, {n_trainable / 1e6:.2f}M trainable")
+    return model
+
+
+def add_lora(model, settings: ModelConfig):
+    from peft import LoraConfig, get_peft_model
+
+    targets = settings.peft.target_modules
+    lora = LoraConfig(
+        r=settings.peft.lora_r,
+        lora_alpha=settings.peft.lora_alpha,
+        lora_dropout=settings.peft.lora_dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+        task_type="CAUSAL_LM",
+    )
+    try:
+        # Adapter weights are created in float32 (PEFT's default) even over a bfloat16 base.
+        return get_peft_model(model, lora)
+    except ValueError as error:
+        raise HalyardError(f"model.peft.target_modules={list(targets)}: {error}") from None

@@ -1,0 +1,66 @@
+"""Run setup shared by every trainer: the Accelerator, the run directory and the trackers."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from omegaconf import OmegaConf
+
+from train.config import Config
+from train.errors import HalyardError
+
+logger = logging.getLogger(__name__)
+
+
+def build_accelerator(cfg: Config) -> Accelerator:
+    trackers = [name for name, enabled in (("wandb", cfg.wandb.enabled), ("tensorboard", cfg.tensorboard.enabled)) if enabled]
+    return Accelerator(
+        # bfloat16 autocasts the forward pass; the trained weights stay float32 (master weights).
+        mixed_precision="bf16" if cfg.model.dtype == "bfloat16" else "no",
+        cpu=not torch.cuda.is_available(),
+        log_with=trackers or None,
+        project_dir=cfg.run_dir,
+    )
+
+
+def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> None:
+    """Create the run directory, write the resolved config into it and start the trackers (main process only)."""
+    run_dir = Path(cfg.run_dir)
+    if accelerator.is_main_process:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(config_yaml(cfg))
+        except OSError as error:
+            raise HalyardError(f"cannot write the run directory '{run_dir}' ({error.strerror}); set cache_dir to a writable folder") from None
+        logger.info(f"run directory: {run_dir.resolve()}")
+    accelerator.wait_for_everyone()
+    if cfg.wandb.enabled or cfg.tensorboard.enabled:
+        wandb_kwargs = {"name": cfg.exp_name, "entity": cfg.wandb.entity, "dir": str(run_dir)}
+        accelerator.init_trackers(cfg.wandb.project, config=flat_config(cfg), init_kwargs={"wandb": wandb_kwargs})
+
+
+def config_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def flat_config(cfg: Config) -> dict[str, object]:
+    """Dotted keys and scalar values (TensorBoard's hyperparameter table takes no lists or None)."""
+    flat = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[prefix + key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    walk(OmegaConf.to_container(OmegaConf.structured(cfg)), "")
+    return flat
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
