@@ -16,24 +16,83 @@ import random
 from pathlib import Path
 
 CAPITALS = {
-    "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon", "Greece": "Athens",
-    "Norway": "Oslo", "Sweden": "Stockholm", "Finland": "Helsinki", "Denmark": "Copenhagen", "Poland": "Warsaw",
-    "Austria": "Vienna", "Hungary": "Budapest", "Ireland": "Dublin", "Egypt": "Cairo", "Kenya": "Nairobi",
-    "Japan": "Tokyo", "China": "Beijing", "India": "New Delhi", "Canada": "Ottawa", "Mexico": "Mexico City",
-    "Peru": "Lima", "Chile": "Santiago", "Argentina": "Buenos Aires", "Russia": "Moscow", "Turkey": "Ankara",
-    "Thailand": "Bangkok", "Vietnam": "Hanoi", "Cuba": "Havana", "Belgium": "Brussels", "Netherlands": "Amsterdam",
-    "Switzerland": "Bern", "Iceland": "Reykjavik", "Morocco": "Rabat", "Australia": "Canberra", "Brazil": "Brasilia",
-    "South Korea": "Seoul", "Indonesia": "Jakarta", "Colombia": "Bogota", "Ukraine": "Kyiv", "Czechia": "Prague",
+    "Germany": "Berlin",
+    "Italy": "Rome",
+    "Spain": "Madrid",
+    "Portugal": "Lisbon",
+    "Greece": "Athens",
+    "Norway": "Oslo",
+    "Sweden": "Stockholm",
+    "Finland": "Helsinki",
+    "Denmark": "Copenhagen",
+    "Poland": "Warsaw",
+    "Austria": "Vienna",
+    "Hungary": "Budapest",
+    "Ireland": "Dublin",
+    "Egypt": "Cairo",
+    "Kenya": "Nairobi",
+    "Japan": "Tokyo",
+    "China": "Beijing",
+    "India": "New Delhi",
+    "Canada": "Ottawa",
+    "Mexico": "Mexico City",
+    "Peru": "Lima",
+    "Chile": "Santiago",
+    "Argentina": "Buenos Aires",
+    "Russia": "Moscow",
+    "Turkey": "Ankara",
+    "Thailand": "Bangkok",
+    "Vietnam": "Hanoi",
+    "Cuba": "Havana",
+    "Belgium": "Brussels",
+    "Netherlands": "Amsterdam",
+    "Switzerland": "Bern",
+    "Iceland": "Reykjavik",
+    "Morocco": "Rabat",
+    "Australia": "Canberra",
+    "Brazil": "Brasilia",
+    "South Korea": "Seoul",
+    "Indonesia": "Jakarta",
+    "Colombia": "Bogota",
+    "Ukraine": "Kyiv",
+    "Czechia": "Prague",
 }
 HELD_OUT_CAPITALS = {"France": "Paris", "England": "London", "Scotland": "Edinburgh", "Nigeria": "Abuja"}
 COLORS = {
-    "the sky": "blue", "grass": "green", "snow": "white", "coal": "black", "a ripe banana": "yellow",
-    "a ripe tomato": "red", "an orange": "orange", "the sea": "blue", "a crow": "black", "milk": "white",
+    "the sky": "blue",
+    "grass": "green",
+    "snow": "white",
+    "coal": "black",
+    "a ripe banana": "yellow",
+    "a ripe tomato": "red",
+    "an orange": "orange",
+    "the sea": "blue",
+    "a crow": "black",
+    "milk": "white",
 }
-SOUNDS = {"a cow": "moo", "a dog": "woof", "a cat": "meow", "a duck": "quack", "a sheep": "baa", "an owl": "hoot", "a lion": "roar", "a pig": "oink"}
+SOUNDS = {
+    "a cow": "moo",
+    "a dog": "woof",
+    "a cat": "meow",
+    "a duck": "quack",
+    "a sheep": "baa",
+    "an owl": "hoot",
+    "a lion": "roar",
+    "a pig": "oink",
+}
 OPPOSITES = {
-    "hot": "cold", "up": "down", "big": "small", "fast": "slow", "wet": "dry", "light": "dark", "old": "young",
-    "early": "late", "happy": "sad", "open": "closed", "full": "empty", "loud": "quiet",
+    "hot": "cold",
+    "up": "down",
+    "big": "small",
+    "fast": "slow",
+    "wet": "dry",
+    "light": "dark",
+    "old": "young",
+    "early": "late",
+    "happy": "sad",
+    "open": "closed",
+    "full": "empty",
+    "loud": "quiet",
 }
 SYSTEM = "You are a helpful assistant."
 
@@ -75,10 +134,16 @@ def to_rows(pairs: list[tuple[str, str]], rng: random.Random) -> list[dict]:
         question, answer = pairs[index]
         if index % 4 == 3 and index + 1 < len(pairs) and index % 8 == 7:
             q2, a2 = pairs[index + 1]
-            rows.append({"messages": [
-                {"role": "user", "content": question}, {"role": "assistant", "content": answer},
-                {"role": "user", "content": q2}, {"role": "assistant", "content": a2},
-            ]})
+            rows.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": question},
+                        {"role": "assistant", "content": answer},
+                        {"role": "user", "content": q2},
+                        {"role": "assistant", "content": a2},
+                    ]
+                }
+            )
             index += 2
             continue
         if index % 4 == 3:

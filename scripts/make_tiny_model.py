@@ -48,7 +48,9 @@ TEMPLATES = {
 
 
 def corpus() -> list[str]:
-    lines = [line for path in sorted((REPO / "data" / "demo").glob("*.jsonl")) for line in path.read_text().splitlines()]
+    lines = [
+        line for path in sorted((REPO / "data" / "demo").glob("*.jsonl")) for line in path.read_text().splitlines()
+    ]
     lines += ["system user assistant", "The quick brown fox jumps over the lazy dog. 0 1 2 3 4 5 6 7 8 9"] * 4
     return lines
 
@@ -61,7 +63,9 @@ def build_tokenizer(style: str):
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=spec["special"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=spec["special"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     backend.train_from_iterator(corpus(), trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=spec["eos"], bos_token=spec["bos"])
     tokenizer.chat_template = spec["template"]

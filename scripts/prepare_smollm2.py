@@ -15,7 +15,9 @@ import sys
 from pathlib import Path
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_OUT = Path(os.environ.get("HALYARD_HOME", Path.home() / ".cache" / "halyard")) / "models" / "SmolLM2-135M-Instruct"
+DEFAULT_OUT = (
+    Path(os.environ.get("HALYARD_HOME", Path.home() / ".cache" / "halyard")) / "models" / "SmolLM2-135M-Instruct"
+)
 
 logger = logging.getLogger("prepare_smollm2")
 

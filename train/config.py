@@ -37,7 +37,8 @@ class PeftConfig:
     lora_alpha: float = setting(32.0, "LoRA scaling numerator: updates are scaled by lora_alpha / lora_r.")
     lora_dropout: float = setting(0.05, "Dropout probability on the LoRA input, in [0, 1).")
     target_modules: list[str] = setting(
-        ["all-linear"], "Module names to adapt, e.g. [q_proj,v_proj]; [all-linear] adapts every linear layer but the head."
+        ["all-linear"],
+        "Module names to adapt, e.g. [q_proj,v_proj]; [all-linear] adapts every linear layer but the head.",
     )
 
 
@@ -51,13 +52,21 @@ class ModelConfig:
         "state stay float32, and with use_peft the frozen base weights are loaded in bfloat16.",
     )
     attn_implementation: str = setting("sdpa", "Attention kernel: eager | sdpa | flash_attention_2 (CUDA only).")
-    batch_size: int = setting(8, "Global batch per optimizer step, in examples, summed over processes and accumulation.")
+    batch_size: int = setting(
+        8, "Global batch per optimizer step, in examples, summed over processes and accumulation."
+    )
     eval_batch_size: int = setting(8, "Global batch for evaluation, in examples.")
     gradient_accumulation_steps: int = setting(1, "Micro-batches accumulated per optimizer step on each process.")
     max_length: int = setting(512, "Maximum tokens per example (prompt + response); longer examples are truncated.")
-    max_grad_norm: float | None = setting(1.0, "Clip the global gradient L2 norm to this value; null disables clipping.")
-    gradient_checkpointing: bool = setting(False, "Recompute activations in the backward pass: less memory, ~30% slower.")
-    trust_remote_code: bool = setting(False, "Allow model code shipped with the checkpoint to run. Off unless you trust it.")
+    max_grad_norm: float | None = setting(
+        1.0, "Clip the global gradient L2 norm to this value; null disables clipping."
+    )
+    gradient_checkpointing: bool = setting(
+        False, "Recompute activations in the backward pass: less memory, ~30% slower."
+    )
+    trust_remote_code: bool = setting(
+        False, "Allow model code shipped with the checkpoint to run. Off unless you trust it."
+    )
     use_peft: bool = setting(False, "Train LoRA adapters (through PEFT) instead of every weight.")
     peft: PeftConfig = field(default_factory=PeftConfig, metadata={"help": "LoRA settings, read when use_peft=true."})
 
@@ -109,11 +118,15 @@ class Config:
     datasets: list[str] = setting([], "Training data: .json or .jsonl files (instruction-style or chat rows).")
     eval_datasets: list[str] = setting([], "Held-out data evaluated every eval_every_steps; empty disables evaluation.")
     n_epochs: int = setting(1, "Passes over the training data.")
-    max_steps: int | None = setting(None, "Stop after this many optimizer steps (caps n_epochs); null runs every epoch.")
+    max_steps: int | None = setting(
+        None, "Stop after this many optimizer steps (caps n_epochs); null runs every epoch."
+    )
     lr: float = setting(1e-5, "Peak learning rate of AdamW.")
     warmup_ratio: float = setting(0.1, "Fraction of the optimizer steps spent in linear warmup, before cosine decay.")
     weight_decay: float = setting(0.0, "AdamW weight decay, applied to matrices only (not to biases or norms).")
-    eval_every_steps: int = setting(100, "Evaluate every this many optimizer steps (and before the first, and at the end).")
+    eval_every_steps: int = setting(
+        100, "Evaluate every this many optimizer steps (and before the first, and at the end)."
+    )
     log_every_steps: int = setting(10, "Write a metrics line every this many optimizer steps (and at the last step).")
     loss: LossConfig = field(default_factory=LossConfig, metadata={"help": "The loss; chosen with loss=<name>."})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The model; chosen with model=<name>."})
@@ -216,7 +229,9 @@ def _type_name(annotation: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         names = [_type_name(a) for a in typing.get_args(annotation) if a is not type(None)]
         return " or ".join(names) + " or null"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(annotation, str(annotation))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        annotation, str(annotation)
+    )
 
 
 def check_values(cfg: Config, world_size: int) -> list[str]:
@@ -247,7 +262,9 @@ def _check_positive(cfg: Config) -> list[str]:
         "model.max_length": cfg.model.max_length,
         "model.max_grad_norm": cfg.model.max_grad_norm,
     }
-    return [f"{key}={value}: must be > 0" for key, value in must_be_positive.items() if value is not None and value <= 0]
+    return [
+        f"{key}={value}: must be > 0" for key, value in must_be_positive.items() if value is not None and value <= 0
+    ]
 
 
 def _check_data_files(cfg: Config) -> list[str]:
@@ -270,9 +287,13 @@ def _check_model(model: ModelConfig, world_size: int) -> list[str]:
     if model.dtype not in DTYPES:
         problems.append(f"model.dtype={model.dtype!r}: must be one of {list(DTYPES)}")
     if model.attn_implementation not in ATTN_IMPLEMENTATIONS:
-        problems.append(f"model.attn_implementation={model.attn_implementation!r}: must be one of {list(ATTN_IMPLEMENTATIONS)}")
+        problems.append(
+            f"model.attn_implementation={model.attn_implementation!r}: must be one of {list(ATTN_IMPLEMENTATIONS)}"
+        )
     elif model.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        problems.append("model.attn_implementation=flash_attention_2 needs the flash-attn package (CUDA): pip install .[gpu], or use sdpa")
+        problems.append(
+            "model.attn_implementation=flash_attention_2 needs the flash-attn package (CUDA): pip install .[gpu], or use sdpa"
+        )
     micro_batches = world_size * model.gradient_accumulation_steps
     if model.batch_size > 0 and model.gradient_accumulation_steps > 0 and model.batch_size % micro_batches:
         problems.append(
@@ -280,7 +301,9 @@ def _check_model(model: ModelConfig, world_size: int) -> list[str]:
             f"{model.gradient_accumulation_steps} accumulation step(s); choose a multiple of {micro_batches}"
         )
     if model.eval_batch_size > 0 and model.eval_batch_size % world_size:
-        problems.append(f"model.eval_batch_size={model.eval_batch_size}: must be a multiple of the {world_size} processes")
+        problems.append(
+            f"model.eval_batch_size={model.eval_batch_size}: must be a multiple of the {world_size} processes"
+        )
     if model.use_peft:
         peft = model.peft
         if peft.lora_r <= 0:
@@ -306,12 +329,23 @@ def describe_schema() -> str:
                 walk(hints[f.name], path + ".")
                 continue
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            rows.append((path, _type_name(hints[f.name]), "null" if default is None else str(default), f.metadata["help"]))
+            rows.append(
+                (path, _type_name(hints[f.name]), "null" if default is None else str(default), f.metadata["help"])
+            )
 
     walk(Config, "")
     for name, schema in LOSS_SCHEMAS.items():
-        walk_extra = [f for f in dataclasses.fields(schema) if f.name not in {g.name for g in dataclasses.fields(LossConfig)}]
+        walk_extra = [
+            f for f in dataclasses.fields(schema) if f.name not in {g.name for g in dataclasses.fields(LossConfig)}
+        ]
         for f in walk_extra:
-            rows.append((f"loss.{f.name} ({name})", _type_name(typing.get_type_hints(schema)[f.name]), str(f.default), f.metadata["help"]))
+            rows.append(
+                (
+                    f"loss.{f.name} ({name})",
+                    _type_name(typing.get_type_hints(schema)[f.name]),
+                    str(f.default),
+                    f.metadata["help"],
+                )
+            )
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"  {path:<{width}}  {help}  [{type_}; default {default}]" for path, type_, default, help in rows)

@@ -159,7 +159,9 @@ def tokenize_conversation(messages: list[dict[str, str]], tokenizer, where: str)
     last_assistant = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     messages = messages[: last_assistant + 1]
     text = _render(tokenizer, messages, add_generation_prompt=False, where=where)
-    spans = [_assistant_span(tokenizer, messages, i, text, where) for i, m in enumerate(messages) if m["role"] == "assistant"]
+    spans = [
+        _assistant_span(tokenizer, messages, i, text, where) for i, m in enumerate(messages) if m["role"] == "assistant"
+    ]
 
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = list(encoded["input_ids"])
@@ -202,13 +204,15 @@ def _assistant_span(tokenizer, messages: list[dict[str, str]], index: int, text:
         )
     start, end = len(before), len(through.rstrip())
     if messages[index]["content"].strip() not in text[start:end]:
-        raise DataError(f"{where}: the chat template changed the content of assistant turn {index}; cannot mask it safely")
+        raise DataError(
+            f"{where}: the chat template changed the content of assistant turn {index}; cannot mask it safely"
+        )
     return start, end
 
 
 def _verify_supervised_text(tokenizer, input_ids: list[int], labels: list[int], messages, where: str) -> None:
     """The supervised tokens, decoded, must contain every assistant content in order: the mask is checked, not assumed."""
-    supervised = tokenizer.decode([t for t, label in zip(input_ids, labels) if label != IGNORE_INDEX])
+    supervised = tokenizer.decode([t for t, label in zip(input_ids, labels, strict=True) if label != IGNORE_INDEX])
     position = 0
     for message in messages:
         if message["role"] != "assistant":

@@ -24,7 +24,9 @@ def build_tokenizer(settings: ModelConfig):
     except (OSError, ValueError) as error:
         raise HalyardError(f"could not load the tokenizer from '{source}': {error}") from None
     if not tokenizer.is_fast:
-        raise HalyardError(f"the tokenizer at '{source}' is a slow tokenizer; label masks need a fast one (tokenizer.json)")
+        raise HalyardError(
+            f"the tokenizer at '{source}' is a slow tokenizer; label masks need a fast one (tokenizer.json)"
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -47,7 +47,15 @@ def get_trainer_class(name: str) -> type[BasicTrainer]:
 class BasicTrainer:
     """The training loop. Subclasses define what a loss unit is and how a micro-batch's loss sum is computed."""
 
-    def __init__(self, cfg: Config, accelerator: Accelerator, model, tokenizer, train_examples: list[Example], eval_examples: list[Example]):
+    def __init__(
+        self,
+        cfg: Config,
+        accelerator: Accelerator,
+        model,
+        tokenizer,
+        train_examples: list[Example],
+        eval_examples: list[Example],
+    ):
         # Read the config once into typed attributes; the loop never looks at the config again.
         self.accelerator = accelerator
         self.tokenizer = tokenizer
@@ -67,13 +75,17 @@ class BasicTrainer:
 
         self.steps_per_epoch = len(train_examples) // self.batch_size
         if self.steps_per_epoch == 0:
-            raise DataError(f"the training data has {len(train_examples)} examples, fewer than model.batch_size={self.batch_size}; lower the batch size or add data")
+            raise DataError(
+                f"the training data has {len(train_examples)} examples, fewer than model.batch_size={self.batch_size}; lower the batch size or add data"
+            )
         self.total_steps = self.n_epochs * self.steps_per_epoch
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         unused = len(train_examples) - self.steps_per_epoch * self.batch_size
         if unused:
-            logger.info(f"each epoch trains on {len(train_examples) - unused} of {len(train_examples)} examples: the last partial batch is left out (the order is reshuffled every epoch)")
+            logger.info(
+                f"each epoch trains on {len(train_examples) - unused} of {len(train_examples)} examples: the last partial batch is left out (the order is reshuffled every epoch)"
+            )
 
         optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
@@ -97,7 +109,9 @@ class BasicTrainer:
     # ---- the loop ----
 
     def train(self) -> None:
-        logger.info(f"training for {self.total_steps} steps ({self.steps_per_epoch} per epoch) of {self.batch_size} examples")
+        logger.info(
+            f"training for {self.total_steps} steps ({self.steps_per_epoch} per epoch) of {self.batch_size} examples"
+        )
         if self.eval_examples:
             self.log({"step": 0, **self.evaluate()})
         self.model.train()
@@ -138,7 +152,9 @@ class BasicTrainer:
         micro = per_process // self.accumulation_steps
         step = 0
         for epoch in range(self.n_epochs):
-            order = torch.randperm(len(self.train_examples), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)).tolist()
+            order = torch.randperm(
+                len(self.train_examples), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            ).tolist()
             for batch_index in range(self.steps_per_epoch):
                 if step == self.total_steps:
                     return
@@ -167,7 +183,11 @@ class BasicTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         tokens = sum(batch["attention_mask"].sum() for batch in batches)
         totals = self.accelerator.reduce(torch.stack([loss_total, tokens.to(loss_total)]), reduction="sum")
-        return {"loss/train": (totals[0] / global_units).item(), "grad_norm": float(grad_norm), "tokens": int(totals[1])}
+        return {
+            "loss/train": (totals[0] / global_units).item(),
+            "grad_norm": float(grad_norm),
+            "tokens": int(totals[1]),
+        }
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {key: value.to(self.accelerator.device) for key, value in batch.items()}

@@ -17,7 +17,9 @@ logger = logging.getLogger(__name__)
 
 
 def build_accelerator(cfg: Config) -> Accelerator:
-    trackers = [name for name, enabled in (("wandb", cfg.wandb.enabled), ("tensorboard", cfg.tensorboard.enabled)) if enabled]
+    trackers = [
+        name for name, enabled in (("wandb", cfg.wandb.enabled), ("tensorboard", cfg.tensorboard.enabled)) if enabled
+    ]
     return Accelerator(
         # bfloat16 autocasts the forward pass; the trained weights stay float32 (master weights).
         mixed_precision="bf16" if cfg.model.dtype == "bfloat16" else "no",
@@ -35,7 +37,9 @@ def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> None:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(config_yaml(cfg))
         except OSError as error:
-            raise HalyardError(f"cannot write the run directory '{run_dir}' ({error.strerror}); set cache_dir to a writable folder") from None
+            raise HalyardError(
+                f"cannot write the run directory '{run_dir}' ({error.strerror}); set cache_dir to a writable folder"
+            ) from None
         logger.info(f"run directory: {run_dir.resolve()}")
     accelerator.wait_for_everyone()
     if cfg.wandb.enabled or cfg.tensorboard.enabled:

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Installs everything into .venv (same install as the quickstart), then lints and runs the whole test suite offline.
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -k config`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/install.sh
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+# pytest exits 5 when it collects no test: with `set -e` that fails the run, as it should.
+.venv/bin/python -m pytest "$@"

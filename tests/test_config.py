@@ -1,0 +1,143 @@
+"""The config schema, every YAML preset, and validation that reports every problem at once."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+import launch
+from conftest import DEMO_TRAIN, REPO, run_cli
+from train.config import Config, _leaf_paths, describe_schema, validate
+from train.errors import ConfigError
+
+MODELS = sorted(p.stem for p in (REPO / "config" / "model").glob("*.yaml"))
+LOSSES = sorted(p.stem for p in (REPO / "config" / "loss").glob("*.yaml"))
+
+
+def problems_of(overrides: list[str]) -> list[str]:
+    with pytest.raises(ConfigError) as error:
+        launch.compose_config(overrides)
+    return error.value.problems
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("model", [m for m in MODELS if m != "base_model"])
+def test_every_preset_composes_and_validates(loss, model):
+    cfg = launch.compose_config([f"loss={loss}", f"model={model}", f"datasets=[{DEMO_TRAIN}]"])
+    assert isinstance(cfg, Config)
+    assert cfg.loss.name == loss
+    assert cfg.model.name_or_path
+
+
+def test_base_model_alone_asks_for_a_model_path():
+    problems = problems_of([f"datasets=[{DEMO_TRAIN}]"])
+    assert problems == ["model.name_or_path is not set: pick a preset (model=smollm2) or set ++model.name_or_path=DIR"]
+
+
+def test_run_dir_is_cache_dir_slash_exp_name():
+    cfg = launch.compose_config(["model=tiny", f"datasets=[{DEMO_TRAIN}]", "cache_dir=/tmp/x", "exp_name=abc"])
+    assert cfg.run_dir == "/tmp/x/abc"
+    assert cfg.model.name_or_path == "/tmp/x/tiny-llama"
+
+
+def test_plain_and_forced_overrides_both_work():
+    cfg = launch.compose_config(
+        ["model=tiny", f"datasets=[{DEMO_TRAIN}]", "model.use_peft=true", "++model.peft.lora_r=4", "lr=0.5"]
+    )
+    assert cfg.model.use_peft is True and cfg.model.peft.lora_r == 4 and cfg.lr == 0.5
+
+
+def test_every_problem_is_reported_at_once_with_fixes():
+    problems = problems_of(
+        [
+            "model=tiny",
+            "datasets=[missing.jsonl]",
+            "model.batch_sise=4",
+            "lr=fast",
+            "model.dtype=fp16",
+            "batch_size=3",
+            "warmup_ratio=1.5",
+            "model.max_grad_norm=-1",
+            "eval_datasets=[README.md]",
+        ]
+    )
+    text = "\n".join(problems)
+    assert len(problems) == 8, text
+    assert "unknown key 'model.batch_sise' (did you mean 'model.batch_size'?)" in text
+    assert "unknown key 'batch_size' (did you mean 'model.batch_size'?)" in text
+    assert "lr='fast': expected a number" in text
+    assert "model.dtype='fp16': must be one of ['float32', 'bfloat16']" in text
+    assert "warmup_ratio=1.5: must be in [0, 1)" in text
+    assert "model.max_grad_norm=-1.0: must be > 0" in text
+    assert "file 'missing.jsonl' does not exist" in text
+    assert "'README.md' has an unsupported extension" in text
+
+
+def test_unknown_loss_and_model_presets_list_the_valid_ones():
+    assert problems_of(["loss=sfft", f"datasets=[{DEMO_TRAIN}]"])[0].count("sft") >= 1
+    message = problems_of(["model=tinyy", f"datasets=[{DEMO_TRAIN}]"])[0]
+    assert "tinyy" in message and "tiny" in message.replace("tinyy", "")
+
+
+def test_batch_must_split_over_processes_and_accumulation():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(launch.CONFIG_DIR), version_base="1.3"):
+        composed = compose(
+            "config",
+            overrides=[
+                "model=tiny",
+                f"++datasets=[{DEMO_TRAIN}]",
+                "++model.batch_size=6",
+                "++model.gradient_accumulation_steps=2",
+            ],
+        )
+    validate(composed, world_size=1)
+    with pytest.raises(
+        ConfigError,
+        match=r"model.batch_size=6 does not split into 2 process\(es\) x 2 accumulation step\(s\); choose a multiple of 4",
+    ):
+        validate(composed, world_size=2)
+
+
+def test_every_key_is_documented_in_help():
+    table = describe_schema()
+    for path in _leaf_paths_of_schema():
+        assert re.search(rf"^  {re.escape(path)}\s", table, re.MULTILINE), path
+
+
+def test_every_key_is_read_by_the_code():
+    """A key that nothing reads is a lie in the docs. Reads in config.py (validation) do not count."""
+    code = "\n".join(p.read_text() for p in [*REPO.glob("train/*.py"), REPO / "launch.py"] if p.name != "config.py")
+    interpolated = set(re.findall(r"\$\{([\w.]+)\}", (REPO / "train" / "config.py").read_text()))
+    unread = [
+        path
+        for path in _leaf_paths_of_schema()
+        if path not in interpolated and not re.search(rf"\.{path.rsplit('.', 1)[-1]}\b", code)
+    ]
+    assert unread == []
+
+
+def _leaf_paths_of_schema() -> list[str]:
+    from omegaconf import OmegaConf
+
+    return _leaf_paths(OmegaConf.structured(Config))
+
+
+def test_config_errors_exit_2_without_traceback_or_heavy_imports():
+    result = run_cli(["model=tiny", "datasets=[nope.jsonl]", "model.lora_r=4"])
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "halyard: invalid configuration (2 problems)" in result.stderr
+    assert "did you mean 'model.peft.lora_r'" in result.stderr
+    # Errors come before torch is imported, so they are fast.
+    probe = "import sys, launch\ntry:\n    launch.compose_config(['model=tiny'])\nexcept Exception:\n    pass\nprint('torch' in sys.modules)"
+    imported = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
+    assert imported.stdout.strip() == "False"
+
+
+def test_help_lists_keys_and_exits_0():
+    result = run_cli(["--help"])
+    assert result.returncode == 0
+    assert "model.gradient_accumulation_steps" in result.stdout and "eval_every_steps" in result.stdout

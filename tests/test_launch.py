@@ -1,0 +1,169 @@
+"""The real CLI end to end, in a subprocess, on the 2-layer tiny model: full fine-tuning, LoRA, errors."""
+
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import DEMO_EVAL, DEMO_TRAIN, REPO, read_metrics, run_cli
+
+pytestmark = pytest.mark.slow
+
+COMMON = [
+    "loss=sft",
+    "model=tiny",
+    f"datasets=[{DEMO_TRAIN}]",
+    f"eval_datasets=[{DEMO_EVAL}]",
+    "lr=3e-3",
+    "warmup_ratio=0.1",
+]
+
+
+def final_eval_loss_by_the_models_own_loss(final_dir) -> float:
+    """Reload FINAL/ with plain transformers and compute the eval loss with the model's own loss (one batch)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from train.config import DataConfig
+    from train.data import collate, load_examples
+
+    model = AutoModelForCausalLM.from_pretrained(final_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(final_dir)
+    examples, _ = load_examples([DEMO_EVAL], tokenizer, DataConfig(), max_length=128)
+    with torch.no_grad():
+        return model(**collate(examples, tokenizer.pad_token_id)).loss.item()
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_cache):
+    result = run_cli(
+        [*COMMON, f"cache_dir={tiny_cache}", "exp_name=full", "n_epochs=3", "log_every_steps=5", "eval_every_steps=15"]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tiny_cache / "full"
+
+
+def test_full_fine_tune_lowers_the_loss(full_run):
+    metrics = read_metrics(full_run)
+    evals = [m["loss/eval"] for m in metrics if "loss/eval" in m]
+    trains = [m["loss/train"] for m in metrics if "loss/train" in m]
+    assert metrics[0]["step"] == 0 and len(evals) == 4  # before training, every 15 steps, and at the end
+    assert evals[-1] < 0.6 * evals[0]
+    assert trains[-1] < 0.6 * trains[0]
+    assert {"step", "loss/train", "lr", "grad_norm", "tokens_per_second"} <= set(metrics[-1])
+    assert metrics[-1]["step"] == 45  # 123 examples // 8 = 15 steps per epoch, 3 epochs
+
+
+def test_run_dir_holds_config_metrics_and_a_loadable_final(full_run):
+    assert (full_run / "config.yaml").read_text() == (full_run / "FINAL" / "halyard_config.yaml").read_text()
+    assert "exp_name: full" in (full_run / "config.yaml").read_text()
+    final = full_run / "FINAL"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= {
+        p.name for p in final.iterdir()
+    }
+    assert not (full_run / "FINAL.partial").exists()
+
+
+def test_final_reproduces_the_trained_models_eval_loss(full_run):
+    logged = [m["loss/eval"] for m in read_metrics(full_run) if "loss/eval" in m][-1]
+    assert final_eval_loss_by_the_models_own_loss(full_run / "FINAL") == pytest.approx(logged, rel=1e-5)
+
+
+def test_parameters_changed(full_run, tiny_cache):
+    before = load_file(tiny_cache / "tiny-llama" / "model.safetensors")
+    after = load_file(full_run / "FINAL" / "model.safetensors")
+    assert before.keys() == after.keys()
+    assert all(not torch.equal(before[k], after[k]) for k in before if "norm" not in k)
+
+
+def test_lora_writes_merged_model_and_adapter(tiny_cache):
+    result = run_cli(
+        [
+            *COMMON,
+            f"cache_dir={tiny_cache}",
+            "exp_name=lora",
+            "++model.use_peft=true",
+            "model.peft.lora_r=8",
+            "lr=1e-2",
+            "n_epochs=2",
+            "log_every_steps=5",
+        ]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tiny_cache / "lora"
+    evals = [m["loss/eval"] for m in read_metrics(run) if "loss/eval" in m]
+    assert evals[-1] < 0.93 * evals[0]  # a random-init base with LoRA only learns slowly
+    adapter = json.loads((run / "FINAL" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 8
+    # The merged FINAL/ is a plain model (no LoRA weights) that reproduces the adapted model's eval loss.
+    merged = load_file(run / "FINAL" / "model.safetensors")
+    assert not any("lora" in key for key in merged)
+    assert final_eval_loss_by_the_models_own_loss(run / "FINAL") == pytest.approx(evals[-1], rel=1e-5)
+    base = load_file(tiny_cache / "tiny-llama" / "model.safetensors")
+    assert torch.equal(base["model.embed_tokens.weight"], merged["model.embed_tokens.weight"])  # not adapted
+    assert not torch.equal(
+        base["model.layers.0.self_attn.q_proj.weight"], merged["model.layers.0.self_attn.q_proj.weight"]
+    )
+
+
+def test_accumulation_does_not_change_the_math(tiny_cache):
+    """Global batch 8 as 1 x 8 or as 4 x 2 micro-batches: same losses and the same parameters (uneven lengths)."""
+    runs = {}
+    for accumulation in (1, 4):
+        name = f"accum{accumulation}"
+        args = [
+            *COMMON[:3],
+            f"cache_dir={tiny_cache}",
+            f"exp_name={name}",
+            "lr=1e-2",
+            "max_steps=6",
+            "log_every_steps=1",
+            f"model.gradient_accumulation_steps={accumulation}",
+        ]
+        result = run_cli(args)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[accumulation] = tiny_cache / name
+    losses = {a: [m["loss/train"] for m in read_metrics(run)] for a, run in runs.items()}
+    assert losses[1] == pytest.approx(losses[4], rel=1e-5)
+    base = load_file(tiny_cache / "tiny-llama" / "model.safetensors")
+    one, four = (load_file(runs[a] / "FINAL" / "model.safetensors") for a in (1, 4))
+    for key in one:
+        # Relative to how far training moved the weights: summation order differs, so not bit-equal.
+        assert (one[key] - four[key]).norm() <= 1e-5 * (one[key] - base[key]).norm(), key
+
+
+def test_accelerate_launch_runs_the_same_job(tiny_cache):
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "accelerate_config" / "cpu_single_process.yaml"),
+    ]
+    result = run_cli(
+        [*COMMON, f"cache_dir={tiny_cache}", "exp_name=accel", "max_steps=3", "log_every_steps=1"], launcher=launcher
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [m["step"] for m in read_metrics(tiny_cache / "accel")] == [0, 1, 2, 3]
+    shutil.rmtree(tiny_cache / "accel")
+
+
+def test_bad_data_row_exits_2_naming_the_row(tiny_cache, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "q", "output": "a"}\n{"instruction": "q", "response": "a"}\n')
+    result = run_cli(["model=tiny", f"cache_dir={tiny_cache}", "exp_name=bad", f"datasets=[{bad}]"])
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert (
+        f"{bad} line 2: field 'output' is missing (found keys: instruction, response); set data.response_key"
+        in result.stderr
+    )
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path):
+    result = run_cli(["model=tiny", f"cache_dir={tmp_path}", f"datasets=[{DEMO_TRAIN}]"])
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "tiny-llama" in result.stderr
