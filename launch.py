@@ -80,17 +80,19 @@ def run(cfg) -> None:
     from train.data import build_datasets
     from train.models import build_model, build_tokenizer
     from train.trainers import get_trainer_class
-    from train.utils import build_accelerator, prepare_run_dir
+    from train.utils import build_accelerator, prepare_run_dir, write_summary
 
     trainer_class = get_trainer_class(cfg.loss.trainer)
     accelerator = build_accelerator(cfg)
     prepare_run_dir(cfg, accelerator)
     tokenizer = build_tokenizer(cfg.model)
-    train_data, eval_data = build_datasets(cfg, tokenizer)
+    train_data, eval_data, data_stats = build_datasets(cfg, tokenizer)
     model = build_model(cfg.model, cfg.seed)
     trainer = trainer_class(cfg, accelerator, model, tokenizer, train_data, eval_data)
     trainer.train()
     trainer.save_final()
+    if accelerator.is_main_process:
+        write_summary(cfg.run_dir, {**trainer.summary, "data": data_stats})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -108,11 +108,22 @@ def test_lora_writes_merged_model_and_adapter(tiny_cache):
     )
 
 
-def test_accumulation_does_not_change_the_math(tiny_cache):
-    """Global batch 8 as 1 x 8 or as 4 x 2 micro-batches: same losses and the same parameters (uneven lengths)."""
+SPLITS = {  # name: (launcher config, gradient accumulation steps); the global batch is 8 examples in each
+    "1proc_accum1": (None, 1),
+    "1proc_accum4": (None, 4),
+    "2proc_accum2": ("cpu_2proc.yaml", 2),
+}
+
+
+@pytest.fixture(scope="module")
+def split_runs(tiny_cache):
+    """The same 6 steps with the global batch split three ways (the demo data has uneven example lengths)."""
     runs = {}
-    for accumulation in (1, 4):
-        name = f"accum{accumulation}"
+    for name, (accelerate_config, accumulation) in SPLITS.items():
+        launcher = None
+        if accelerate_config:
+            config = REPO / "accelerate_config" / accelerate_config
+            launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
         args = [
             *COMMON[:3],
             f"cache_dir={tiny_cache}",
@@ -120,18 +131,31 @@ def test_accumulation_does_not_change_the_math(tiny_cache):
             "lr=1e-2",
             "max_steps=6",
             "log_every_steps=1",
-            f"model.gradient_accumulation_steps={accumulation}",
         ]
-        result = run_cli(args)
+        result = run_cli([*args, f"model.gradient_accumulation_steps={accumulation}"], launcher=launcher)
         assert result.returncode == 0, result.stderr[-3000:]
-        runs[accumulation] = tiny_cache / name
-    losses = {a: [m["loss/train"] for m in read_metrics(run)] for a, run in runs.items()}
-    assert losses[1] == pytest.approx(losses[4], rel=1e-5)
+        runs[name] = tiny_cache / name
+    return runs
+
+
+def test_two_processes_really_run(split_runs):
+    summary = json.loads((split_runs["2proc_accum2"] / "summary.json").read_text())
+    assert summary["num_processes"] == 2
+    assert json.loads((split_runs["1proc_accum1"] / "summary.json").read_text())["num_processes"] == 1
+
+
+@pytest.mark.parametrize("split", ["1proc_accum4", "2proc_accum2"])
+def test_batch_split_does_not_change_the_math(split_runs, tiny_cache, split):
+    """Same logged losses and the same parameters as one process without accumulation."""
+    reference, other = split_runs["1proc_accum1"], split_runs[split]
+    losses = [[m["loss/train"] for m in read_metrics(run)] for run in (reference, other)]
+    assert len(losses[0]) == 6
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
     base = load_file(tiny_cache / "tiny-llama" / "model.safetensors")
-    one, four = (load_file(runs[a] / "FINAL" / "model.safetensors") for a in (1, 4))
+    one, two = (load_file(run / "FINAL" / "model.safetensors") for run in (reference, other))
     for key in one:
         # Relative to how far training moved the weights: summation order differs, so not bit-equal.
-        assert (one[key] - four[key]).norm() <= 1e-5 * (one[key] - base[key]).norm(), key
+        assert (one[key] - two[key]).norm() <= 1e-5 * (one[key] - base[key]).norm(), key
 
 
 def test_accelerate_launch_runs_the_same_job(tiny_cache):
@@ -167,3 +191,27 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "tiny-llama" in result.stderr
+
+
+def test_trackers_bfloat16_and_gradient_checkpointing(tiny_cache):
+    """TensorBoard and offline wandb get the logged metrics; bf16 autocast with checkpointing trains."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = [*COMMON, f"cache_dir={tiny_cache}", "exp_name=trackers", "max_steps=4", "log_every_steps=2"]
+    flags = [
+        "tensorboard.enabled=true",
+        "wandb.enabled=true",
+        "model.gradient_checkpointing=true",
+        "model.dtype=bfloat16",
+    ]
+    result = run_cli(args + flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tiny_cache / "trackers"
+    logged = [m for m in read_metrics(run) if "loss/train" in m]
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    scalars = events.Scalars("loss/train")
+    assert [s.step for s in scalars] == [m["step"] for m in logged] == [2, 4]
+    assert [s.value for s in scalars] == pytest.approx([m["loss/train"] for m in logged], rel=1e-6)
+    assert list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert all(m["loss/train"] < 7 for m in logged)  # finite, near ln(vocab) at the start

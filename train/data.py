@@ -11,10 +11,11 @@ this way is refused with an error rather than trained on with a wrong mask.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -48,7 +49,6 @@ class DatasetStats:
     examples: int = 0
     truncated: int = 0
     dropped_no_supervised_token: int = 0
-    dropped_files: dict[str, int] = field(default_factory=dict)
 
     def describe(self, split: str, max_length: int) -> str:
         text = f"{split}: {self.examples} examples from {self.rows} rows"
@@ -256,15 +256,17 @@ def load_examples(paths: list[str], tokenizer, keys: DataConfig, max_length: int
     return examples, stats
 
 
-def build_datasets(cfg: Config, tokenizer) -> tuple[list[Example], list[Example]]:
-    """Tokenized training and evaluation examples, with what preprocessing did logged."""
+def build_datasets(cfg: Config, tokenizer) -> tuple[list[Example], list[Example], dict[str, dict]]:
+    """Tokenized training and evaluation examples, and what preprocessing did to each split (also logged)."""
     train, train_stats = load_examples(cfg.datasets, tokenizer, cfg.data, cfg.model.max_length)
     logger.info(train_stats.describe("train", cfg.model.max_length))
+    stats = {"train": dataclasses.asdict(train_stats)}
     evaluation: list[Example] = []
     if cfg.eval_datasets:
         evaluation, eval_stats = load_examples(cfg.eval_datasets, tokenizer, cfg.data, cfg.model.max_length)
         logger.info(eval_stats.describe("eval", cfg.model.max_length))
-    return train, evaluation
+        stats["eval"] = dataclasses.asdict(eval_stats)
+    return train, evaluation, stats
 
 
 def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -92,6 +92,8 @@ class BasicTrainer:
         # The scheduler is not prepared: Accelerate would step it once per process.
         warmup_steps = round(cfg.warmup_ratio * self.total_steps)
         self.scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, self.total_steps)
+        self.throughput = Throughput()
+        self.summary: dict[str, object] = {}
         self.metrics_path = self.run_dir / "metrics.jsonl"
         if accelerator.is_main_process:
             self.metrics_path.write_text("")
@@ -109,36 +111,31 @@ class BasicTrainer:
     # ---- the loop ----
 
     def train(self) -> None:
+        world = self.accelerator.num_processes
         logger.info(
-            f"training for {self.total_steps} steps ({self.steps_per_epoch} per epoch) of {self.batch_size} examples"
+            f"training for {self.total_steps} steps ({self.steps_per_epoch} per epoch) of {self.batch_size} examples "
+            f"on {world} process(es), {self.accumulation_steps} micro-batch(es) of {self.batch_size // world // self.accumulation_steps} each"
         )
+        self.summary.update(num_processes=world, total_steps=self.total_steps)
         if self.eval_examples:
             self.log({"step": 0, **self.evaluate()})
         self.model.train()
-        started = last_log_time = time.perf_counter()
-        tokens_since_log = examples_seen = tokens_seen = 0
         for step, (epoch, micro_batches) in enumerate(self.step_batches(), start=1):
+            started = time.perf_counter()
             metrics = self.train_step(micro_batches)
-            tokens_since_log += metrics.pop("tokens")
-            examples_seen += self.batch_size
-            if step % self.log_every_steps == 0 or step == self.total_steps:
-                now = time.perf_counter()
-                tokens_seen += tokens_since_log
-                metrics.update(
-                    step=step,
-                    epoch=epoch + (step - epoch * self.steps_per_epoch) / self.steps_per_epoch,
-                    lr=self.scheduler.get_last_lr()[0],
-                    examples=examples_seen,
-                    tokens=tokens_seen,
-                    tokens_per_second=tokens_since_log / (now - last_log_time),
-                    elapsed_seconds=now - started,
+            self.throughput.add(metrics.pop("tokens"), self.batch_size, time.perf_counter() - started)
+            is_last = step == self.total_steps
+            row: dict[str, float] = {"step": step}
+            if step % self.log_every_steps == 0 or is_last:
+                epoch_progress = epoch + (step - epoch * self.steps_per_epoch) / self.steps_per_epoch
+                row.update(
+                    metrics, epoch=epoch_progress, lr=self.scheduler.get_last_lr()[0], **self.throughput.report()
                 )
-                tokens_since_log, last_log_time = 0, now
-                if self.eval_examples and (step % self.eval_every_steps == 0 or step == self.total_steps):
-                    metrics.update(self.evaluate())
-                self.log(metrics)
-            elif self.eval_examples and step % self.eval_every_steps == 0:
-                self.log({"step": step, **self.evaluate()})
+            if self.eval_examples and (step % self.eval_every_steps == 0 or is_last):
+                row.update(self.evaluate())
+            if len(row) > 1:
+                self.log(row)
+        self.summary["tokens_per_second"] = self.throughput.tokens / max(self.throughput.seconds, 1e-9)
 
     def step_batches(self) -> Iterator[tuple[int, list[list[Example]]]]:
         """Yield (epoch, this process's micro-batches) for each optimizer step.
@@ -215,6 +212,7 @@ class BasicTrainer:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
         self.accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
+        self.summary.update({k: v for k, v in metrics.items() if k not in ("lr", "grad_norm", "epoch")})
         logger.info("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
 
     def save_final(self) -> None:
@@ -237,8 +235,38 @@ class BasicTrainer:
             if final.exists():
                 shutil.rmtree(final)
             partial.rename(final)
+            self.summary["final_dir"] = str(final.resolve())
             logger.info(f"saved {final.resolve()}")
         self.accelerator.end_training()
+
+
+class Throughput:
+    """Counts examples and real (non-padding) tokens, and the seconds spent in training steps (not in evaluation).
+
+    `report()` gives running totals and the tokens per second since the previous report.
+    """
+
+    def __init__(self) -> None:
+        self.examples = self.tokens = 0
+        self.seconds = 0.0
+        self.window_tokens, self.window_seconds = 0, 0.0
+
+    def add(self, tokens: int, examples: int, seconds: float) -> None:
+        self.examples += examples
+        self.tokens += tokens
+        self.seconds += seconds
+        self.window_tokens += tokens
+        self.window_seconds += seconds
+
+    def report(self) -> dict[str, float]:
+        rate = self.window_tokens / self.window_seconds if self.window_seconds else 0.0
+        self.window_tokens, self.window_seconds = 0, 0.0
+        return {
+            "examples": self.examples,
+            "tokens": self.tokens,
+            "tokens_per_second": rate,
+            "train_seconds": self.seconds,
+        }
 
 
 def build_optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimizer:

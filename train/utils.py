@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
-import os
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.tracking import TensorBoardTracker, WandBTracker
 from omegaconf import OmegaConf
 
 from train.config import Config
@@ -17,9 +18,11 @@ logger = logging.getLogger(__name__)
 
 
 def build_accelerator(cfg: Config) -> Accelerator:
-    trackers = [
-        name for name, enabled in (("wandb", cfg.wandb.enabled), ("tensorboard", cfg.tensorboard.enabled)) if enabled
-    ]
+    trackers = []
+    if cfg.tensorboard.enabled:
+        trackers.append(TensorBoardTracker("tensorboard", cfg.run_dir))  # event files in ${run_dir}/tensorboard/
+    if cfg.wandb.enabled:
+        trackers.append(WandBTracker(cfg.wandb.project, name=cfg.exp_name, entity=cfg.wandb.entity, dir=cfg.run_dir))
     return Accelerator(
         # bfloat16 autocasts the forward pass; the trained weights stay float32 (master weights).
         mixed_precision="bf16" if cfg.model.dtype == "bfloat16" else "no",
@@ -43,8 +46,7 @@ def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> None:
         logger.info(f"run directory: {run_dir.resolve()}")
     accelerator.wait_for_everyone()
     if cfg.wandb.enabled or cfg.tensorboard.enabled:
-        wandb_kwargs = {"name": cfg.exp_name, "entity": cfg.wandb.entity, "dir": str(run_dir)}
-        accelerator.init_trackers(cfg.wandb.project, config=flat_config(cfg), init_kwargs={"wandb": wandb_kwargs})
+        accelerator.init_trackers(cfg.wandb.project, config=flat_config(cfg))
 
 
 def config_yaml(cfg: Config) -> str:
@@ -66,5 +68,8 @@ def flat_config(cfg: Config) -> dict[str, object]:
     return flat
 
 
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+def write_summary(run_dir: str, summary: dict) -> None:
+    """summary.json in the run directory: totals, final losses, data statistics and where FINAL/ is."""
+    path = Path(run_dir) / "summary.json"
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    logger.info(f"summary: {path.resolve()}")
