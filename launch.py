@@ -78,6 +78,7 @@ def print_help() -> None:
 def run(cfg) -> None:
     """Build everything from the validated config, train, and save FINAL/."""
     from train.data import build_datasets
+    from train.distributed import fsdp_settings_from_launcher
     from train.models import build_model, build_tokenizer
     from train.trainers import get_trainer_class
     from train.utils import build_accelerator, prepare_run_dir, write_summary
@@ -87,8 +88,9 @@ def run(cfg) -> None:
     prepare_run_dir(cfg, accelerator)
     tokenizer = build_tokenizer(cfg.model)
     train_data, eval_data, data_stats = build_datasets(cfg, tokenizer)
-    model = build_model(cfg.model, cfg.seed)
-    trainer = trainer_class(cfg, accelerator, model, tokenizer, train_data, eval_data)
+    fsdp = fsdp_settings_from_launcher()
+    model = build_model(cfg.model, cfg.seed, sharded=fsdp is not None)
+    trainer = trainer_class(cfg, accelerator, model, tokenizer, train_data, eval_data, fsdp=fsdp)
     trainer.train()
     trainer.save_final()
     if accelerator.is_main_process:

@@ -8,7 +8,7 @@ import pytest
 
 import launch
 from conftest import DEMO_TRAIN, REPO, run_cli
-from train.config import Config, _leaf_paths, describe_schema, validate
+from train.config import LOSS_SCHEMAS, Config, _leaf_paths, describe_schema, validate
 from train.errors import ConfigError
 
 MODELS = sorted(p.stem for p in (REPO / "config" / "model").glob("*.yaml"))
@@ -104,7 +104,7 @@ def test_batch_must_split_over_processes_and_accumulation():
 def test_every_key_is_documented_in_help():
     table = describe_schema()
     for path in _leaf_paths_of_schema():
-        assert re.search(rf"^  {re.escape(path)}\s", table, re.MULTILINE), path
+        assert re.search(rf"^  {re.escape(path)}[\s(]", table, re.MULTILINE), path
 
 
 def test_every_key_is_read_by_the_code():
@@ -120,9 +120,13 @@ def test_every_key_is_read_by_the_code():
 
 
 def _leaf_paths_of_schema() -> list[str]:
+    """Every key, including the settings of every loss."""
     from omegaconf import OmegaConf
 
-    return _leaf_paths(OmegaConf.structured(Config))
+    paths = set(_leaf_paths(OmegaConf.structured(Config)))
+    for schema in LOSS_SCHEMAS.values():
+        paths |= {f"loss.{key}" for key in _leaf_paths(OmegaConf.structured(schema))}
+    return sorted(paths)
 
 
 def test_config_errors_exit_2_without_traceback_or_heavy_imports():

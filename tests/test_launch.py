@@ -108,22 +108,27 @@ def test_lora_writes_merged_model_and_adapter(tiny_cache):
     )
 
 
-SPLITS = {  # name: (launcher config, gradient accumulation steps); the global batch is 8 examples in each
-    "1proc_accum1": (None, 1),
-    "1proc_accum4": (None, 4),
-    "2proc_accum2": ("cpu_2proc.yaml", 2),
+SPLITS = {  # name: (accelerate config, gradient accumulation steps, extra args); the global batch is always 8
+    "1proc_accum1": (None, 1, []),
+    "1proc_accum4": (None, 4, []),
+    "2proc_accum2": ("cpu_2proc.yaml", 2, []),
+    "2proc_fsdp_accum2": ("fsdp_cpu_2proc.yaml", 2, []),
+    "1proc_accum1_sequence": (None, 1, ["loss.reduction=sequence"]),
+    "2proc_fsdp_accum2_sequence": ("fsdp_cpu_2proc.yaml", 2, ["loss.reduction=sequence"]),
 }
+
+
+def accelerate_launcher(config_name: str) -> list[str]:
+    config = REPO / "accelerate_config" / config_name
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
 
 
 @pytest.fixture(scope="module")
 def split_runs(tiny_cache):
-    """The same 6 steps with the global batch split three ways (the demo data has uneven example lengths)."""
+    """The same 6 steps with the global batch split several ways (the demo data has uneven example lengths)."""
     runs = {}
-    for name, (accelerate_config, accumulation) in SPLITS.items():
-        launcher = None
-        if accelerate_config:
-            config = REPO / "accelerate_config" / accelerate_config
-            launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    for name, (accelerate_config, accumulation, extra) in SPLITS.items():
+        launcher = accelerate_launcher(accelerate_config) if accelerate_config else None
         args = [
             *COMMON[:3],
             f"cache_dir={tiny_cache}",
@@ -132,30 +137,63 @@ def split_runs(tiny_cache):
             "max_steps=6",
             "log_every_steps=1",
         ]
-        result = run_cli([*args, f"model.gradient_accumulation_steps={accumulation}"], launcher=launcher)
+        result = run_cli([*args, f"model.gradient_accumulation_steps={accumulation}", *extra], launcher=launcher)
         assert result.returncode == 0, result.stderr[-3000:]
         runs[name] = tiny_cache / name
     return runs
 
 
-def test_two_processes_really_run(split_runs):
-    summary = json.loads((split_runs["2proc_accum2"] / "summary.json").read_text())
-    assert summary["num_processes"] == 2
-    assert json.loads((split_runs["1proc_accum1"] / "summary.json").read_text())["num_processes"] == 1
+def summary_of(run) -> dict:
+    return json.loads((run / "summary.json").read_text())
 
 
-@pytest.mark.parametrize("split", ["1proc_accum4", "2proc_accum2"])
-def test_batch_split_does_not_change_the_math(split_runs, tiny_cache, split):
-    """Same logged losses and the same parameters as one process without accumulation."""
-    reference, other = split_runs["1proc_accum1"], split_runs[split]
-    losses = [[m["loss/train"] for m in read_metrics(run)] for run in (reference, other)]
+def test_processes_and_sharding_are_real(split_runs):
+    assert summary_of(split_runs["1proc_accum1"])["parallelism"] == "single"
+    ddp = summary_of(split_runs["2proc_accum2"])
+    assert (ddp["num_processes"], ddp["parallelism"], ddp["local_parameter_fraction"]) == (2, "ddp", 1.0)
+    fsdp = summary_of(split_runs["2proc_fsdp_accum2"])
+    assert (fsdp["num_processes"], fsdp["parallelism"]) == (2, "fsdp2")
+    assert 0.45 < fsdp["local_parameter_fraction"] < 0.55  # each process holds about half of every parameter
+
+
+@pytest.mark.parametrize(
+    ("reference", "split"),
+    [
+        ("1proc_accum1", "1proc_accum4"),
+        ("1proc_accum1", "2proc_accum2"),
+        ("1proc_accum1", "2proc_fsdp_accum2"),
+        ("1proc_accum1_sequence", "2proc_fsdp_accum2_sequence"),
+    ],
+)
+def test_batch_split_does_not_change_the_math(split_runs, tiny_cache, reference, split):
+    """Same logged losses and the same FINAL parameters as one process without accumulation."""
+    losses = [[m["loss/train"] for m in read_metrics(split_runs[name])] for name in (reference, split)]
     assert len(losses[0]) == 6
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
     base = load_file(tiny_cache / "tiny-llama" / "model.safetensors")
-    one, two = (load_file(run / "FINAL" / "model.safetensors") for run in (reference, other))
+    one, two = (load_file(split_runs[name] / "FINAL" / "model.safetensors") for name in (reference, split))
+    assert one.keys() == two.keys()
     for key in one:
         # Relative to how far training moved the weights: summation order differs, so not bit-equal.
         assert (one[key] - two[key]).norm() <= 1e-5 * (one[key] - base[key]).norm(), key
+
+
+def test_sequence_reduction_changes_the_loss(split_runs):
+    token, sequence = (
+        read_metrics(split_runs[name])[0]["loss/train"] for name in ("1proc_accum1", "1proc_accum1_sequence")
+    )
+    assert token != pytest.approx(sequence, rel=1e-4)
+
+
+def test_lora_under_fsdp_saves_a_correct_merged_model(tiny_cache):
+    args = [*COMMON, f"cache_dir={tiny_cache}", "exp_name=fsdp_lora", "++model.use_peft=true", "max_steps=4", "lr=1e-2"]
+    result = run_cli(args, launcher=accelerate_launcher("fsdp_cpu_2proc.yaml"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tiny_cache / "fsdp_lora"
+    assert summary_of(run)["parallelism"] == "fsdp2"
+    assert (run / "FINAL" / "adapter" / "adapter_model.safetensors").exists()
+    logged = [m["loss/eval"] for m in read_metrics(run) if "loss/eval" in m][-1]
+    assert final_eval_loss_by_the_models_own_loss(run / "FINAL") == pytest.approx(logged, rel=1e-5)
 
 
 def test_accelerate_launch_runs_the_same_job(tiny_cache):

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from train.losses import IGNORE_INDEX, count_supervised_tokens, masked_nll_sum
+from train.losses import IGNORE_INDEX, count_loss_units, masked_nll_sum
 
 
 def test_masked_nll_sum_matches_hand_derived_value():
@@ -34,9 +34,23 @@ def test_masked_nll_sum_upcasts_bfloat16_logits():
     assert math.isclose(result.total.item(), 2 * math.log(8), rel_tol=1e-6)
 
 
-def test_count_supervised_tokens_skips_the_first_position():
-    labels = torch.tensor([[5, 6, IGNORE_INDEX], [IGNORE_INDEX, 7, 8]])
-    assert count_supervised_tokens(labels).item() == 3
+def test_count_loss_units_skips_the_first_position():
+    labels = torch.tensor([[5, 6, IGNORE_INDEX], [IGNORE_INDEX, 7, 8], [9, IGNORE_INDEX, IGNORE_INDEX]])
+    assert count_loss_units(labels, "token").item() == 3
+    assert count_loss_units(labels, "sequence").item() == 2  # the last row has no predicted token
+
+
+def test_token_and_sequence_reductions_against_hand_derived_values():
+    # Row 0: one supervised token with p = 6 / (6 + 1 + 1 + 1) = 2/3. Row 1: three tokens, uniform over 4.
+    logits = torch.zeros(2, 4, 4)
+    logits[0, 0, 0] = math.log(6.0)
+    labels = torch.tensor([[IGNORE_INDEX, 0, IGNORE_INDEX, IGNORE_INDEX], [IGNORE_INDEX, 1, 2, 3]])
+    token = masked_nll_sum(logits, labels, "token")
+    sequence = masked_nll_sum(logits, labels, "sequence")
+    assert (token.count.item(), sequence.count.item()) == (4, 2)
+    assert math.isclose(token.total.item() / 4, (math.log(1.5) + 3 * math.log(4)) / 4, rel_tol=1e-6)
+    assert math.isclose(sequence.total.item() / 2, (math.log(1.5) + math.log(4)) / 2, rel_tol=1e-6)
+    assert torch.equal(count_loss_units(labels, "sequence"), sequence.count)
 
 
 def test_masked_nll_equals_the_models_own_loss(tiny_cache):

@@ -87,10 +87,26 @@ class LossConfig:
     name: str | None = setting(None, "Loss name; pick one with loss=<name> (a file in config/loss/).")
     trainer: str | None = setting(None, "Trainer class (from train/trainers.py) that implements this loss.")
 
+    def problems(self) -> list[str]:
+        """Checks of this loss's own settings; a subclass with settings adds its own."""
+        return []
+
+
+SFT_REDUCTIONS = ("token", "sequence")
+
 
 @dataclass
 class SFTLossConfig(LossConfig):
-    pass
+    reduction: str = setting(
+        "token",
+        "token: every supervised token of the step weighs the same (long answers weigh more); sequence: every "
+        "example weighs the same (the mean over examples of each one's mean token loss).",
+    )
+
+    def problems(self) -> list[str]:
+        if self.reduction not in SFT_REDUCTIONS:
+            return [f"loss.reduction={self.reduction!r}: must be one of {list(SFT_REDUCTIONS)}"]
+        return []
 
 
 # The settings schema of each loss, keyed by `loss.name`. A new loss with extra settings adds its dataclass here.
@@ -244,6 +260,7 @@ def check_values(cfg: Config, world_size: int) -> list[str]:
         problems.append(f"weight_decay={cfg.weight_decay}: must be >= 0")
     if not cfg.exp_name.strip():
         problems.append("exp_name is empty: name the run, e.g. exp_name=my-run")
+    problems += cfg.loss.problems()
     problems += _check_data_files(cfg)
     problems += _check_model(cfg.model, world_size)
     return problems

@@ -20,24 +20,33 @@ class LossSum:
     count: torch.Tensor  # () int64: number of units summed
 
 
-def count_supervised_tokens(labels: torch.Tensor) -> torch.Tensor:
-    """labels: (batch, seq) with -100 on unsupervised tokens. Returns () int64: tokens the model is trained to predict.
+def count_loss_units(labels: torch.Tensor, reduction: str) -> torch.Tensor:
+    """labels: (batch, seq) with -100 on unsupervised tokens. Returns () int64: what `masked_nll_sum` averages over.
 
-    The first token of a row is never predicted (nothing precedes it), so only labels[:, 1:] count.
+    token: supervised tokens. sequence: rows with at least one supervised token. The first token of a row is never
+    predicted (nothing precedes it), so only labels[:, 1:] count.
     """
-    return (labels[:, 1:] != IGNORE_INDEX).sum()
+    supervised = labels[:, 1:] != IGNORE_INDEX
+    return supervised.sum() if reduction == "token" else supervised.any(dim=1).sum()
 
 
-def masked_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> LossSum:
+def masked_nll_sum(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "token") -> LossSum:
     """Summed negative log-likelihood of the supervised tokens.
 
     logits: (batch, seq, vocab), any float dtype; position t predicts token t + 1.
     labels: (batch, seq) int64, the token ids, -100 where not supervised.
+    reduction: "token" sums token NLLs (count: supervised tokens), so every token weighs the same;
+      "sequence" sums each row's mean token NLL (count: rows), so every example weighs the same, however long.
     Only the supervised positions are upcast to float32 for the log-softmax: the full-vocabulary float32 logits of
     every position would dominate peak memory.
     """
     targets = labels[:, 1:]
     supervised = targets != IGNORE_INDEX
-    picked_logits = logits[:, :-1][supervised].float()  # (n_supervised, vocab)
-    total = F.cross_entropy(picked_logits, targets[supervised], reduction="sum")
-    return LossSum(total=total, count=supervised.sum())
+    token_nll = torch.zeros(supervised.shape, dtype=torch.float32, device=logits.device)
+    token_nll[supervised] = F.cross_entropy(logits[:, :-1][supervised].float(), targets[supervised], reduction="none")
+    if reduction == "token":
+        return LossSum(total=token_nll.sum(), count=supervised.sum())
+    tokens_per_row = supervised.sum(dim=1)
+    has_tokens = tokens_per_row > 0
+    row_means = token_nll.sum(dim=1)[has_tokens] / tokens_per_row[has_tokens]
+    return LossSum(total=row_means.sum(), count=has_tokens.sum())

@@ -32,10 +32,14 @@ def build_tokenizer(settings: ModelConfig):
     return tokenizer
 
 
-def build_model(settings: ModelConfig, seed: int):
-    """The causal LM to train: float32 weights for full fine-tuning; for LoRA, the frozen base in the compute dtype."""
+def build_model(settings: ModelConfig, seed: int, sharded: bool = False):
+    """The causal LM to train, in float32; for LoRA without FSDP, the frozen base in the compute dtype.
+
+    Under FSDP every weight loads in float32: FSDP2 casts to the compute dtype itself, and one sharding unit needs
+    one dtype.
+    """
     set_seed(seed)  # LoRA initialization is random
-    load_dtype = TORCH_DTYPES[settings.dtype] if settings.use_peft else torch.float32
+    load_dtype = TORCH_DTYPES[settings.dtype] if settings.use_peft and not sharded else torch.float32
     try:
         model = AutoModelForCausalLM.from_pretrained(
             settings.name_or_path,

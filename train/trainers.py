@@ -23,8 +23,18 @@ from transformers import get_cosine_schedule_with_warmup
 
 from train.config import Config
 from train.data import Example, collate
+from train.distributed import (
+    FsdpSettings,
+    clip_gradients,
+    full_state_dict,
+    is_sharded,
+    local_parameter_fraction,
+    no_gradient_sync,
+    shard_model,
+    unsharded_copy,
+)
 from train.errors import ConfigError, DataError
-from train.losses import LossSum, count_supervised_tokens, masked_nll_sum
+from train.losses import LossSum, count_loss_units, masked_nll_sum
 from train.utils import config_yaml
 
 logger = logging.getLogger(__name__)
@@ -55,6 +65,7 @@ class BasicTrainer:
         tokenizer,
         train_examples: list[Example],
         eval_examples: list[Example],
+        fsdp: FsdpSettings | None = None,
     ):
         # Read the config once into typed attributes; the loop never looks at the config again.
         self.accelerator = accelerator
@@ -87,9 +98,13 @@ class BasicTrainer:
                 f"each epoch trains on {len(train_examples) - unused} of {len(train_examples)} examples: the last partial batch is left out (the order is reshuffled every epoch)"
             )
 
-        optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
-        self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        # The scheduler is not prepared: Accelerate would step it once per process.
+        if fsdp is not None:
+            # Shard first: the optimizer must hold the sharded parameters.
+            self.model = shard_model(model, fsdp, accelerator.device, bf16=cfg.model.dtype == "bfloat16")
+            self.optimizer = optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay)
+        else:
+            optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+            self.model, self.optimizer = accelerator.prepare(model, optimizer)
         warmup_steps = round(cfg.warmup_ratio * self.total_steps)
         self.scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, self.total_steps)
         self.throughput = Throughput()
@@ -116,7 +131,13 @@ class BasicTrainer:
             f"training for {self.total_steps} steps ({self.steps_per_epoch} per epoch) of {self.batch_size} examples "
             f"on {world} process(es), {self.accumulation_steps} micro-batch(es) of {self.batch_size // world // self.accumulation_steps} each"
         )
-        self.summary.update(num_processes=world, total_steps=self.total_steps)
+        sharded = is_sharded(self.accelerator.unwrap_model(self.model))
+        self.summary.update(
+            num_processes=world,
+            total_steps=self.total_steps,
+            parallelism="fsdp2" if sharded else ("ddp" if world > 1 else "single"),
+            local_parameter_fraction=local_parameter_fraction(self.model),
+        )
         if self.eval_examples:
             self.log({"step": 0, **self.evaluate()})
         self.model.train()
@@ -169,12 +190,12 @@ class BasicTrainer:
         for index, batch in enumerate(batches):
             # Gradients are all-reduced (averaged over processes) only on the last micro-batch.
             sync = index == len(batches) - 1
-            with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model):
+            with contextlib.nullcontext() if sync else no_gradient_sync(self.accelerator, self.model):
                 loss_sum = self.batch_loss(self.model, batch)
                 # DDP averages gradients over processes, so scale by their number to get sum / global_units.
                 self.accelerator.backward(loss_sum.total * self.accelerator.num_processes / global_units)
             loss_total += loss_sum.total.detach()
-        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm or math.inf)
+        grad_norm = clip_gradients(self.accelerator, self.model, self.max_grad_norm or math.inf)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -191,16 +212,23 @@ class BasicTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Loss over every evaluation example, each process taking an interleaved share; exact over processes."""
-        model = self.accelerator.unwrap_model(self.model)  # no collectives in the forward pass: shares may be uneven
+        """Loss over every evaluation example, exact over processes.
+
+        Each global eval batch is split over the processes; all processes run the same number of forward passes
+        (one with no examples left runs a discarded one), because a sharded model communicates in its forward.
+        """
+        model = self.accelerator.unwrap_model(self.model)
         model.eval()
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        mine = self.eval_examples[rank::world]
         micro = self.eval_batch_size // world
         sums = torch.zeros(2, device=self.accelerator.device)
-        for start in range(0, len(mine), micro):
-            loss_sum = self.batch_loss(model, self.to_device(collate(mine[start : start + micro], self.pad_token_id)))
-            sums += torch.stack([loss_sum.total.float(), loss_sum.count.float()])
+        for start in range(0, len(self.eval_examples), self.eval_batch_size):
+            mine = self.eval_examples[start + rank * micro : start + (rank + 1) * micro]
+            loss_sum = self.batch_loss(
+                model, self.to_device(collate(mine or self.eval_examples[:1], self.pad_token_id))
+            )
+            if mine:
+                sums += torch.stack([loss_sum.total.float(), loss_sum.count.float()])
         self.model.train()
         sums = self.accelerator.reduce(sums, reduction="sum")
         return {"loss/eval": (sums[0] / sums[1].clamp(min=1)).item()}
@@ -221,10 +249,13 @@ class BasicTrainer:
         Written under a temporary name and renamed when complete, so FINAL/ is never half-written.
         """
         self.accelerator.wait_for_everyone()
+        model = self.accelerator.unwrap_model(self.model)
+        if is_sharded(model):
+            state_dict = full_state_dict(model)  # every process takes part in gathering the shards
+            model = unsharded_copy(model, state_dict) if self.accelerator.is_main_process else None
         if self.accelerator.is_main_process:
             final, partial = self.run_dir / "FINAL", self.run_dir / "FINAL.partial"
             shutil.rmtree(partial, ignore_errors=True)
-            model = self.accelerator.unwrap_model(self.model)
             if self.use_peft:
                 model.save_pretrained(partial / "adapter")
                 model = model.merge_and_unload()
@@ -281,11 +312,16 @@ def build_optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimi
 
 @register_trainer
 class SFTTrainer(BasicTrainer):
-    """Supervised fine-tuning: mean NLL of the supervised (response) tokens over the whole optimizer step."""
+    """Supervised fine-tuning: mean NLL of the supervised (response) tokens over the whole optimizer step
+    (`loss.reduction=token`), or mean over its examples of each example's mean token NLL (`sequence`)."""
+
+    def __init__(self, cfg: Config, *args, **kwargs):
+        super().__init__(cfg, *args, **kwargs)
+        self.reduction = cfg.loss.reduction
 
     def loss_units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return count_supervised_tokens(batch["labels"])
+        return count_loss_units(batch["labels"], self.reduction)
 
     def batch_loss(self, model, batch: dict[str, torch.Tensor]) -> LossSum:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return masked_nll_sum(logits, batch["labels"])
+        return masked_nll_sum(logits, batch["labels"], self.reduction)
