@@ -76,7 +76,7 @@ def print_help() -> None:
 
 
 def run(cfg) -> None:
-    """Build everything from the validated config, train, and save FINAL/."""
+    """Build everything from the validated config, train (or resume), and save FINAL/."""
     from train.data import build_datasets
     from train.distributed import fsdp_settings_from_launcher
     from train.models import build_model, build_tokenizer
@@ -84,17 +84,48 @@ def run(cfg) -> None:
     from train.utils import build_accelerator, prepare_run_dir, write_summary
 
     trainer_class = get_trainer_class(cfg.loss.trainer)
-    accelerator = build_accelerator(cfg)
+    resume_dir = find_checkpoint_to_resume(cfg)
+    wandb_run_id = read_state(resume_dir).get("wandb_run_id") if resume_dir else None
+    accelerator = build_accelerator(cfg, wandb_run_id=wandb_run_id)
     prepare_run_dir(cfg, accelerator)
     tokenizer = build_tokenizer(cfg.model)
     train_data, eval_data, data_stats = build_datasets(cfg, tokenizer)
     fsdp = fsdp_settings_from_launcher()
     model = build_model(cfg.model, cfg.seed, sharded=fsdp is not None)
     trainer = trainer_class(cfg, accelerator, model, tokenizer, train_data, eval_data, fsdp=fsdp)
+    if resume_dir:
+        trainer.load_checkpoint(resume_dir)
     trainer.train()
     trainer.save_final()
     if accelerator.is_main_process:
         write_summary(cfg.run_dir, {**trainer.summary, "data": data_stats})
+
+
+def find_checkpoint_to_resume(cfg):
+    """The checkpoint to resume from, or None; refuses one whose config differs in what changes the math."""
+    from train.checkpoint import config_differences, resolve_resume
+    from train.errors import HalyardError
+    from train.utils import flat_config
+
+    resume_dir = resolve_resume(cfg.resume_from_checkpoint, Path(cfg.run_dir))
+    if resume_dir is None:
+        if cfg.resume_from_checkpoint == "auto":
+            logger.info(f"resume_from_checkpoint=auto: no checkpoint in {cfg.run_dir} yet, starting fresh")
+        return None
+    differences = config_differences((resume_dir / "config.yaml").read_text(), flat_config(cfg))
+    if differences and not cfg.resume_allow_config_change:
+        listed = "\n".join(f"  - {d}" for d in differences)
+        raise HalyardError(
+            f"cannot resume from {resume_dir}: these settings change the math of the run:\n{listed}\n"
+            f"Restore them, or set resume_allow_config_change=true to continue anyway."
+        )
+    return resume_dir
+
+
+def read_state(checkpoint_dir):
+    from train.checkpoint import read_state as read
+
+    return read(checkpoint_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,10 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = compose_config(argv)
         run(cfg)
     except HalyardError as error:
-        # A user error: say what is wrong and how to fix it, without a traceback.
+        # A user error, or a stop on request: say what happened and what to do, without a traceback.
         if is_main_process():
             print(f"halyard: {error}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return getattr(error, "exit_code", EXIT_USER_ERROR)
     return 0
 
 

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import socket
 import sys
 
 import pytest
@@ -119,8 +120,13 @@ SPLITS = {  # name: (accelerate config, gradient accumulation steps, extra args)
 
 
 def accelerate_launcher(config_name: str) -> list[str]:
+    """`accelerate launch` with a config, on a free port: back-to-back runs on one fixed port can collide."""
     config = REPO / "accelerate_config" / config_name
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    return launch + (["--main_process_port", str(port)] if "proc" in config_name else [])
 
 
 @pytest.fixture(scope="module")

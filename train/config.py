@@ -144,6 +144,20 @@ class Config:
         100, "Evaluate every this many optimizer steps (and before the first, and at the end)."
     )
     log_every_steps: int = setting(10, "Write a metrics line every this many optimizer steps (and at the last step).")
+    save_every_steps: int | None = setting(
+        None, "Write a resumable checkpoint ${run_dir}/step-<N>/ every this many steps; null: none."
+    )
+    save_total_limit: int | None = setting(None, "Keep only the newest this many step checkpoints; null keeps all.")
+    resume_from_checkpoint: str | None = setting(
+        None,
+        "auto: continue from this run's newest complete checkpoint (or start fresh if none); or a checkpoint path.",
+    )
+    resume_allow_config_change: bool = setting(
+        False, "Resume even if settings that change the math (lr, batch, data...) differ."
+    )
+    on_nonfinite: str = setting(
+        "stop", "A step with a NaN/inf loss or gradient: stop (exit 2) or skip (no update, counted)."
+    )
     loss: LossConfig = field(default_factory=LossConfig, metadata={"help": "The loss; chosen with loss=<name>."})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The model; chosen with model=<name>."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "How rows of the data files are read."})
@@ -162,6 +176,7 @@ def register_schema() -> None:
 
 
 DTYPES = ("float32", "bfloat16")
+NONFINITE_POLICIES = ("stop", "skip")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 DATA_EXTENSIONS = (".json", ".jsonl")
 
@@ -260,6 +275,8 @@ def check_values(cfg: Config, world_size: int) -> list[str]:
         problems.append(f"weight_decay={cfg.weight_decay}: must be >= 0")
     if not cfg.exp_name.strip():
         problems.append("exp_name is empty: name the run, e.g. exp_name=my-run")
+    if cfg.on_nonfinite not in NONFINITE_POLICIES:
+        problems.append(f"on_nonfinite={cfg.on_nonfinite!r}: must be one of {list(NONFINITE_POLICIES)}")
     problems += cfg.loss.problems()
     problems += _check_data_files(cfg)
     problems += _check_model(cfg.model, world_size)
@@ -273,6 +290,8 @@ def _check_positive(cfg: Config) -> list[str]:
         "eval_every_steps": cfg.eval_every_steps,
         "log_every_steps": cfg.log_every_steps,
         "max_steps": cfg.max_steps,
+        "save_every_steps": cfg.save_every_steps,
+        "save_total_limit": cfg.save_total_limit,
         "model.batch_size": cfg.model.batch_size,
         "model.eval_batch_size": cfg.model.eval_batch_size,
         "model.gradient_accumulation_steps": cfg.model.gradient_accumulation_steps,

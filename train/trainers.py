@@ -9,18 +9,24 @@ batch is split into micro-batches or processes.
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import logging
 import math
+import os
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from transformers import get_cosine_schedule_with_warmup
 
+from train import checkpoint
 from train.config import Config
 from train.data import Example, collate
 from train.distributed import (
@@ -33,7 +39,8 @@ from train.distributed import (
     shard_model,
     unsharded_copy,
 )
-from train.errors import ConfigError, DataError
+from train.errors import ConfigError, DataError, HalyardError
+from train.faults import fault_at
 from train.losses import LossSum, count_loss_units, masked_nll_sum
 from train.utils import config_yaml
 
@@ -83,6 +90,10 @@ class BasicTrainer:
         self.log_every_steps = cfg.log_every_steps
         self.use_peft = cfg.model.use_peft
         self.pad_token_id = tokenizer.pad_token_id
+        self.save_every_steps = cfg.save_every_steps
+        self.save_total_limit = cfg.save_total_limit
+        self.on_nonfinite = cfg.on_nonfinite
+        self.resume_allow_config_change = cfg.resume_allow_config_change
 
         self.steps_per_epoch = len(train_examples) // self.batch_size
         if self.steps_per_epoch == 0:
@@ -110,8 +121,12 @@ class BasicTrainer:
         self.throughput = Throughput()
         self.summary: dict[str, object] = {}
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        if accelerator.is_main_process:
-            self.metrics_path.write_text("")
+        self.step = 0  # optimizer steps completed
+        self.skipped_steps = 0
+        self.stop_request = StopRequest()
+        self.data_fingerprint = fingerprint(train_examples)
+        if self.save_every_steps and accelerator.is_main_process:
+            check_disk_space(self.run_dir, self.model)
 
     # ---- hooks for subclasses ----
 
@@ -126,10 +141,16 @@ class BasicTrainer:
     # ---- the loop ----
 
     def train(self) -> None:
+        """Train from `self.step` (0, or where a checkpoint left off) to `total_steps`.
+
+        Raises TrainingStopped after writing a checkpoint if SIGTERM or SIGINT arrived.
+        """
         world = self.accelerator.num_processes
         logger.info(
             f"training for {self.total_steps} steps ({self.steps_per_epoch} per epoch) of {self.batch_size} examples "
-            f"on {world} process(es), {self.accumulation_steps} micro-batch(es) of {self.batch_size // world // self.accumulation_steps} each"
+            f"on {world} process(es), {self.accumulation_steps} micro-batch(es) of "
+            f"{self.batch_size // world // self.accumulation_steps} each"
+            + (f", from step {self.step}" if self.step else "")
         )
         sharded = is_sharded(self.accelerator.unwrap_model(self.model))
         self.summary.update(
@@ -138,51 +159,68 @@ class BasicTrainer:
             parallelism="fsdp2" if sharded else ("ddp" if world > 1 else "single"),
             local_parameter_fraction=local_parameter_fraction(self.model),
         )
-        if self.eval_examples:
-            self.log({"step": 0, **self.evaluate()})
+        if self.step == 0:
+            if self.accelerator.is_main_process:
+                self.metrics_path.write_text("")
+            if self.eval_examples:
+                self.log({"step": 0, **self.evaluate()})
         self.model.train()
-        for step, (epoch, micro_batches) in enumerate(self.step_batches(), start=1):
-            started = time.perf_counter()
-            metrics = self.train_step(micro_batches)
-            self.throughput.add(metrics.pop("tokens"), self.batch_size, time.perf_counter() - started)
-            is_last = step == self.total_steps
-            row: dict[str, float] = {"step": step}
-            if step % self.log_every_steps == 0 or is_last:
-                epoch_progress = epoch + (step - epoch * self.steps_per_epoch) / self.steps_per_epoch
-                row.update(
-                    metrics, epoch=epoch_progress, lr=self.scheduler.get_last_lr()[0], **self.throughput.report()
-                )
-            if self.eval_examples and (step % self.eval_every_steps == 0 or is_last):
-                row.update(self.evaluate())
-            if len(row) > 1:
-                self.log(row)
+        with self.stop_request.installed():
+            for epoch, micro_batches in self.step_batches(start_step=self.step):
+                self.step += 1
+                stop = self.train_and_log_step(epoch, micro_batches)
+                if stop or (
+                    self.save_every_steps and self.step % self.save_every_steps == 0 and self.step < self.total_steps
+                ):
+                    self.save_checkpoint()
+                if stop:
+                    raise TrainingStopped(self.stop_request.signal_name or "a signal", self.step)
         self.summary["tokens_per_second"] = self.throughput.tokens / max(self.throughput.seconds, 1e-9)
+        self.summary["skipped_nonfinite_steps"] = self.skipped_steps
 
-    def step_batches(self) -> Iterator[tuple[int, list[list[Example]]]]:
-        """Yield (epoch, this process's micro-batches) for each optimizer step.
+    def train_and_log_step(self, epoch: int, micro_batches: list[list[Example]]) -> bool:
+        """Run one optimizer step, then log and evaluate when due. Returns whether any process was asked to stop."""
+        started = time.perf_counter()
+        metrics = self.train_step(micro_batches)
+        self.throughput.add(metrics.pop("tokens"), self.batch_size, time.perf_counter() - started)
+        stop = metrics.pop("stop")
+        is_last = self.step == self.total_steps
+        row: dict[str, float] = {"step": self.step}
+        if self.step % self.log_every_steps == 0 or is_last or stop:
+            epoch_progress = epoch + (self.step - epoch * self.steps_per_epoch) / self.steps_per_epoch
+            row.update(metrics, epoch=epoch_progress, lr=self.scheduler.get_last_lr()[0], **self.throughput.report())
+        if self.eval_examples and (self.step % self.eval_every_steps == 0 or is_last):
+            row.update(self.evaluate())
+        if len(row) > 1:
+            self.log(row)
+        return stop
+
+    def step_batches(self, start_step: int = 0) -> Iterator[tuple[int, list[list[Example]]]]:
+        """Yield (epoch, this process's micro-batches) for each optimizer step after `start_step`.
 
         The global batch of a step depends only on the seed, the epoch and the step: a permutation per epoch, cut into
         batches of `batch_size`. Each process takes a contiguous slice and cuts it into `accumulation_steps`
-        micro-batches, so the union over processes is always the same global batch, however it is split.
+        micro-batches, so the union over processes is always the same global batch, however it is split. A resumed
+        run starts directly at its step: nothing is replayed.
         """
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         per_process = self.batch_size // world
         micro = per_process // self.accumulation_steps
-        step = 0
-        for epoch in range(self.n_epochs):
-            order = torch.randperm(
-                len(self.train_examples), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            ).tolist()
-            for batch_index in range(self.steps_per_epoch):
-                if step == self.total_steps:
-                    return
-                step += 1
-                start = batch_index * self.batch_size + rank * per_process
-                mine = [self.train_examples[i] for i in order[start : start + per_process]]
-                yield epoch, [mine[i * micro : (i + 1) * micro] for i in range(self.accumulation_steps)]
+        for step in range(start_step, self.total_steps):
+            epoch, batch_index = divmod(step, self.steps_per_epoch)
+            if step == start_step or batch_index == 0:
+                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                order = torch.randperm(len(self.train_examples), generator=generator).tolist()
+            start = batch_index * self.batch_size + rank * per_process
+            mine = [self.train_examples[i] for i in order[start : start + per_process]]
+            yield epoch, [mine[i * micro : (i + 1) * micro] for i in range(self.accumulation_steps)]
 
     def train_step(self, micro_batches: list[list[Example]]) -> dict[str, float]:
-        """One optimizer step over this process's micro-batches; returns the step's exact loss and gradient norm."""
+        """One optimizer step over this process's micro-batches.
+
+        Returns the step's exact loss, gradient norm, real token count and whether any process must stop. A step
+        whose loss or gradient is not finite is never applied (on_nonfinite=stop raises, skip counts it).
+        """
         batches = [self.to_device(collate(examples, self.pad_token_id)) for examples in micro_batches]
         local_units = sum(self.loss_units(batch) for batch in batches)
         global_units = self.accelerator.reduce(local_units.to(self.accelerator.device), reduction="sum").clamp(min=1)
@@ -192,20 +230,36 @@ class BasicTrainer:
             sync = index == len(batches) - 1
             with contextlib.nullcontext() if sync else no_gradient_sync(self.accelerator, self.model):
                 loss_sum = self.batch_loss(self.model, batch)
+                if fault_at("nan_loss", self.step):
+                    loss_sum.total = loss_sum.total * float("nan")
                 # DDP averages gradients over processes, so scale by their number to get sum / global_units.
                 self.accelerator.backward(loss_sum.total * self.accelerator.num_processes / global_units)
             loss_total += loss_sum.total.detach()
+        self.stop_request.inject_faults(self.step)
+        tokens = sum(batch["attention_mask"].sum() for batch in batches)
+        stop_flag = torch.tensor(float(self.stop_request.requested), device=loss_total.device)
+        totals = self.accelerator.reduce(torch.stack([loss_total, tokens.to(loss_total), stop_flag]), reduction="sum")
+        loss = (totals[0] / global_units).item()
         grad_norm = clip_gradients(self.accelerator, self.model, self.max_grad_norm or math.inf)
-        self.optimizer.step()
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.optimizer.step()
+        else:
+            self.handle_nonfinite(loss, grad_norm)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        tokens = sum(batch["attention_mask"].sum() for batch in batches)
-        totals = self.accelerator.reduce(torch.stack([loss_total, tokens.to(loss_total)]), reduction="sum")
-        return {
-            "loss/train": (totals[0] / global_units).item(),
-            "grad_norm": float(grad_norm),
-            "tokens": int(totals[1]),
-        }
+        return {"loss/train": loss, "grad_norm": grad_norm, "tokens": int(totals[1]), "stop": bool(totals[2] > 0)}
+
+    def handle_nonfinite(self, loss: float, grad_norm: float) -> None:
+        what = f"step {self.step}: the loss ({loss}) or the gradient norm ({grad_norm}) is not finite"
+        if self.on_nonfinite == "stop":
+            latest = checkpoint.find_latest(self.run_dir)
+            kept = f"the newest checkpoint ({latest.name}) is untouched" if latest else "no checkpoint was written"
+            raise HalyardError(
+                f"{what}; stopped without applying it, and {kept}. Lower lr or max_grad_norm, inspect this step's "
+                f"data, or set on_nonfinite=skip to skip such steps."
+            )
+        self.skipped_steps += 1
+        logger.warning(f"{what}; skipped (no update). {self.skipped_steps} step(s) skipped so far.")
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {key: value.to(self.accelerator.device) for key, value in batch.items()}
@@ -242,6 +296,102 @@ class BasicTrainer:
         self.accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
         self.summary.update({k: v for k, v in metrics.items() if k not in ("lr", "grad_norm", "epoch")})
         logger.info("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+
+    def save_checkpoint(self) -> None:
+        """Write ${run_dir}/step-<N>/ atomically (see train/checkpoint.py); every process takes part."""
+        final = self.run_dir / checkpoint.checkpoint_name(self.step)
+        partial = final.with_name(final.name + checkpoint.PARTIAL)
+        main, rank = self.accelerator.is_main_process, self.accelerator.process_index
+        if main:
+            checkpoint.remove_partials(self.run_dir)
+            partial.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        error = None
+        try:
+            self.write_checkpoint_files(partial, rank, main)
+        except OSError as caught:
+            error = caught
+        # Publish only if every process succeeded; a failure anywhere leaves the previous checkpoint as `latest`.
+        failures = self.accelerator.reduce(
+            torch.tensor(float(error is not None), device=self.accelerator.device), "sum"
+        )
+        if failures.item() > 0:
+            if main:
+                shutil.rmtree(partial, ignore_errors=True)
+            latest = checkpoint.find_latest(self.run_dir)
+            reason = f" ({error.strerror or error})" if error else " (on another process)"
+            raise HalyardError(
+                f"could not write checkpoint {final.name}{reason}; "
+                f"{'the previous checkpoint ' + latest.name + ' is intact' if latest else 'no earlier checkpoint exists'}. "
+                f"Free disk space in {self.run_dir} or set cache_dir to another disk, then resume_from_checkpoint=auto."
+            )
+        if main:
+            checkpoint.finish(partial, final, self.run_dir, self.save_total_limit)
+            logger.info(f"checkpoint {final}")
+        self.accelerator.wait_for_everyone()
+
+    def write_checkpoint_files(self, directory: Path, rank: int, main: bool) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        sharded = is_sharded(model)
+        if sharded:
+            checkpoint.save_sharded_model(model, directory, rank)
+        elif main:
+            model.save_pretrained(directory / "model", safe_serialization=True)  # with LoRA: the adapter only
+        if sharded or main:
+            checkpoint.save_optimizer(self.optimizer, directory, rank)
+        checkpoint.save_rng_state(directory, rank)
+        if main:
+            (directory / "scheduler.json").write_text(json.dumps(self.scheduler.state_dict()))
+            (directory / "config.yaml").write_text(self.config_text)
+            if fault_at("enospc_in_save", self.step):
+                raise OSError(errno.ENOSPC, "No space left on device (injected)")
+            if fault_at("kill_in_save", self.step):
+                os.kill(os.getpid(), signal.SIGKILL)
+            (directory / checkpoint.STATE_FILE).write_text(json.dumps(self.trainer_state(sharded)))  # written last
+
+    def trainer_state(self, sharded: bool) -> dict[str, object]:
+        tracker = self.accelerator.get_tracker("wandb", unwrap=True) if self.accelerator.trackers else None
+        return {
+            "step": self.step,
+            "epoch": self.step // self.steps_per_epoch,
+            "world_size": self.accelerator.num_processes,
+            "sharded": sharded,
+            "use_peft": self.use_peft,
+            "skipped_steps": self.skipped_steps,
+            "throughput": vars(self.throughput),
+            "summary": self.summary,
+            "data_fingerprint": self.data_fingerprint,
+            "wandb_run_id": getattr(tracker, "id", None),
+        }
+
+    def load_checkpoint(self, directory: Path) -> None:
+        """Restore model, optimizer, scheduler, RNG and counters from a step checkpoint, on every process."""
+        state = checkpoint.read_state(directory)
+        model = self.accelerator.unwrap_model(self.model)
+        sharded, world, rank = is_sharded(model), self.accelerator.num_processes, self.accelerator.process_index
+        if state["sharded"] != sharded or (sharded and state["world_size"] != world):
+            raise HalyardError(
+                f"{directory} was written by {state['world_size']} process(es) {'with' if state['sharded'] else 'without'} "
+                f"FSDP; resume it the same way (now {world} process(es) {'with' if sharded else 'without'} FSDP)"
+            )
+        if state["data_fingerprint"] != self.data_fingerprint and not self.resume_allow_config_change:
+            raise HalyardError(
+                f"the tokenized training data differs from the data {directory} was trained on; resuming would not "
+                f"continue the same run. Restore the data, or set resume_allow_config_change=true."
+            )
+        if sharded:
+            checkpoint.load_sharded_model(model, directory, rank)
+        else:
+            checkpoint.load_model_folder(model, directory / "model", adapter=self.use_peft)
+        checkpoint.load_optimizer(self.optimizer, directory, rank, sharded)
+        self.scheduler.load_state_dict(json.loads((directory / "scheduler.json").read_text()))
+        checkpoint.load_rng_state(directory, rank % state["world_size"])
+        self.step, self.skipped_steps = state["step"], state["skipped_steps"]
+        vars(self.throughput).update(state["throughput"])
+        self.summary.update(state["summary"])
+        if self.accelerator.is_main_process:
+            checkpoint.truncate_metrics(self.metrics_path, self.step)
+        logger.info(f"resumed from {directory} at step {self.step}")
 
     def save_final(self) -> None:
         """Write FINAL/: a Hugging Face model folder (merged, with FINAL/adapter/ under LoRA), tokenizer and config.
@@ -298,6 +448,81 @@ class Throughput:
             "tokens_per_second": rate,
             "train_seconds": self.seconds,
         }
+
+
+class TrainingStopped(HalyardError):
+    """SIGTERM or SIGINT arrived: the current step finished and a checkpoint was written."""
+
+    exit_code = 75  # EX_TEMPFAIL: not finished, try again
+
+    def __init__(self, signal_name: str, step: int):
+        super().__init__(
+            f"stopped by {signal_name} after step {step}; checkpoint step-{step} written. "
+            f"Resume by running the same command with resume_from_checkpoint=auto"
+        )
+
+
+class StopRequest:
+    """Turns SIGTERM and SIGINT into a request to stop after the current step; a second signal exits at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    @contextlib.contextmanager
+    def installed(self):
+        previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def handle(self, signum: int, _frame) -> None:
+        name = signal.Signals(signum).name
+        if self.requested:
+            logger.error(f"second signal ({name}): exiting at once, without a checkpoint")
+            os._exit(128 + signum)
+        self.signal_name = name
+        logger.warning(
+            f"{name} received: finishing this step, then writing a checkpoint (send it again to exit at once)"
+        )
+
+    def inject_faults(self, step: int) -> None:
+        # Only the main process is signalled: the others must learn of it through the step's all-reduce.
+        if os.environ.get("RANK", "0") != "0":
+            return
+        if fault_at("sigterm", step) or fault_at("double_sigterm", step):
+            os.kill(os.getpid(), signal.SIGTERM)
+        if fault_at("double_sigterm", step):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def fingerprint(examples: list[Example]) -> str:
+    """A hash of the tokenized training data, to tell on resume whether the data changed."""
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(np.asarray(example.input_ids, dtype=np.int64).tobytes())
+        digest.update(np.asarray(example.labels, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def check_disk_space(run_dir: Path, model) -> None:
+    """Refuse to start when the disk cannot hold a checkpoint (weights + two AdamW moments per trained weight)."""
+    params = list(model.parameters())
+    trained = sum(p.numel() * 4 for p in params if p.requires_grad)
+    needed = 2 * trained + sum(p.numel() * p.element_size() for p in params)
+    free = shutil.disk_usage(run_dir).free
+    if free < 1.2 * needed:
+        raise HalyardError(
+            f"not enough free disk for checkpoints in {run_dir}: one needs about {needed / 1e9:.2f} GB, "
+            f"{free / 1e9:.2f} GB are free. Free some space or set cache_dir to a larger disk."
+        )
 
 
 def build_optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimizer:

@@ -17,12 +17,16 @@ from train.errors import HalyardError
 logger = logging.getLogger(__name__)
 
 
-def build_accelerator(cfg: Config) -> Accelerator:
+def build_accelerator(cfg: Config, wandb_run_id: str | None = None) -> Accelerator:
+    """The Accelerator, with the enabled trackers; a resumed run passes its wandb run id to continue the same run."""
     trackers = []
     if cfg.tensorboard.enabled:
         trackers.append(TensorBoardTracker("tensorboard", cfg.run_dir))  # event files in ${run_dir}/tensorboard/
     if cfg.wandb.enabled:
-        trackers.append(WandBTracker(cfg.wandb.project, name=cfg.exp_name, entity=cfg.wandb.entity, dir=cfg.run_dir))
+        resume = {"id": wandb_run_id, "resume": "allow"} if wandb_run_id else {}
+        trackers.append(
+            WandBTracker(cfg.wandb.project, name=cfg.exp_name, entity=cfg.wandb.entity, dir=cfg.run_dir, **resume)
+        )
     return Accelerator(
         # bfloat16 autocasts the forward pass; the trained weights stay float32 (master weights).
         mixed_precision="bf16" if cfg.model.dtype == "bfloat16" else "no",
@@ -55,16 +59,17 @@ def config_yaml(cfg: Config) -> str:
 
 def flat_config(cfg: Config) -> dict[str, object]:
     """Dotted keys and scalar values (TensorBoard's hyperparameter table takes no lists or None)."""
-    flat = {}
+    return flatten(OmegaConf.to_container(OmegaConf.structured(cfg)))
 
-    def walk(node: dict, prefix: str) -> None:
-        for key, value in node.items():
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
-            else:
-                flat[prefix + key] = value if isinstance(value, (int, float, str, bool)) else str(value)
 
-    walk(OmegaConf.to_container(OmegaConf.structured(cfg)), "")
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """{"model": {"lr": 1}} -> {"model.lr": 1}; values that are not int, float, str or bool become strings."""
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value if isinstance(value, int | float | str | bool) else str(value)
     return flat
 
 

@@ -1,0 +1,250 @@
+"""Step checkpoints: everything needed to continue a run exactly, written atomically, read without pickle.
+
+`${run_dir}/step-<N>/` holds:
+- `model/`: a Hugging Face folder (safetensors; with LoRA, the adapter only), written by the main process; under
+  FSDP instead `model-rank<r>.safetensors`, each process's shard.
+- `optimizer-rank<r>.safetensors` + `optimizer.json`: AdamW moments (per shard under FSDP; rank 0's copy otherwise).
+- `scheduler.json`, `trainer_state.json` (step, epoch, counters, tracker run id, world size), `rng-rank<r>.json`
+  (every process's Python, NumPy and torch RNG states), and `config.yaml` (the resolved config).
+
+The data position is the step itself: the order of an epoch is a pure function of (seed, epoch), so a resumed run
+jumps to it instead of replaying consumed batches.
+
+Atomicity: files go to `step-<N>.partial/`, which the main process renames to `step-<N>/` once every process has
+finished; then the `latest` pointer file is replaced (os.replace is atomic). A crash at any point leaves the previous
+checkpoint and pointer intact. Everything is safetensors or JSON: loading never unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+
+from train.errors import HalyardError
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "step-"
+PARTIAL = ".partial"
+LATEST = "latest"
+STATE_FILE = "trainer_state.json"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step}"
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete step checkpoints of a run, oldest first."""
+    found = [
+        p
+        for p in run_dir.glob(f"{PREFIX}*")
+        if p.is_dir() and p.name[len(PREFIX) :].isdigit() and (p / STATE_FILE).exists()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def find_latest(run_dir: Path) -> Path | None:
+    """The checkpoint the `latest` pointer names; the newest complete one if the pointer is missing or stale."""
+    pointer = run_dir / LATEST
+    if pointer.exists():
+        named = run_dir / pointer.read_text().strip()
+        if (named / STATE_FILE).exists():
+            return named
+    checkpoints = complete_checkpoints(run_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def resolve_resume(setting: str | None, run_dir: Path) -> Path | None:
+    """`resume_from_checkpoint`: null (fresh start), `auto` (newest of this run, or fresh) or a checkpoint path."""
+    if not setting:
+        return None
+    if setting == "auto":
+        return find_latest(run_dir)
+    path = Path(setting)
+    if not (path / STATE_FILE).exists():
+        raise HalyardError(f"resume_from_checkpoint={setting}: not a complete checkpoint (no {STATE_FILE} in it)")
+    return path
+
+
+def read_state(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / STATE_FILE).read_text())
+
+
+# Keys that do not change the math of training: they may differ on resume.
+NON_MATH_KEYS = {
+    "exp_name", "cache_dir", "run_dir", "eval_datasets", "eval_every_steps", "log_every_steps", "save_every_steps",
+    "save_total_limit", "resume_from_checkpoint", "resume_allow_config_change", "on_nonfinite",
+    "model.eval_batch_size", "model.gradient_accumulation_steps", "model.gradient_checkpointing",
+    "model.attn_implementation", "model.name_or_path", "model.tokenizer_name_or_path",
+}  # fmt: skip
+NON_MATH_PREFIXES = ("wandb.", "tensorboard.")
+
+
+def config_differences(saved_yaml: str, current: dict[str, object]) -> list[str]:
+    """Differences, in keys that change the math, between a checkpoint's config and the current one."""
+    from train.utils import flatten
+
+    saved = flatten(OmegaConf.to_container(OmegaConf.create(saved_yaml)))
+    keys = sorted((set(saved) | set(current)) - NON_MATH_KEYS)
+    return [
+        f"{key}: {saved.get(key, '(unset)')} -> {current.get(key, '(unset)')}"
+        for key in keys
+        if not key.startswith(NON_MATH_PREFIXES) and str(saved.get(key)) != str(current.get(key))
+    ]
+
+
+def save_rng_state(directory: Path, rank: int) -> None:
+    state = {
+        "python": _to_json(random.getstate()),
+        "numpy": _to_json(np.random.get_state()),
+        "torch": torch.get_rng_state().tolist(),
+        "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+    }
+    (directory / f"rng-rank{rank}.json").write_text(json.dumps(state))
+
+
+def load_rng_state(directory: Path, rank: int) -> None:
+    state = json.loads((directory / f"rng-rank{rank}.json").read_text())
+    random.setstate(_python_rng(state["python"]))
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state[0], np.array(numpy_state[1], dtype=np.uint32), *numpy_state[2:]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _to_json(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, tuple | list):
+        return [_to_json(v) for v in value]
+    return value
+
+
+def _python_rng(value) -> tuple:
+    version, internal, gauss = value
+    return version, tuple(internal), gauss
+
+
+def save_optimizer(optimizer, directory: Path, rank: int) -> None:
+    """AdamW moments as safetensors (this process's shards when sharded), its hyperparameters as JSON."""
+    state = optimizer.state_dict()
+    tensors = {
+        f"{index}.{name}": _local(value).contiguous().cpu()
+        for index, param_state in state["state"].items()
+        for name, value in param_state.items()
+        if torch.is_tensor(value)
+    }
+    save_file(tensors, str(directory / f"optimizer-rank{rank}.safetensors"))
+    if rank == 0:
+        (directory / "optimizer.json").write_text(json.dumps({"param_groups": state["param_groups"]}))
+
+
+def load_optimizer(optimizer, directory: Path, rank: int, sharded: bool) -> None:
+    from torch.distributed.tensor import DTensor
+
+    source = directory / f"optimizer-rank{rank if sharded else 0}.safetensors"
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(str(source)).items():
+        index, name = key.split(".", 1)
+        param = params[int(index)]
+        if isinstance(param, DTensor) and tensor.dim() > 0:
+            tensor = DTensor.from_local(
+                tensor.to(param.device), param.device_mesh, param.placements, shape=param.shape, stride=param.stride()
+            )
+        state.setdefault(int(index), {})[name] = tensor
+    groups = json.loads((directory / "optimizer.json").read_text())["param_groups"]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_sharded_model(model: torch.nn.Module, directory: Path, rank: int) -> None:
+    tensors = {name: _local(value).contiguous().cpu() for name, value in model.state_dict().items()}
+    save_file(tensors, str(directory / f"model-rank{rank}.safetensors"))
+
+
+def load_sharded_model(model: torch.nn.Module, directory: Path, rank: int) -> None:
+    from torch.distributed.tensor import DTensor
+
+    loaded = load_file(str(directory / f"model-rank{rank}.safetensors"))
+    with torch.no_grad():
+        for name, value in model.state_dict().items():
+            target = value.to_local() if isinstance(value, DTensor) else value
+            target.copy_(loaded[name])
+
+
+def load_model_folder(model: torch.nn.Module, folder: Path, adapter: bool) -> None:
+    """Load weights written by save_pretrained (all safetensors files of the folder) into `model`."""
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    if adapter:
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, state)
+        if result.unexpected_keys:
+            raise HalyardError(
+                f"checkpoint {folder} has adapter weights this model lacks: {result.unexpected_keys[:5]}"
+            )
+        return
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = _tied_parameter_names(model)
+    if unexpected or set(missing) - tied:
+        raise HalyardError(
+            f"checkpoint {folder} does not match the model (missing {sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]})"
+        )
+
+
+def _tied_parameter_names(model: torch.nn.Module) -> set[str]:
+    """Names of parameters that share storage with another (save_pretrained writes only one of them)."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        pointer = tensor.data_ptr()
+        if pointer in seen:
+            tied |= {name, seen[pointer]}
+        seen[pointer] = name
+    return tied
+
+
+def _local(value: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return value.to_local() if isinstance(value, DTensor) else value
+
+
+def finish(partial: Path, final: Path, run_dir: Path, keep: int | None) -> None:
+    """Main process, after every process wrote into `partial`: publish it, move the pointer, prune old ones."""
+    if final.exists():
+        shutil.rmtree(final)
+    partial.rename(final)
+    pointer_tmp = run_dir / f"{LATEST}{PARTIAL}"
+    pointer_tmp.write_text(final.name + "\n")
+    os.replace(pointer_tmp, run_dir / LATEST)
+    if keep:
+        for old in complete_checkpoints(run_dir)[:-keep]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_partials(run_dir: Path) -> None:
+    """Leftovers of a save that was interrupted: never complete, never used."""
+    for partial in run_dir.glob(f"{PREFIX}*{PARTIAL}"):
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines after `step`, which a resumed run is about to write again."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
