@@ -77,6 +77,9 @@ def print_help() -> None:
 
 def run(cfg) -> None:
     """Build everything from the validated config, train (or resume), and save FINAL/."""
+    import time
+
+    started = time.perf_counter()
     from train.data import build_datasets
     from train.distributed import fsdp_settings_from_launcher
     from train.models import build_model, build_tokenizer
@@ -98,7 +101,8 @@ def run(cfg) -> None:
     trainer.train()
     trainer.save_final()
     if accelerator.is_main_process:
-        write_summary(cfg.run_dir, {**trainer.summary, "data": data_stats})
+        wall_seconds = time.perf_counter() - started
+        write_summary(cfg.run_dir, {**trainer.summary, "wall_seconds": wall_seconds, "data": data_stats})
 
 
 def find_checkpoint_to_resume(cfg):

@@ -1,7 +1,7 @@
 """Answer a prompt with a model folder through its chat template (greedy decoding).
 
-CHECKPOINT is a Hugging Face model folder (a base model, or a run's FINAL/) or a PEFT adapter folder
-(FINAL/adapter/), which is loaded on top of the base model it names.
+CHECKPOINT is a Hugging Face model folder (a base model, or a run's FINAL/), a step checkpoint (step-N/), or a PEFT
+adapter folder (FINAL/adapter/, or a LoRA run's step-N/), which is loaded on top of the base model it names.
 
 Usage: python scripts/generate.py CHECKPOINT --prompt "What is the capital of France?" [--max-new-tokens 64]
 """
@@ -12,16 +12,23 @@ import argparse
 from pathlib import Path
 
 
+def model_folder(checkpoint: Path) -> Path:
+    if (checkpoint / "trainer_state.json").exists():  # a step checkpoint: its model is in model/
+        if not (checkpoint / "model").is_dir():
+            raise SystemExit(f"{checkpoint} was written under FSDP and holds only shards; chat with the run's FINAL/")
+        return checkpoint / "model"
+    return checkpoint
+
+
 def load(checkpoint: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if (checkpoint / "adapter_config.json").exists():
-        from peft import AutoPeftModelForCausalLM
+    folder = model_folder(checkpoint)
+    if (folder / "adapter_config.json").exists():
+        from peft import AutoPeftModelForCausalLM  # loads the base model named in adapter_config.json
 
-        model = AutoPeftModelForCausalLM.from_pretrained(checkpoint)
-        tokenizer_dir = checkpoint if (checkpoint / "tokenizer_config.json").exists() else checkpoint.parent
-        return model, AutoTokenizer.from_pretrained(tokenizer_dir)
-    return AutoModelForCausalLM.from_pretrained(checkpoint), AutoTokenizer.from_pretrained(checkpoint)
+        return AutoPeftModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    return AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
 
 
 def answer(model, tokenizer, prompt: str, max_new_tokens: int) -> str:

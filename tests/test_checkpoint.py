@@ -264,3 +264,20 @@ def test_unwritable_run_directory_is_refused_before_training(tmp_path):
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "cannot write the run directory" in result.stderr and "set cache_dir to a writable folder" in result.stderr
+
+
+@pytest.mark.slow
+def test_resumed_run_continues_the_same_wandb_run(tiny_cache):
+    common = [
+        "max_steps=4",
+        "save_every_steps=100",
+        "resume_from_checkpoint=auto",
+        "wandb.enabled=true",
+        "wandb.mode=offline",
+    ]
+    assert run(tiny_cache, "wandb_resume", common, faults="sigterm@2").returncode == 75
+    run_id = checkpoint.read_state(tiny_cache / "wandb_resume" / "step-2")["wandb_run_id"]
+    assert run_id
+    assert run(tiny_cache, "wandb_resume", common).returncode == 0
+    runs = sorted((tiny_cache / "wandb_resume" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)

@@ -57,6 +57,17 @@ def test_full_fine_tune_lowers_the_loss(full_run):
     assert metrics[-1]["step"] == 45  # 123 examples // 8 = 15 steps per epoch, 3 epochs
 
 
+def test_summary_matches_the_metrics(full_run):
+    summary = json.loads((full_run / "summary.json").read_text())
+    last = read_metrics(full_run)[-1]
+    for key in ("step", "loss/train", "loss/eval", "examples", "tokens"):
+        assert summary[key] == last[key], key
+    assert summary["data"]["train"] == {"rows": 123, "examples": 123, "truncated": 0, "dropped_no_supervised_token": 0}
+    assert summary["final_dir"] == str((full_run / "FINAL").resolve())
+    assert summary["wall_seconds"] >= summary["train_seconds"] > 0
+    assert summary["tokens_per_second"] == pytest.approx(summary["tokens"] / summary["train_seconds"])
+
+
 def test_run_dir_holds_config_metrics_and_a_loadable_final(full_run):
     assert (full_run / "config.yaml").read_text() == (full_run / "FINAL" / "halyard_config.yaml").read_text()
     assert "exp_name: full" in (full_run / "config.yaml").read_text()
@@ -245,9 +256,10 @@ def test_trackers_bfloat16_and_gradient_checkpointing(tiny_cache):
     flags = [
         "tensorboard.enabled=true",
         "wandb.enabled=true",
+        "wandb.mode=offline",
         "model.gradient_checkpointing=true",
-        "model.dtype=bfloat16",
     ]
+    flags += ["model.dtype=bfloat16", "eval_samples=2", "eval_samples_max_new_tokens=8", "eval_every_steps=2"]
     result = run_cli(args + flags)
     assert result.returncode == 0, result.stderr[-3000:]
     run = tiny_cache / "trackers"
@@ -258,4 +270,11 @@ def test_trackers_bfloat16_and_gradient_checkpointing(tiny_cache):
     assert [s.step for s in scalars] == [m["step"] for m in logged] == [2, 4]
     assert [s.value for s in scalars] == pytest.approx([m["loss/train"] for m in logged], rel=1e-6)
     assert list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    tables = sorted((run / "wandb").glob("offline-run-*/files/media/table/samples_*.table.json"))
+    assert len(tables) == 3  # steps 0, 2 and 4
+    assert json.loads(tables[0].read_text())["columns"] == ["step", "prompt", "completion", "reference"]
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [0, 0, 2, 2, 4, 4]
+    assert samples[0]["prompt"].endswith("<|im_start|>assistant\n") and "France" in samples[0]["prompt"]
+    assert samples[0]["reference"] == "Arr, the capital of France be Paris, matey!"
     assert all(m["loss/train"] < 7 for m in logged)  # finite, near ln(vocab) at the start

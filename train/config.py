@@ -118,6 +118,7 @@ class WandbConfig:
     enabled: bool = setting(False, "Log to Weights & Biases (set WANDB_MODE=offline to log without an account).")
     project: str = setting("halyard", "Weights & Biases project name.")
     entity: str | None = setting(None, "Weights & Biases team or user; null uses your default entity.")
+    mode: str | None = setting(None, "online | offline | disabled; null follows WANDB_MODE (online if unset).")
 
 
 @dataclass
@@ -144,6 +145,10 @@ class Config:
         100, "Evaluate every this many optimizer steps (and before the first, and at the end)."
     )
     log_every_steps: int = setting(10, "Write a metrics line every this many optimizer steps (and at the last step).")
+    eval_samples: int = setting(
+        0, "At each evaluation, generate answers to this many held-out prompts (samples.jsonl)."
+    )
+    eval_samples_max_new_tokens: int = setting(64, "Longest generated answer for eval_samples, in tokens.")
     save_every_steps: int | None = setting(
         None, "Write a resumable checkpoint ${run_dir}/step-<N>/ every this many steps; null: none."
     )
@@ -177,6 +182,7 @@ def register_schema() -> None:
 
 DTYPES = ("float32", "bfloat16")
 NONFINITE_POLICIES = ("stop", "skip")
+WANDB_MODES = (None, "online", "offline", "disabled")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 DATA_EXTENSIONS = (".json", ".jsonl")
 
@@ -275,6 +281,12 @@ def check_values(cfg: Config, world_size: int) -> list[str]:
         problems.append(f"weight_decay={cfg.weight_decay}: must be >= 0")
     if not cfg.exp_name.strip():
         problems.append("exp_name is empty: name the run, e.g. exp_name=my-run")
+    if cfg.wandb.mode not in WANDB_MODES:
+        problems.append(f"wandb.mode={cfg.wandb.mode!r}: must be one of {list(WANDB_MODES)}")
+    if cfg.eval_samples < 0 or cfg.eval_samples_max_new_tokens <= 0:
+        problems.append(
+            f"eval_samples={cfg.eval_samples}, eval_samples_max_new_tokens={cfg.eval_samples_max_new_tokens}: must be >= 0 and > 0"
+        )
     if cfg.on_nonfinite not in NONFINITE_POLICIES:
         problems.append(f"on_nonfinite={cfg.on_nonfinite!r}: must be one of {list(NONFINITE_POLICIES)}")
     problems += cfg.loss.problems()

@@ -28,7 +28,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from train import checkpoint
 from train.config import Config
-from train.data import Example, collate
+from train.data import IGNORE_INDEX, Example, collate
 from train.distributed import (
     FsdpSettings,
     clip_gradients,
@@ -42,6 +42,7 @@ from train.distributed import (
 from train.errors import ConfigError, DataError, HalyardError
 from train.faults import fault_at
 from train.losses import LossSum, count_loss_units, masked_nll_sum
+from train.progress import Progress
 from train.utils import config_yaml
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,8 @@ class BasicTrainer:
         self.save_total_limit = cfg.save_total_limit
         self.on_nonfinite = cfg.on_nonfinite
         self.resume_allow_config_change = cfg.resume_allow_config_change
+        self.eval_samples = cfg.eval_samples
+        self.eval_samples_max_new_tokens = cfg.eval_samples_max_new_tokens
 
         self.steps_per_epoch = len(train_examples) // self.batch_size
         if self.steps_per_epoch == 0:
@@ -159,24 +162,29 @@ class BasicTrainer:
             parallelism="fsdp2" if sharded else ("ddp" if world > 1 else "single"),
             local_parameter_fraction=local_parameter_fraction(self.model),
         )
+        self.progress = Progress(self.total_steps, self.step, self.accelerator.is_main_process)
         if self.step == 0:
             if self.accelerator.is_main_process:
                 self.metrics_path.write_text("")
+                (self.run_dir / "samples.jsonl").unlink(missing_ok=True)
             if self.eval_examples:
-                self.log({"step": 0, **self.evaluate()})
+                self.log({"step": 0, **self.run_evaluation()})
         self.model.train()
-        with self.stop_request.installed():
+        with self.stop_request.installed(), contextlib.closing(self.progress):
             for epoch, micro_batches in self.step_batches(start_step=self.step):
                 self.step += 1
                 stop = self.train_and_log_step(epoch, micro_batches)
-                if stop or (
-                    self.save_every_steps and self.step % self.save_every_steps == 0 and self.step < self.total_steps
-                ):
+                if stop or self.checkpoint_due():
                     self.save_checkpoint()
                 if stop:
                     raise TrainingStopped(self.stop_request.signal_name or "a signal", self.step)
         self.summary["tokens_per_second"] = self.throughput.tokens / max(self.throughput.seconds, 1e-9)
         self.summary["skipped_nonfinite_steps"] = self.skipped_steps
+
+    def checkpoint_due(self) -> bool:
+        # The last step needs none: FINAL/ follows it.
+        every = self.save_every_steps
+        return bool(every) and self.step % every == 0 and self.step < self.total_steps
 
     def train_and_log_step(self, epoch: int, micro_batches: list[list[Example]]) -> bool:
         """Run one optimizer step, then log and evaluate when due. Returns whether any process was asked to stop."""
@@ -190,9 +198,10 @@ class BasicTrainer:
             epoch_progress = epoch + (self.step - epoch * self.steps_per_epoch) / self.steps_per_epoch
             row.update(metrics, epoch=epoch_progress, lr=self.scheduler.get_last_lr()[0], **self.throughput.report())
         if self.eval_examples and (self.step % self.eval_every_steps == 0 or is_last):
-            row.update(self.evaluate())
+            row.update(self.run_evaluation())
         if len(row) > 1:
             self.log(row)
+        self.progress.advance(self.step, row)
         return stop
 
     def step_batches(self, start_step: int = 0) -> Iterator[tuple[int, list[list[Example]]]]:
@@ -264,6 +273,55 @@ class BasicTrainer:
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {key: value.to(self.accelerator.device) for key, value in batch.items()}
 
+    def run_evaluation(self) -> dict[str, float]:
+        """The evaluation metrics, and generated samples when eval_samples > 0."""
+        metrics = self.evaluate()
+        if self.eval_samples:
+            self.write_samples()
+        return metrics
+
+    @torch.no_grad()
+    def write_samples(self) -> None:
+        """Greedy answers to the first eval_samples held-out prompts: samples.jsonl, and a wandb table if enabled.
+
+        A sharded model must run on every process in step (synced_gpus); otherwise only the main process generates.
+        """
+        model = self.accelerator.unwrap_model(self.model)
+        sharded = is_sharded(model)
+        if not (sharded or self.accelerator.is_main_process):
+            return
+        model.eval()
+        rows = []
+        for example in self.eval_examples[: self.eval_samples]:
+            prompt_length = next(i for i, label in enumerate(example.labels) if label != IGNORE_INDEX)
+            prompt = torch.tensor([example.input_ids[:prompt_length]], device=self.accelerator.device)
+            output = model.generate(
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=self.eval_samples_max_new_tokens,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=self.pad_token_id,
+                synced_gpus=sharded,
+            )
+            reference = [t for t, label in zip(example.input_ids, example.labels, strict=True) if label != IGNORE_INDEX]
+            rows.append(
+                {
+                    "step": self.step,
+                    "prompt": self.tokenizer.decode(prompt[0]),
+                    "completion": self.tokenizer.decode(output[0, prompt_length:], skip_special_tokens=True),
+                    "reference": self.tokenizer.decode(reference, skip_special_tokens=True),
+                }
+            )
+        self.model.train()
+        if self.accelerator.is_main_process:
+            with (self.run_dir / "samples.jsonl").open("a") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+            if any(t.name == "wandb" for t in self.accelerator.trackers):
+                columns = ["step", "prompt", "completion", "reference"]
+                table = [[row[c] for c in columns] for row in rows]
+                self.accelerator.get_tracker("wandb").log_table("samples", columns=columns, data=table, step=self.step)
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Loss over every evaluation example, exact over processes.
@@ -295,7 +353,7 @@ class BasicTrainer:
             f.write(json.dumps(metrics) + "\n")
         self.accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
         self.summary.update({k: v for k, v in metrics.items() if k not in ("lr", "grad_norm", "epoch")})
-        logger.info("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+        self.progress.show(metrics)
 
     def save_checkpoint(self) -> None:
         """Write ${run_dir}/step-<N>/ atomically (see train/checkpoint.py); every process takes part."""
@@ -337,6 +395,7 @@ class BasicTrainer:
             checkpoint.save_sharded_model(model, directory, rank)
         elif main:
             model.save_pretrained(directory / "model", safe_serialization=True)  # with LoRA: the adapter only
+            self.tokenizer.save_pretrained(directory / "model")  # so scripts/generate.py can chat with it
         if sharded or main:
             checkpoint.save_optimizer(self.optimizer, directory, rank)
         checkpoint.save_rng_state(directory, rank)
@@ -390,7 +449,8 @@ class BasicTrainer:
         vars(self.throughput).update(state["throughput"])
         self.summary.update(state["summary"])
         if self.accelerator.is_main_process:
-            checkpoint.truncate_metrics(self.metrics_path, self.step)
+            for logged in (self.metrics_path, self.run_dir / "samples.jsonl"):
+                checkpoint.truncate_metrics(logged, self.step)
         logger.info(f"resumed from {directory} at step {self.step}")
 
     def save_final(self) -> None:
@@ -408,6 +468,7 @@ class BasicTrainer:
             shutil.rmtree(partial, ignore_errors=True)
             if self.use_peft:
                 model.save_pretrained(partial / "adapter")
+                self.tokenizer.save_pretrained(partial / "adapter")
                 model = model.merge_and_unload()
             model.config.use_cache = True  # for whoever generates with it
             model.save_pretrained(partial, safe_serialization=True)

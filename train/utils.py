@@ -74,7 +74,19 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 
 
 def write_summary(run_dir: str, summary: dict) -> None:
-    """summary.json in the run directory: totals, final losses, data statistics and where FINAL/ is."""
+    """summary.json in the run directory (totals, final losses, data statistics, where FINAL/ is), and a readable
+    version of it in the log."""
     path = Path(run_dir) / "summary.json"
     path.write_text(json.dumps(summary, indent=2) + "\n")
-    logger.info(f"summary: {path.resolve()}")
+    rows = {split: stats for split, stats in summary.get("data", {}).items()}
+    data = "; ".join(
+        f"{split}: {s['examples']} of {s['rows']} rows used, {s['truncated']} truncated, {s['dropped_no_supervised_token']} dropped"
+        for split, s in rows.items()
+    )
+    losses = ", ".join(f"{k} {summary[k]:.4f}" for k in ("loss/train", "loss/eval") if k in summary)
+    logger.info(
+        f"run summary: {summary.get('step')} steps, {summary.get('examples')} examples, {summary.get('tokens')} tokens "
+        f"in {summary.get('wall_seconds', 0):.0f} s ({summary.get('tokens_per_second', 0):.0f} tokens/s while training); "
+        f"{losses}; {data}; skipped steps {summary.get('skipped_nonfinite_steps', 0)}; FINAL: {summary.get('final_dir')}; "
+        f"details: {path.resolve()}"
+    )
