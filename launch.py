@@ -92,7 +92,8 @@ def run(cfg) -> None:
     accelerator = build_accelerator(cfg, wandb_run_id=wandb_run_id)
     prepare_run_dir(cfg, accelerator)
     tokenizer = build_tokenizer(cfg.model)
-    train_data, eval_data, data_stats = build_datasets(cfg, tokenizer)
+    kind = trainer_class.data_kind
+    train_data, eval_data, data_stats = build_datasets(cfg, tokenizer, kind, accelerator.main_process_first)
     fsdp = fsdp_settings_from_launcher()
     model = build_model(cfg.model, cfg.seed, sharded=fsdp is not None)
     trainer = trainer_class(cfg, accelerator, model, tokenizer, train_data, eval_data, fsdp=fsdp)
@@ -148,7 +149,19 @@ def main(argv: list[str] | None = None) -> int:
         if is_main_process():
             print(f"halyard: {error}", file=sys.stderr)
         return getattr(error, "exit_code", EXIT_USER_ERROR)
+    finally:
+        shut_down_processes()
     return 0
+
+
+def shut_down_processes() -> None:
+    """Tear down the process group before exit; left to the interpreter's shutdown, gloo's threads can abort."""
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

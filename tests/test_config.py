@@ -70,7 +70,7 @@ def test_every_problem_is_reported_at_once_with_fixes():
     assert "model.dtype='fp16': must be one of ['float32', 'bfloat16']" in text
     assert "warmup_ratio=1.5: must be in [0, 1)" in text
     assert "model.max_grad_norm=-1.0: must be > 0" in text
-    assert "file 'missing.jsonl' does not exist" in text
+    assert "'missing.jsonl' is neither a file, a saved dataset folder, nor a named dataset" in text
     assert "'README.md' has an unsupported extension" in text
 
 
@@ -145,3 +145,15 @@ def test_help_lists_keys_and_exits_0():
     result = run_cli(["--help"])
     assert result.returncode == 0
     assert "model.gradient_accumulation_steps" in result.stdout and "eval_every_steps" in result.stdout
+
+
+def test_data_settings_are_checked_together():
+    problems = problems_of([
+        "model=tiny", f"datasets=[{DEMO_TRAIN}]", "data.format=yaml", "data.train_on=user", "data.truncation=cut",
+        "data.on_bad_row=ignore", "data.dataset_samples=[1,2]", "data.eval_split_ratio=1", "data.num_proc=0",
+    ])  # fmt: skip
+    text = "\n".join(problems)
+    assert len(problems) == 7, text
+    assert "data.format='yaml': must be one of ['auto', 'instruction'" in text
+    assert "data.dataset_samples has 2 entries for 1 datasets; give one per dataset" in text
+    assert "data.num_proc=0: must be > 0" in text

@@ -5,9 +5,11 @@ import json
 import pytest
 import torch
 
+from conftest import DEMO_EVAL, DEMO_TRAIN, REPO
 from train.config import DataConfig
-from train.data import IGNORE_INDEX, Example, collate, load_examples, row_to_messages, tokenize_conversation
+from train.data import IGNORE_INDEX, Example, collate, load_examples, tokenize_conversation
 from train.errors import DataError
+from train.formats import parse_row
 
 KEYS = DataConfig()
 CONVERSATION = [
@@ -84,7 +86,7 @@ def test_template_without_end_token_gets_a_supervised_eos(tiny_tokenizers):
 
 def test_instruction_row_with_input_and_system():
     row = {"system": "Be a pirate.", "instruction": "Translate", "input": "hello", "output": "ahoy"}
-    assert row_to_messages(row, "r", KEYS) == [
+    assert parse_row(row, "r", KEYS).messages == [
         {"role": "system", "content": "Be a pirate."},
         {"role": "user", "content": "Translate\n\nhello"},
         {"role": "assistant", "content": "ahoy"},
@@ -93,7 +95,7 @@ def test_instruction_row_with_input_and_system():
 
 def test_custom_field_names():
     keys = DataConfig(prompt_key="question", response_key="answer")
-    messages = row_to_messages({"question": "q", "answer": "a"}, "r", keys)
+    messages = parse_row({"question": "q", "answer": "a"}, "r", keys).messages
     assert messages == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
 
 
@@ -124,17 +126,39 @@ def write(tmp_path, name: str, text: str) -> str:
     return str(path)
 
 
-def test_truncation_and_drops_are_counted(tmp_path, tiny_tokenizers):
-    rows = [
-        {"instruction": "short", "output": "ok"},
-        {"instruction": "word " * 200, "output": "lost"},
-        {"instruction": "q", "output": "answer " * 100},
-    ]
-    path = write(tmp_path, "d.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    examples, stats = load_examples([path], tiny_tokenizers["chatml"], KEYS, max_length=64)
-    assert (stats.rows, stats.examples, stats.truncated, stats.dropped_no_supervised_token) == (3, 2, 2, 1)
+LONG_ROWS = [
+    {"instruction": "short", "output": "ok"},
+    {"instruction": "word " * 200, "output": "kept"},
+    {"instruction": "q", "output": "answer " * 100},
+]
+
+
+def test_truncation_cuts_the_prompt_from_the_left_first(tmp_path, tiny_tokenizers):
+    tokenizer = tiny_tokenizers["chatml"]
+    path = write(tmp_path, "d.jsonl", "".join(json.dumps(r) + "\n" for r in LONG_ROWS))
+    examples, stats = load_examples([path], tokenizer, KEYS, max_length=64)
+    assert (stats.rows, stats.examples, stats.truncated, stats.dropped_too_long) == (3, 3, 2, 0)
     assert all(len(e.input_ids) <= 64 for e in examples)
-    assert "1 dropped" in stats.describe("train", 64)
+    full = tokenize_conversation(parse_row(LONG_ROWS[1], "r", KEYS).messages, tokenizer, "r")
+    assert examples[1].input_ids == full.input_ids[-64:]  # the end of the prompt and the whole response
+    assert examples[1].labels == full.labels[-64:]
+    long_answer = tokenize_conversation(parse_row(LONG_ROWS[2], "r", KEYS).messages, tokenizer, "r")
+    prompt_length = next(i for i, label in enumerate(long_answer.labels) if label != IGNORE_INDEX)
+    assert examples[2].input_ids == long_answer.input_ids[prompt_length : prompt_length + 64]  # no prompt left
+    assert supervised_text(tokenizer, examples[2]).startswith("answer answer")
+
+
+def test_max_prompt_length_and_drop_and_error_policies(tmp_path, tiny_tokenizers):
+    tokenizer = tiny_tokenizers["chatml"]
+    path = write(tmp_path, "d.jsonl", "".join(json.dumps(r) + "\n" for r in LONG_ROWS))
+    examples, stats = load_examples([path], tokenizer, DataConfig(max_prompt_length=10), max_length=1000)
+    prompt_lengths = [e.labels.index(next(label for label in e.labels if label != IGNORE_INDEX)) for e in examples]
+    assert max(prompt_lengths) == 10 and stats.truncated == 2  # the short row's prompt is 11 tokens
+    examples, stats = load_examples([path], tokenizer, DataConfig(truncation="drop"), max_length=64)
+    assert (stats.examples, stats.dropped_too_long) == (1, 2)
+    assert "2 dropped as longer than model.max_length" in stats.describe("train", 64)
+    with pytest.raises(DataError, match=r"d.jsonl line 2: \d+ tokens, over model.max_length=64"):
+        load_examples([path], tokenizer, DataConfig(truncation="error"), max_length=64)
 
 
 def test_json_list_files_are_read(tmp_path, tiny_tokenizers):
@@ -200,3 +224,63 @@ def test_template_that_rewrites_earlier_turns_is_refused(tiny_tokenizers):
             tokenize_conversation(CONVERSATION, tokenizer, "row 0")
     finally:
         tokenizer.chat_template = original
+
+
+def demo_config(tmp_path, *overrides):
+    import launch
+
+    return launch.compose_config(["model=tiny", f"cache_dir={tmp_path}", f"datasets=[{DEMO_TRAIN}]", *overrides])
+
+
+def test_preprocessing_is_cached_and_reused(tmp_path, tiny_tokenizers, caplog):
+    from train.data import build_datasets
+
+    tokenizer = tiny_tokenizers["chatml"]
+    cfg = demo_config(tmp_path)
+    with caplog.at_level("INFO", logger="train.data"):
+        first, _, stats = build_datasets(cfg, tokenizer)
+        assert "cached preprocessed data in" in caplog.text
+        caplog.clear()
+        again, _, stats_again = build_datasets(cfg, tokenizer)
+        assert "reusing preprocessed data cached in" in caplog.text
+    assert [e.input_ids for e in again] == [e.input_ids for e in first] and stats == stats_again
+    # A setting that changes tokenization gets its own cache entry.
+    caplog.clear()
+    with caplog.at_level("INFO", logger="train.data"):
+        build_datasets(demo_config(tmp_path, "data.train_on=all"), tokenizer)
+    assert "reusing" not in caplog.text
+    assert len(list((tmp_path / "preprocessed").iterdir())) == 2
+
+
+def test_mixing_eval_split_and_cap(tmp_path, tiny_tokenizers):
+    from train.data import build_datasets
+
+    tokenizer = tiny_tokenizers["chatml"]
+    cfg = demo_config(tmp_path, f"datasets=[{DEMO_TRAIN},{DEMO_EVAL}]", "data.dataset_samples=[0.5,56]")
+    train, evaluation, _ = build_datasets(cfg, tokenizer)
+    assert len(train) == round(0.5 * 123) + 56 and evaluation == []  # 56 = the 28 eval rows twice
+    cfg = demo_config(tmp_path, "data.eval_split_ratio=0.2", "data.n_examples=50")
+    train, evaluation, _ = build_datasets(cfg, tokenizer)
+    assert (len(train), len(evaluation)) == (50, 25)
+    held_out = {tuple(e.input_ids) for e in evaluation}
+    assert not any(tuple(e.input_ids) in held_out for e in train)
+
+
+def test_preview_script_marks_spans_and_dumps_rows(tmp_path, tiny_cache):
+    import subprocess
+    import sys
+
+    dump = tmp_path / "rows.jsonl"
+    command = [
+        sys.executable,
+        "scripts/preview_data.py",
+        "model=tiny",
+        f"cache_dir={tiny_cache}",
+        f"datasets=[{DEMO_TRAIN}]",
+    ]
+    result = subprocess.run([*command, "--n", "2", "--dump", str(dump)], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "[[Arr, the sky be blue, matey!<|im_end|>]]" in result.stdout
+    assert "length histogram" in result.stdout and "data: 123 examples from 123 rows" in result.stdout
+    rows = [json.loads(line) for line in dump.read_text().splitlines()]
+    assert len(rows) == 2 and len(rows[0]["input_ids"]) == len(rows[0]["labels"])

@@ -62,7 +62,14 @@ def test_summary_matches_the_metrics(full_run):
     last = read_metrics(full_run)[-1]
     for key in ("step", "loss/train", "loss/eval", "examples", "tokens"):
         assert summary[key] == last[key], key
-    assert summary["data"]["train"] == {"rows": 123, "examples": 123, "truncated": 0, "dropped_no_supervised_token": 0}
+    assert summary["data"]["train"] == {
+        "rows": 123,
+        "examples": 123,
+        "truncated": 0,
+        "dropped_no_supervised_token": 0,
+        "dropped_too_long": 0,
+        "skipped_bad_rows": 0,
+    }
     assert summary["final_dir"] == str((full_run / "FINAL").resolve())
     assert summary["wall_seconds"] >= summary["train_seconds"] > 0
     assert summary["tokens_per_second"] == pytest.approx(summary["tokens"] / summary["train_seconds"])

@@ -15,7 +15,6 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -78,6 +77,34 @@ class DataConfig:
     response_key: str = setting("output", "Instruction-style rows: field holding the response to train on.")
     system_key: str = setting("system", "Instruction-style rows: optional field holding a system prompt.")
     messages_key: str = setting("messages", "Chat rows: field holding the list of {role, content} messages.")
+    format: str = setting(
+        "auto",
+        "Row format: auto (detected from each row's columns) | instruction | messages | sharegpt | prompt_completion "
+        "| text | preference | unpaired (see train/formats.py).",
+    )
+    train_on: str = setting(
+        "assistant", "Supervised tokens: assistant (every assistant turn) | last_assistant | all (every token)."
+    )
+    max_prompt_length: int | None = setting(
+        None, "Cut prompts longer than this many tokens (from the left); null: no limit."
+    )
+    truncation: str = setting(
+        "truncate",
+        "Examples longer than model.max_length: truncate (cut the prompt from the left first, then the response's "
+        "end) | drop (skip, counted) | error.",
+    )
+    on_bad_row: str = setting(
+        "error", "A malformed row: error (stop, naming file, row and field) | skip (counted, reported)."
+    )
+    num_proc: int = setting(1, "Processes tokenizing in parallel (datasets.map num_proc).")
+    cache_preprocessing: bool = setting(
+        True, "Reuse tokenized data cached under ${cache_dir}/preprocessed/ when inputs match."
+    )
+    dataset_samples: list[float] = setting(
+        [], "Per training dataset, in order: a count (>= 1, repeats data if larger) or a fraction (< 1); empty: all."
+    )
+    eval_split_ratio: float = setting(0.0, "Without eval_datasets, hold out this fraction of the training examples.")
+    n_examples: int | None = setting(None, "Cap on training examples after mixing (a seeded random subset); null: all.")
 
 
 @dataclass
@@ -132,7 +159,7 @@ class Config:
     seed: int = setting(0, "Seed for data order, initialization and dropout.")
     cache_dir: str = setting("runs", "Folder that holds run directories.")
     run_dir: str = setting("${cache_dir}/${exp_name}", "Where this run writes config.yaml, metrics.jsonl and FINAL/.")
-    datasets: list[str] = setting([], "Training data: .json or .jsonl files (instruction-style or chat rows).")
+    datasets: list[str] = setting([], "Training data: .json/.jsonl/.parquet/.csv files, save_to_disk folders or names.")
     eval_datasets: list[str] = setting([], "Held-out data evaluated every eval_every_steps; empty disables evaluation.")
     n_epochs: int = setting(1, "Passes over the training data.")
     max_steps: int | None = setting(
@@ -184,7 +211,9 @@ DTYPES = ("float32", "bfloat16")
 NONFINITE_POLICIES = ("stop", "skip")
 WANDB_MODES = (None, "online", "offline", "disabled")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
-DATA_EXTENSIONS = (".json", ".jsonl")
+TRAIN_ON = ("assistant", "last_assistant", "all")
+TRUNCATIONS = ("truncate", "drop", "error")
+BAD_ROW_POLICIES = ("error", "skip")
 
 
 def validate(raw: DictConfig, world_size: int | None = None) -> Config:
@@ -316,15 +345,37 @@ def _check_positive(cfg: Config) -> list[str]:
 
 
 def _check_data_files(cfg: Config) -> list[str]:
+    from train.formats import FORMATS, source_problem
+
     problems = []
     if not cfg.datasets:
         problems.append("datasets is empty: give the training files, e.g. datasets=[data/train.jsonl]")
-    for key, paths in (("datasets", cfg.datasets), ("eval_datasets", cfg.eval_datasets)):
-        for path in paths:
-            if not Path(path).is_file():
-                problems.append(f"{key}: file '{path}' does not exist (paths are relative to {Path.cwd()})")
-            elif Path(path).suffix not in DATA_EXTENSIONS:
-                problems.append(f"{key}: '{path}' has an unsupported extension; use one of {list(DATA_EXTENSIONS)}")
+    for key, sources in (("datasets", cfg.datasets), ("eval_datasets", cfg.eval_datasets)):
+        problems += [f"{key}: {problem}" for problem in map(source_problem, sources) if problem]
+    data = cfg.data
+    for key, value, allowed in (
+        ("data.format", data.format, FORMATS),
+        ("data.train_on", data.train_on, TRAIN_ON),
+        ("data.truncation", data.truncation, TRUNCATIONS),
+        ("data.on_bad_row", data.on_bad_row, BAD_ROW_POLICIES),
+    ):
+        if value not in allowed:
+            problems.append(f"{key}={value!r}: must be one of {list(allowed)}")
+    if data.dataset_samples and len(data.dataset_samples) != len(cfg.datasets):
+        problems.append(
+            f"data.dataset_samples has {len(data.dataset_samples)} entries for {len(cfg.datasets)} datasets; give one per dataset"
+        )
+    if any(n <= 0 for n in data.dataset_samples):
+        problems.append(f"data.dataset_samples={data.dataset_samples}: every entry must be > 0")
+    if not 0 <= data.eval_split_ratio < 1:
+        problems.append(f"data.eval_split_ratio={data.eval_split_ratio}: must be in [0, 1)")
+    for key, value in (
+        ("data.num_proc", data.num_proc),
+        ("data.n_examples", data.n_examples),
+        ("data.max_prompt_length", data.max_prompt_length),
+    ):
+        if value is not None and value <= 0:
+            problems.append(f"{key}={value}: must be > 0")
     return problems
 
 

@@ -1,20 +1,24 @@
-"""Reading data files, rendering them with the tokenizer's chat template, and masking labels.
+"""Turning rows into training examples: render with the chat template, mask labels, truncate, cache.
 
-Rows are instruction style (`instruction`, optional `input`, `output`, optional `system`; the names are set by
-`data.*_key`) or chat style (`messages`: a list of {role, content}). Both become a conversation that the chat
-template renders; every assistant turn and its end-of-turn token is supervised, every other token gets label -100.
+Rows are read and parsed by `train/formats.py`. Each record is rendered with the tokenizer's chat template; the
+assistant turns chosen by `data.train_on`, each with its end-of-turn token, are supervised, every other token gets
+label -100. Assistant spans are located on the rendered text by rendering each conversation prefix, then verified:
+the supervised tokens must decode to text containing the assistant's content. A template that cannot be split this
+way is refused rather than trained on with a wrong mask.
 
-Assistant spans are located on the rendered text, by rendering each conversation prefix, and then verified: the
-supervised tokens must decode to text that contains the assistant's content. A template that cannot be split
-this way is refused with an error rather than trained on with a wrong mask.
+Tokenization runs through `datasets.map(batched=True, num_proc=data.num_proc)` and is cached on disk under
+`${cache_dir}/preprocessed/<key>/`, the key hashing the data files, the tokenizer and template, and every setting
+that changes the result. With several processes, the main one prepares and the others load.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import logging
-from collections.abc import Iterator
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,11 +26,12 @@ import torch
 
 from train.config import Config, DataConfig
 from train.errors import DataError
+from train.formats import KIND_COLUMNS, KINDS, Conversation, Pair, Text, Unpaired, parse_row, read_source
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-ROLES = ("system", "user", "assistant")
+PIPELINE_VERSION = 3  # bump when tokenization changes, to invalidate caches
 
 
 @dataclass
@@ -42,141 +47,47 @@ class Example:
 
 
 @dataclass
+class PairExample:
+    """A preference pair: the same prompt with the chosen and with the rejected response."""
+
+    chosen: Example
+    rejected: Example
+
+
+@dataclass
+class UnpairedExample:
+    example: Example
+    desirable: bool
+
+
+@dataclass
 class DatasetStats:
-    """What preprocessing did to the rows of one split, reported at the end of preprocessing."""
+    """What preprocessing did to the rows of one split, reported at the end of preprocessing and in summary.json."""
 
     rows: int = 0
     examples: int = 0
     truncated: int = 0
     dropped_no_supervised_token: int = 0
+    dropped_too_long: int = 0
+    skipped_bad_rows: int = 0
 
     def describe(self, split: str, max_length: int) -> str:
         text = f"{split}: {self.examples} examples from {self.rows} rows"
         if self.truncated:
-            text += f"; {self.truncated} truncated to model.max_length={max_length}"
+            text += f"; {self.truncated} truncated to fit model.max_length={max_length}"
         if self.dropped_no_supervised_token:
             text += (
                 f"; {self.dropped_no_supervised_token} dropped because truncation left no response token "
                 f"(raise model.max_length or shorten the prompts)"
             )
+        if self.dropped_too_long:
+            text += f"; {self.dropped_too_long} dropped as longer than model.max_length (data.truncation=drop)"
+        if self.skipped_bad_rows:
+            text += f"; {self.skipped_bad_rows} malformed rows skipped (data.on_bad_row=skip)"
         return text
 
 
-def read_rows(path: str) -> Iterator[tuple[str, dict]]:
-    """Yield (where, row) for each row of a .json (a list of objects) or .jsonl file; `where` names file and line."""
-    text = Path(path).read_text(encoding="utf-8")
-    if path.endswith(".jsonl"):
-        for line_number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            where = f"{path} line {line_number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
-            yield where, _require_object(row, where)
-        return
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})") from None
-    if not isinstance(rows, list):
-        raise DataError(f"{path}: a .json file must hold a list of rows; found {type(rows).__name__}")
-    for index, row in enumerate(rows):
-        where = f"{path} row {index}"
-        yield where, _require_object(row, where)
-
-
-def _require_object(row: object, where: str) -> dict:
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: each row must be a JSON object; found {type(row).__name__}")
-    return row
-
-
-def row_to_messages(row: dict, where: str, keys: DataConfig) -> list[dict[str, str]]:
-    """Turn a chat row or an instruction-style row into a list of {role, content} messages, checking every field."""
-    if keys.messages_key in row:
-        return _check_messages(row[keys.messages_key], where, keys.messages_key)
-    found = ", ".join(sorted(row)) or "none"
-    for key, config_key in ((keys.prompt_key, "data.prompt_key"), (keys.response_key, "data.response_key")):
-        if key not in row:
-            raise DataError(
-                f"{where}: field '{key}' is missing (found keys: {found}); set {config_key} to the name your file "
-                f"uses, or give chat rows with a '{keys.messages_key}' field"
-            )
-    messages = []
-    system = _optional_string(row, keys.system_key, where)
-    if system:
-        messages.append({"role": "system", "content": system})
-    user = _required_string(row, keys.prompt_key, where)
-    query = _optional_string(row, keys.query_key, where)
-    messages.append({"role": "user", "content": f"{user}\n\n{query}" if query else user})
-    messages.append({"role": "assistant", "content": _required_string(row, keys.response_key, where)})
-    return messages
-
-
-def _required_string(row: dict, key: str, where: str) -> str:
-    value = row[key]
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field '{key}' must be a string; found {type(value).__name__}")
-    if not value.strip():
-        raise DataError(f"{where}: field '{key}' is empty; every example needs text to train on")
-    return value
-
-
-def _optional_string(row: dict, key: str, where: str) -> str:
-    value = row.get(key)
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field '{key}' must be a string; found {type(value).__name__}")
-    return value.strip()
-
-
-def _check_messages(messages: object, where: str, key: str) -> list[dict[str, str]]:
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: field '{key}' must be a non-empty list of {{role, content}} objects")
-    for index, message in enumerate(messages):
-        field_name = f"{key}[{index}]"
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise DataError(f"{where}: {field_name} must be an object with 'role' and 'content'")
-        if message["role"] not in ROLES:
-            raise DataError(f"{where}: {field_name}.role={message['role']!r} is unknown; use one of {list(ROLES)}")
-        if not isinstance(message["content"], str):
-            raise DataError(f"{where}: {field_name}.content must be a string")
-        if message["role"] == "assistant" and not message["content"].strip():
-            raise DataError(f"{where}: {field_name} is an empty assistant turn; remove it or give it content")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{where}: field '{key}' has no assistant turn, so there is nothing to train on")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
-
-
-def tokenize_conversation(messages: list[dict[str, str]], tokenizer, where: str) -> Example:
-    """Render with the chat template and supervise each assistant turn through its end-of-turn token.
-
-    Turns after the last assistant turn carry no supervision and are dropped.
-    """
-    last_assistant = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    messages = messages[: last_assistant + 1]
-    text = _render(tokenizer, messages, add_generation_prompt=False, where=where)
-    spans = [
-        _assistant_span(tokenizer, messages, i, text, where) for i, m in enumerate(messages) if m["role"] == "assistant"
-    ]
-
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids = list(encoded["input_ids"])
-    labels = [IGNORE_INDEX] * len(input_ids)
-    for token_index, (start, _end) in enumerate(encoded["offset_mapping"]):
-        if any(span_start <= start < span_end for span_start, span_end in spans):
-            labels[token_index] = input_ids[token_index]
-
-    last = max(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
-    if input_ids[last] not in special_token_ids(tokenizer):
-        # The template ends the last turn without an end-of-turn token: append EOS so the model learns to stop.
-        input_ids = input_ids[: last + 1] + [tokenizer.eos_token_id]
-        labels = labels[: last + 1] + [tokenizer.eos_token_id]
-    _verify_supervised_text(tokenizer, input_ids, labels, messages, where)
-    return Example(input_ids=input_ids, labels=labels)
+# ---- rendering and masking ----
 
 
 def special_token_ids(tokenizer) -> set[int]:
@@ -185,7 +96,64 @@ def special_token_ids(tokenizer) -> set[int]:
     return set(tokenizer.all_special_ids) | added
 
 
+def tokenize_conversation(
+    messages: list[dict[str, str]], tokenizer, where: str, train_on: str = "assistant"
+) -> Example:
+    """Render with the chat template and supervise assistant turns through their end-of-turn token.
+
+    train_on: "assistant" (every assistant turn), "last_assistant", "all" (every token), or "after:<n>" (assistant
+    turns from message n on: the response of a preference pair). Turns after the last assistant turn are dropped.
+    """
+    last_assistant = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    messages = messages[: last_assistant + 1]
+    text = _render(tokenizer, messages, add_generation_prompt=False, where=where)
+    turns = _supervised_turns(messages, train_on)
+    spans = [_assistant_span(tokenizer, messages, i, text, where) for i in turns]
+
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = list(encoded["input_ids"])
+    if train_on == "all":
+        labels = list(input_ids)
+    else:
+        labels = [IGNORE_INDEX] * len(input_ids)
+        for token_index, (start, _end) in enumerate(encoded["offset_mapping"]):
+            if any(span_start <= start < span_end for span_start, span_end in spans):
+                labels[token_index] = input_ids[token_index]
+
+    last = max(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    if input_ids[last] not in special_token_ids(tokenizer):
+        # The template ends the last turn without an end-of-turn token: append EOS so the model learns to stop.
+        input_ids = input_ids[: last + 1] + [tokenizer.eos_token_id]
+        labels = labels[: last + 1] + [tokenizer.eos_token_id]
+    _verify_supervised_text(tokenizer, input_ids, labels, [messages[i] for i in turns], where)
+    return Example(input_ids=input_ids, labels=labels)
+
+
+def _supervised_turns(messages: list[dict[str, str]], train_on: str) -> list[int]:
+    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if train_on == "last_assistant":
+        return assistant[-1:]
+    if train_on.startswith("after:"):
+        first = int(train_on.split(":")[1])
+        return [i for i in assistant if i >= first]
+    return assistant
+
+
+def tokenize_text(text: str, tokenizer, max_length: int) -> list[Example]:
+    """Plain text for continued pretraining: BOS + text + EOS, every token supervised, cut into max_length chunks."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id, *ids]
+    ids.append(tokenizer.eos_token_id)
+    return [Example(ids[i : i + max_length], ids[i : i + max_length]) for i in range(0, len(ids), max_length)]
+
+
 def _render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool, where: str) -> str:
+    if tokenizer.chat_template is None:
+        raise DataError(
+            f"{where}: the tokenizer has no chat template, so conversations cannot be rendered; set "
+            f"model.tokenizer_name_or_path to a tokenizer that has one (plain `text` rows need none)"
+        )
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except Exception as error:  # jinja raises template-defined errors, e.g. "roles must alternate"
@@ -210,13 +178,11 @@ def _assistant_span(tokenizer, messages: list[dict[str, str]], index: int, text:
     return start, end
 
 
-def _verify_supervised_text(tokenizer, input_ids: list[int], labels: list[int], messages, where: str) -> None:
-    """The supervised tokens, decoded, must contain every assistant content in order: the mask is checked, not assumed."""
+def _verify_supervised_text(tokenizer, input_ids: list[int], labels: list[int], turns, where: str) -> None:
+    """The supervised tokens, decoded, must contain every supervised turn in order: the mask is checked, not assumed."""
     supervised = tokenizer.decode([t for t, label in zip(input_ids, labels, strict=True) if label != IGNORE_INDEX])
     position = 0
-    for message in messages:
-        if message["role"] != "assistant":
-            continue
+    for message in turns:
         found = supervised.find(message["content"].strip(), position)
         if found < 0:
             raise DataError(
@@ -226,47 +192,343 @@ def _verify_supervised_text(tokenizer, input_ids: list[int], labels: list[int], 
         position = found + len(message["content"].strip())
 
 
-def truncate(example: Example, max_length: int) -> Example:
-    """Keep the first max_length tokens (the prompt comes first, so the end of the response is what is lost)."""
-    return Example(example.input_ids[:max_length], example.labels[:max_length])
+# ---- truncation ----
 
 
-def load_examples(paths: list[str], tokenizer, keys: DataConfig, max_length: int) -> tuple[list[Example], DatasetStats]:
-    """Read, render, mask and truncate every row of `paths`. Bad rows raise DataError naming file, row and field."""
-    if tokenizer.chat_template is None:
+@dataclass
+class Fitted:
+    example: Example | None  # None: dropped
+    truncated: bool = False
+    dropped_too_long: bool = False
+
+
+def prompt_cut_needed(example: Example, max_length: int, max_prompt_length: int | None, keep_first: int) -> int:
+    """How many prompt tokens (after the first `keep_first`, e.g. BOS) to remove from the left."""
+    prompt_length = next((i for i, label in enumerate(example.labels) if label != IGNORE_INDEX), len(example.labels))
+    cut = max(0, prompt_length - max_prompt_length) if max_prompt_length else 0
+    over_length = len(example.input_ids) - cut - max_length
+    return min(cut + max(0, over_length), max(0, prompt_length - keep_first))
+
+
+def fit(
+    example: Example, max_length: int, settings: DataConfig, where: str, keep_first: int, cut: int | None = None
+) -> Fitted:
+    """Apply data.truncation: cut the prompt from the left first (keeping BOS), then the end of the response."""
+    if cut is None:
+        cut = prompt_cut_needed(example, max_length, settings.max_prompt_length, keep_first)
+    too_long = len(example.input_ids) > max_length or cut > 0
+    if not too_long:
+        return Fitted(example)
+    if settings.truncation == "error":
         raise DataError(
-            "the tokenizer has no chat template, so conversations cannot be rendered; set "
-            "model.tokenizer_name_or_path to a tokenizer that has one"
+            f"{where}: {len(example.input_ids)} tokens, over model.max_length={max_length} (or data.max_prompt_length); "
+            f"raise the limit, or set data.truncation=truncate or drop"
         )
-    examples, stats = [], DatasetStats()
-    for path in paths:
-        for where, row in read_rows(path):
-            stats.rows += 1
-            example = tokenize_conversation(row_to_messages(row, where, keys), tokenizer, where)
-            if len(example.input_ids) > max_length:
-                stats.truncated += 1
-                example = truncate(example, max_length)
-            if all(label == IGNORE_INDEX for label in example.labels[1:]):
-                stats.dropped_no_supervised_token += 1
-                continue
-            examples.append(example)
-    stats.examples = len(examples)
-    if not examples:
-        raise DataError(f"no usable examples in {paths}: {stats.describe('data', max_length)}")
-    return examples, stats
+    if settings.truncation == "drop":
+        return Fitted(None, dropped_too_long=True)
+    ids = example.input_ids[:keep_first] + example.input_ids[keep_first + cut :]
+    labels = example.labels[:keep_first] + example.labels[keep_first + cut :]
+    return Fitted(Example(ids[:max_length], labels[:max_length]), truncated=True)
 
 
-def build_datasets(cfg: Config, tokenizer) -> tuple[list[Example], list[Example], dict[str, dict]]:
-    """Tokenized training and evaluation examples, and what preprocessing did to each split (also logged)."""
-    train, train_stats = load_examples(cfg.datasets, tokenizer, cfg.data, cfg.model.max_length)
+def has_supervised_token(example: Example) -> bool:
+    return any(label != IGNORE_INDEX for label in example.labels[1:])
+
+
+# ---- the datasets.map function ----
+
+EMPTY_STATUS = {"_error": "", "_truncated": False, "_dropped_empty": False, "_dropped_long": False}
+
+
+def preprocess_batch(
+    batch: dict[str, list], *, tokenizer, settings: DataConfig, max_length: int, kind: str
+) -> dict[str, list]:
+    """Tokenize a batch of raw rows (JSON strings with their `where`). Never raises: problems become status columns,
+    so that errors and skips are counted after the (possibly multi-process) map."""
+    out: dict[str, list] = {name: [] for name in (*columns_of(kind), *EMPTY_STATUS, "_source")}
+    keep_first = 1 if tokenizer.bos_token_id is not None else 0
+    for where, raw, source in zip(batch["_where"], batch["_row"], batch["_source"], strict=True):
+        try:
+            if raw.startswith("!"):  # a row the reader could not parse: its message follows
+                raise DataError(raw[1:])
+            record = parse_row(json.loads(raw), where, settings)
+            if not isinstance(record, KINDS[kind]):
+                raise DataError(
+                    f"{where}: this loss trains on {KIND_COLUMNS[kind]} rows, but this row is "
+                    f"{type(record).__name__.lower()} data; give data in the format the loss expects"
+                )
+            rows = _tokenize_record(record, tokenizer, settings, max_length, where, keep_first)
+        except DataError as error:
+            rows = [({}, {**EMPTY_STATUS, "_error": str(error)})]
+        for values, status in rows:
+            for name in columns_of(kind):
+                out[name].append(values.get(name, [] if name != "desirable" else False))
+            for name, value in status.items():
+                out[name].append(value)
+            out["_source"].append(source)
+    return out
+
+
+def columns_of(kind: str) -> tuple[str, ...]:
+    return {
+        "sft": ("input_ids", "labels"),
+        "paired": ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"),
+        "unpaired": ("input_ids", "labels", "desirable"),
+    }[kind]
+
+
+def _tokenize_record(record, tokenizer, settings: DataConfig, max_length: int, where: str, keep_first: int) -> list:
+    """[(column values, status)] for one record; text records may give several chunks."""
+    if isinstance(record, Text):
+        return [
+            ({"input_ids": e.input_ids, "labels": e.labels}, dict(EMPTY_STATUS))
+            for e in tokenize_text(record.text, tokenizer, max_length)
+        ]
+    if isinstance(record, Conversation):
+        fitted = fit(
+            tokenize_conversation(record.messages, tokenizer, where, settings.train_on),
+            max_length,
+            settings,
+            where,
+            keep_first,
+        )
+        return [_with_status(fitted, lambda e: {"input_ids": e.input_ids, "labels": e.labels})]
+    if isinstance(record, Unpaired):
+        after = f"after:{len(record.prompt)}"
+        fitted = fit(
+            tokenize_conversation(record.prompt + record.completion, tokenizer, where, after),
+            max_length,
+            settings,
+            where,
+            keep_first,
+        )
+        return [
+            _with_status(
+                fitted, lambda e: {"input_ids": e.input_ids, "labels": e.labels, "desirable": record.desirable}
+            )
+        ]
+    return [_tokenize_pair(record, tokenizer, settings, max_length, where, keep_first)]
+
+
+def _tokenize_pair(pair: Pair, tokenizer, settings: DataConfig, max_length: int, where: str, keep_first: int):
+    """Both responses get the same prompt cut, so the policy compares them on the same context."""
+    after = f"after:{len(pair.prompt)}"
+    chosen = tokenize_conversation(pair.prompt + pair.chosen, tokenizer, where, after)
+    rejected = tokenize_conversation(pair.prompt + pair.rejected, tokenizer, where, after)
+    cut = max(prompt_cut_needed(e, max_length, settings.max_prompt_length, keep_first) for e in (chosen, rejected))
+    fitted = [fit(e, max_length, settings, where, keep_first, cut) for e in (chosen, rejected)]
+    if any(f.example is None for f in fitted):
+        return {}, {**EMPTY_STATUS, "_dropped_long": True}
+    if not all(has_supervised_token(f.example) for f in fitted):
+        return {}, {**EMPTY_STATUS, "_dropped_empty": True}
+    values = {
+        "chosen_input_ids": fitted[0].example.input_ids,
+        "chosen_labels": fitted[0].example.labels,
+        "rejected_input_ids": fitted[1].example.input_ids,
+        "rejected_labels": fitted[1].example.labels,
+    }
+    return values, {**EMPTY_STATUS, "_truncated": any(f.truncated for f in fitted)}
+
+
+def _with_status(fitted: Fitted, to_values) -> tuple[dict, dict]:
+    if fitted.example is None:
+        return {}, {**EMPTY_STATUS, "_dropped_long": True}
+    if not has_supervised_token(fitted.example):
+        return {}, {**EMPTY_STATUS, "_dropped_empty": True, "_truncated": fitted.truncated}
+    return to_values(fitted.example), {**EMPTY_STATUS, "_truncated": fitted.truncated}
+
+
+# ---- loading, caching, mixing ----
+
+
+def raw_rows(sources: list[str]) -> dict[str, list]:
+    """Every row of every source as a JSON string, with where it came from (rows the reader could not parse are
+    kept as '!<message>', so the bad-row policy handles them like any other bad row)."""
+    columns: dict[str, list] = {"_where": [], "_row": [], "_source": []}
+    for index, source in enumerate(sources):
+        for where, row in read_source(source):
+            columns["_where"].append(where)
+            columns["_row"].append(row if isinstance(row, str) else json.dumps(row, default=str))
+            columns["_source"].append(index)
+    return columns
+
+
+def cache_key(sources: list[str], tokenizer, settings: DataConfig, max_length: int, kind: str) -> str:
+    """Hash of everything that changes the tokenized result: data bytes, tokenizer, template and settings."""
+    digest = hashlib.sha256()
+    relevant = dataclasses.asdict(settings)
+    for key in ("num_proc", "cache_preprocessing", "dataset_samples", "eval_split_ratio", "n_examples"):
+        relevant.pop(key)  # these do not change how a row is tokenized
+    digest.update(
+        json.dumps({"v": PIPELINE_VERSION, "settings": relevant, "max_length": max_length, "kind": kind}).encode()
+    )
+    digest.update(tokenizer.backend_tokenizer.to_str().encode())
+    digest.update(json.dumps([tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token]).encode())
+    for source in sources:
+        digest.update(source.encode())
+        for file in sorted(Path(source).rglob("*")) if Path(source).is_dir() else [Path(source)]:
+            if file.is_file():
+                digest.update(_file_digest(file))
+    return digest.hexdigest()[:20]
+
+
+@functools.lru_cache(maxsize=64)
+def _file_digest(path: Path) -> bytes:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.digest()
+
+
+def preprocess(
+    sources: list[str],
+    tokenizer,
+    settings: DataConfig,
+    max_length: int,
+    kind: str,
+    cache_root: Path | None,
+    main_process_first,
+):
+    """The tokenized dataset of `sources` (a datasets.Dataset) and its stats, from the cache when inputs match."""
+    import datasets
+
+    key = cache_key(sources, tokenizer, settings, max_length, kind) if cache_root else None
+    folder = cache_root / key if cache_root else None
+    with main_process_first():
+        if folder and (folder / "stats.json").exists():
+            logger.info(f"reusing preprocessed data cached in {folder}")
+            return datasets.load_from_disk(str(folder / "data")), DatasetStats(
+                **json.loads((folder / "stats.json").read_text())
+            )
+        raw = datasets.Dataset.from_dict(raw_rows(sources))
+        mapper = functools.partial(
+            preprocess_batch, tokenizer=tokenizer, settings=settings, max_length=max_length, kind=kind
+        )
+        num_proc = settings.num_proc if settings.num_proc > 1 and len(raw) >= 2 * settings.num_proc else None
+        mapped = raw.map(
+            mapper, batched=True, batch_size=256, num_proc=num_proc, remove_columns=raw.column_names, desc="tokenizing"
+        )
+        dataset, stats = _apply_statuses(mapped, len(raw), settings)
+        if folder:
+            _save_atomically(dataset, stats, folder)
+        return dataset, stats
+
+
+def _apply_statuses(mapped, n_rows: int, settings: DataConfig):
+    errors = [e for e in mapped["_error"] if e]
+    if errors and settings.on_bad_row == "error":
+        more = (
+            f" ({len(errors) - 1} more bad rows; data.on_bad_row=skip would skip and count them)"
+            if len(errors) > 1
+            else ""
+        )
+        raise DataError(errors[0] + more)
+    stats = DatasetStats(
+        rows=n_rows,
+        truncated=sum(mapped["_truncated"]),
+        dropped_no_supervised_token=sum(mapped["_dropped_empty"]),
+        dropped_too_long=sum(mapped["_dropped_long"]),
+        skipped_bad_rows=len(errors),
+    )
+    keep = [
+        i
+        for i, (e, a, b) in enumerate(
+            zip(mapped["_error"], mapped["_dropped_empty"], mapped["_dropped_long"], strict=True)
+        )
+        if not (e or a or b)
+    ]
+    dataset = mapped.select(keep).remove_columns(list(EMPTY_STATUS))
+    stats.examples = len(dataset)
+    if errors:
+        logger.warning(f"skipped {len(errors)} malformed rows, the first: {errors[0]}")
+    return dataset, stats
+
+
+def _save_atomically(dataset, stats: DatasetStats, folder: Path) -> None:
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    dataset.save_to_disk(str(partial / "data"))
+    (partial / "stats.json").write_text(json.dumps(dataclasses.asdict(stats)))
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)
+    logger.info(f"cached preprocessed data in {folder}")
+
+
+def mix(dataset, n_sources: int, samples: list[float], seed: int):
+    """Per-source sampling: a count (>= 1; repeats the data when larger than the source) or a fraction (< 1)."""
+    if not samples:
+        return dataset
+    generator = torch.Generator().manual_seed(seed)
+    sources = dataset["_source"]
+    chosen: list[int] = []
+    for source in range(n_sources):
+        indices = [i for i, s in enumerate(sources) if s == source]
+        want = round(samples[source] * len(indices)) if samples[source] < 1 else int(samples[source])
+        order = [indices[j] for j in torch.randperm(len(indices), generator=generator).tolist()]
+        chosen += (order * (want // max(len(order), 1) + 1))[:want]
+    return dataset.select(chosen)
+
+
+def load_examples(sources: list[str], tokenizer, settings: DataConfig, max_length: int, kind: str = "sft"):
+    """Tokenized examples of `sources` and their stats, without caching (for tests, previews and scripts)."""
+    import contextlib
+
+    dataset, stats = preprocess(sources, tokenizer, settings, max_length, kind, None, contextlib.nullcontext)
+    return to_examples(dataset, kind), stats
+
+
+def to_examples(dataset, kind: str) -> list:
+    if kind == "paired":
+        columns = [dataset[c] for c in columns_of(kind)]
+        return [PairExample(Example(ci, cl), Example(ri, rl)) for ci, cl, ri, rl in zip(*columns, strict=True)]
+    examples = [Example(ids, labels) for ids, labels in zip(dataset["input_ids"], dataset["labels"], strict=True)]
+    if kind == "unpaired":
+        return [UnpairedExample(e, d) for e, d in zip(examples, dataset["desirable"], strict=True)]
+    return examples
+
+
+def build_datasets(
+    cfg: Config, tokenizer, kind: str = "sft", main_process_first=None
+) -> tuple[list, list, dict[str, dict]]:
+    """Training and evaluation examples for a trainer consuming `kind` data, and what preprocessing did to each."""
+    import contextlib
+
+    main_process_first = main_process_first or contextlib.nullcontext
+    cache_root = Path(cfg.cache_dir) / "preprocessed" if cfg.data.cache_preprocessing else None
+    prepare = functools.partial(
+        preprocess,
+        tokenizer=tokenizer,
+        settings=cfg.data,
+        max_length=cfg.model.max_length,
+        kind=kind,
+        cache_root=cache_root,
+        main_process_first=main_process_first,
+    )
+
+    train, train_stats = prepare(cfg.datasets)
+    train = mix(train, len(cfg.datasets), cfg.data.dataset_samples, cfg.seed)
+    evaluation, eval_stats = None, None
+    if cfg.eval_datasets:
+        evaluation, eval_stats = prepare(cfg.eval_datasets)
+    elif cfg.data.eval_split_ratio > 0:
+        split = train.train_test_split(test_size=cfg.data.eval_split_ratio, seed=cfg.seed)
+        train, evaluation = split["train"], split["test"]
+    if cfg.data.n_examples is not None and cfg.data.n_examples < len(train):
+        train = train.shuffle(seed=cfg.seed).select(range(cfg.data.n_examples))
+    if len(train) == 0:
+        raise DataError(f"no training examples left: {train_stats.describe('train', cfg.model.max_length)}")
+
+    train_stats.examples = len(train)
     logger.info(train_stats.describe("train", cfg.model.max_length))
     stats = {"train": dataclasses.asdict(train_stats)}
-    evaluation: list[Example] = []
-    if cfg.eval_datasets:
-        evaluation, eval_stats = load_examples(cfg.eval_datasets, tokenizer, cfg.data, cfg.model.max_length)
+    if eval_stats is not None:
+        eval_stats.examples = len(evaluation)
         logger.info(eval_stats.describe("eval", cfg.model.max_length))
         stats["eval"] = dataclasses.asdict(eval_stats)
-    return train, evaluation, stats
+    elif evaluation is not None:
+        logger.info(f"eval: {len(evaluation)} examples held out of the training data (data.eval_split_ratio)")
+    return to_examples(train, kind), to_examples(evaluation, kind) if evaluation is not None else [], stats
 
 
 def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:

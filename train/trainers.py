@@ -65,6 +65,8 @@ def get_trainer_class(name: str) -> type[BasicTrainer]:
 class BasicTrainer:
     """The training loop. Subclasses define what a loss unit is and how a micro-batch's loss sum is computed."""
 
+    data_kind = "sft"  # the rows it trains on: "sft" (conversations, text), "paired" or "unpaired" (train/formats.py)
+
     def __init__(
         self,
         cfg: Config,

@@ -23,9 +23,11 @@ def build_accelerator(cfg: Config, wandb_run_id: str | None = None) -> Accelerat
     if cfg.tensorboard.enabled:
         trackers.append(TensorBoardTracker("tensorboard", cfg.run_dir))  # event files in ${run_dir}/tensorboard/
     if cfg.wandb.enabled:
-        resume = {"id": wandb_run_id, "resume": "allow"} if wandb_run_id else {}
+        options = {"id": wandb_run_id, "resume": "allow"} if wandb_run_id else {}
+        if cfg.wandb.mode:
+            options["mode"] = cfg.wandb.mode
         trackers.append(
-            WandBTracker(cfg.wandb.project, name=cfg.exp_name, entity=cfg.wandb.entity, dir=cfg.run_dir, **resume)
+            WandBTracker(cfg.wandb.project, name=cfg.exp_name, entity=cfg.wandb.entity, dir=cfg.run_dir, **options)
         )
     return Accelerator(
         # bfloat16 autocasts the forward pass; the trained weights stay float32 (master weights).

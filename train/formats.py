@@ -1,0 +1,358 @@
+"""Where rows come from (files, saved datasets, named hub datasets) and what they mean (the row formats).
+
+Every row becomes one record: a `Conversation` (SFT), `Text` (continued pretraining), `Pair` (preference pairs) or
+`Unpaired` (KTO). A row's format is detected from its columns unless `data.format` forces one:
+
+    messages        {"messages": [{"role": ..., "content": ...}, ...]}
+    sharegpt        {"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}
+    preference      {"prompt": str|messages, "chosen": str|messages, "rejected": str|messages}
+    unpaired        {"prompt": str|messages, "completion": str|messages, "label": bool}
+    prompt_completion {"prompt": str|messages, "completion": str|messages}
+    text            {"text": str}
+    instruction     {"instruction": str, "input": str?, "output": str, "system": str?}  (names set by data.*_key)
+
+Every problem raises DataError naming the file, the row and the field, and saying how to fix it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from train.config import DataConfig
+from train.errors import DataError
+
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+FORMATS = ("auto", "instruction", "messages", "sharegpt", "prompt_completion", "text", "preference", "unpaired")
+FILE_EXTENSIONS = (".json", ".jsonl", ".parquet", ".csv")
+
+# Named datasets: name -> (hub id, split). Loaded with `datasets.load_dataset`, which needs the hub.
+REGISTRY = {
+    "ultrachat": ("HuggingFaceH4/ultrachat_200k", "train_sft"),
+    "ultrabin": ("HuggingFaceH4/ultrafeedback_binarized", "train_prefs"),
+    "hh": ("Anthropic/hh-rlhf", "train"),
+    "alpaca": ("tatsu-lab/alpaca", "train"),
+}
+
+
+@dataclass
+class Conversation:
+    messages: list[dict[str, str]]
+
+
+@dataclass
+class Text:
+    text: str
+
+
+@dataclass
+class Pair:
+    prompt: list[dict[str, str]]
+    chosen: list[dict[str, str]]  # the assistant turn(s) that follow the prompt
+    rejected: list[dict[str, str]]
+
+
+@dataclass
+class Unpaired:
+    prompt: list[dict[str, str]]
+    completion: list[dict[str, str]]
+    desirable: bool
+
+
+Record = Conversation | Text | Pair | Unpaired
+
+# What each kind of trainer consumes.
+KINDS = {"sft": (Conversation, Text), "paired": (Pair,), "unpaired": (Unpaired,)}
+KIND_COLUMNS = {
+    "sft": "instruction/output, messages, conversations, prompt/completion or text",
+    "paired": "prompt/chosen/rejected",
+    "unpaired": "prompt/completion/label",
+}
+
+
+# ---- sources ----
+
+
+def is_named_dataset(source: str) -> bool:
+    return source in REGISTRY
+
+
+def source_problem(source: str) -> str | None:
+    """Why `source` cannot be read (checked before anything loads), or None."""
+    path = Path(source)
+    if is_named_dataset(source):
+        return None
+    if path.is_dir():
+        if not (path / "dataset_info.json").exists() and not (path / "state.json").exists():
+            return f"folder '{source}' is not a dataset saved with datasets' save_to_disk (no dataset_info.json)"
+        return None
+    if not path.exists():
+        named = ", ".join(sorted(REGISTRY))
+        return f"'{source}' is neither a file, a saved dataset folder, nor a named dataset ({named}) (paths are relative to {Path.cwd()})"
+    if path.suffix not in FILE_EXTENSIONS:
+        return f"'{source}' has an unsupported extension; use one of {list(FILE_EXTENSIONS)} or a save_to_disk folder"
+    return None
+
+
+def read_source(source: str) -> Iterator[tuple[str, dict]]:
+    """Yield (where, row) for every row; `where` names the file and line (or row) for error messages. A row that
+    cannot be read is yielded as a `bad_row` string."""
+    if is_named_dataset(source):
+        yield from _read_named(source)
+    elif Path(source).is_dir():
+        yield from _read_table(source, _load_saved(source))
+    elif source.endswith(".jsonl"):
+        yield from _read_jsonl(source)
+    elif source.endswith(".json"):
+        yield from _read_json(source)
+    else:
+        yield from _read_table(source, _load_table(source))
+
+
+def _read_jsonl(path: str) -> Iterator[tuple[str, dict]]:
+    with open(path, encoding="utf-8") as lines:
+        for line_number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            where = f"{path} line {line_number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                yield where, bad_row(f"{where}: not valid JSON ({error.msg} at column {error.colno})")
+                continue
+            yield where, _require_object(row, where)
+
+
+def _read_json(path: str) -> Iterator[tuple[str, dict]]:
+    try:
+        rows = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})") from None
+    if not isinstance(rows, list):
+        raise DataError(f"{path}: a .json file must hold a list of rows; found {type(rows).__name__}")
+    for index, row in enumerate(rows):
+        where = f"{path} row {index}"
+        yield where, _require_object(row, where)
+
+
+def bad_row(message: str) -> str:
+    """A row that could not be read, kept (as '!' + its message) so data.on_bad_row decides: stop, or skip and count."""
+    return "!" + message
+
+
+def _load_table(path: str):
+    import datasets
+
+    loader = datasets.Dataset.from_parquet if path.endswith(".parquet") else datasets.Dataset.from_csv
+    try:
+        return loader(path, keep_in_memory=True)
+    except Exception as error:  # pyarrow raises many types for a damaged file
+        raise DataError(f"{path}: cannot be read as {Path(path).suffix[1:]} ({error})") from None
+
+
+def _load_saved(path: str):
+    import datasets
+
+    loaded = datasets.load_from_disk(path)
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise DataError(f"{path}: a saved DatasetDict without a 'train' split (found {list(loaded)})")
+        loaded = loaded["train"]
+    return loaded
+
+
+def _read_table(source: str, table) -> Iterator[tuple[str, dict]]:
+    for index, row in enumerate(table):
+        yield f"{source} row {index}", row
+
+
+def _read_named(name: str) -> Iterator[tuple[str, dict]]:
+    hub_id, split = REGISTRY[name]
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        raise DataError(
+            f"the named dataset '{name}' ({hub_id}, split {split}) comes from the Hugging Face hub, which is offline "
+            f"here (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE=1). Download it where the hub is reachable "
+            f"(datasets.load_dataset('{hub_id}', split='{split}').to_json('{name}.jsonl')) and pass the file instead."
+        )
+    import datasets
+
+    yield from _read_table(name, datasets.load_dataset(hub_id, split=split))
+
+
+def _require_object(row: object, where: str) -> dict | str:
+    if not isinstance(row, dict):
+        return bad_row(f"{where}: each row must be a JSON object; found {type(row).__name__}")
+    return row
+
+
+# ---- formats ----
+
+
+def detect_format(row: dict, keys: DataConfig) -> str:
+    """The format a row's columns suggest; `instruction` when nothing else fits (its checks then name what is missing)."""
+    if keys.messages_key in row:
+        return "messages"
+    if "conversations" in row:
+        return "sharegpt"
+    if "chosen" in row and "rejected" in row:
+        return "preference"
+    if "completion" in row and "label" in row:
+        return "unpaired"
+    if "prompt" in row and "completion" in row:
+        return "prompt_completion"
+    if "text" in row and keys.prompt_key not in row:
+        return "text"
+    return "instruction"
+
+
+def parse_row(row: dict, where: str, keys: DataConfig) -> Record:
+    fmt = keys.format if keys.format != "auto" else detect_format(row, keys)
+    return PARSERS[fmt](row, where, keys)
+
+
+def _parse_instruction(row: dict, where: str, keys: DataConfig) -> Conversation:
+    found = ", ".join(sorted(row)) or "none"
+    for key, config_key in ((keys.prompt_key, "data.prompt_key"), (keys.response_key, "data.response_key")):
+        if key not in row:
+            raise DataError(
+                f"{where}: field '{key}' is missing (found keys: {found}); set {config_key} to the name your file "
+                f"uses, or use another format ({', '.join(FORMATS[1:])}; see train/formats.py)"
+            )
+    messages = []
+    system = _optional_string(row, keys.system_key, where)
+    if system:
+        messages.append({"role": "system", "content": system})
+    user = _required_string(row, keys.prompt_key, where)
+    query = _optional_string(row, keys.query_key, where)
+    messages.append({"role": "user", "content": f"{user}\n\n{query}" if query else user})
+    messages.append({"role": "assistant", "content": _required_string(row, keys.response_key, where)})
+    return Conversation(messages)
+
+
+def _parse_messages(row: dict, where: str, keys: DataConfig) -> Conversation:
+    messages = check_messages(_field(row, keys.messages_key, where), where, keys.messages_key)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: field '{keys.messages_key}' has no assistant turn, so there is nothing to train on")
+    return Conversation(messages)
+
+
+def _parse_sharegpt(row: dict, where: str, keys: DataConfig) -> Conversation:
+    turns = _field(row, "conversations", where)
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: field 'conversations' must be a non-empty list of {{from, value}} objects")
+    messages = []
+    for index, turn in enumerate(turns):
+        name = f"conversations[{index}]"
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise DataError(f"{where}: {name} must be an object with 'from' and 'value'")
+        if turn["from"] not in SHAREGPT_ROLES:
+            raise DataError(f"{where}: {name}.from={turn['from']!r} is unknown; use one of {list(SHAREGPT_ROLES)}")
+        messages.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
+    return _parse_messages({"messages": messages}, where, DataConfig(messages_key="messages"))
+
+
+def _parse_prompt_completion(row: dict, where: str, keys: DataConfig) -> Conversation:
+    prompt = _as_messages(_field(row, "prompt", where), where, "prompt", "user")
+    completion = _as_messages(_field(row, "completion", where), where, "completion", "assistant")
+    return Conversation(prompt + completion)
+
+
+def _parse_text(row: dict, where: str, keys: DataConfig) -> Text:
+    return Text(_required_string(row, "text", where))
+
+
+def _parse_preference(row: dict, where: str, keys: DataConfig) -> Pair:
+    # The prompt may be empty or absent when chosen and rejected hold whole conversations (hh style).
+    prompt = _as_messages(row["prompt"], where, "prompt", "user") if row.get("prompt") else []
+    chosen = _as_messages(_field(row, "chosen", where), where, "chosen", "assistant")
+    rejected = _as_messages(_field(row, "rejected", where), where, "rejected", "assistant")
+    prompt, chosen, rejected = _split_shared_prompt(prompt, chosen, rejected)
+    if not prompt:
+        raise DataError(
+            f"{where}: no prompt: give a 'prompt' field, or conversations in chosen/rejected that share their first turns"
+        )
+    for key, response in (("chosen", chosen), ("rejected", rejected)):
+        if not any(m["role"] == "assistant" for m in response):
+            raise DataError(f"{where}: field '{key}' has no assistant turn after the prompt")
+    return Pair(prompt, chosen, rejected)
+
+
+def _parse_unpaired(row: dict, where: str, keys: DataConfig) -> Unpaired:
+    prompt = _as_messages(_field(row, "prompt", where), where, "prompt", "user")
+    completion = _as_messages(_field(row, "completion", where), where, "completion", "assistant")
+    label = _field(row, "label", where)
+    if not isinstance(label, bool):
+        raise DataError(f"{where}: field 'label' must be true (desirable) or false (undesirable); found {label!r}")
+    return Unpaired(prompt, completion, label)
+
+
+def _split_shared_prompt(prompt, chosen, rejected):
+    """hh-style rows repeat the whole conversation in chosen and rejected: move the shared turns to the prompt."""
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+        shared += 1
+    return prompt + chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+PARSERS = {
+    "instruction": _parse_instruction,
+    "messages": _parse_messages,
+    "sharegpt": _parse_sharegpt,
+    "prompt_completion": _parse_prompt_completion,
+    "text": _parse_text,
+    "preference": _parse_preference,
+    "unpaired": _parse_unpaired,
+}
+
+
+def _field(row: dict, key: str, where: str):
+    if key not in row:
+        raise DataError(f"{where}: field '{key}' is missing (found keys: {', '.join(sorted(row)) or 'none'})")
+    return row[key]
+
+
+def _as_messages(value, where: str, key: str, role: str) -> list[dict[str, str]]:
+    """A string becomes one message with `role`; a list is checked as messages."""
+    if isinstance(value, str):
+        if role == "assistant" and not value.strip():
+            raise DataError(f"{where}: field '{key}' is empty; every example needs text to train on")
+        return [{"role": role, "content": value}]
+    return check_messages(value, where, key)
+
+
+def _required_string(row: dict, key: str, where: str) -> str:
+    value = row[key]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{key}' must be a string; found {type(value).__name__}")
+    if not value.strip():
+        raise DataError(f"{where}: field '{key}' is empty; every example needs text to train on")
+    return value
+
+
+def _optional_string(row: dict, key: str, where: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{key}' must be a string; found {type(value).__name__}")
+    return value.strip()
+
+
+def check_messages(messages: object, where: str, key: str) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: field '{key}' must be a non-empty list of {{role, content}} objects")
+    for index, message in enumerate(messages):
+        name = f"{key}[{index}]"
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise DataError(f"{where}: {name} must be an object with 'role' and 'content'")
+        if message["role"] not in ROLES:
+            raise DataError(f"{where}: {name}.role={message['role']!r} is unknown; use one of {list(ROLES)}")
+        if not isinstance(message["content"], str):
+            raise DataError(f"{where}: {name}.content must be a string; found {type(message['content']).__name__}")
+        if message["role"] == "assistant" and not message["content"].strip():
+            raise DataError(f"{where}: {name} is an empty assistant turn; remove it or give it content")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
