@@ -6,7 +6,7 @@ can divide by the number of units in the whole optimizer step, over every micro-
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,8 @@ IGNORE_INDEX = -100
 class LossSum:
     total: torch.Tensor  # () float32: sum of the per-unit losses
     count: torch.Tensor  # () int64: number of units summed
+    # name -> (sum, count): metrics averaged over the whole step or evaluation, e.g. "rewards/chosen"
+    metrics: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 def count_loss_units(labels: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -50,3 +52,98 @@ def masked_nll_sum(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 
     has_tokens = tokens_per_row > 0
     row_means = token_nll.sum(dim=1)[has_tokens] / tokens_per_row[has_tokens]
     return LossSum(total=row_means.sum(), count=has_tokens.sum())
+
+
+# ---- preference losses ----
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probability of each row's supervised tokens, and their number.
+
+    logits: (batch, seq, vocab); labels: (batch, seq) with -100 where not supervised.
+    Returns (batch,) float32 log p(response | prompt) and (batch,) int64 token counts.
+    """
+    targets = labels[:, 1:]
+    supervised = targets != IGNORE_INDEX
+    token_logps = -F.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), targets.clamp(min=0), reduction="none"
+    )  # (batch, seq-1)
+    return (token_logps * supervised).sum(dim=1), supervised.sum(dim=1)
+
+
+@dataclass
+class PreferenceLoss:
+    losses: torch.Tensor  # (pairs,) the loss of each pair
+    chosen_rewards: torch.Tensor  # (pairs,) implicit reward of the chosen response (detached)
+    rejected_rewards: torch.Tensor  # (pairs,)
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> PreferenceLoss:
+    """DPO (Rafailov et al. 2023); with label_smoothing > 0, conservative DPO (cDPO), which assumes that fraction of
+    the preference labels is flipped. All inputs (pairs,) summed log-probs of the responses. When the policy equals
+    the reference, every pair's loss is ln 2."""
+    logits = (policy_chosen - policy_rejected) - (reference_chosen - reference_rejected)
+    losses = -F.logsigmoid(beta * logits) * (1 - label_smoothing) - F.logsigmoid(-beta * logits) * label_smoothing
+    return PreferenceLoss(losses, *_rewards(beta, policy_chosen, policy_rejected, reference_chosen, reference_rejected))
+
+
+def ipo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    tau: float,
+) -> PreferenceLoss:
+    """IPO (Azar et al. 2023): regress the log-ratio margin to 1 / (2 tau) instead of pushing it to infinity."""
+    logits = (policy_chosen - policy_rejected) - (reference_chosen - reference_rejected)
+    losses = (logits - 1 / (2 * tau)) ** 2
+    return PreferenceLoss(losses, *_rewards(tau, policy_chosen, policy_rejected, reference_chosen, reference_rejected))
+
+
+def simpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    chosen_tokens: torch.Tensor,
+    rejected_tokens: torch.Tensor,
+    beta: float,
+    gamma_beta_ratio: float,
+) -> PreferenceLoss:
+    """SimPO (Meng et al. 2024): reference-free; the reward is beta times the mean token log-prob, and the chosen
+    reward must beat the rejected one by the margin gamma = gamma_beta_ratio * beta."""
+    chosen = policy_chosen / chosen_tokens
+    rejected = policy_rejected / rejected_tokens
+    losses = -F.logsigmoid(beta * (chosen - rejected - gamma_beta_ratio))
+    return PreferenceLoss(losses, (beta * chosen).detach(), (beta * rejected).detach())
+
+
+def kto_loss(
+    policy: torch.Tensor,
+    reference: torch.Tensor,
+    desirable: torch.Tensor,
+    kl: torch.Tensor,
+    beta: float,
+    desirable_weight: float,
+    undesirable_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KTO (Ethayarajh et al. 2024) for unpaired examples.
+
+    policy, reference: (batch,) summed log-probs of each completion; desirable: (batch,) bool; kl: () the detached
+    reference point, an estimate of KL(policy || reference). Returns the (batch,) weighted losses and rewards.
+    """
+    log_ratio = policy - reference
+    value = torch.where(desirable, torch.sigmoid(beta * (log_ratio - kl)), torch.sigmoid(beta * (kl - log_ratio)))
+    weights = torch.where(desirable, desirable_weight, undesirable_weight).to(value)
+    return weights * (1 - value), (beta * log_ratio).detach()
+
+
+def _rewards(beta, policy_chosen, policy_rejected, reference_chosen, reference_rejected):
+    return (beta * (policy_chosen - reference_chosen)).detach(), (
+        beta * (policy_rejected - reference_rejected)
+    ).detach()
