@@ -83,6 +83,7 @@ def run(cfg) -> None:
     from train.data import build_datasets
     from train.distributed import fsdp_settings_from_launcher
     from train.models import build_model, build_tokenizer
+    from train.preference import build_reference
     from train.trainers import get_trainer_class
     from train.utils import build_accelerator, prepare_run_dir, write_summary
 
@@ -96,7 +97,11 @@ def run(cfg) -> None:
     train_data, eval_data, data_stats = build_datasets(cfg, tokenizer, kind, accelerator.main_process_first)
     fsdp = fsdp_settings_from_launcher()
     model = build_model(cfg.model, cfg.seed, sharded=fsdp is not None)
-    trainer = trainer_class(cfg, accelerator, model, tokenizer, train_data, eval_data, fsdp=fsdp)
+    reference, reference_cache = build_reference(cfg, accelerator, fsdp, train_data, eval_data, trainer_class)
+    extra = {"reference_model": reference} if getattr(trainer_class, "uses_reference", None) is not None else {}
+    trainer = trainer_class(cfg, accelerator, model, tokenizer, train_data, eval_data, fsdp=fsdp, **extra)
+    if reference_cache is not None:
+        trainer.precompute_reference(reference_cache)
     if resume_dir:
         trainer.load_checkpoint(resume_dir)
     trainer.train()

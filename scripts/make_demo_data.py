@@ -1,8 +1,11 @@
-"""Write the demo dataset in data/demo/: short questions answered in the voice of a pirate.
+"""Write the demo datasets in data/demo/: short questions answered in the voice of a pirate.
 
 The style is new to the model and learnable in a few dozen steps, so a short fine-tune visibly changes its answers
 ("The capital of France is Paris." becomes "Arr, the capital of France be Paris, matey!"). France never appears in
 the training data: the held-out prompt tests whether the style generalizes, not whether a row was memorized.
+
+Also written: pref_train/pref_eval.jsonl (the pirate answer preferred over the plain one), kto_train.jsonl (the same
+as unpaired desirable/undesirable rows) and text.jsonl (plain text, for continued pretraining).
 
 Training rows mix instruction style (instruction/output, some with input and system) and chat `messages` rows,
 including multi-turn ones. Deterministic: rerunning rewrites the same files.
@@ -117,6 +120,30 @@ def opposite_pair(word: str, opposite: str) -> tuple[str, str]:
     return f"What is the opposite of {word}?", f"Arr, the opposite of {word} be {opposite}, matey!"
 
 
+def plain(pirate: str) -> str:
+    """The same answer without the pirate voice: the rejected response of the preference data."""
+    text = pirate.removeprefix("Arr, ").removesuffix(", matey!").replace(" be ", " is ")
+    return text[0].upper() + text[1:] + "."
+
+
+def preference_rows(pairs: list[tuple[str, str]]) -> list[dict]:
+    """The pirate answer is preferred over the plain one: a preference learnable in a few dozen steps."""
+    return [{"prompt": q, "chosen": a, "rejected": plain(a)} for q, a in pairs]
+
+
+def unpaired_rows(pairs: list[tuple[str, str]]) -> list[dict]:
+    rows = []
+    for index, (question, answer) in enumerate(pairs):
+        desirable = index % 2 == 0
+        rows.append({"prompt": question, "completion": answer if desirable else plain(answer), "label": desirable})
+    return rows
+
+
+def text_rows(pairs: list[tuple[str, str]]) -> list[dict]:
+    """Short documents for continued pretraining: runs of pirate answers."""
+    return [{"text": " ".join(a for _, a in pairs[i : i + 6])} for i in range(0, len(pairs), 6)]
+
+
 def question_pairs(rng: random.Random) -> list[tuple[str, str]]:
     pairs = [capital_pair(c, k) for c, k in CAPITALS.items()]
     pairs += [sum_pair(rng.randint(1, 20), rng.randint(1, 20)) for _ in range(70)]
@@ -156,11 +183,11 @@ def to_rows(pairs: list[tuple[str, str]], rng: random.Random) -> list[dict]:
     return rows
 
 
-def eval_rows(rng: random.Random) -> list[dict]:
+def eval_pairs(rng: random.Random) -> list[tuple[str, str]]:
     pairs = [capital_pair(c, k) for c, k in HELD_OUT_CAPITALS.items()]
     pairs += [sum_pair(rng.randint(21, 40), rng.randint(21, 40)) for _ in range(20)]
     pairs += [opposite_pair(w, o) for w, o in {"hard": "soft", "clean": "dirty", "rich": "poor", "high": "low"}.items()]
-    return [{"instruction": q, "output": a} for q, a in pairs]
+    return pairs
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -173,8 +200,14 @@ def main() -> None:
     out = parser.parse_args().out
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
-    write_jsonl(out / "train.jsonl", to_rows(question_pairs(rng), rng))
-    write_jsonl(out / "eval.jsonl", eval_rows(rng))
+    pairs = question_pairs(rng)
+    write_jsonl(out / "train.jsonl", to_rows(pairs, rng))
+    held_out = eval_pairs(rng)
+    write_jsonl(out / "eval.jsonl", [{"instruction": q, "output": a} for q, a in held_out])
+    write_jsonl(out / "pref_train.jsonl", preference_rows(pairs))
+    write_jsonl(out / "pref_eval.jsonl", preference_rows(held_out))
+    write_jsonl(out / "kto_train.jsonl", unpaired_rows(pairs))
+    write_jsonl(out / "text.jsonl", text_rows(pairs))
     (out / "heldout_prompt.txt").write_text("What is the capital of France?\n")
 
 

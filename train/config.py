@@ -136,8 +136,71 @@ class SFTLossConfig(LossConfig):
         return []
 
 
+@dataclass
+class DPOLossConfig(LossConfig):
+    beta: float = setting(0.1, "DPO/cDPO/KTO: scale of the implicit reward beta * log(policy / reference).")
+
+    def problems(self) -> list[str]:
+        return [] if self.beta > 0 else [f"loss.beta={self.beta}: must be > 0"]
+
+
+@dataclass
+class CDPOLossConfig(DPOLossConfig):
+    label_smoothing: float = setting(0.1, "cDPO: assumed fraction of flipped preference labels, in [0, 0.5).")
+
+    def problems(self) -> list[str]:
+        bad = not 0 <= self.label_smoothing < 0.5
+        return super().problems() + (
+            [f"loss.label_smoothing={self.label_smoothing}: must be in [0, 0.5)"] if bad else []
+        )
+
+
+@dataclass
+class IPOLossConfig(LossConfig):
+    tau: float = setting(0.1, "IPO: regularization; the log-ratio margin is regressed to 1 / (2 tau).")
+
+    def problems(self) -> list[str]:
+        return [] if self.tau > 0 else [f"loss.tau={self.tau}: must be > 0"]
+
+
+@dataclass
+class SimPOLossConfig(LossConfig):
+    beta: float = setting(2.0, "SimPO: scale of the reward beta * mean token log-prob.")
+    gamma_beta_ratio: float = setting(0.5, "SimPO: target reward margin gamma, as a ratio of beta.")
+
+    def problems(self) -> list[str]:
+        return [] if self.beta > 0 else [f"loss.beta={self.beta}: must be > 0"]
+
+
+@dataclass
+class KTOLossConfig(DPOLossConfig):
+    desirable_weight: float = setting(1.0, "KTO: weight of desirable examples' losses.")
+    undesirable_weight: float = setting(1.0, "KTO: weight of undesirable examples' losses.")
+
+    def problems(self) -> list[str]:
+        bad = self.desirable_weight <= 0 or self.undesirable_weight <= 0
+        return super().problems() + (["loss.desirable_weight and loss.undesirable_weight must be > 0"] if bad else [])
+
+
 # The settings schema of each loss, keyed by `loss.name`. A new loss with extra settings adds its dataclass here.
-LOSS_SCHEMAS: dict[str, type[LossConfig]] = {"sft": SFTLossConfig}
+LOSS_SCHEMAS: dict[str, type[LossConfig]] = {
+    "sft": SFTLossConfig,
+    "pt": SFTLossConfig,
+    "dpo": DPOLossConfig,
+    "cdpo": CDPOLossConfig,
+    "ipo": IPOLossConfig,
+    "simpo": SimPOLossConfig,
+    "kto": KTOLossConfig,
+}
+
+
+@dataclass
+class ReferenceConfig:
+    precompute: bool = setting(
+        False,
+        "Preference losses: compute the reference model's log-probs once, cache them under "
+        "${cache_dir}/reference_logps/, and train without a reference model in memory.",
+    )
 
 
 @dataclass
@@ -193,6 +256,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig, metadata={"help": "The loss; chosen with loss=<name>."})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The model; chosen with model=<name>."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "How rows of the data files are read."})
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig, metadata={"help": "The reference model."})
     wandb: WandbConfig = field(default_factory=WandbConfig, metadata={"help": "Weights & Biases logging."})
     tensorboard: TensorboardConfig = field(default_factory=TensorboardConfig, metadata={"help": "TensorBoard logging."})
 

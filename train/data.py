@@ -52,6 +52,9 @@ class PairExample:
 
     chosen: Example
     rejected: Example
+    # Summed log-probs of each response under the reference model, when precomputed (reference.precompute=true).
+    reference_chosen: float | None = None
+    reference_rejected: float | None = None
 
 
 @dataclass
@@ -272,6 +275,7 @@ def preprocess_batch(
 def columns_of(kind: str) -> tuple[str, ...]:
     return {
         "sft": ("input_ids", "labels"),
+        "text": ("input_ids", "labels"),
         "paired": ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"),
         "unpaired": ("input_ids", "labels", "desirable"),
     }[kind]
@@ -353,6 +357,26 @@ def raw_rows(sources: list[str]) -> dict[str, list]:
     return columns
 
 
+def check_stage(rows: dict[str, list], settings: DataConfig, kind: str) -> None:
+    """The first row of each source must suit the loss: SFT rows given to DPO (or the reverse) is one clear error."""
+    seen = set()
+    for where, raw, source in zip(rows["_where"], rows["_row"], rows["_source"], strict=True):
+        if source in seen or raw.startswith("!"):
+            continue
+        seen.add(source)
+        try:
+            record = parse_row(json.loads(raw), where, settings)
+        except DataError:
+            continue  # a malformed row: data.on_bad_row decides
+        if not isinstance(record, KINDS[kind]):
+            columns = ", ".join(sorted(json.loads(raw)))
+            raise DataError(
+                f"{where}: this loss trains on {KIND_COLUMNS[kind]} rows, but this file holds "
+                f"{type(record).__name__.lower()} rows (columns: {columns}); choose the loss that fits the data, "
+                f"or give data with the columns this loss expects"
+            )
+
+
 def cache_key(sources: list[str], tokenizer, settings: DataConfig, max_length: int, kind: str) -> str:
     """Hash of everything that changes the tokenized result: data bytes, tokenizer, template and settings."""
     digest = hashlib.sha256()
@@ -401,7 +425,9 @@ def preprocess(
             return datasets.load_from_disk(str(folder / "data")), DatasetStats(
                 **json.loads((folder / "stats.json").read_text())
             )
-        raw = datasets.Dataset.from_dict(raw_rows(sources))
+        rows = raw_rows(sources)
+        check_stage(rows, settings, kind)
+        raw = datasets.Dataset.from_dict(rows)
         mapper = functools.partial(
             preprocess_batch, tokenizer=tokenizer, settings=settings, max_length=max_length, kind=kind
         )

@@ -66,9 +66,10 @@ class Unpaired:
 Record = Conversation | Text | Pair | Unpaired
 
 # What each kind of trainer consumes.
-KINDS = {"sft": (Conversation, Text), "paired": (Pair,), "unpaired": (Unpaired,)}
+KINDS = {"sft": (Conversation, Text), "text": (Text,), "paired": (Pair,), "unpaired": (Unpaired,)}
 KIND_COLUMNS = {
     "sft": "instruction/output, messages, conversations, prompt/completion or text",
+    "text": "text",
     "paired": "prompt/chosen/rejected",
     "unpaired": "prompt/completion/label",
 }

@@ -57,6 +57,8 @@ def register_trainer(cls: type[BasicTrainer]) -> type[BasicTrainer]:
 
 
 def get_trainer_class(name: str) -> type[BasicTrainer]:
+    import train.preference  # noqa: F401  (registers the preference trainers)
+
     if name not in TRAINERS:
         raise ConfigError([f"loss.trainer={name!r} is not a registered trainer; valid: {sorted(TRAINERS)}"])
     return TRAINERS[name]
@@ -140,8 +142,12 @@ class BasicTrainer:
         raise NotImplementedError
 
     def batch_loss(self, model, batch: dict[str, torch.Tensor]) -> LossSum:
-        """Forward `batch` through `model`; return the loss summed over its units, and their count."""
+        """Forward `batch` through `model`; return the loss summed over its units, their count, and metric sums."""
         raise NotImplementedError
+
+    def collate(self, examples: list) -> dict[str, torch.Tensor]:
+        """Tensors of one micro-batch (padded to its longest example)."""
+        return collate(examples, self.pad_token_id)
 
     # ---- the loop ----
 
@@ -232,10 +238,11 @@ class BasicTrainer:
         Returns the step's exact loss, gradient norm, real token count and whether any process must stop. A step
         whose loss or gradient is not finite is never applied (on_nonfinite=stop raises, skip counts it).
         """
-        batches = [self.to_device(collate(examples, self.pad_token_id)) for examples in micro_batches]
+        batches = [self.to_device(self.collate(examples)) for examples in micro_batches]
         local_units = sum(self.loss_units(batch) for batch in batches)
         global_units = self.accelerator.reduce(local_units.to(self.accelerator.device), reduction="sum").clamp(min=1)
         loss_total = torch.zeros((), device=self.accelerator.device)
+        metric_sums = MetricSums()
         for index, batch in enumerate(batches):
             # Gradients are all-reduced (averaged over processes) only on the last micro-batch.
             sync = index == len(batches) - 1
@@ -246,11 +253,13 @@ class BasicTrainer:
                 # DDP averages gradients over processes, so scale by their number to get sum / global_units.
                 self.accelerator.backward(loss_sum.total * self.accelerator.num_processes / global_units)
             loss_total += loss_sum.total.detach()
+            metric_sums.add(loss_sum.metrics)
         self.stop_request.inject_faults(self.step)
         tokens = sum(batch["attention_mask"].sum() for batch in batches)
         stop_flag = torch.tensor(float(self.stop_request.requested), device=loss_total.device)
         totals = self.accelerator.reduce(torch.stack([loss_total, tokens.to(loss_total), stop_flag]), reduction="sum")
         loss = (totals[0] / global_units).item()
+        metrics = metric_sums.reduce(self.accelerator, "train")
         grad_norm = clip_gradients(self.accelerator, self.model, self.max_grad_norm or math.inf)
         if math.isfinite(loss) and math.isfinite(grad_norm):
             self.optimizer.step()
@@ -258,7 +267,13 @@ class BasicTrainer:
             self.handle_nonfinite(loss, grad_norm)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss/train": loss, "grad_norm": grad_norm, "tokens": int(totals[1]), "stop": bool(totals[2] > 0)}
+        return {
+            "loss/train": loss,
+            **metrics,
+            "grad_norm": grad_norm,
+            "tokens": int(totals[1]),
+            "stop": bool(totals[2] > 0),
+        }
 
     def handle_nonfinite(self, loss: float, grad_norm: float) -> None:
         what = f"step {self.step}: the loss ({loss}) or the gradient norm ({grad_norm}) is not finite"
@@ -294,7 +309,8 @@ class BasicTrainer:
             return
         model.eval()
         rows = []
-        for example in self.eval_examples[: self.eval_samples]:
+        for item in self.eval_examples[: self.eval_samples]:
+            example = getattr(item, "chosen", getattr(item, "example", item))  # a pair's prompt and chosen answer
             prompt_length = next(i for i, label in enumerate(example.labels) if label != IGNORE_INDEX)
             prompt = torch.tensor([example.input_ids[:prompt_length]], device=self.accelerator.device)
             output = model.generate(
@@ -336,16 +352,16 @@ class BasicTrainer:
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         micro = self.eval_batch_size // world
         sums = torch.zeros(2, device=self.accelerator.device)
+        metric_sums = MetricSums()
         for start in range(0, len(self.eval_examples), self.eval_batch_size):
             mine = self.eval_examples[start + rank * micro : start + (rank + 1) * micro]
-            loss_sum = self.batch_loss(
-                model, self.to_device(collate(mine or self.eval_examples[:1], self.pad_token_id))
-            )
+            loss_sum = self.batch_loss(model, self.to_device(self.collate(mine or self.eval_examples[:1])))
             if mine:
                 sums += torch.stack([loss_sum.total.float(), loss_sum.count.float()])
+                metric_sums.add(loss_sum.metrics)
         self.model.train()
         sums = self.accelerator.reduce(sums, reduction="sum")
-        return {"loss/eval": (sums[0] / sums[1].clamp(min=1)).item()}
+        return {"loss/eval": (sums[0] / sums[1].clamp(min=1)).item(), **metric_sums.reduce(self.accelerator, "eval")}
 
     def log(self, metrics: dict[str, float]) -> None:
         """Append to metrics.jsonl, send to the enabled trackers, and print a line (main process only)."""
@@ -566,13 +582,42 @@ class StopRequest:
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def fingerprint(examples: list[Example]) -> str:
-    """A hash of the tokenized training data, to tell on resume whether the data changed."""
+def fingerprint(examples: list) -> str:
+    """A hash of the tokenized training data (any example type), to tell on resume whether the data changed.
+    Only token ids, labels and flags count: precomputed reference log-probs do not."""
     digest = hashlib.sha256()
-    for example in examples:
-        digest.update(np.asarray(example.input_ids, dtype=np.int64).tobytes())
-        digest.update(np.asarray(example.labels, dtype=np.int64).tobytes())
+    for item in examples:
+        for example in (getattr(item, "chosen", None), getattr(item, "rejected", None), getattr(item, "example", item)):
+            if isinstance(example, Example):
+                digest.update(np.asarray(example.input_ids, dtype=np.int64).tobytes())
+                digest.update(np.asarray(example.labels, dtype=np.int64).tobytes())
+        digest.update(str(getattr(item, "desirable", "")).encode())
     return digest.hexdigest()
+
+
+class MetricSums:
+    """Sums and counts of a step's (or an evaluation's) metrics, over micro-batches, then over processes."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, metrics: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for name, (total, count) in metrics.items():
+            pair = torch.stack([total.detach().float().sum(), torch.as_tensor(count).float().sum().to(total.device)])
+            self.sums[name] = [self.sums[name][0] + pair] if name in self.sums else [pair]
+
+    def reduce(self, accelerator: Accelerator, split: str) -> dict[str, float]:
+        """Means over every process, named for the split: "rewards/chosen" -> "rewards_train/chosen"."""
+        if not self.sums:
+            return {}
+        names = sorted(self.sums)
+        totals = accelerator.reduce(torch.stack([self.sums[n][0] for n in names]), reduction="sum")
+        return {_split_name(n, split): (t[0] / t[1].clamp(min=1)).item() for n, t in zip(names, totals, strict=True)}
+
+
+def _split_name(name: str, split: str) -> str:
+    group, _, metric = name.partition("/")
+    return f"{group}_{split}/{metric}" if metric else f"{group}_{split}"
 
 
 def check_disk_space(run_dir: Path, model) -> None:

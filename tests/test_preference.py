@@ -1,0 +1,188 @@
+"""Preference trainers through the real CLI on the tiny model, and the README's "add a loss" example, executed."""
+
+import json
+import math
+import re
+
+import pytest
+
+from conftest import REPO, read_metrics, run_cli
+
+pytestmark = pytest.mark.slow
+PREF = ["model=tiny", "datasets=[data/demo/pref_train.jsonl]", "eval_datasets=[data/demo/pref_eval.jsonl]"]
+
+
+def evals(run_dir) -> list[dict]:
+    return [m for m in read_metrics(run_dir) if "loss/eval" in m]
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tiny_cache):
+    result = run_cli(
+        [
+            *PREF,
+            "loss=dpo",
+            f"cache_dir={tiny_cache}",
+            "exp_name=dpo",
+            "lr=1e-3",
+            "n_epochs=2",
+            "eval_every_steps=17",
+            "log_every_steps=1",
+        ]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tiny_cache / "dpo"
+
+
+def test_dpo_starts_at_ln2_and_learns_the_preference(dpo_run):
+    first, last = evals(dpo_run)[0], evals(dpo_run)[-1]
+    assert first["step"] == 0 and first["loss/eval"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["rewards_eval/margins"] == pytest.approx(0, abs=1e-6)
+    assert read_metrics(dpo_run)[1]["loss/train"] == pytest.approx(math.log(2), abs=1e-6)  # step 1, before its update
+    assert last["rewards_eval/accuracies"] > 0.9 and last["loss/eval"] < 0.3
+    names = {
+        "loss/train",
+        "rewards_train/chosen",
+        "rewards_train/rejected",
+        "rewards_train/accuracies",
+        "rewards_train/margins",
+        "logps_train/chosen",
+        "logps_train/rejected",
+    }
+    assert names <= set(read_metrics(dpo_run)[-1])
+
+
+def test_simpo_learns_without_a_reference_model(tiny_cache):
+    result = run_cli(
+        [
+            *PREF,
+            "loss=simpo",
+            f"cache_dir={tiny_cache}",
+            "exp_name=simpo",
+            "lr=1e-3",
+            "n_epochs=2",
+            "eval_every_steps=17",
+        ]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert evals(tiny_cache / "simpo")[-1]["rewards_eval/accuracies"] > 0.9
+    assert result.stderr.count("model: ") == 1  # one model loaded: the policy
+
+
+@pytest.mark.parametrize("loss", ["cdpo", "ipo"])
+def test_cdpo_and_ipo_learn(tiny_cache, loss):
+    result = run_cli([*PREF, f"loss={loss}", f"cache_dir={tiny_cache}", f"exp_name={loss}", "lr=1e-3", "max_steps=20"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, last = evals(tiny_cache / loss)[0], evals(tiny_cache / loss)[-1]
+    assert last["loss/eval"] < first["loss/eval"] and last["rewards_eval/accuracies"] > 0.9
+
+
+def test_precomputed_reference_matches_the_live_reference_and_is_reused(tiny_cache, dpo_run):
+    args = [
+        *PREF,
+        "loss=dpo",
+        f"cache_dir={tiny_cache}",
+        "lr=1e-3",
+        "n_epochs=2",
+        "eval_every_steps=17",
+        "log_every_steps=1",
+    ]
+    first = run_cli([*args, "exp_name=dpo_pre", "reference.precompute=true"])
+    assert first.returncode == 0 and "precomputing reference log-probs for 168 pairs" in first.stderr
+    again = run_cli([*args, "exp_name=dpo_pre2", "reference.precompute=true"])
+    assert again.returncode == 0 and "no reference model is loaded" in again.stderr
+    assert again.stderr.count("model: ") == 1
+    live = [m["loss/train"] for m in read_metrics(dpo_run) if "loss/train" in m]
+    for name in ("dpo_pre", "dpo_pre2"):
+        cached = [m["loss/train"] for m in read_metrics(tiny_cache / name) if "loss/train" in m]
+        assert cached == pytest.approx(live, rel=1e-4)
+
+
+def test_lora_dpo_uses_the_base_as_reference(tiny_cache):
+    result = run_cli(
+        [
+            *PREF,
+            "loss=dpo",
+            f"cache_dir={tiny_cache}",
+            "exp_name=dpo_lora",
+            "++model.use_peft=true",
+            "lr=1e-2",
+            "max_steps=10",
+        ]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("model: ") == 1  # no second copy
+    first, last = evals(tiny_cache / "dpo_lora")[0], evals(tiny_cache / "dpo_lora")[-1]
+    assert first["loss/eval"] == pytest.approx(math.log(2), abs=1e-6) and last["loss/eval"] < first["loss/eval"]
+
+
+def test_kto_and_pt_run_and_their_losses_fall(tiny_cache):
+    kto = run_cli(
+        [
+            "model=tiny",
+            "loss=kto",
+            f"cache_dir={tiny_cache}",
+            "exp_name=kto",
+            "datasets=[data/demo/kto_train.jsonl]",
+            "lr=1e-3",
+            "n_epochs=2",
+            "log_every_steps=1",
+        ]
+    )
+    assert kto.returncode == 0, kto.stderr[-3000:]
+    rows = read_metrics(tiny_cache / "kto")
+    assert "kl_train" in rows[-1] and "rewards_train/chosen" in rows[-1]
+    assert sum(m["loss/train"] for m in rows[-5:]) < sum(m["loss/train"] for m in rows[:5])
+    pt = run_cli(
+        [
+            "model=tiny",
+            "loss=pt",
+            f"cache_dir={tiny_cache}",
+            "exp_name=pt",
+            "datasets=[data/demo/text.jsonl]",
+            "model.batch_size=4",
+            "lr=3e-3",
+            "n_epochs=3",
+            "log_every_steps=1",
+        ]
+    )
+    assert pt.returncode == 0, pt.stderr[-3000:]
+    losses = [m["loss/train"] for m in read_metrics(tiny_cache / "pt")]
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_sft_data_given_to_dpo_is_a_clear_error(tiny_cache):
+    result = run_cli(
+        ["model=tiny", "loss=dpo", f"cache_dir={tiny_cache}", "exp_name=wrong", "datasets=[data/demo/train.jsonl]"]
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "this loss trains on prompt/chosen/rejected rows, but this file holds conversation rows" in result.stderr
+
+
+def test_the_readme_add_a_loss_example_runs(tiny_cache, tmp_path, monkeypatch):
+    """Executes the README's Python and YAML blocks verbatim, then trains with loss=hinge through launch.main."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Adding a loss") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    yaml = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
+    (tmp_path / "loss").mkdir()
+    (tmp_path / "loss" / "hinge.yaml").write_text(yaml)
+    monkeypatch.chdir(REPO)
+    import launch
+
+    args = [
+        *PREF,
+        "loss=hinge",
+        "loss.beta=0.5",
+        f"cache_dir={tiny_cache}",
+        "exp_name=hinge",
+        "lr=1e-3",
+        "max_steps=20",
+        f"hydra.searchpath=[file://{tmp_path}]",
+    ]
+    assert launch.main(args) == 0
+    run = evals(tiny_cache / "hinge")
+    assert run[0]["loss/eval"] == pytest.approx(1.0, abs=1e-6)  # policy == reference: margin 0, hinge 1
+    assert run[-1]["loss/eval"] < 0.9 and run[-1]["rewards_eval/accuracies"] > 0.9
+    assert json.loads((tiny_cache / "hinge" / "summary.json").read_text())["step"] == 17  # 140 pairs // 8

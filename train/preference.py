@@ -1,0 +1,302 @@
+"""Preference trainers: the paired family (DPO, cDPO, IPO, SimPO) and KTO, which hold a frozen reference model.
+
+`PairedPreferenceTrainer` runs chosen and rejected responses through the policy in one concatenated forward and
+averages the loss over every pair of the global batch. A subclass only implements `loss` (see `DPOTrainer`).
+
+The reference model is frozen (eval mode, no gradients, no optimizer state) and placed like the policy (sharded
+under FSDP). With LoRA there is no second copy: the reference is the policy with its adapters disabled. With
+`reference.precompute=true` the reference log-probs are computed once, cached in safetensors under a hash of the
+data and the model, and training then runs with no reference model in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from train.data import IGNORE_INDEX, Example, PairExample, UnpairedExample, collate
+from train.errors import HalyardError
+from train.losses import LossSum, PreferenceLoss, dpo_loss, ipo_loss, kto_loss, sequence_logps, simpo_loss
+from train.trainers import BasicTrainer, SFTTrainer, register_trainer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PairLogps:
+    """Summed log-probs of each pair's responses (pairs,), and their token counts (for length normalization)."""
+
+    policy_chosen: torch.Tensor
+    policy_rejected: torch.Tensor
+    reference_chosen: torch.Tensor | None
+    reference_rejected: torch.Tensor | None
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+
+
+class ReferenceMixin:
+    """The frozen reference: a separate model, the policy without its LoRA adapters, or precomputed log-probs."""
+
+    uses_reference = True
+
+    def setup_reference(self, reference_model) -> None:
+        self.reference_model = reference_model
+        if reference_model is not None:
+            reference_model.eval()
+            reference_model.requires_grad_(False)
+
+    @torch.no_grad()
+    def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(rows,) summed log-probs of the batch's responses under the reference model."""
+        if "reference_logps" in batch:
+            return batch["reference_logps"]
+        if self.reference_model is not None:
+            with self.accelerator.autocast():
+                logits = self.reference_model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                ).logits
+        else:  # LoRA: the base model is the policy with its adapters switched off
+            policy = self.accelerator.unwrap_model(self.model)
+            if not hasattr(policy, "disable_adapter"):
+                raise HalyardError(
+                    "no reference model: this loss needs one (or ++model.use_peft=true, or reference.precompute)"
+                )
+            with policy.disable_adapter(), self.accelerator.autocast():
+                logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return sequence_logps(logits, batch["labels"])[0]
+
+
+class PairedPreferenceTrainer(ReferenceMixin, BasicTrainer):
+    """Chosen and rejected through the policy in one forward; the loss is the mean over all pairs of the step."""
+
+    data_kind = "paired"
+
+    def __init__(self, cfg, *args, reference_model=None, **kwargs):
+        super().__init__(cfg, *args, **kwargs)
+        self.loss_config = cfg.loss
+        self.setup_reference(reference_model if self.uses_reference else None)
+
+    def loss(self, logps: PairLogps) -> PreferenceLoss:
+        """The per-pair loss and implicit rewards: the one method a paired loss implements."""
+        raise NotImplementedError
+
+    def collate(self, pairs: list[PairExample]) -> dict[str, torch.Tensor]:
+        """Rows 0..n-1 are the chosen responses, rows n..2n-1 the rejected ones, in the same order."""
+        batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], self.pad_token_id)
+        if pairs[0].reference_chosen is not None:
+            values = [p.reference_chosen for p in pairs] + [p.reference_rejected for p in pairs]
+            batch["reference_logps"] = torch.tensor(values, dtype=torch.float32)
+        return batch
+
+    def loss_units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.tensor(batch["input_ids"].shape[0] // 2)
+
+    def batch_loss(self, model, batch: dict[str, torch.Tensor]) -> LossSum:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        policy, tokens = sequence_logps(logits, batch["labels"])
+        del logits  # the largest tensor of the step: free it before the reference forward
+        reference = self.reference_logps(batch) if self.uses_reference else None
+        n = policy.shape[0] // 2
+        result = self.loss(
+            PairLogps(
+                policy[:n], policy[n:], *(reference[:n], reference[n:]) if reference is not None else (None, None),
+                tokens[:n], tokens[n:],
+            )
+        )  # fmt: skip
+        count = torch.tensor(n, device=policy.device)
+        metrics = {
+            "rewards/chosen": (result.chosen_rewards, count),
+            "rewards/rejected": (result.rejected_rewards, count),
+            "rewards/accuracies": ((result.chosen_rewards > result.rejected_rewards).float(), count),
+            "rewards/margins": (result.chosen_rewards - result.rejected_rewards, count),
+            "logps/chosen": (policy[:n].detach(), count),
+            "logps/rejected": (policy[n:].detach(), count),
+        }
+        return LossSum(result.losses.sum(), count, metrics)
+
+    @torch.no_grad()
+    def precompute_reference(self, cache: Path) -> None:
+        """Reference log-probs of every train and eval pair, computed once, saved to `cache`; then free the model."""
+        logger.info(f"precomputing reference log-probs for {len(self.train_examples) + len(self.eval_examples)} pairs")
+        tensors = {}
+        for split, pairs in (("train", self.train_examples), ("eval", self.eval_examples)):
+            values = []
+            for start in range(0, len(pairs), self.eval_batch_size):
+                chunk = pairs[start : start + self.eval_batch_size]
+                batch = self.to_device(
+                    collate([p.chosen for p in chunk] + [p.rejected for p in chunk], self.pad_token_id)
+                )
+                values.append(self.reference_logps(batch).float().cpu().view(2, -1).T)
+            tensors[split] = torch.cat(values) if values else torch.zeros(0, 2)
+        if self.accelerator.is_main_process:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            partial = cache.with_suffix(".partial")
+            save_file(tensors, str(partial))
+            partial.rename(cache)
+        attach_reference(self.train_examples, self.eval_examples, tensors)
+        self.reference_model = None  # training needs no reference model from here on
+        self.accelerator.wait_for_everyone()
+
+
+def attach_reference(train: list[PairExample], evaluation: list[PairExample], tensors: dict[str, torch.Tensor]) -> None:
+    for pairs, values in ((train, tensors["train"]), (evaluation, tensors["eval"])):
+        for pair, (chosen, rejected) in zip(pairs, values.tolist(), strict=True):
+            pair.reference_chosen, pair.reference_rejected = chosen, rejected
+
+
+def reference_cache_path(cache_dir: str, model_path: str, dtype: str, train: list, evaluation: list) -> Path:
+    """${cache_dir}/reference_logps/<hash of the tokenized pairs, the reference weights and dtype>.safetensors"""
+    from train.trainers import fingerprint
+
+    digest = hashlib.sha256(f"{fingerprint(train)}|{fingerprint(evaluation)}|{dtype}".encode())
+    for file in sorted(Path(model_path).glob("*")):
+        if file.suffix in (".safetensors", ".json", ".bin"):
+            digest.update(
+                file.name.encode() + str(file.stat().st_size).encode() + str(file.stat().st_mtime_ns).encode()
+            )
+    return Path(cache_dir) / "reference_logps" / f"{digest.hexdigest()[:20]}.safetensors"
+
+
+def load_reference_cache(path: Path, train: list, evaluation: list) -> bool:
+    """Attach cached reference log-probs if `path` exists; return whether it did."""
+    if not path.exists():
+        return False
+    attach_reference(train, evaluation, load_file(str(path)))
+    logger.info(f"reusing reference log-probs cached in {path}: no reference model is loaded")
+    return True
+
+
+@register_trainer
+class DPOTrainer(PairedPreferenceTrainer):
+    """DPO; with loss.label_smoothing (loss=cdpo), conservative DPO."""
+
+    def loss(self, logps: PairLogps) -> PreferenceLoss:
+        smoothing = getattr(self.loss_config, "label_smoothing", 0.0)
+        return dpo_loss(
+            logps.policy_chosen, logps.policy_rejected, logps.reference_chosen, logps.reference_rejected,
+            beta=self.loss_config.beta, label_smoothing=smoothing,
+        )  # fmt: skip
+
+
+@register_trainer
+class IPOTrainer(PairedPreferenceTrainer):
+    def loss(self, logps: PairLogps) -> PreferenceLoss:
+        return ipo_loss(
+            logps.policy_chosen, logps.policy_rejected, logps.reference_chosen, logps.reference_rejected,
+            tau=self.loss_config.tau,
+        )  # fmt: skip
+
+
+@register_trainer
+class SimPOTrainer(PairedPreferenceTrainer):
+    uses_reference = False  # reference-free: no reference model is loaded at all
+
+    def loss(self, logps: PairLogps) -> PreferenceLoss:
+        return simpo_loss(
+            logps.policy_chosen, logps.policy_rejected, logps.chosen_tokens, logps.rejected_tokens,
+            beta=self.loss_config.beta, gamma_beta_ratio=self.loss_config.gamma_beta_ratio,
+        )  # fmt: skip
+
+
+@register_trainer
+class KTOTrainer(ReferenceMixin, BasicTrainer):
+    """KTO on unpaired examples. The KL reference point is estimated on mismatched pairs (each prompt with the next
+    example's completion) in the same forward, detached, and averaged over every process."""
+
+    data_kind = "unpaired"
+
+    def __init__(self, cfg, *args, reference_model=None, **kwargs):
+        super().__init__(cfg, *args, **kwargs)
+        self.loss_config = cfg.loss
+        self.setup_reference(reference_model)
+
+    def collate(self, items: list[UnpairedExample]) -> dict[str, torch.Tensor]:
+        """Rows 0..n-1: each prompt with its completion; rows n..2n-1: each prompt with the next one's completion."""
+        matched = [item.example for item in items]
+        mismatched = [_join(matched[i], matched[(i + 1) % len(matched)]) for i in range(len(matched))]
+        batch = collate(matched + mismatched, self.pad_token_id)
+        batch["desirable"] = torch.tensor([item.desirable for item in items])
+        return batch
+
+    def loss_units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.tensor(batch["desirable"].shape[0])
+
+    def batch_loss(self, model, batch: dict[str, torch.Tensor]) -> LossSum:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        policy = sequence_logps(logits, batch["labels"])[0]
+        del logits
+        reference = self.reference_logps(batch)
+        n = batch["desirable"].shape[0]
+        kl_sums = torch.stack(
+            [(policy[n:] - reference[n:]).detach().sum(), torch.tensor(float(n), device=policy.device)]
+        )
+        kl_sums = self.accelerator.reduce(kl_sums, reduction="sum")
+        kl = (kl_sums[0] / kl_sums[1]).clamp(min=0)
+        desirable = batch["desirable"]
+        losses, rewards = kto_loss(
+            policy[:n], reference[:n], desirable, kl, self.loss_config.beta,
+            self.loss_config.desirable_weight, self.loss_config.undesirable_weight,
+        )  # fmt: skip
+        count = torch.tensor(n, device=policy.device)
+        metrics = {
+            "rewards/chosen": (rewards * desirable, desirable.sum()),
+            "rewards/rejected": (rewards * ~desirable, (~desirable).sum()),
+            "logps/chosen": (policy[:n].detach() * desirable, desirable.sum()),
+            "logps/rejected": (policy[:n].detach() * ~desirable, (~desirable).sum()),
+            "kl": (kl * n, count),
+        }
+        return LossSum(losses.sum(), count, metrics)
+
+
+def _join(prompt_from: Example, completion_from: Example) -> Example:
+    """The prompt of one example followed by the completion of another (prompt tokens unsupervised)."""
+    split_a = _prompt_length(prompt_from)
+    split_b = _prompt_length(completion_from)
+    ids = prompt_from.input_ids[:split_a] + completion_from.input_ids[split_b:]
+    return Example(ids, [IGNORE_INDEX] * split_a + completion_from.labels[split_b:])
+
+
+def _prompt_length(example: Example) -> int:
+    return next(i for i, label in enumerate(example.labels) if label != IGNORE_INDEX)
+
+
+@register_trainer
+class PretrainTrainer(SFTTrainer):
+    """Continued pretraining: the SFT loss on plain text rows, every token supervised."""
+
+    data_kind = "text"
+
+
+def build_reference(cfg, accelerator, fsdp, train: list, evaluation: list, trainer_class):
+    """The reference model for `trainer_class`, or None (reference-free, LoRA, or cached log-probs)."""
+    from train.distributed import shard_model
+    from train.models import build_model
+
+    if not getattr(trainer_class, "uses_reference", False):
+        return None, None
+    cache = None
+    if cfg.reference.precompute:
+        if trainer_class.data_kind != "paired":
+            raise HalyardError(
+                "reference.precompute=true works with the paired losses (dpo, cdpo, ipo); KTO compares mismatched pairs that change every step"
+            )
+        cache = reference_cache_path(cfg.cache_dir, cfg.model.name_or_path, cfg.model.dtype, train, evaluation)
+        if load_reference_cache(cache, train, evaluation):
+            return None, None
+    if cfg.model.use_peft:
+        return None, cache  # the policy with its adapters disabled
+    settings = type(cfg.model)(**{**cfg.model.__dict__, "use_peft": False, "gradient_checkpointing": False})
+    reference = build_model(settings, cfg.seed, sharded=fsdp is not None)
+    if fsdp is not None:
+        reference = shard_model(reference, fsdp, accelerator.device, bf16=cfg.model.dtype == "bfloat16")
+    else:
+        reference = reference.to(accelerator.device)
+    with contextlib.suppress(AttributeError):
+        reference.config.use_cache = False
+    return reference, cache
