@@ -2,6 +2,8 @@
 
     python scripts/benchmark.py preprocess [--rows 20000] [--repeats 3] [--tokenizer DIR]
 
+    python scripts/benchmark.py reference-memory [--steps 6]
+
 preprocess: tokenization throughput (rows/s) of the data pipeline on a synthetic multi-turn chat set, uncached with
 1 and 2 processes (data.num_proc) and cached (a second run with the same inputs), medians over repeats, measured
 side by side in one invocation.
@@ -104,6 +106,25 @@ def bench_preprocess(args) -> str:
     return "\n".join(lines)
 
 
+def bench_reference_memory(args) -> str:
+    """DPO on SmolLM2-135M: peak memory with a live reference model vs reference log-probs precomputed and cached."""
+    import subprocess
+
+    work = Path(tempfile.mkdtemp(prefix="halyard-bench-"))
+    base = [sys.executable, str(REPO / "launch.py"), "loss=dpo", "model=smollm2", f"cache_dir={work}",
+            "datasets=[data/demo/pref_train.jsonl]", f"max_steps={args.steps}", "log_every_steps=100"]  # fmt: skip
+    runs = (("live reference model", ["exp_name=live"]),
+            ("precompute (first run: computes and caches)", ["exp_name=pre1", "reference.precompute=true"]),
+            ("precompute (cached: no reference model loaded)", ["exp_name=pre2", "reference.precompute=true"]))  # fmt: skip
+    lines = ["| DPO, SmolLM2-135M | peak RSS (MB) | seconds per step |", "|---|---|---|"]
+    for label, extra in runs:
+        subprocess.run(base + extra, check=True, cwd=REPO, capture_output=True)
+        summary = json.loads((work / extra[0].split("=")[1] / "summary.json").read_text())
+        per_step = summary["train_seconds"] / summary["step"]
+        lines.append(f"| {label} | {summary['peak_memory_mb']:,.0f} | {per_step:.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -112,13 +133,12 @@ def main() -> None:
     pre.add_argument("--repeats", type=int, default=3)
     default_tokenizer = Path.home() / ".cache" / "halyard" / "models" / "SmolLM2-135M-Instruct"
     pre.add_argument("--tokenizer", default=str(default_tokenizer), help="tokenizer folder (default: SmolLM2's)")
+    memory = sub.add_parser("reference-memory")
+    memory.add_argument("--steps", type=int, default=6)
     args = parser.parse_args()
-    table = bench_preprocess(args)
+    table = bench_preprocess(args) if args.what == "preprocess" else bench_reference_memory(args)
     command = "python scripts/benchmark.py " + " ".join(sys.argv[1:])
-    print(
-        f"`{command}` on {platform.processor() or platform.machine()}, {args.rows} synthetic chat rows, "
-        f"{args.repeats} repeats, tokenizer {Path(args.tokenizer).name}\n"
-    )
+    print(f"`{command}` on {platform.processor() or platform.machine()}\n")
     print(table)
 
 

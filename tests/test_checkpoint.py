@@ -105,11 +105,11 @@ BASE = [
 ]
 
 
-def run(cache, name, extra=(), faults=None, launcher=None):
+def run(cache, name, extra=(), faults=None, launcher=None, base=BASE):
     if faults:
         os.environ["HALYARD_FAULTS"] = faults
     try:
-        return run_cli([*BASE, f"cache_dir={cache}", f"exp_name={name}", *extra], launcher=launcher)
+        return run_cli([*base, f"cache_dir={cache}", f"exp_name={name}", *extra], launcher=launcher)
     finally:
         os.environ.pop("HALYARD_FAULTS", None)
 
@@ -281,3 +281,20 @@ def test_resumed_run_continues_the_same_wandb_run(tiny_cache):
     assert run(tiny_cache, "wandb_resume", common).returncode == 0
     runs = sorted((tiny_cache / "wandb_resume" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
+
+
+@pytest.mark.slow
+def test_dpo_resume_is_exact(tiny_cache):
+    pref = [
+        "loss=dpo",
+        "model=tiny",
+        "datasets=[data/demo/pref_train.jsonl]",
+        "eval_datasets=[data/demo/pref_eval.jsonl]",
+    ]
+    base = [*pref, "lr=1e-3", "log_every_steps=1", "eval_every_steps=100"]
+    common = ["n_epochs=2", "max_steps=22", "save_every_steps=100", "resume_from_checkpoint=auto"]
+    assert run(tiny_cache, "dpo_ref", common, base=base).returncode == 0
+    assert run(tiny_cache, "dpo_cut", common, faults="sigterm@9", base=base).returncode == 75
+    assert run(tiny_cache, "dpo_cut", common, base=base).returncode == 0  # from 9, across the epoch boundary at 17
+    assert_same_run(tiny_cache / "dpo_ref", tiny_cache / "dpo_cut")
+    assert "rewards_train/accuracies" in read_metrics(tiny_cache / "dpo_cut")[-1]

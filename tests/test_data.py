@@ -284,3 +284,13 @@ def test_preview_script_marks_spans_and_dumps_rows(tmp_path, tiny_cache):
     assert "length histogram" in result.stdout and "data: 123 examples from 123 rows" in result.stdout
     rows = [json.loads(line) for line in dump.read_text().splitlines()]
     assert len(rows) == 2 and len(rows[0]["input_ids"]) == len(rows[0]["labels"])
+
+
+def test_no_examples_left_after_filtering_is_an_error(tmp_path, tiny_tokenizers):
+    from train.data import build_datasets
+
+    cfg = demo_config(tmp_path, "model.max_length=16", "data.truncation=drop")
+    with pytest.raises(
+        DataError, match=r"no training examples left: train: 0 examples from 123 rows; 123 dropped as longer"
+    ):
+        build_datasets(cfg, tiny_tokenizers["chatml"])

@@ -2,9 +2,19 @@
 
 import math
 
+import pytest
 import torch
 
-from train.losses import IGNORE_INDEX, count_loss_units, masked_nll_sum
+from train.losses import (
+    IGNORE_INDEX,
+    count_loss_units,
+    dpo_loss,
+    ipo_loss,
+    kto_loss,
+    masked_nll_sum,
+    sequence_logps,
+    simpo_loss,
+)
 
 
 def test_masked_nll_sum_matches_hand_derived_value():
@@ -64,3 +74,53 @@ def test_masked_nll_equals_the_models_own_loss(tiny_cache):
     output = model(input_ids=input_ids, labels=labels)
     ours = masked_nll_sum(output.logits, labels)
     assert torch.allclose(ours.total / ours.count, output.loss, rtol=1e-6)
+
+
+# ---- preference losses, against hand-derived values ----
+
+PC, PR, RC, RR = (torch.tensor([v]) for v in (-1.0, -2.0, -1.5, -1.5))  # margin of log-ratios: 1
+
+
+def test_dpo_hand_derived():
+    result = dpo_loss(PC, PR, RC, RR, beta=0.5)
+    assert result.losses.item() == pytest.approx(math.log(1 + math.exp(-0.5)), rel=1e-6)  # -log sigmoid(0.5)
+    assert (result.chosen_rewards.item(), result.rejected_rewards.item()) == pytest.approx((0.25, -0.25))
+
+
+def test_dpo_is_ln2_when_policy_equals_reference():
+    logps = torch.tensor([-3.0, -7.5])
+    assert torch.allclose(dpo_loss(logps, logps * 2, logps, logps * 2, beta=0.1).losses, torch.full((2,), math.log(2)))
+
+
+def test_cdpo_hand_derived():
+    expected = 0.8 * math.log(1 + math.exp(-0.5)) + 0.2 * math.log(1 + math.exp(0.5))
+    assert dpo_loss(PC, PR, RC, RR, beta=0.5, label_smoothing=0.2).losses.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_ipo_hand_derived():
+    assert ipo_loss(PC, PR, RC, RR, tau=0.25).losses.item() == pytest.approx((1 - 1 / 0.5) ** 2)
+
+
+def test_simpo_hand_derived():
+    # mean log-probs -4/2 = -2 and -9/3 = -3; beta 2, gamma/beta 0.5: logits = -2 + 3 - 0.5 = 0.5
+    result = simpo_loss(torch.tensor([-4.0]), torch.tensor([-9.0]), torch.tensor([2]), torch.tensor([3]), 2.0, 0.5)
+    assert result.losses.item() == pytest.approx(math.log(1 + math.exp(-1.0)), rel=1e-6)
+    assert (result.chosen_rewards.item(), result.rejected_rewards.item()) == pytest.approx((-4.0, -6.0))
+
+
+def test_kto_hand_derived():
+    policy, reference = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.5])  # log-ratios 0.5 and -0.5
+    losses, rewards = kto_loss(policy, reference, torch.tensor([True, False]), torch.tensor(0.25), 1.0, 1.0, 2.0)
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    assert losses.tolist() == pytest.approx([1 - sigmoid(0.5 - 0.25), 2 * (1 - sigmoid(0.25 + 0.5))], rel=1e-6)
+    assert rewards.tolist() == pytest.approx([0.5, -0.5])
+
+
+def test_sequence_logps_matches_log_softmax_gather():
+    logits = torch.randn(2, 5, 7, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([[IGNORE_INDEX, 3, 4, IGNORE_INDEX, IGNORE_INDEX], [1, 2, 3, 4, 5]])
+    logps, counts = sequence_logps(logits, labels)
+    log_probs = torch.log_softmax(logits, dim=-1)
+    expected = [log_probs[0, 0, 3] + log_probs[0, 1, 4], sum(log_probs[1, t, labels[1, t + 1]] for t in range(4))]
+    assert torch.allclose(logps, torch.stack(expected), atol=1e-6)
+    assert counts.tolist() == [2, 4]

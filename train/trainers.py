@@ -188,6 +188,7 @@ class BasicTrainer:
                     raise TrainingStopped(self.stop_request.signal_name or "a signal", self.step)
         self.summary["tokens_per_second"] = self.throughput.tokens / max(self.throughput.seconds, 1e-9)
         self.summary["skipped_nonfinite_steps"] = self.skipped_steps
+        self.summary.update(peak_memory())
 
     def checkpoint_due(self) -> bool:
         # The last step needs none: FINAL/ follows it.
@@ -580,6 +581,15 @@ class StopRequest:
             os.kill(os.getpid(), signal.SIGTERM)
         if fault_at("double_sigterm", step):
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+def peak_memory() -> dict[str, object]:
+    """Peak memory of this process: CUDA memory allocated by tensors on a GPU, else the resident set size."""
+    if torch.cuda.is_available():
+        return {"peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20, "peak_memory_kind": "cuda_allocated"}
+    import resource
+
+    return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_memory_kind": "cpu_rss"}
 
 
 def fingerprint(examples: list) -> str:
