@@ -124,3 +124,30 @@ def test_sequence_logps_matches_log_softmax_gather():
     expected = [log_probs[0, 0, 3] + log_probs[0, 1, 4], sum(log_probs[1, t, labels[1, t + 1]] for t in range(4))]
     assert torch.allclose(logps, torch.stack(expected), atol=1e-6)
     assert counts.tolist() == [2, 4]
+
+
+@pytest.mark.parametrize("reduction", ["token", "sequence"])
+def test_lean_loss_equals_the_naive_loss_with_its_gradients(tiny_cache, reduction):
+    """Projection at supervised positions only, float32 in chunks: same loss and gradients as full logits."""
+    from transformers import AutoModelForCausalLM
+
+    from train.losses import selected_nll_sum, supervised_positions
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_cache / "tiny-llama")
+    input_ids = torch.randint(0, model.config.vocab_size, (3, 20), generator=torch.Generator().manual_seed(1))
+    labels = input_ids.clone()
+    labels[:, :8] = IGNORE_INDEX
+    labels[2, 14:] = IGNORE_INDEX
+    naive = masked_nll_sum(model(input_ids=input_ids).logits, labels, reduction)
+    (naive.total / naive.count).backward()
+    naive_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    keep = supervised_positions(labels)
+    logits = model(input_ids=input_ids, logits_to_keep=keep).logits
+    assert logits.shape == (int(keep.sum()), model.config.vocab_size)
+    lean = selected_nll_sum(logits, labels, keep, reduction, chunk_size=7)
+    (lean.total / lean.count).backward()
+    assert lean.count == naive.count
+    assert lean.total.item() == pytest.approx(naive.total.item(), rel=1e-6)
+    for name, parameter in model.named_parameters():
+        assert torch.allclose(parameter.grad, naive_grads[name], rtol=1e-5, atol=1e-8), name

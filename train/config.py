@@ -239,6 +239,9 @@ class Config:
         0, "At each evaluation, generate answers to this many held-out prompts (samples.jsonl)."
     )
     eval_samples_max_new_tokens: int = setting(64, "Longest generated answer for eval_samples, in tokens.")
+    peak_flops_per_second: float | None = setting(
+        None, "Peak FLOP/s per process for mfu; null: the GPU's datasheet bf16 rate, or a matmul rate measured on CPU."
+    )
     save_every_steps: int | None = setting(
         None, "Write a resumable checkpoint ${run_dir}/step-<N>/ every this many steps; null: none."
     )

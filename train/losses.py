@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 IGNORE_INDEX = -100
 
@@ -52,6 +53,43 @@ def masked_nll_sum(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 
     has_tokens = tokens_per_row > 0
     row_means = token_nll.sum(dim=1)[has_tokens] / tokens_per_row[has_tokens]
     return LossSum(total=row_means.sum(), count=has_tokens.sum())
+
+
+def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(batch, seq) bool: positions whose next token is supervised, i.e. where logits are needed for the loss."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return keep
+
+
+def selected_nll_sum(
+    logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, reduction: str = "token", chunk_size: int = 4096
+) -> LossSum:
+    """The same loss as `masked_nll_sum`, from logits computed only at the supervised positions.
+
+    logits: (n_kept, vocab), the model's output for `logits_to_keep=keep` (row-major order of `keep`).
+    labels: (batch, seq); keep: (batch, seq) bool from `supervised_positions`.
+    The float32 log-softmax runs in chunks of `chunk_size` positions under activation checkpointing, so at most one
+    chunk of float32 logits exists at a time, in the forward and in the backward pass.
+    """
+    targets = labels[:, 1:][keep[:, :-1]]
+    if targets.numel() == 0:
+        return LossSum(total=logits.sum() * 0.0, count=targets.new_zeros(()))
+    nll = torch.cat([
+        torch.utils.checkpoint.checkpoint(_chunk_nll, chunk, target, use_reentrant=False)
+        for chunk, target in zip(logits.split(chunk_size), targets.split(chunk_size), strict=True)
+    ])  # fmt: skip
+    if reduction == "token":
+        return LossSum(total=nll.sum(), count=torch.tensor(targets.numel(), device=nll.device))
+    rows = keep.nonzero()[:, 0]
+    per_row = torch.zeros(labels.shape[0], device=nll.device).index_add(0, rows, nll)
+    tokens_per_row = torch.bincount(rows, minlength=labels.shape[0])
+    has_tokens = tokens_per_row > 0
+    return LossSum(total=(per_row[has_tokens] / tokens_per_row[has_tokens]).sum(), count=has_tokens.sum())
+
+
+def _chunk_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), targets, reduction="none")
 
 
 # ---- preference losses ----

@@ -41,8 +41,9 @@ from train.distributed import (
 )
 from train.errors import ConfigError, DataError, HalyardError
 from train.faults import fault_at
-from train.losses import LossSum, count_loss_units, masked_nll_sum
+from train.losses import LossSum, count_loss_units, selected_nll_sum, supervised_positions
 from train.progress import Progress
+from train.throughput import Throughput, peak_flops_per_second, step_counts
 from train.utils import config_yaml
 
 logger = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ class BasicTrainer:
             self.model, self.optimizer = accelerator.prepare(model, optimizer)
         warmup_steps = round(cfg.warmup_ratio * self.total_steps)
         self.scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, self.total_steps)
-        self.throughput = Throughput()
+        self.throughput = self.build_throughput(cfg)
         self.summary: dict[str, object] = {}
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.step = 0  # optimizer steps completed
@@ -134,6 +135,18 @@ class BasicTrainer:
         self.data_fingerprint = fingerprint(train_examples)
         if self.save_every_steps and accelerator.is_main_process:
             check_disk_space(self.run_dir, self.model)
+
+    def build_throughput(self, cfg: Config) -> Throughput:
+        model = self.accelerator.unwrap_model(self.model)
+        config = model.config
+        peak = peak_flops_per_second(cfg.peak_flops_per_second, self.accelerator.device, cfg.model.dtype == "bfloat16")
+        return Throughput(
+            n_parameters=sum(p.numel() for p in model.parameters()),
+            n_layers=config.num_hidden_layers,
+            hidden_size=config.hidden_size,
+            peak_flops=peak,
+            n_processes=self.accelerator.num_processes,
+        )
 
     # ---- hooks for subclasses ----
 
@@ -186,7 +199,9 @@ class BasicTrainer:
                     self.save_checkpoint()
                 if stop:
                     raise TrainingStopped(self.stop_request.signal_name or "a signal", self.step)
-        self.summary["tokens_per_second"] = self.throughput.tokens / max(self.throughput.seconds, 1e-9)
+        seconds = max(self.throughput.seconds, 1e-9)
+        self.summary["tokens_per_second"] = self.throughput.tokens / seconds
+        self.summary["supervised_tokens_per_second"] = self.throughput.supervised_tokens / seconds
         self.summary["skipped_nonfinite_steps"] = self.skipped_steps
         self.summary.update(peak_memory())
 
@@ -199,7 +214,7 @@ class BasicTrainer:
         """Run one optimizer step, then log and evaluate when due. Returns whether any process was asked to stop."""
         started = time.perf_counter()
         metrics = self.train_step(micro_batches)
-        self.throughput.add(metrics.pop("tokens"), self.batch_size, time.perf_counter() - started)
+        self.throughput.add(metrics.pop("counts"), self.batch_size, time.perf_counter() - started)
         stop = metrics.pop("stop")
         is_last = self.step == self.total_steps
         row: dict[str, float] = {"step": self.step}
@@ -256,9 +271,9 @@ class BasicTrainer:
             loss_total += loss_sum.total.detach()
             metric_sums.add(loss_sum.metrics)
         self.stop_request.inject_faults(self.step)
-        tokens = sum(batch["attention_mask"].sum() for batch in batches)
+        counts = step_counts(batches).to(loss_total)
         stop_flag = torch.tensor(float(self.stop_request.requested), device=loss_total.device)
-        totals = self.accelerator.reduce(torch.stack([loss_total, tokens.to(loss_total), stop_flag]), reduction="sum")
+        totals = self.accelerator.reduce(torch.cat([torch.stack([loss_total, stop_flag]), counts]), reduction="sum")
         loss = (totals[0] / global_units).item()
         metrics = metric_sums.reduce(self.accelerator, "train")
         grad_norm = clip_gradients(self.accelerator, self.model, self.max_grad_norm or math.inf)
@@ -272,8 +287,8 @@ class BasicTrainer:
             "loss/train": loss,
             **metrics,
             "grad_norm": grad_norm,
-            "tokens": int(totals[1]),
-            "stop": bool(totals[2] > 0),
+            "counts": totals[2:],
+            "stop": bool(totals[1] > 0),
         }
 
     def handle_nonfinite(self, loss: float, grad_norm: float) -> None:
@@ -436,7 +451,7 @@ class BasicTrainer:
             "sharded": sharded,
             "use_peft": self.use_peft,
             "skipped_steps": self.skipped_steps,
-            "throughput": vars(self.throughput),
+            "throughput": self.throughput.state(),
             "summary": self.summary,
             "data_fingerprint": self.data_fingerprint,
             "wandb_run_id": getattr(tracker, "id", None),
@@ -465,7 +480,7 @@ class BasicTrainer:
         self.scheduler.load_state_dict(json.loads((directory / "scheduler.json").read_text()))
         checkpoint.load_rng_state(directory, rank % state["world_size"])
         self.step, self.skipped_steps = state["step"], state["skipped_steps"]
-        vars(self.throughput).update(state["throughput"])
+        self.throughput.restore(state["throughput"])
         self.summary.update(state["summary"])
         if self.accelerator.is_main_process:
             for logged in (self.metrics_path, self.run_dir / "samples.jsonl"):
@@ -499,35 +514,6 @@ class BasicTrainer:
             self.summary["final_dir"] = str(final.resolve())
             logger.info(f"saved {final.resolve()}")
         self.accelerator.end_training()
-
-
-class Throughput:
-    """Counts examples and real (non-padding) tokens, and the seconds spent in training steps (not in evaluation).
-
-    `report()` gives running totals and the tokens per second since the previous report.
-    """
-
-    def __init__(self) -> None:
-        self.examples = self.tokens = 0
-        self.seconds = 0.0
-        self.window_tokens, self.window_seconds = 0, 0.0
-
-    def add(self, tokens: int, examples: int, seconds: float) -> None:
-        self.examples += examples
-        self.tokens += tokens
-        self.seconds += seconds
-        self.window_tokens += tokens
-        self.window_seconds += seconds
-
-    def report(self) -> dict[str, float]:
-        rate = self.window_tokens / self.window_seconds if self.window_seconds else 0.0
-        self.window_tokens, self.window_seconds = 0, 0.0
-        return {
-            "examples": self.examples,
-            "tokens": self.tokens,
-            "tokens_per_second": rate,
-            "train_seconds": self.seconds,
-        }
 
 
 class TrainingStopped(HalyardError):
@@ -666,5 +652,9 @@ class SFTTrainer(BasicTrainer):
         return count_loss_units(batch["labels"], self.reduction)
 
     def batch_loss(self, model, batch: dict[str, torch.Tensor]) -> LossSum:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return masked_nll_sum(logits, batch["labels"], self.reduction)
+        # The output projection runs only where a label follows (logits_to_keep): full-vocabulary logits of
+        # prompt and padding positions are never computed, let alone upcast to float32.
+        keep = supervised_positions(batch["labels"])
+        inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
+        logits = model(**inputs, logits_to_keep=keep).logits
+        return selected_nll_sum(logits, batch["labels"], keep, self.reduction)

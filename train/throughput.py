@@ -1,0 +1,127 @@
+"""Honest throughput: what was computed, what was useful, and how close to the hardware's peak.
+
+Definitions (per logged window, over all processes, over the seconds spent in training steps only):
+- tokens_per_second: real input tokens (prompt and response; padding excluded).
+- supervised_tokens_per_second: tokens that carry a label (the ones the loss learns from).
+- padding_fraction: padded slots / all slots of the micro-batches (0 when packed without padding).
+- mfu: model FLOPs / (seconds x peak FLOP/s x processes). Model FLOPs per step = 6 x parameters x real tokens
+  (forward and backward of every weight, the PaLM convention) + 6 x layers x hidden size x sum over examples of
+  length^2 (causal attention scores and values, forward and backward). Padding and recomputation are not counted:
+  it is the useful work. The peak is `peak_flops_per_second`, or by default the GPU's datasheet dense bf16 rate, or
+  on CPU a matmul rate measured at start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, FLOP/s.
+GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
+
+
+def peak_flops_per_second(configured: float | None, device: torch.device, bf16: bool) -> float:
+    if configured:
+        return configured
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in GPU_PEAK_BF16.items():
+            if key in name:
+                return flops
+    return measure_matmul_flops(device, torch.bfloat16 if bf16 else torch.float32)
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 5) -> float:
+    """Median FLOP/s of a square matmul: the practical ceiling of this device for dense layers."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    times = []
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        (a @ b).sum().item()  # .item() waits for the device
+        times.append(time.perf_counter() - started)
+    return 2 * size**3 / statistics.median(times[1:])
+
+
+def example_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(examples,) lengths of the examples in a micro-batch, padded or packed (position_ids restart per example)."""
+    if "position_ids" in batch:
+        starts = (batch["position_ids"] == 0).flatten().nonzero().flatten()
+        ends = torch.cat([starts[1:], torch.tensor([batch["position_ids"].numel()], device=starts.device)])
+        return ends - starts
+    return batch["attention_mask"].sum(dim=1)
+
+
+def step_counts(batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """(4,) float: real tokens, supervised tokens, slots, and the sum of squared example lengths of a step."""
+    totals = torch.zeros(4, dtype=torch.float64)
+    for batch in batches:
+        lengths = example_lengths(batch).double().cpu()
+        supervised = (batch["labels"][..., 1:] != -100).sum().item()
+        totals += torch.tensor(
+            [lengths.sum().item(), supervised, batch["input_ids"].numel(), (lengths**2).sum().item()]
+        )
+    return totals
+
+
+class Throughput:
+    """Running totals and windowed rates, from the all-reduced counts of each step."""
+
+    def __init__(
+        self,
+        n_parameters: int = 0,
+        n_layers: int = 0,
+        hidden_size: int = 0,
+        peak_flops: float = 0.0,
+        n_processes: int = 1,
+    ):
+        self.flops_per_token = 6 * n_parameters
+        self.attention_flops_per_length_squared = 6 * n_layers * hidden_size
+        self.peak = peak_flops * n_processes
+        self.examples = self.tokens = self.supervised_tokens = 0
+        self.seconds = 0.0
+        self.window = torch.zeros(4, dtype=torch.float64)
+        self.window_seconds = 0.0
+
+    def add(self, counts: torch.Tensor, examples: int, seconds: float) -> None:
+        counts = counts.double().cpu()
+        self.examples += examples
+        self.tokens += int(counts[0])
+        self.supervised_tokens += int(counts[1])
+        self.seconds += seconds
+        self.window += counts
+        self.window_seconds += seconds
+
+    def report(self) -> dict[str, float]:
+        tokens, supervised, slots, lengths_squared = self.window.tolist()
+        seconds = self.window_seconds or float("inf")
+        flops = self.flops_per_token * tokens + self.attention_flops_per_length_squared * lengths_squared
+        self.window.zero_()
+        self.window_seconds = 0.0
+        return {
+            "examples": self.examples,
+            "tokens": self.tokens,
+            "supervised_tokens": self.supervised_tokens,
+            "tokens_per_second": tokens / seconds,
+            "supervised_tokens_per_second": supervised / seconds,
+            "padding_fraction": 1 - tokens / slots if slots else 0.0,
+            "mfu": flops / seconds / self.peak if self.peak else 0.0,
+            "train_seconds": self.seconds,
+        }
+
+    def state(self) -> dict[str, object]:
+        return {
+            "examples": self.examples,
+            "tokens": self.tokens,
+            "supervised_tokens": self.supervised_tokens,
+            "seconds": self.seconds,
+        }
+
+    def restore(self, state: dict[str, object]) -> None:
+        self.examples, self.tokens, self.seconds = state["examples"], state["tokens"], state["seconds"]
+        self.supervised_tokens = state.get("supervised_tokens", 0)
