@@ -82,6 +82,7 @@ def run(cfg) -> None:
     started = time.perf_counter()
     from train.data import build_datasets
     from train.distributed import fsdp_settings_from_launcher
+    from train.errors import HalyardError
     from train.models import build_model, build_tokenizer
     from train.preference import build_reference
     from train.trainers import get_trainer_class
@@ -94,6 +95,10 @@ def run(cfg) -> None:
     prepare_run_dir(cfg, accelerator)
     tokenizer = build_tokenizer(cfg.model)
     kind = trainer_class.data_kind
+    if cfg.data.packing and kind not in ("sft", "text"):
+        raise HalyardError(
+            f"data.packing=true works with loss=sft and loss=pt, not loss={cfg.loss.name}; set data.packing=false"
+        )
     train_data, eval_data, data_stats = build_datasets(cfg, tokenizer, kind, accelerator.main_process_first)
     fsdp = fsdp_settings_from_launcher()
     model = build_model(cfg.model, cfg.seed, sharded=fsdp is not None)

@@ -104,6 +104,11 @@ class DataConfig:
         [], "Per training dataset, in order: a count (>= 1, repeats data if larger) or a fraction (< 1); empty: all."
     )
     eval_split_ratio: float = setting(0.0, "Without eval_datasets, hold out this fraction of the training examples.")
+    packing: bool = setting(
+        False,
+        "Pack training examples into rows of up to model.max_length tokens (best-fit decreasing); attention stays "
+        "within each example. model.batch_size then counts packed rows.",
+    )
     n_examples: int | None = setting(None, "Cap on training examples after mixing (a seeded random subset); null: all.")
 
 

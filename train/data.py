@@ -13,9 +13,11 @@ that changes the result. With several processes, the main one prepares and the o
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import shutil
@@ -44,6 +46,19 @@ class Example:
 
     input_ids: list[int]
     labels: list[int]
+
+
+@dataclass
+class PackedExample:
+    """Several examples concatenated into one row: `lengths` gives each one's token count, in order.
+
+    Each example's first label is -100 (nothing of its own precedes it), and attention never crosses from one
+    example into another (position_ids restart at 0 per example; see `collate_packed`).
+    """
+
+    input_ids: list[int]
+    labels: list[int]
+    lengths: list[int]
 
 
 @dataclass
@@ -548,13 +563,87 @@ def build_datasets(
     train_stats.examples = len(train)
     logger.info(train_stats.describe("train", cfg.model.max_length))
     stats = {"train": dataclasses.asdict(train_stats)}
+    train_examples = to_examples(train, kind)
+    if cfg.data.packing:
+        train_examples = pack_examples(train_examples, cfg.model.max_length)
+        efficiency = packing_efficiency(train_examples, cfg.model.max_length)
+        stats["train"]["packed_rows"], stats["train"]["packing_efficiency"] = len(train_examples), efficiency
+        logger.info(
+            f"packed {train_stats.examples} examples into {len(train_examples)} rows of up to {cfg.model.max_length} tokens: efficiency {efficiency:.1%} (real tokens / slots)"
+        )
     if eval_stats is not None:
         eval_stats.examples = len(evaluation)
         logger.info(eval_stats.describe("eval", cfg.model.max_length))
         stats["eval"] = dataclasses.asdict(eval_stats)
     elif evaluation is not None:
         logger.info(f"eval: {len(evaluation)} examples held out of the training data (data.eval_split_ratio)")
-    return to_examples(train, kind), to_examples(evaluation, kind) if evaluation is not None else [], stats
+    return train_examples, to_examples(evaluation, kind) if evaluation is not None else [], stats
+
+
+def pack_examples(examples: list[Example], max_length: int) -> list[PackedExample]:
+    """Best-fit-decreasing bin packing over the whole dataset into rows of at most `max_length` tokens.
+
+    Longest first, each example goes into the open row with the least room that still fits it (a new row if none),
+    which leaves rows nearly full. Deterministic; the trainer shuffles the order of the rows every epoch.
+    """
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row index), sorted
+    for index in order:
+        length = len(examples[index].input_ids)
+        slot = bisect.bisect_left(free, (length, -1))
+        if slot < len(free):
+            room, row = free.pop(slot)
+        else:
+            room, row = max_length, len(rows)
+            rows.append([])
+        rows[row].append(index)
+        if room - length > 0:
+            bisect.insort(free, (room - length, row))
+    return [_concatenate([examples[i] for i in row]) for row in rows]
+
+
+def _concatenate(examples: list[Example]) -> PackedExample:
+    input_ids, labels = [], []
+    for example in examples:
+        input_ids += example.input_ids
+        labels += [IGNORE_INDEX, *example.labels[1:]]  # the first token is not predicted from the previous example
+    return PackedExample(input_ids, labels, [len(e.input_ids) for e in examples])
+
+
+def packing_efficiency(rows: list[PackedExample], max_length: int) -> float:
+    """Real tokens / slots of the packed rows."""
+    return sum(len(r.input_ids) for r in rows) / (len(rows) * max_length) if rows else 0.0
+
+
+def collate_packed(rows: list[PackedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Packed rows padded to the longest, with position_ids restarting at 0 for every example and no attention mask:
+    transformers then builds a block-diagonal causal mask (eager, sdpa) or varlen indices (flash-attention).
+    The padding tail forms a segment of its own with label -100. `segment_lengths` lists the real examples."""
+    longest = max(len(r.input_ids) for r in rows)
+    input_ids = torch.full((len(rows), longest), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), longest), dtype=torch.long)
+    for index, row in enumerate(rows):
+        n = len(row.input_ids)
+        input_ids[index, :n] = torch.tensor(row.input_ids)
+        labels[index, :n] = torch.tensor(row.labels)
+        position_ids[index] = torch.cat([torch.arange(length) for length in [*row.lengths, longest - n] if length])
+    lengths = torch.tensor([length for row in rows for length in row.lengths])
+    example_ids = torch.full((len(rows), longest), -1, dtype=torch.long)  # -1: padding
+    next_id = 0
+    for index, row in enumerate(rows):
+        starts = [0, *itertools.accumulate(row.lengths)]
+        for start, end in itertools.pairwise(starts):
+            example_ids[index, start:end] = next_id
+            next_id += 1
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "segment_lengths": lengths,
+        "example_ids": example_ids,
+    }
 
 
 def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:

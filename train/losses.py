@@ -23,14 +23,18 @@ class LossSum:
     metrics: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
-def count_loss_units(labels: torch.Tensor, reduction: str) -> torch.Tensor:
+def count_loss_units(labels: torch.Tensor, reduction: str, example_ids: torch.Tensor | None = None) -> torch.Tensor:
     """labels: (batch, seq) with -100 on unsupervised tokens. Returns () int64: what `masked_nll_sum` averages over.
 
     token: supervised tokens. sequence: rows with at least one supervised token. The first token of a row is never
     predicted (nothing precedes it), so only labels[:, 1:] count.
     """
     supervised = labels[:, 1:] != IGNORE_INDEX
-    return supervised.sum() if reduction == "token" else supervised.any(dim=1).sum()
+    if reduction == "token":
+        return supervised.sum()
+    if example_ids is None:  # one example per row
+        return supervised.any(dim=1).sum()
+    return torch.tensor(example_ids[:, 1:][supervised].unique().numel())
 
 
 def masked_nll_sum(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "token") -> LossSum:
@@ -63,12 +67,18 @@ def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
 
 
 def selected_nll_sum(
-    logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, reduction: str = "token", chunk_size: int = 4096
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    keep: torch.Tensor,
+    reduction: str = "token",
+    chunk_size: int = 4096,
+    example_ids: torch.Tensor | None = None,
 ) -> LossSum:
     """The same loss as `masked_nll_sum`, from logits computed only at the supervised positions.
 
     logits: (n_kept, vocab), the model's output for `logits_to_keep=keep` (row-major order of `keep`).
     labels: (batch, seq); keep: (batch, seq) bool from `supervised_positions`.
+    example_ids: (batch, seq) int, which example each token belongs to (packed rows hold several); default: its row.
     The float32 log-softmax runs in chunks of `chunk_size` positions under activation checkpointing, so at most one
     chunk of float32 logits exists at a time, in the forward and in the backward pass.
     """
@@ -81,9 +91,10 @@ def selected_nll_sum(
     ])  # fmt: skip
     if reduction == "token":
         return LossSum(total=nll.sum(), count=torch.tensor(targets.numel(), device=nll.device))
-    rows = keep.nonzero()[:, 0]
-    per_row = torch.zeros(labels.shape[0], device=nll.device).index_add(0, rows, nll)
-    tokens_per_row = torch.bincount(rows, minlength=labels.shape[0])
+    rows = keep.nonzero()[:, 0] if example_ids is None else example_ids[keep]
+    n_examples = int(rows.max()) + 1
+    per_row = torch.zeros(n_examples, device=nll.device).index_add(0, rows, nll)
+    tokens_per_row = torch.bincount(rows, minlength=n_examples)
     has_tokens = tokens_per_row > 0
     return LossSum(total=(per_row[has_tokens] / tokens_per_row[has_tokens]).sum(), count=has_tokens.sum())
 

@@ -50,22 +50,19 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1
 
 def example_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(examples,) lengths of the examples in a micro-batch, padded or packed (position_ids restart per example)."""
-    if "position_ids" in batch:
-        starts = (batch["position_ids"] == 0).flatten().nonzero().flatten()
-        ends = torch.cat([starts[1:], torch.tensor([batch["position_ids"].numel()], device=starts.device)])
-        return ends - starts
+    if "segment_lengths" in batch:
+        return batch["segment_lengths"]
     return batch["attention_mask"].sum(dim=1)
 
 
 def step_counts(batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-    """(4,) float: real tokens, supervised tokens, slots, and the sum of squared example lengths of a step."""
-    totals = torch.zeros(4, dtype=torch.float64)
+    """(5,) float: real tokens, supervised tokens, slots, the sum of squared example lengths, and examples."""
+    totals = torch.zeros(5, dtype=torch.float64)
     for batch in batches:
         lengths = example_lengths(batch).double().cpu()
         supervised = (batch["labels"][..., 1:] != -100).sum().item()
-        totals += torch.tensor(
-            [lengths.sum().item(), supervised, batch["input_ids"].numel(), (lengths**2).sum().item()]
-        )
+        squares = (lengths**2).sum().item()
+        totals += torch.tensor([lengths.sum().item(), supervised, batch["input_ids"].numel(), squares, len(lengths)])
     return totals
 
 
@@ -85,12 +82,12 @@ class Throughput:
         self.peak = peak_flops * n_processes
         self.examples = self.tokens = self.supervised_tokens = 0
         self.seconds = 0.0
-        self.window = torch.zeros(4, dtype=torch.float64)
+        self.window = torch.zeros(5, dtype=torch.float64)
         self.window_seconds = 0.0
 
-    def add(self, counts: torch.Tensor, examples: int, seconds: float) -> None:
+    def add(self, counts: torch.Tensor, seconds: float) -> None:
         counts = counts.double().cpu()
-        self.examples += examples
+        self.examples += int(counts[4])
         self.tokens += int(counts[0])
         self.supervised_tokens += int(counts[1])
         self.seconds += seconds
@@ -98,7 +95,7 @@ class Throughput:
         self.window_seconds += seconds
 
     def report(self) -> dict[str, float]:
-        tokens, supervised, slots, lengths_squared = self.window.tolist()
+        tokens, supervised, slots, lengths_squared, _examples = self.window.tolist()
         seconds = self.window_seconds or float("inf")
         flops = self.flops_per_token * tokens + self.attention_flops_per_length_squared * lengths_squared
         self.window.zero_()

@@ -28,7 +28,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from train import checkpoint
 from train.config import Config
-from train.data import IGNORE_INDEX, Example, collate
+from train.data import IGNORE_INDEX, Example, PackedExample, collate, collate_packed
 from train.distributed import (
     FsdpSettings,
     clip_gradients,
@@ -127,6 +127,8 @@ class BasicTrainer:
         warmup_steps = round(cfg.warmup_ratio * self.total_steps)
         self.scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, self.total_steps)
         self.throughput = self.build_throughput(cfg)
+        if train_examples and isinstance(train_examples[0], PackedExample):
+            verify_packing_isolation(self.accelerator.unwrap_model(self.model), cfg.model.attn_implementation)
         self.summary: dict[str, object] = {}
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.step = 0  # optimizer steps completed
@@ -159,7 +161,9 @@ class BasicTrainer:
         raise NotImplementedError
 
     def collate(self, examples: list) -> dict[str, torch.Tensor]:
-        """Tensors of one micro-batch (padded to its longest example)."""
+        """Tensors of one micro-batch (padded to its longest example or packed row)."""
+        if isinstance(examples[0], PackedExample):
+            return collate_packed(examples, self.pad_token_id)
         return collate(examples, self.pad_token_id)
 
     # ---- the loop ----
@@ -214,7 +218,7 @@ class BasicTrainer:
         """Run one optimizer step, then log and evaluate when due. Returns whether any process was asked to stop."""
         started = time.perf_counter()
         metrics = self.train_step(micro_batches)
-        self.throughput.add(metrics.pop("counts"), self.batch_size, time.perf_counter() - started)
+        self.throughput.add(metrics.pop("counts"), time.perf_counter() - started)
         stop = metrics.pop("stop")
         is_last = self.step == self.total_steps
         row: dict[str, float] = {"step": self.step}
@@ -569,6 +573,36 @@ class StopRequest:
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+@torch.no_grad()
+def verify_packing_isolation(model, attn_implementation: str) -> None:
+    """Run two short examples packed into one row and separately: their logits must agree, or packing would let
+    examples attend to each other. Checked on the real model before training, never assumed."""
+    from train.data import collate_packed
+
+    was_training = model.training
+    model.eval()
+    vocab = model.config.vocab_size
+    first, second = (torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 7))
+    row = _concatenate_for_check(first, second)
+    batch = collate_packed([row], pad_token_id=0)
+    device = next(model.parameters()).device
+    packed = model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device)).logits[0]
+    alone = [model(input_ids=torch.tensor([ids], device=device)).logits[0] for ids in (first, second)]
+    difference = (packed - torch.cat(alone)).abs().max().item()
+    model.train(was_training)
+    if difference > 1e-3:
+        raise HalyardError(
+            f"data.packing=true would let packed examples attend to each other with "
+            f"model.attn_implementation={attn_implementation} (logits differ by {difference:.3g}); use sdpa, eager or "
+            f"flash_attention_2, or set data.packing=false"
+        )
+    logger.info(f"packing verified: packed and separate logits agree to {difference:.1e}")
+
+
+def _concatenate_for_check(first: list[int], second: list[int]) -> PackedExample:
+    return PackedExample(first + second, [IGNORE_INDEX] * (len(first) + len(second)), [len(first), len(second)])
+
+
 def peak_memory() -> dict[str, object]:
     """Peak memory of this process: CUDA memory allocated by tensors on a GPU, else the resident set size."""
     if torch.cuda.is_available():
@@ -649,7 +683,7 @@ class SFTTrainer(BasicTrainer):
         self.reduction = cfg.loss.reduction
 
     def loss_units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return count_loss_units(batch["labels"], self.reduction)
+        return count_loss_units(batch["labels"], self.reduction, batch.get("example_ids"))
 
     def batch_loss(self, model, batch: dict[str, torch.Tensor]) -> LossSum:
         # The output projection runs only where a label follows (logits_to_keep): full-vocabulary logits of
@@ -657,4 +691,4 @@ class SFTTrainer(BasicTrainer):
         keep = supervised_positions(batch["labels"])
         inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
         logits = model(**inputs, logits_to_keep=keep).logits
-        return selected_nll_sum(logits, batch["labels"], keep, self.reduction)
+        return selected_nll_sum(logits, batch["labels"], keep, self.reduction, example_ids=batch.get("example_ids"))

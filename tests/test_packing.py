@@ -1,0 +1,119 @@
+"""Packing: exact rows, no cross-contamination, and the same loss and gradients as the examples unpacked."""
+
+import pytest
+import torch
+
+from conftest import DEMO_TRAIN, read_metrics, run_cli
+from train.data import IGNORE_INDEX, Example, PackedExample, collate, collate_packed, pack_examples, packing_efficiency
+from train.errors import HalyardError
+from train.losses import count_loss_units, selected_nll_sum, supervised_positions
+from train.trainers import verify_packing_isolation
+
+
+def example(length: int, start: int) -> Example:
+    ids = list(range(start, start + length))
+    return Example(ids, [IGNORE_INDEX] * 2 + ids[2:])
+
+
+def test_best_fit_decreasing_rows_are_exact():
+    examples = [example(n, 10 * i) for i, n in enumerate([6, 3, 5, 2, 4])]
+    rows = pack_examples(examples, max_length=8)
+    # Longest first: 6 opens row 0; 5 opens row 1; 4 opens row 2; 3 fits best in row 1 (room 3); 2 in row 0 (room 2).
+    assert [row.lengths for row in rows] == [[6, 2], [5, 3], [4]]
+    assert rows[0].input_ids == examples[0].input_ids + examples[3].input_ids
+    assert rows[0].labels == examples[0].labels + [IGNORE_INDEX, IGNORE_INDEX]  # each start is never a target
+    assert packing_efficiency(rows, 8) == pytest.approx(20 / 24)
+    batch = collate_packed(rows, pad_token_id=0)
+    assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 5, 0, 1]
+    assert batch["position_ids"][2].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]  # the padding tail is its own segment
+    assert batch["labels"][2, 4:].tolist() == [IGNORE_INDEX] * 4
+    assert batch["example_ids"][1].tolist() == [2, 2, 2, 2, 2, 3, 3, 3] and batch["segment_lengths"].tolist() == [
+        6,
+        2,
+        5,
+        3,
+        4,
+    ]
+    assert "attention_mask" not in batch
+
+
+@pytest.fixture(scope="module")
+def model_and_examples(tiny_cache):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_cache / "tiny-llama", attn_implementation="sdpa")
+    model.config.use_cache = False
+    generator = torch.Generator().manual_seed(0)
+    examples = []
+    for length in (9, 30, 4, 17, 23, 12):
+        ids = torch.randint(0, model.config.vocab_size, (length,), generator=generator).tolist()
+        prompt = length // 3
+        examples.append(Example(ids, [IGNORE_INDEX] * prompt + ids[prompt:]))
+    return model, examples
+
+
+@pytest.mark.parametrize("reduction", ["token", "sequence"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_loss_and_gradients_equal_unpacked(model_and_examples, reduction, attn):
+    model, examples = model_and_examples
+    model.config._attn_implementation = attn
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        keep = supervised_positions(batch["labels"])
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        result = selected_nll_sum(
+            model(**inputs, logits_to_keep=keep).logits,
+            batch["labels"],
+            keep,
+            reduction,
+            example_ids=batch.get("example_ids"),
+        )
+        units = count_loss_units(batch["labels"], reduction, batch.get("example_ids"))
+        assert units == result.count
+        (result.total / result.count).backward()
+        return (result.total / result.count).item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    unpacked_loss, unpacked_grads = loss_and_grads(collate(examples, pad_token_id=0))
+    rows = pack_examples(examples, max_length=48)
+    assert len(rows) < len(examples)
+    packed_loss, packed_grads = loss_and_grads(collate_packed(rows, pad_token_id=0))
+    assert packed_loss == pytest.approx(unpacked_loss, rel=1e-5)
+    for name, grad in unpacked_grads.items():
+        assert (packed_grads[name] - grad).norm() <= 1e-5 * grad.norm() + 1e-9, name
+
+
+def test_a_backend_that_lets_examples_attend_to_each_other_is_refused(model_and_examples):
+    model, _ = model_and_examples
+    model.config._attn_implementation = "sdpa"
+    verify_packing_isolation(model, "sdpa")
+    model.config.use_cache = True  # transformers then ignores the restarting position_ids: contamination
+    try:
+        with pytest.raises(HalyardError, match="would let packed examples attend to each other"):
+            verify_packing_isolation(model, "sdpa")
+    finally:
+        model.config.use_cache = False
+
+
+@pytest.mark.slow
+def test_packed_training_through_the_cli(tiny_cache):
+    args = [
+        "model=tiny",
+        f"cache_dir={tiny_cache}",
+        f"datasets=[{DEMO_TRAIN}]",
+        "lr=3e-3",
+        "n_epochs=3",
+        "log_every_steps=5",
+    ]
+    result = run_cli([*args, "exp_name=packed", "data.packing=true", "model.batch_size=2"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "packing verified" in result.stderr and "efficiency" in result.stderr
+    rows = read_metrics(tiny_cache / "packed")
+    assert rows[-1]["loss/train"] < 0.7 * rows[0]["loss/train"]
+    assert rows[-1]["padding_fraction"] < 0.15 and rows[-1]["examples"] == 3 * 123
+    refused = run_cli([*args, "exp_name=packed_dpo", "loss=dpo", "data.packing=true"])
+    assert refused.returncode == 2 and "data.packing=true works with loss=sft and loss=pt" in refused.stderr
+
+
+def test_packed_example_type():
+    assert PackedExample([1], [IGNORE_INDEX], [1]).lengths == [1]
