@@ -3,6 +3,13 @@
     python scripts/benchmark.py preprocess [--rows 20000] [--repeats 3] [--tokenizer DIR]
 
     python scripts/benchmark.py reference-memory [--steps 6]
+    python scripts/benchmark.py sft [--steps 12] [--out docs/BENCHMARKS.md]
+
+sft: supervised fine-tuning throughput and peak memory, side by side, each run in its own process: Halyard unpacked,
+Halyard packed, TRL's SFTTrainer (the optional `bench` extra) and a bare PyTorch loop over Halyard's packed batches
+(the ceiling). Same ~28M-parameter Llama (random init, SmolLM2's 49k vocabulary), same tokenized multi-turn chat data
+with skewed lengths, same labels, sequence length, batch of 8 and AdamW. Rates are supervised tokens per second:
+the supervised tokens of the examples consumed, divided by steps, over the median step time (after 2 warm-up steps).
 
 preprocess: tokenization throughput (rows/s) of the data pipeline on a synthetic multi-turn chat set, uncached with
 1 and 2 processes (data.num_proc) and cached (a second run with the same inputs), medians over repeats, measured
@@ -12,6 +19,7 @@ side by side in one invocation.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import random
@@ -125,6 +133,118 @@ def bench_reference_memory(args) -> str:
     return "\n".join(lines)
 
 
+SFT_CHILD = r"""
+import json, resource, statistics, sys, time
+sys.path.insert(0, REPO)
+import torch
+mode, work, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+torch.manual_seed(0)
+from transformers import AutoModelForCausalLM
+examples = [json.loads(l) for l in open(work + "/tokenized.jsonl")]
+model = AutoModelForCausalLM.from_pretrained(work + "/model", attn_implementation="sdpa")
+model.config.use_cache = False
+times = []
+if mode == "trl":
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+    rows = [{"input_ids": e["input_ids"], "completion_mask": [0] + [int(l != -100) for l in e["labels"][1:]]} for e in examples]
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw): self.t = time.perf_counter()
+        def on_step_end(self, args, state, control, **kw): times.append(time.perf_counter() - self.t)
+    config = SFTConfig(output_dir=work + "/trl", max_length=512, per_device_train_batch_size=8, num_train_epochs=1,
+                       learning_rate=1e-4, lr_scheduler_type="constant", logging_steps=1000, save_strategy="no",
+                       report_to=[], completion_only_loss=True, dataset_num_proc=None, use_cpu=True, seed=0)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows[: steps * 8]), callbacks=[Clock()])
+    trainer.train()
+    supervised = sum(sum(r["completion_mask"]) for r in rows[: steps * 8])
+else:
+    from train.data import Example, collate, collate_packed, pack_examples
+    from train.losses import selected_nll_sum, supervised_positions
+    items = [Example(e["input_ids"], e["labels"]) for e in examples]
+    rows = pack_examples(items, 512)[: steps * 8]
+    batches = [collate_packed(rows[i : i + 8], 0) for i in range(0, len(rows), 8)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for batch in batches:
+        started = time.perf_counter()
+        loss = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"]).loss
+        loss.backward(); optimizer.step(); optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - started)
+    supervised = sum((b["labels"][:, 1:] != -100).sum().item() for b in batches)
+rate = supervised / len(times) / statistics.median(times[2:])
+print(json.dumps({"rate": rate, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "steps": len(times)}))
+"""
+
+
+def bench_sft(args) -> str:
+    """Halyard (unpacked, packed), TRL and a bare loop, each in its own process, on the same model and data."""
+    import subprocess
+
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from train.config import DataConfig
+    from train.data import load_examples
+
+    work = Path(tempfile.mkdtemp(prefix="halyard-bench-sft-"))
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id, use_cache=False)  # fmt: skip
+    torch_model = LlamaForCausalLM(config)
+    n_params = sum(p.numel() for p in torch_model.parameters())
+    torch_model.save_pretrained(work / "model")
+    tokenizer.save_pretrained(work / "model")
+    data = work / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_chat_rows(args.steps * 8 * 3, seed=1)))
+    examples, _ = load_examples([str(data)], tokenizer, DataConfig(), max_length=512)
+    (work / "tokenized.jsonl").write_text(
+        "".join(json.dumps({"input_ids": e.input_ids, "labels": e.labels}) + "\n" for e in examples)
+    )
+    lengths = [len(e.input_ids) for e in examples]
+
+    results = {}
+    for name in ("halyard, unpacked", "halyard, packed"):
+        packing = "true" if "packed" in name and "un" not in name else "false"
+        run_dir = work / name.replace(", ", "_")
+        command = [sys.executable, str(REPO / "launch.py"), "model=tiny", f"++model.name_or_path={work / 'model'}",
+                   f"cache_dir={work}", f"exp_name={run_dir.name}", f"datasets=[{data}]", "model.max_length=512",
+                   "model.batch_size=8", f"max_steps={args.steps}", "n_epochs=100", "log_every_steps=1", "lr=1e-4", "warmup_ratio=0",
+                   "model.max_grad_norm=null", f"data.packing={packing}"]  # fmt: skip
+        subprocess.run(command, check=True, cwd=REPO, capture_output=True)
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        step_seconds = statistics.median(
+            b["train_seconds"] - a["train_seconds"] for a, b in itertools.pairwise(rows[2:])
+        )
+        supervised_per_step = rows[-1]["supervised_tokens"] / len(rows)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        results[name] = {"rate": supervised_per_step / step_seconds, "peak_mb": summary["peak_memory_mb"]}
+    for mode, name in (("trl", "TRL SFTTrainer (dynamic padding)"), ("bare", "bare PyTorch loop, packed batches")):
+        child = SFT_CHILD.replace("REPO", repr(str(REPO)))
+        output = subprocess.run(
+            [sys.executable, "-c", child, mode, str(work), str(args.steps)],
+            check=True,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
+        results[name] = json.loads(output.stdout.strip().splitlines()[-1])
+
+    trl_rate = results["TRL SFTTrainer (dynamic padding)"]["rate"]
+    lines = [
+        f"Model: Llama, {n_params / 1e6:.1f}M parameters (hidden 256, 4 layers, vocab {len(tokenizer)}); "
+        f"{len(examples)} examples, lengths {min(lengths)}-{max(lengths)} tokens (median {statistics.median(lengths):.0f}); "
+        f"batch 8, max_length 512, AdamW, {args.steps} steps per run.",
+        "",
+        "| run | supervised tokens/s | vs TRL | peak RSS (MB) |",
+        "|---|---|---|---|",
+        *(
+            f"| {name} | {r['rate']:,.0f} | {r['rate'] / trl_rate:.2f}x | {r['peak_mb']:,.0f} |"
+            for name, r in results.items()
+        ),
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -135,8 +255,12 @@ def main() -> None:
     pre.add_argument("--tokenizer", default=str(default_tokenizer), help="tokenizer folder (default: SmolLM2's)")
     memory = sub.add_parser("reference-memory")
     memory.add_argument("--steps", type=int, default=6)
+    sft = sub.add_parser("sft")
+    sft.add_argument("--steps", type=int, default=12)
+    sft.add_argument("--tokenizer", default=str(default_tokenizer))
     args = parser.parse_args()
-    table = bench_preprocess(args) if args.what == "preprocess" else bench_reference_memory(args)
+    runners = {"preprocess": bench_preprocess, "reference-memory": bench_reference_memory, "sft": bench_sft}
+    table = runners[args.what](args)
     command = "python scripts/benchmark.py " + " ".join(sys.argv[1:])
     print(f"`{command}` on {platform.processor() or platform.machine()}\n")
     print(table)

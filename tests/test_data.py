@@ -81,7 +81,8 @@ def test_template_without_end_token_gets_a_supervised_eos(tiny_tokenizers):
         bare.chat_template = original
     assert example.input_ids[-1] == bare.eos_token_id
     assert example.labels[-1] == bare.eos_token_id
-    assert supervised_text(bare, example) == "Arr<|im_end|>"
+    # " Arr" is one token straddling the template's "assistant: " and the answer: it is what the model must emit.
+    assert supervised_text(bare, example) == " Arr<|im_end|>"
 
 
 def test_instruction_row_with_input_and_system():

@@ -96,7 +96,7 @@ def test_forced_format_and_stage_mismatch(tiny_tokenizers, tmp_path):
     with pytest.raises(DataError, match="field 'conversations' is missing"):
         parse_row({"messages": QA}, "r", DataConfig(format="sharegpt"))
     path = write_jsonl(tmp_path, [{"instruction": "q", "output": "a"}])
-    with pytest.raises(DataError, match="trains on prompt/chosen/rejected rows, but this row is conversation data"):
+    with pytest.raises(DataError, match="trains on prompt/chosen/rejected rows, but this file holds conversation rows"):
         load_examples([path], tiny_tokenizers["chatml"], KEYS, 128, kind="paired")
 
 

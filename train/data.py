@@ -134,11 +134,16 @@ def tokenize_conversation(
         labels = list(input_ids)
     else:
         labels = [IGNORE_INDEX] * len(input_ids)
-        for token_index, (start, _end) in enumerate(encoded["offset_mapping"]):
-            if any(span_start <= start < span_end for span_start, span_end in spans):
+        for token_index, (start, end) in enumerate(encoded["offset_mapping"]):
+            # A token overlapping an assistant span is supervised, also one that straddles its start (" Arr" after a
+            # template ending in "assistant:"): it is the token the model must produce there.
+            if any(start < span_end and end > span_start for span_start, span_end in spans):
                 labels[token_index] = input_ids[token_index]
 
-    last = max(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    supervised = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+    if not supervised:
+        raise DataError(f"{where}: no token of the assistant turns could be located in the rendered conversation")
+    last = supervised[-1]
     if input_ids[last] not in special_token_ids(tokenizer):
         # The template ends the last turn without an end-of-turn token: append EOS so the model learns to stop.
         input_ids = input_ids[: last + 1] + [tokenizer.eos_token_id]
