@@ -134,6 +134,8 @@ SPLITS = {  # name: (accelerate config, gradient accumulation steps, extra args)
     "2proc_fsdp_accum2": ("fsdp_cpu_2proc.yaml", 2, []),
     "1proc_accum1_sequence": (None, 1, ["loss.reduction=sequence"]),
     "2proc_fsdp_accum2_sequence": ("fsdp_cpu_2proc.yaml", 2, ["loss.reduction=sequence"]),
+    "1proc_accum1_grouped": (None, 1, ["data.group_by_length=true"]),
+    "2proc_accum2_grouped": ("cpu_2proc.yaml", 2, ["data.group_by_length=true"]),
 }
 
 
@@ -187,6 +189,7 @@ def test_processes_and_sharding_are_real(split_runs):
         ("1proc_accum1", "2proc_accum2"),
         ("1proc_accum1", "2proc_fsdp_accum2"),
         ("1proc_accum1_sequence", "2proc_fsdp_accum2_sequence"),
+        ("1proc_accum1_grouped", "2proc_accum2_grouped"),
     ],
 )
 def test_batch_split_does_not_change_the_math(split_runs, tiny_cache, reference, split):
@@ -200,6 +203,12 @@ def test_batch_split_does_not_change_the_math(split_runs, tiny_cache, reference,
     for key in one:
         # Relative to how far training moved the weights: summation order differs, so not bit-equal.
         assert (one[key] - two[key]).norm() <= 1e-5 * (one[key] - base[key]).norm(), key
+
+
+def test_group_by_length_cuts_padding(split_runs):
+    plain, grouped = (read_metrics(split_runs[name]) for name in ("1proc_accum1", "1proc_accum1_grouped"))
+    padding = [sum(m["padding_fraction"] for m in rows) / len(rows) for rows in (plain, grouped)]
+    assert padding[1] < 0.5 * padding[0]
 
 
 def test_sequence_reduction_changes_the_loss(split_runs):

@@ -109,6 +109,9 @@ class DataConfig:
         "Pack training examples into rows of up to model.max_length tokens (best-fit decreasing); attention stays "
         "within each example. model.batch_size then counts packed rows.",
     )
+    group_by_length: bool = setting(
+        False, "Without packing: batch examples of similar length together (less padding); batch order stays random."
+    )
     n_examples: int | None = setting(None, "Cap on training examples after mixing (a seeded random subset); null: all.")
 
 

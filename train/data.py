@@ -625,30 +625,20 @@ def collate_packed(rows: list[PackedExample], pad_token_id: int) -> dict[str, to
     """Packed rows padded to the longest, with position_ids restarting at 0 for every example and no attention mask:
     transformers then builds a block-diagonal causal mask (eager, sdpa) or varlen indices (flash-attention).
     The padding tail forms a segment of its own with label -100. `segment_lengths` lists the real examples."""
-    longest = max(len(r.input_ids) for r in rows)
-    input_ids = torch.full((len(rows), longest), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
-    position_ids = torch.zeros((len(rows), longest), dtype=torch.long)
-    for index, row in enumerate(rows):
-        n = len(row.input_ids)
-        input_ids[index, :n] = torch.tensor(row.input_ids)
-        labels[index, :n] = torch.tensor(row.labels)
-        position_ids[index] = torch.cat([torch.arange(length) for length in [*row.lengths, longest - n] if length])
-    lengths = torch.tensor([length for row in rows for length in row.lengths])
-    example_ids = torch.full((len(rows), longest), -1, dtype=torch.long)  # -1: padding
+    batch = collate(rows, pad_token_id)
+    del batch["attention_mask"]  # restarting position_ids without a mask is what keeps the examples apart
+    longest = batch["input_ids"].shape[1]
+    batch["position_ids"] = torch.zeros_like(batch["input_ids"])
+    batch["example_ids"] = torch.full_like(batch["input_ids"], -1)  # -1: padding
     next_id = 0
     for index, row in enumerate(rows):
-        starts = [0, *itertools.accumulate(row.lengths)]
-        for start, end in itertools.pairwise(starts):
-            example_ids[index, start:end] = next_id
+        segments = [*row.lengths, longest - len(row.input_ids)]
+        batch["position_ids"][index] = torch.cat([torch.arange(length) for length in segments if length])
+        for start, end in itertools.pairwise([0, *itertools.accumulate(row.lengths)]):
+            batch["example_ids"][index, start:end] = next_id
             next_id += 1
-    return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "position_ids": position_ids,
-        "segment_lengths": lengths,
-        "example_ids": example_ids,
-    }
+    batch["segment_lengths"] = torch.tensor([length for row in rows for length in row.lengths])
+    return batch
 
 
 def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:

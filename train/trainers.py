@@ -49,6 +49,7 @@ from train.utils import config_yaml
 logger = logging.getLogger(__name__)
 
 TRAINERS: dict[str, type[BasicTrainer]] = {}
+GROUP_BATCHES = 32  # data.group_by_length sorts runs of this many global batches by length
 
 
 def register_trainer(cls: type[BasicTrainer]) -> type[BasicTrainer]:
@@ -100,6 +101,7 @@ class BasicTrainer:
         self.save_total_limit = cfg.save_total_limit
         self.on_nonfinite = cfg.on_nonfinite
         self.resume_allow_config_change = cfg.resume_allow_config_change
+        self.group_by_length = cfg.data.group_by_length
         self.eval_samples = cfg.eval_samples
         self.eval_samples_max_new_tokens = cfg.eval_samples_max_new_tokens
 
@@ -246,11 +248,30 @@ class BasicTrainer:
         for step in range(start_step, self.total_steps):
             epoch, batch_index = divmod(step, self.steps_per_epoch)
             if step == start_step or batch_index == 0:
-                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-                order = torch.randperm(len(self.train_examples), generator=generator).tolist()
+                order = self.epoch_order(epoch)
             start = batch_index * self.batch_size + rank * per_process
             mine = [self.train_examples[i] for i in order[start : start + per_process]]
             yield epoch, [mine[i * micro : (i + 1) * micro] for i in range(self.accumulation_steps)]
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The order of the training examples in `epoch`: a seeded permutation, or with data.group_by_length, runs
+        of GROUP_BATCHES global batches sorted by length (less padding per micro-batch) with the batches shuffled."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.train_examples), generator=generator).tolist()
+        if not self.group_by_length:
+            return order
+        run = self.batch_size * GROUP_BATCHES
+        order = [i for s in range(0, len(order), run) for i in sorted(order[s : s + run], key=self.example_length)]
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        return [i for b in torch.randperm(len(batches), generator=generator).tolist() for i in batches[b]]
+
+    def example_length(self, index: int) -> int:
+        item = self.train_examples[index]
+        return sum(
+            len(e.input_ids)
+            for e in (getattr(item, "chosen", None), getattr(item, "rejected", None), getattr(item, "example", item))
+            if hasattr(e, "input_ids")
+        )
 
     def train_step(self, micro_batches: list[list[Example]]) -> dict[str, float]:
         """One optimizer step over this process's micro-batches.
