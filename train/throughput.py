@@ -4,10 +4,11 @@ Definitions (per logged window, over all processes, over the seconds spent in tr
 - tokens_per_second: real input tokens (prompt and response; padding excluded).
 - supervised_tokens_per_second: tokens that carry a label (the ones the loss learns from).
 - padding_fraction: padded slots / all slots of the micro-batches (0 when packed without padding).
-- mfu: model FLOPs / (seconds x peak FLOP/s x processes). Model FLOPs per step = 6 x parameters x real tokens
-  (forward and backward of every weight, the PaLM convention) + 6 x layers x hidden size x sum over examples of
-  length^2 (causal attention scores and values, forward and backward). Padding and recomputation are not counted:
-  it is the useful work. The peak is `peak_flops_per_second`, or by default the GPU's datasheet dense bf16 rate, or
+- mfu: model FLOPs / (seconds x peak FLOP/s x processes). Model FLOPs per step = 6 x body parameters x real tokens
+  (forward and backward of every weight but the embeddings and head, the PaLM convention) + 6 x vocabulary x hidden
+  size x supervised tokens (the output head, which only supervised positions need) + 6 x layers x hidden size x the
+  sum over examples of length^2 (causal attention, forward and backward). Padding, recomputation and the head at
+  unsupervised positions are not counted: it is the useful work. The peak is `peak_flops_per_second`, or by default the GPU's datasheet dense bf16 rate, or
   on CPU a matmul rate measured at start-up.
 """
 
@@ -71,13 +72,15 @@ class Throughput:
 
     def __init__(
         self,
-        n_parameters: int = 0,
+        n_body_parameters: int = 0,
+        head_parameters: int = 0,
         n_layers: int = 0,
         hidden_size: int = 0,
         peak_flops: float = 0.0,
         n_processes: int = 1,
     ):
-        self.flops_per_token = 6 * n_parameters
+        self.flops_per_token = 6 * n_body_parameters
+        self.flops_per_supervised_token = 6 * head_parameters
         self.attention_flops_per_length_squared = 6 * n_layers * hidden_size
         self.peak = peak_flops * n_processes
         self.examples = self.tokens = self.supervised_tokens = 0
@@ -97,7 +100,11 @@ class Throughput:
     def report(self) -> dict[str, float]:
         tokens, supervised, slots, lengths_squared, _examples = self.window.tolist()
         seconds = self.window_seconds or float("inf")
-        flops = self.flops_per_token * tokens + self.attention_flops_per_length_squared * lengths_squared
+        flops = (
+            self.flops_per_token * tokens
+            + self.flops_per_supervised_token * supervised
+            + self.attention_flops_per_length_squared * lengths_squared
+        )
         self.window.zero_()
         self.window_seconds = 0.0
         return {

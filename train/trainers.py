@@ -144,8 +144,14 @@ class BasicTrainer:
         model = self.accelerator.unwrap_model(self.model)
         config = model.config
         peak = peak_flops_per_second(cfg.peak_flops_per_second, self.accelerator.device, cfg.model.dtype == "bfloat16")
+        # The input embedding is a lookup (no FLOPs); the head is counted where the loss needs it.
+        embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+        head = config.vocab_size * config.hidden_size
+        body = sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
+        untied_head = 0 if getattr(config, "tie_word_embeddings", False) else head
         return Throughput(
-            n_parameters=sum(p.numel() for p in model.parameters()),
+            n_body_parameters=body - untied_head,
+            head_parameters=head,
             n_layers=config.num_hidden_layers,
             hidden_size=config.hidden_size,
             peak_flops=peak,
