@@ -69,7 +69,7 @@ def get_trainer_class(name: str) -> type[BasicTrainer]:
 class BasicTrainer:
     """The training loop. Subclasses define what a loss unit is and how a micro-batch's loss sum is computed."""
 
-    data_kind = "sft"  # the rows it trains on: "sft" (conversations, text), "paired" or "unpaired" (train/formats.py)
+    data_kind = "sft"  # its rows: "sft" (conversations, text), "text", "paired" or "unpaired" (train/formats.py)
 
     def __init__(
         self,
@@ -182,8 +182,9 @@ class BasicTrainer:
         Raises TrainingStopped after writing a checkpoint if SIGTERM or SIGINT arrived.
         """
         world = self.accelerator.num_processes
+        unit = "packed rows" if isinstance(self.train_examples[0], PackedExample) else "examples"
         logger.info(
-            f"training for {self.total_steps} steps ({self.steps_per_epoch} per epoch) of {self.batch_size} examples "
+            f"training for {self.total_steps} steps ({self.steps_per_epoch} per epoch) of {self.batch_size} {unit} "
             f"on {world} process(es), {self.accumulation_steps} micro-batch(es) of "
             f"{self.batch_size // world // self.accumulation_steps} each"
             + (f", from step {self.step}" if self.step else "")
