@@ -105,15 +105,19 @@ def run(cfg) -> None:
     reference, reference_cache = build_reference(cfg, accelerator, fsdp, train_data, eval_data, trainer_class)
     extra = {"reference_model": reference} if getattr(trainer_class, "uses_reference", None) is not None else {}
     trainer = trainer_class(cfg, accelerator, model, tokenizer, train_data, eval_data, fsdp=fsdp, **extra)
-    if reference_cache is not None:
-        trainer.precompute_reference(reference_cache)
-    if resume_dir:
-        trainer.load_checkpoint(resume_dir)
-    trainer.train()
-    trainer.save_final()
-    if accelerator.is_main_process:
-        wall_seconds = time.perf_counter() - started
-        write_summary(cfg.run_dir, {**trainer.summary, "wall_seconds": wall_seconds, "data": data_stats})
+    try:
+        if reference_cache is not None:
+            trainer.precompute_reference(reference_cache)
+        if resume_dir:
+            trainer.load_checkpoint(resume_dir)
+        trainer.train()
+        trainer.save_final()
+        if accelerator.is_main_process:
+            wall_seconds = time.perf_counter() - started
+            write_summary(cfg.run_dir, {**trainer.summary, "wall_seconds": wall_seconds, "data": data_stats})
+        accelerator.wait_for_everyone()  # every process leaves together
+    finally:
+        accelerator.end_training()  # closes the trackers (a stopped run's too) and the process group
 
 
 def find_checkpoint_to_resume(cfg):
@@ -174,5 +178,16 @@ def shut_down_processes() -> None:
         dist.destroy_process_group()
 
 
+def exit_process(code: int) -> None:
+    """Exit. A process of a multi-process run skips the interpreter's teardown: destroying the objects that still
+    hold communication threads (FSDP, device meshes) in arbitrary order can abort it after the work is done.
+    Everything it wrote is already closed and flushed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

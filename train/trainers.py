@@ -545,7 +545,6 @@ class BasicTrainer:
             partial.rename(final)
             self.summary["final_dir"] = str(final.resolve())
             logger.info(f"saved {final.resolve()}")
-        self.accelerator.end_training()
 
 
 class TrainingStopped(HalyardError):
