@@ -79,7 +79,7 @@ def run(cfg) -> None:
     """Build everything from the validated config, train (or resume), and save FINAL/."""
     import time
 
-    started = time.perf_counter()
+    from train.checkpoint import read_state
     from train.data import build_datasets
     from train.distributed import fsdp_settings_from_launcher
     from train.errors import HalyardError
@@ -88,6 +88,7 @@ def run(cfg) -> None:
     from train.trainers import get_trainer_class
     from train.utils import build_accelerator, prepare_run_dir, write_summary
 
+    started = time.perf_counter()
     trainer_class = get_trainer_class(cfg.loss.trainer)
     resume_dir = find_checkpoint_to_resume(cfg)
     wandb_run_id = read_state(resume_dir).get("wandb_run_id") if resume_dir else None
@@ -139,12 +140,6 @@ def find_checkpoint_to_resume(cfg):
             f"Restore them, or set resume_allow_config_change=true to continue anyway."
         )
     return resume_dir
-
-
-def read_state(checkpoint_dir):
-    from train.checkpoint import read_state as read
-
-    return read(checkpoint_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
