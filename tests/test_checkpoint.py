@@ -298,3 +298,20 @@ def test_dpo_resume_is_exact(tiny_cache):
     assert run(tiny_cache, "dpo_cut", common, base=base).returncode == 0  # from 9, across the epoch boundary at 17
     assert_same_run(tiny_cache / "dpo_ref", tiny_cache / "dpo_cut")
     assert "rewards_train/accuracies" in read_metrics(tiny_cache / "dpo_cut")[-1]
+
+
+def test_fingerprint_sees_the_tokens_of_every_example_type():
+    from train.data import Example, PackedExample, PairExample, UnpairedExample
+
+    one, two = Example([1, 2], [-100, 2]), Example([1, 3], [-100, 3])
+    for wrap in (
+        lambda e: e,
+        lambda e: PackedExample(e.input_ids, e.labels, [2]),
+        lambda e: PairExample(e, one),
+        lambda e: UnpairedExample(e, True),
+    ):
+        assert checkpoint.fingerprint([wrap(one)]) != checkpoint.fingerprint([wrap(two)])
+    # precomputed reference log-probs are not part of the data
+    assert checkpoint.fingerprint([PairExample(one, two)]) == checkpoint.fingerprint(
+        [PairExample(one, two, -1.0, -2.0)]
+    )

@@ -295,3 +295,10 @@ def test_no_examples_left_after_filtering_is_an_error(tmp_path, tiny_tokenizers)
         DataError, match=r"no training examples left: train: 0 examples from 123 rows; 123 dropped as longer"
     ):
         build_datasets(cfg, tiny_tokenizers["chatml"])
+
+
+def test_caching_can_be_turned_off(tmp_path, tiny_tokenizers):
+    from train.data import build_datasets
+
+    train, _, _ = build_datasets(demo_config(tmp_path, "data.cache_preprocessing=false"), tiny_tokenizers["chatml"])
+    assert len(train) == 123 and not (tmp_path / "preprocessed").exists()

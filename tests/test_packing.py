@@ -7,7 +7,7 @@ from conftest import DEMO_TRAIN, read_metrics, run_cli
 from train.data import IGNORE_INDEX, Example, PackedExample, collate, collate_packed, pack_examples, packing_efficiency
 from train.errors import HalyardError
 from train.losses import count_loss_units, selected_nll_sum, supervised_positions
-from train.trainers import verify_packing_isolation
+from train.models import verify_packing_isolation
 
 
 def example(length: int, start: int) -> Example:

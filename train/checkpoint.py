@@ -17,6 +17,7 @@ checkpoint and pointer intact. Everything is safetensors or JSON: loading never 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
+from train.data import token_sequences
 from train.errors import HalyardError
 
 logger = logging.getLogger(__name__)
@@ -101,6 +103,31 @@ def config_differences(saved_yaml: str, current: dict[str, object]) -> list[str]
         for key in keys
         if not key.startswith(NON_MATH_PREFIXES) and str(saved.get(key)) != str(current.get(key))
     ]
+
+
+def fingerprint(examples: list) -> str:
+    """A hash of the tokenized training data (any example type), to tell on resume whether the data changed.
+    Only token ids, labels and flags count: precomputed reference log-probs do not."""
+    digest = hashlib.sha256()
+    for item in examples:
+        for part in token_sequences(item):
+            digest.update(np.asarray(part.input_ids, dtype=np.int64).tobytes())
+            digest.update(np.asarray(part.labels, dtype=np.int64).tobytes())
+        digest.update(str(getattr(item, "desirable", "")).encode())
+    return digest.hexdigest()
+
+
+def check_disk_space(run_dir: Path, model) -> None:
+    """Refuse to start when the disk cannot hold a checkpoint (weights + two AdamW moments per trained weight)."""
+    params = list(model.parameters())
+    trained = sum(p.numel() * 4 for p in params if p.requires_grad)
+    needed = 2 * trained + sum(p.numel() * p.element_size() for p in params)
+    free = shutil.disk_usage(run_dir).free
+    if free < 1.2 * needed:
+        raise HalyardError(
+            f"not enough free disk for checkpoints in {run_dir}: one needs about {needed / 1e9:.2f} GB, "
+            f"{free / 1e9:.2f} GB are free. Free some space or set cache_dir to a larger disk."
+        )
 
 
 def save_rng_state(directory: Path, rank: int) -> None:

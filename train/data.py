@@ -78,6 +78,15 @@ class UnpairedExample:
     desirable: bool
 
 
+def token_sequences(item) -> list:
+    """The token sequences (objects with input_ids and labels) inside any example type, in a fixed order."""
+    if isinstance(item, PairExample):
+        return [item.chosen, item.rejected]
+    if isinstance(item, UnpairedExample):
+        return [item.example]
+    return [item]  # Example, PackedExample
+
+
 @dataclass
 class DatasetStats:
     """What preprocessing did to the rows of one split, reported at the end of preprocessing and in summary.json."""

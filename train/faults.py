@@ -1,4 +1,5 @@
-"""Deterministic fault injection, for the tests that prove checkpoints survive faults.
+"""Surviving faults: SIGTERM/SIGINT become a request to stop after the current step, and deterministic fault
+injection lets the tests prove that checkpoints survive kills, signals, NaNs and full disks.
 
 HALYARD_FAULTS="sigterm@5,kill_in_save@15" makes the run send itself SIGTERM after step 5 and die (SIGKILL) in the
 middle of writing the step-15 checkpoint. Faults: sigterm, double_sigterm (two signals at once), nan_loss,
@@ -7,9 +8,69 @@ kill_in_save, enospc_in_save. Unset in normal runs, where every check is a dicti
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import signal
+
+from train.errors import HalyardError
+
+logger = logging.getLogger(__name__)
 
 
 def fault_at(name: str, step: int) -> bool:
     spec = os.environ.get("HALYARD_FAULTS", "")
     return f"{name}@{step}" in {item.strip() for item in spec.split(",")}
+
+
+class TrainingStopped(HalyardError):
+    """SIGTERM or SIGINT arrived: the current step finished and a checkpoint was written."""
+
+    exit_code = 75  # EX_TEMPFAIL: not finished, try again
+
+    def __init__(self, signal_name: str, step: int):
+        super().__init__(
+            f"stopped by {signal_name} after step {step}; checkpoint step-{step} written. "
+            f"Resume by running the same command with resume_from_checkpoint=auto"
+        )
+
+
+class StopRequest:
+    """Turns SIGTERM and SIGINT into a request to stop after the current step; a second signal exits at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    @contextlib.contextmanager
+    def installed(self):
+        previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def handle(self, signum: int, _frame) -> None:
+        name = signal.Signals(signum).name
+        if self.requested:
+            logger.error(f"second signal ({name}): exiting at once, without a checkpoint")
+            os._exit(128 + signum)
+        self.signal_name = name
+        logger.warning(
+            f"{name} received: finishing this step, then writing a checkpoint (send it again to exit at once)"
+        )
+
+    def inject_faults(self, step: int) -> None:
+        # Only the main process is signalled: the others must learn of it through the step's all-reduce.
+        if os.environ.get("RANK", "0") != "0":
+            return
+        if fault_at("sigterm", step) or fault_at("double_sigterm", step):
+            os.kill(os.getpid(), signal.SIGTERM)
+        if fault_at("double_sigterm", step):
+            os.kill(os.getpid(), signal.SIGTERM)

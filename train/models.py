@@ -9,6 +9,7 @@ from accelerate.utils import set_seed
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from train.config import ModelConfig
+from train.data import IGNORE_INDEX, PackedExample, collate_packed
 from train.errors import HalyardError
 
 logger = logging.getLogger(__name__)
@@ -79,3 +80,31 @@ def add_lora(model, settings: ModelConfig):
         return get_peft_model(model, lora)
     except ValueError as error:
         raise HalyardError(f"model.peft.target_modules={list(targets)}: {error}") from None
+
+
+@torch.no_grad()
+def verify_packing_isolation(model, attn_implementation: str) -> None:
+    """Run two short examples packed into one row and separately: their logits must agree, or packing would let
+    examples attend to each other. Checked on the real model before training, never assumed."""
+    was_training = model.training
+    model.eval()
+    vocab = model.config.vocab_size
+    first, second = (torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 7))
+    row = _concatenate_for_check(first, second)
+    batch = collate_packed([row], pad_token_id=0)
+    device = next(model.parameters()).device
+    packed = model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device)).logits[0]
+    alone = [model(input_ids=torch.tensor([ids], device=device)).logits[0] for ids in (first, second)]
+    difference = (packed - torch.cat(alone)).abs().max().item()
+    model.train(was_training)
+    if difference > 1e-3:
+        raise HalyardError(
+            f"data.packing=true would let packed examples attend to each other with "
+            f"model.attn_implementation={attn_implementation} (logits differ by {difference:.3g}); use sdpa, eager or "
+            f"flash_attention_2, or set data.packing=false"
+        )
+    logger.info(f"packing verified: packed and separate logits agree to {difference:.1e}")
+
+
+def _concatenate_for_check(first: list[int], second: list[int]) -> PackedExample:
+    return PackedExample(first + second, [IGNORE_INDEX] * (len(first) + len(second)), [len(first), len(second)])

@@ -11,7 +11,7 @@ data and the model, and training then runs with no reference model in memory.
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -152,7 +152,7 @@ def attach_reference(train: list[PairExample], evaluation: list[PairExample], te
 
 def reference_cache_path(cache_dir: str, model_path: str, dtype: str, train: list, evaluation: list) -> Path:
     """${cache_dir}/reference_logps/<hash of the tokenized pairs, the reference weights and dtype>.safetensors"""
-    from train.trainers import fingerprint
+    from train.checkpoint import fingerprint
 
     digest = hashlib.sha256(f"{fingerprint(train)}|{fingerprint(evaluation)}|{dtype}".encode())
     for file in sorted(Path(model_path).glob("*")):
@@ -291,12 +291,10 @@ def build_reference(cfg, accelerator, fsdp, train: list, evaluation: list, train
             return None, None
     if cfg.model.use_peft:
         return None, cache  # the policy with its adapters disabled
-    settings = type(cfg.model)(**{**cfg.model.__dict__, "use_peft": False, "gradient_checkpointing": False})
+    settings = dataclasses.replace(cfg.model, use_peft=False, gradient_checkpointing=False)
     reference = build_model(settings, cfg.seed, sharded=fsdp is not None)
     if fsdp is not None:
         reference = shard_model(reference, fsdp, accelerator.device, bf16=cfg.model.dtype == "bfloat16")
     else:
         reference = reference.to(accelerator.device)
-    with contextlib.suppress(AttributeError):
-        reference.config.use_cache = False
     return reference, cache

@@ -49,6 +49,15 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1
     return 2 * size**3 / statistics.median(times[1:])
 
 
+def peak_memory() -> dict[str, object]:
+    """Peak memory of this process: CUDA memory allocated by tensors on a GPU, else the resident set size."""
+    if torch.cuda.is_available():
+        return {"peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20, "peak_memory_kind": "cuda_allocated"}
+    import resource
+
+    return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_memory_kind": "cpu_rss"}
+
+
 def example_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(examples,) lengths of the examples in a micro-batch, padded or packed (position_ids restart per example)."""
     if "segment_lengths" in batch:

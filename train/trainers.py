@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import logging
 import math
@@ -21,14 +20,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from transformers import get_cosine_schedule_with_warmup
 
 from train import checkpoint
 from train.config import Config
-from train.data import IGNORE_INDEX, Example, PackedExample, collate, collate_packed
+from train.data import IGNORE_INDEX, Example, PackedExample, collate, collate_packed, token_sequences
 from train.distributed import (
     FsdpSettings,
     clip_gradients,
@@ -40,10 +38,11 @@ from train.distributed import (
     unsharded_copy,
 )
 from train.errors import ConfigError, DataError, HalyardError
-from train.faults import fault_at
+from train.faults import StopRequest, TrainingStopped, fault_at
 from train.losses import LossSum, count_loss_units, selected_nll_sum, supervised_positions
+from train.models import verify_packing_isolation
 from train.progress import Progress
-from train.throughput import Throughput, peak_flops_per_second, step_counts
+from train.throughput import Throughput, peak_flops_per_second, peak_memory, step_counts
 from train.utils import config_yaml
 
 logger = logging.getLogger(__name__)
@@ -136,9 +135,9 @@ class BasicTrainer:
         self.step = 0  # optimizer steps completed
         self.skipped_steps = 0
         self.stop_request = StopRequest()
-        self.data_fingerprint = fingerprint(train_examples)
+        self.data_fingerprint = checkpoint.fingerprint(train_examples)
         if self.save_every_steps and accelerator.is_main_process:
-            check_disk_space(self.run_dir, self.model)
+            checkpoint.check_disk_space(self.run_dir, self.model)
 
     def build_throughput(self, cfg: Config) -> Throughput:
         model = self.accelerator.unwrap_model(self.model)
@@ -273,12 +272,7 @@ class BasicTrainer:
         return [i for b in torch.randperm(len(batches), generator=generator).tolist() for i in batches[b]]
 
     def example_length(self, index: int) -> int:
-        item = self.train_examples[index]
-        return sum(
-            len(e.input_ids)
-            for e in (getattr(item, "chosen", None), getattr(item, "rejected", None), getattr(item, "example", item))
-            if hasattr(e, "input_ids")
-        )
+        return sum(len(part.input_ids) for part in token_sequences(self.train_examples[index]))
 
     def train_step(self, micro_batches: list[list[Example]]) -> dict[str, float]:
         """One optimizer step over this process's micro-batches.
@@ -286,7 +280,9 @@ class BasicTrainer:
         Returns the step's exact loss, gradient norm, real token count and whether any process must stop. A step
         whose loss or gradient is not finite is never applied (on_nonfinite=stop raises, skip counts it).
         """
-        batches = [self.to_device(self.collate(examples)) for examples in micro_batches]
+        on_cpu = [self.collate(examples) for examples in micro_batches]
+        counts = step_counts(on_cpu)  # counted before the copy to the device: no device syncs in the hot path
+        batches = [self.to_device(batch) for batch in on_cpu]
         local_units = sum(self.loss_units(batch) for batch in batches)
         global_units = self.accelerator.reduce(local_units.to(self.accelerator.device), reduction="sum").clamp(min=1)
         loss_total = torch.zeros((), device=self.accelerator.device)
@@ -303,7 +299,7 @@ class BasicTrainer:
             loss_total += loss_sum.total.detach()
             metric_sums.add(loss_sum.metrics)
         self.stop_request.inject_faults(self.step)
-        counts = step_counts(batches).to(loss_total)
+        counts = counts.to(loss_total)
         stop_flag = torch.tensor(float(self.stop_request.requested), device=loss_total.device)
         totals = self.accelerator.reduce(torch.cat([torch.stack([loss_total, stop_flag]), counts]), reduction="sum")
         loss = (totals[0] / global_units).item()
@@ -358,7 +354,7 @@ class BasicTrainer:
         model.eval()
         rows = []
         for item in self.eval_examples[: self.eval_samples]:
-            example = getattr(item, "chosen", getattr(item, "example", item))  # a pair's prompt and chosen answer
+            example = token_sequences(item)[0]  # a pair's prompt and chosen answer
             prompt_length = next(i for i, label in enumerate(example.labels) if label != IGNORE_INDEX)
             prompt = torch.tensor([example.input_ids[:prompt_length]], device=self.accelerator.device)
             output = model.generate(
@@ -547,111 +543,6 @@ class BasicTrainer:
             logger.info(f"saved {final.resolve()}")
 
 
-class TrainingStopped(HalyardError):
-    """SIGTERM or SIGINT arrived: the current step finished and a checkpoint was written."""
-
-    exit_code = 75  # EX_TEMPFAIL: not finished, try again
-
-    def __init__(self, signal_name: str, step: int):
-        super().__init__(
-            f"stopped by {signal_name} after step {step}; checkpoint step-{step} written. "
-            f"Resume by running the same command with resume_from_checkpoint=auto"
-        )
-
-
-class StopRequest:
-    """Turns SIGTERM and SIGINT into a request to stop after the current step; a second signal exits at once."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self) -> None:
-        self.signal_name: str | None = None
-
-    @property
-    def requested(self) -> bool:
-        return self.signal_name is not None
-
-    @contextlib.contextmanager
-    def installed(self):
-        previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-    def handle(self, signum: int, _frame) -> None:
-        name = signal.Signals(signum).name
-        if self.requested:
-            logger.error(f"second signal ({name}): exiting at once, without a checkpoint")
-            os._exit(128 + signum)
-        self.signal_name = name
-        logger.warning(
-            f"{name} received: finishing this step, then writing a checkpoint (send it again to exit at once)"
-        )
-
-    def inject_faults(self, step: int) -> None:
-        # Only the main process is signalled: the others must learn of it through the step's all-reduce.
-        if os.environ.get("RANK", "0") != "0":
-            return
-        if fault_at("sigterm", step) or fault_at("double_sigterm", step):
-            os.kill(os.getpid(), signal.SIGTERM)
-        if fault_at("double_sigterm", step):
-            os.kill(os.getpid(), signal.SIGTERM)
-
-
-@torch.no_grad()
-def verify_packing_isolation(model, attn_implementation: str) -> None:
-    """Run two short examples packed into one row and separately: their logits must agree, or packing would let
-    examples attend to each other. Checked on the real model before training, never assumed."""
-    from train.data import collate_packed
-
-    was_training = model.training
-    model.eval()
-    vocab = model.config.vocab_size
-    first, second = (torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 7))
-    row = _concatenate_for_check(first, second)
-    batch = collate_packed([row], pad_token_id=0)
-    device = next(model.parameters()).device
-    packed = model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device)).logits[0]
-    alone = [model(input_ids=torch.tensor([ids], device=device)).logits[0] for ids in (first, second)]
-    difference = (packed - torch.cat(alone)).abs().max().item()
-    model.train(was_training)
-    if difference > 1e-3:
-        raise HalyardError(
-            f"data.packing=true would let packed examples attend to each other with "
-            f"model.attn_implementation={attn_implementation} (logits differ by {difference:.3g}); use sdpa, eager or "
-            f"flash_attention_2, or set data.packing=false"
-        )
-    logger.info(f"packing verified: packed and separate logits agree to {difference:.1e}")
-
-
-def _concatenate_for_check(first: list[int], second: list[int]) -> PackedExample:
-    return PackedExample(first + second, [IGNORE_INDEX] * (len(first) + len(second)), [len(first), len(second)])
-
-
-def peak_memory() -> dict[str, object]:
-    """Peak memory of this process: CUDA memory allocated by tensors on a GPU, else the resident set size."""
-    if torch.cuda.is_available():
-        return {"peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20, "peak_memory_kind": "cuda_allocated"}
-    import resource
-
-    return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_memory_kind": "cpu_rss"}
-
-
-def fingerprint(examples: list) -> str:
-    """A hash of the tokenized training data (any example type), to tell on resume whether the data changed.
-    Only token ids, labels and flags count: precomputed reference log-probs do not."""
-    digest = hashlib.sha256()
-    for item in examples:
-        for example in (getattr(item, "chosen", None), getattr(item, "rejected", None), getattr(item, "example", item)):
-            if isinstance(example, Example):
-                digest.update(np.asarray(example.input_ids, dtype=np.int64).tobytes())
-                digest.update(np.asarray(example.labels, dtype=np.int64).tobytes())
-        digest.update(str(getattr(item, "desirable", "")).encode())
-    return digest.hexdigest()
-
-
 class MetricSums:
     """Sums and counts of a step's (or an evaluation's) metrics, over micro-batches, then over processes."""
 
@@ -675,19 +566,6 @@ class MetricSums:
 def _split_name(name: str, split: str) -> str:
     group, _, metric = name.partition("/")
     return f"{group}_{split}/{metric}" if metric else f"{group}_{split}"
-
-
-def check_disk_space(run_dir: Path, model) -> None:
-    """Refuse to start when the disk cannot hold a checkpoint (weights + two AdamW moments per trained weight)."""
-    params = list(model.parameters())
-    trained = sum(p.numel() * 4 for p in params if p.requires_grad)
-    needed = 2 * trained + sum(p.numel() * p.element_size() for p in params)
-    free = shutil.disk_usage(run_dir).free
-    if free < 1.2 * needed:
-        raise HalyardError(
-            f"not enough free disk for checkpoints in {run_dir}: one needs about {needed / 1e9:.2f} GB, "
-            f"{free / 1e9:.2f} GB are free. Free some space or set cache_dir to a larger disk."
-        )
 
 
 def build_optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimizer:
