@@ -3,6 +3,7 @@
     python scripts/benchmark.py preprocess [--rows 20000] [--repeats 3] [--tokenizer DIR]
 
     python scripts/benchmark.py reference-memory [--steps 6]
+    python scripts/benchmark.py scale [--rows 10000 100000 1000000] [--work DIR]
     python scripts/benchmark.py sft [--steps 12] [--out docs/BENCHMARKS.md]
 
 sft: supervised fine-tuning throughput and peak memory, side by side, each run in its own process: Halyard unpacked,
@@ -10,6 +11,11 @@ Halyard packed, TRL's SFTTrainer (the optional `bench` extra) and a bare PyTorch
 (the ceiling). Same ~28M-parameter Llama (random init, SmolLM2's 49k vocabulary), same tokenized multi-turn chat data
 with skewed lengths, same labels, sequence length, batch of 8 and AdamW. Rates are supervised tokens per second:
 the supervised tokens of the examples consumed, divided by steps, over the median step time (after 2 warm-up steps).
+
+scale: the data path at 10k, 100k and 1M synthetic multi-turn rows (lognormal lengths, ~300 tokens on average) on the
+tiny 2-layer model: seconds from the command to the end of step 1 (`max_steps=1`) and peak memory of all its
+processes, for the first (uncached, data.num_proc=2) run and cached runs with and without packing, on 1 and 2
+processes; and the packing plan's time over all examples.
 
 preprocess: tokenization throughput (rows/s) of the data pipeline on a synthetic multi-turn chat set, uncached with
 1 and 2 processes (data.num_proc) and cached (a second run with the same inputs), medians over repeats, measured
@@ -21,16 +27,22 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import platform
 import random
+import re
+import shutil
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
 
 
 def synthetic_chat_rows(n_rows: int, seed: int = 0) -> list[dict]:
@@ -245,6 +257,158 @@ def bench_sft(args) -> str:
     return "\n".join(lines)
 
 
+WORDS = np.array(
+    [
+        "the",
+        "a",
+        "ship",
+        "sails",
+        "over",
+        "sea",
+        "wind",
+        "rope",
+        "knot",
+        "deck",
+        "crew",
+        "captain",
+        "harbor",
+        "storm",
+        "calm",
+        "north",
+        "south",
+    ]
+)
+
+
+def write_scale_rows(path: Path, n_rows: int, mean_words: float, seed: int = 0) -> None:
+    """JSONL of multi-turn chat rows whose lengths are lognormal (a long tail), written in blocks (numpy draws the
+    words, so a million rows take seconds, not minutes)."""
+    rng = np.random.default_rng(seed)
+    sigma = 0.7
+    with path.open("w") as out:
+        for start in range(0, n_rows, 10_000):
+            n = min(10_000, n_rows - start)
+            totals = np.maximum(rng.lognormal(np.log(mean_words) - sigma**2 / 2, sigma, n).astype(int), 4)
+            turns = rng.choice([1, 1, 1, 2, 3], n)
+            lines = []
+            for total, n_turns in zip(totals.tolist(), turns.tolist(), strict=True):
+                total = max(total, 4 * n_turns)  # at least two words per message
+                words = WORDS[rng.integers(0, len(WORDS), total)]
+                cuts = np.sort(rng.choice(np.arange(1, total), 2 * n_turns - 1, replace=False))
+                parts = np.split(words, cuts)
+                messages = [
+                    {"role": "user" if i % 2 == 0 else "assistant", "content": " ".join(part) + "."}
+                    for i, part in enumerate(parts)
+                ]
+                lines.append(json.dumps({"messages": messages}))
+            out.write("\n".join(lines) + "\n")
+
+
+class TreeMemory:
+    """Peak memory of a process and its descendants, sampled every 0.2 s: PSS (shared pages split among the
+    processes that map them, so forked workers and a shared page cache are not counted twice) and RSS summed."""
+
+    def __init__(self, process) -> None:
+        import threading
+
+        import psutil
+
+        self.root, self.peak_pss, self.peak_rss, self.done = psutil.Process(process.pid), 0, 0, False
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+
+    def sample(self) -> None:
+        import psutil
+
+        while not self.done:
+            pss = rss = 0
+            try:
+                for p in [self.root, *self.root.children(recursive=True)]:
+                    info = p.memory_full_info()
+                    pss, rss = pss + info.pss, rss + info.rss
+            except psutil.Error:
+                pass  # a process ended while sampled
+            self.peak_pss, self.peak_rss = max(self.peak_pss, pss), max(self.peak_rss, rss)
+            time.sleep(0.2)
+
+    def stop(self) -> tuple[float, float]:
+        self.done = True
+        self.thread.join()
+        return self.peak_pss / 2**20, self.peak_rss / 2**20
+
+
+def timed_run(command: list[str]) -> dict:
+    """Run a training command to its end; wall seconds, peak memory of its process tree, and its stderr."""
+    import subprocess
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
+    started = time.perf_counter()
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    memory = TreeMemory(process)
+    _, stderr = process.communicate()
+    seconds = time.perf_counter() - started
+    pss, rss = memory.stop()
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{stderr[-3000:]}")
+    return {"seconds": seconds, "pss_mb": pss, "rss_mb": rss, "stderr": stderr}
+
+
+def bench_scale(args) -> str:
+    """Start-up to the end of step 1 and peak memory at 10k, 100k and 1M rows, through the real CLI."""
+    import make_tiny_model
+    from train.store import TokenTable, pack_plan
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="halyard-bench-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / "tiny-llama").exists():
+        make_tiny_model.make(work / "tiny-llama", "chatml")
+    single = [sys.executable, str(REPO / "launch.py")]
+    double = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(REPO / "accelerate_config" / "cpu_2proc.yaml"), str(REPO / "launch.py")]  # fmt: skip
+    lines = [
+        "| rows | run | processes | packing | seconds to the end of step 1 | peak PSS, all processes (MB) | "
+        "peak RSS summed (MB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    notes = []
+    for n_rows in args.rows:
+        data = work / f"chat-{n_rows}.jsonl"
+        if not data.exists():
+            started = time.perf_counter()
+            write_scale_rows(data, n_rows, mean_words=args.mean_words)
+            notes.append(
+                f"wrote {n_rows:,} rows ({data.stat().st_size / 2**20:,.0f} MB) in {time.perf_counter() - started:.0f} s"
+            )
+        cache = work / f"cache-{n_rows}"
+        shutil.rmtree(cache / "preprocessed", ignore_errors=True)
+        (cache).mkdir(exist_ok=True)
+        if not (cache / "tiny-llama").exists():
+            (cache / "tiny-llama").symlink_to(work / "tiny-llama")
+        base = ["model=tiny", f"cache_dir={cache}", f"datasets=[{data}]", "model.max_length=2048", "max_steps=1",
+                "model.batch_size=8", "data.num_proc=2", "log_every_steps=1"]  # fmt: skip
+        runs = [("first (uncached)", single, "false"), ("cached", single, "false"), ("cached", single, "true"),
+                ("cached", double, "false"), ("cached", double, "true")]  # fmt: skip
+        for index, (label, launcher, packing) in enumerate(runs):
+            result = timed_run([*launcher, *base, f"exp_name=run{index}", f"data.packing={packing}"])
+            processes = 2 if launcher is double else 1
+            lines.append(
+                f"| {n_rows:,} | {label} | {processes} | {packing} | {result['seconds']:.1f} | "
+                f"{result['pss_mb']:,.0f} | {result['rss_mb']:,.0f} |"
+            )
+            if index == 0:
+                found = re.search(r"tokenized (\d+) rows in ([\d.]+) s \(([\d,]+) rows/s\)", result["stderr"])
+                notes.append(f"{n_rows:,} rows, first run: preprocessing {found.group(0) if found else '?'}")
+        folder = next((cache / "preprocessed").glob("*/stats.json")).parent
+        lengths = TokenTable(folder, "sft").lengths()
+        started = time.perf_counter()
+        pack_plan(lengths, 2048)
+        notes.append(
+            f"{n_rows:,} rows: {len(lengths):,} examples, mean {lengths.mean():.0f} tokens (max {lengths.max()}); "
+            f"packing plan in {time.perf_counter() - started:.2f} s"
+        )
+    return "\n".join(lines + [""] + [f"- {note}" for note in notes])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -258,8 +422,17 @@ def main() -> None:
     sft = sub.add_parser("sft")
     sft.add_argument("--steps", type=int, default=12)
     sft.add_argument("--tokenizer", default=str(default_tokenizer))
+    scale = sub.add_parser("scale")
+    scale.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    scale.add_argument("--mean-words", type=float, default=92.0, help="words per row (~300 tiny-model tokens)")
+    scale.add_argument("--work", help="folder for data and caches (kept; default: a new temporary folder)")
     args = parser.parse_args()
-    runners = {"preprocess": bench_preprocess, "reference-memory": bench_reference_memory, "sft": bench_sft}
+    runners = {
+        "preprocess": bench_preprocess,
+        "reference-memory": bench_reference_memory,
+        "sft": bench_sft,
+        "scale": bench_scale,
+    }
     table = runners[args.what](args)
     command = "python scripts/benchmark.py " + " ".join(sys.argv[1:])
     print(f"`{command}` on {platform.processor() or platform.machine()}\n")

@@ -300,18 +300,20 @@ def test_dpo_resume_is_exact(tiny_cache):
     assert "rewards_train/accuracies" in read_metrics(tiny_cache / "dpo_cut")[-1]
 
 
-def test_fingerprint_sees_the_tokens_of_every_example_type():
-    from train.data import Example, PackedExample, PairExample, UnpairedExample
-
-    one, two = Example([1, 2], [-100, 2]), Example([1, 3], [-100, 3])
-    for wrap in (
-        lambda e: e,
-        lambda e: PackedExample(e.input_ids, e.labels, [2]),
-        lambda e: PairExample(e, one),
-        lambda e: UnpairedExample(e, True),
-    ):
-        assert checkpoint.fingerprint([wrap(one)]) != checkpoint.fingerprint([wrap(two)])
-    # precomputed reference log-probs are not part of the data
-    assert checkpoint.fingerprint([PairExample(one, two)]) == checkpoint.fingerprint(
-        [PairExample(one, two, -1.0, -2.0)]
-    )
+@pytest.mark.slow
+def test_resume_refuses_data_with_one_row_edited_and_accepts_it_unchanged(tiny_cache, tmp_path):
+    """The fingerprint comes from the cache key (the bytes of the data files) and the selection, not from the tokens:
+    one edited row changes it; the unchanged file is accepted, and packed data too."""
+    data = tmp_path / "train.jsonl"
+    data.write_text(open(DEMO_TRAIN).read())
+    common = ["max_steps=4", "save_every_steps=2", "data.packing=true", "model.batch_size=4", f"datasets=[{data}]"]
+    base = [arg for arg in BASE if not arg.startswith("datasets=")]
+    assert run(tiny_cache, "edited", common, faults="sigterm@2", base=base).returncode == 75  # saved step 2
+    rows = data.read_text().splitlines()
+    data.write_text("\n".join([rows[0].replace("sky", "sea"), *rows[1:]]) + "\n")
+    refused = run(tiny_cache, "edited", [*common, "resume_from_checkpoint=auto"], base=base)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    assert "the tokenized training data differs from the data" in refused.stderr
+    data.write_text("\n".join(rows) + "\n")  # restored: the same bytes, a new modification time
+    resumed = run(tiny_cache, "edited", [*common, "resume_from_checkpoint=auto"], base=base)
+    assert resumed.returncode == 0 and "at step 2" in resumed.stderr, resumed.stderr[-2000:]

@@ -259,7 +259,7 @@ def test_mixing_eval_split_and_cap(tmp_path, tiny_tokenizers):
     tokenizer = tiny_tokenizers["chatml"]
     cfg = demo_config(tmp_path, f"datasets=[{DEMO_TRAIN},{DEMO_EVAL}]", "data.dataset_samples=[0.5,56]")
     train, evaluation, _ = build_datasets(cfg, tokenizer)
-    assert len(train) == round(0.5 * 123) + 56 and evaluation == []  # 56 = the 28 eval rows twice
+    assert len(train) == round(0.5 * 123) + 56 and evaluation is None  # 56 = the 28 eval rows twice
     cfg = demo_config(tmp_path, "data.eval_split_ratio=0.2", "data.n_examples=50")
     train, evaluation, _ = build_datasets(cfg, tokenizer)
     assert (len(train), len(evaluation)) == (50, 25)
@@ -302,3 +302,53 @@ def test_caching_can_be_turned_off(tmp_path, tiny_tokenizers):
 
     train, _, _ = build_datasets(demo_config(tmp_path, "data.cache_preprocessing=false"), tiny_tokenizers["chatml"])
     assert len(train) == 123 and not (tmp_path / "preprocessed").exists()
+
+
+def test_parallel_sharded_preprocessing_equals_one_process(tmp_path, tiny_tokenizers, monkeypatch, caplog):
+    import contextlib
+
+    from train import data
+
+    monkeypatch.setattr(data, "SHARD_ROWS", 10)  # 13 shards
+    source = tmp_path / "rows.jsonl"
+    rows = open(DEMO_TRAIN).read().splitlines()
+    source.write_text("\n".join([*rows[:57], "{broken", *rows[57:]]) + "\n")
+    results = {}
+    for num_proc in (1, 2):
+        settings = DataConfig(num_proc=num_proc, on_bad_row="skip")
+        with caplog.at_level("INFO"):
+            results[num_proc] = data.preprocess(
+                [str(source)], tiny_tokenizers["chatml"], settings, 64, "sft", tmp_path / str(num_proc),
+                contextlib.nullcontext,
+            )  # fmt: skip
+        assert "tokenized 124 rows in" in caplog.text and "rows/s" in caplog.text
+        assert len(list((tmp_path / str(num_proc)).glob("*/shards/*.arrow"))) == 13
+    (one, one_stats), (two, two_stats) = results[1], results[2]
+    assert one_stats == two_stats and one_stats.skipped_bad_rows == 1 and one_stats.rows == 124
+    assert [(e.input_ids, e.labels) for e in one] == [(e.input_ids, e.labels) for e in two]
+    assert one.fingerprint() == two.fingerprint()  # the same cache key: num_proc does not change the data
+
+
+def test_interrupted_preprocessing_restarts_from_its_finished_shards(tmp_path, tiny_tokenizers, monkeypatch):
+    from train import data
+    from train.data import build_datasets
+
+    monkeypatch.setattr(data, "SHARD_ROWS", 16)  # 123 rows: 8 shards
+    tokenize_rows, started, killed = data.tokenize_rows, [], []
+
+    def killed_at_the_fourth_shard(rows, **settings):
+        started.append(rows[0][0])
+        if len(started) == 4 and not killed:
+            killed.append(True)
+            raise KeyboardInterrupt
+        return tokenize_rows(rows, **settings)
+
+    monkeypatch.setattr(data, "tokenize_rows", killed_at_the_fourth_shard)
+    cfg = demo_config(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        build_datasets(cfg, tiny_tokenizers["chatml"])
+    started.clear()
+    train, _, stats = build_datasets(cfg, tiny_tokenizers["chatml"])
+    assert len(started) == 5 and started[0].endswith("line 49")  # shards 0-2 were kept, 3-7 done now
+    fresh, _, _ = build_datasets(demo_config(tmp_path / "fresh"), tiny_tokenizers["chatml"])
+    assert [e.input_ids for e in train] == [e.input_ids for e in fresh] and stats["train"]["examples"] == 123

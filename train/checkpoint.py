@@ -17,7 +17,6 @@ checkpoint and pointer intact. Everything is safetensors or JSON: loading never 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,7 +29,6 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from train.data import token_sequences
 from train.errors import HalyardError
 
 logger = logging.getLogger(__name__)
@@ -103,18 +101,6 @@ def config_differences(saved_yaml: str, current: dict[str, object]) -> list[str]
         for key in keys
         if not key.startswith(NON_MATH_PREFIXES) and str(saved.get(key)) != str(current.get(key))
     ]
-
-
-def fingerprint(examples: list) -> str:
-    """A hash of the tokenized training data (any example type), to tell on resume whether the data changed.
-    Only token ids, labels and flags count: precomputed reference log-probs do not."""
-    digest = hashlib.sha256()
-    for item in examples:
-        for part in token_sequences(item):
-            digest.update(np.asarray(part.input_ids, dtype=np.int64).tobytes())
-            digest.update(np.asarray(part.labels, dtype=np.int64).tobytes())
-        digest.update(str(getattr(item, "desirable", "")).encode())
-    return digest.hexdigest()
 
 
 def check_disk_space(run_dir: Path, model) -> None:

@@ -96,7 +96,14 @@ class DataConfig:
     on_bad_row: str = setting(
         "error", "A malformed row: error (stop, naming file, row and field) | skip (counted, reported)."
     )
-    num_proc: int = setting(1, "Processes tokenizing in parallel (datasets.map num_proc).")
+    num_proc: int = setting(
+        1, "Processes tokenizing in parallel when preprocessing (shards of rows; the cache is the same either way)."
+    )
+    num_workers: int = setting(
+        1,
+        "Data loader processes per training process that gather and collate the next steps' batches while the "
+        "current step computes; 0: collate in the training process.",
+    )
     cache_preprocessing: bool = setting(
         True, "Reuse tokenized data cached under ${cache_dir}/preprocessed/ when inputs match."
     )
@@ -444,6 +451,8 @@ def _check_data_files(cfg: Config) -> list[str]:
         problems.append(f"data.dataset_samples={data.dataset_samples}: every entry must be > 0")
     if not 0 <= data.eval_split_ratio < 1:
         problems.append(f"data.eval_split_ratio={data.eval_split_ratio}: must be in [0, 1)")
+    if data.num_workers < 0:
+        problems.append(f"data.num_workers={data.num_workers}: must be >= 0 (0: collate in the training process)")
     for key, value in (
         ("data.num_proc", data.num_proc),
         ("data.n_examples", data.n_examples),

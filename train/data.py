@@ -6,85 +6,58 @@ label -100. Assistant spans are located on the rendered text by rendering each c
 the supervised tokens must decode to text containing the assistant's content. A template that cannot be split this
 way is refused rather than trained on with a wrong mask.
 
-Tokenization runs through `datasets.map(batched=True, num_proc=data.num_proc)` and is cached on disk under
-`${cache_dir}/preprocessed/<key>/`, the key hashing the data files, the tokenizer and template, and every setting
-that changes the result. With several processes, the main one prepares and the others load.
+Preprocessing streams: rows are read in shards of `store.SHARD_ROWS`, tokenized by `data.num_proc` worker processes
+and written as Arrow shards under `${cache_dir}/preprocessed/<key>/` (layout: `train/store.py`), the key hashing
+the data files, the tokenizer and template, and every setting that changes the result. An interrupted run restarts
+from its finished shards. With several training processes, the main one prepares and the others map the same files.
+What a process then holds of the data is index arrays: the mix, the eval split and the cap select rows of the
+memory-mapped shards, and packing is a plan over their lengths.
 """
 
 from __future__ import annotations
 
-import bisect
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import itertools
 import json
 import logging
+import math
 import shutil
+import tempfile
+import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from train.config import Config, DataConfig
 from train.errors import DataError
-from train.formats import KIND_COLUMNS, KINDS, Conversation, Pair, Text, Unpaired, parse_row, read_source
+from train.formats import KIND_COLUMNS, KINDS, Conversation, Pair, Text, Unpaired, load_row, parse_row, read_source
+from train.store import (
+    IGNORE_INDEX,
+    SHARD_ROWS,
+    Example,
+    PackedExample,
+    PackedStore,
+    TokenStore,
+    TokenTable,
+    build_folder,
+    concatenate,
+    is_complete,
+    pack,
+    pack_plan,
+    publish,
+    read_stats,
+    schema,
+)
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
-PIPELINE_VERSION = 3  # bump when tokenization changes, to invalidate caches
-
-
-@dataclass
-class Example:
-    """One tokenized example, both lists of equal length.
-
-    `labels[i]` is `input_ids[i]` where token i is supervised (predicted from the tokens before it) and -100
-    elsewhere, the Hugging Face convention: the loss shifts by one.
-    """
-
-    input_ids: list[int]
-    labels: list[int]
-
-
-@dataclass
-class PackedExample:
-    """Several examples concatenated into one row: `lengths` gives each one's token count, in order.
-
-    Each example's first label is -100 (nothing of its own precedes it), and attention never crosses from one
-    example into another (position_ids restart at 0 per example; see `collate_packed`).
-    """
-
-    input_ids: list[int]
-    labels: list[int]
-    lengths: list[int]
-
-
-@dataclass
-class PairExample:
-    """A preference pair: the same prompt with the chosen and with the rejected response."""
-
-    chosen: Example
-    rejected: Example
-    # Summed log-probs of each response under the reference model, when precomputed (reference.precompute=true).
-    reference_chosen: float | None = None
-    reference_rejected: float | None = None
-
-
-@dataclass
-class UnpairedExample:
-    example: Example
-    desirable: bool
-
-
-def token_sequences(item) -> list:
-    """The token sequences (objects with input_ids and labels) inside any example type, in a fixed order."""
-    if isinstance(item, PairExample):
-        return [item.chosen, item.rejected]
-    if isinstance(item, UnpairedExample):
-        return [item.example]
-    return [item]  # Example, PackedExample
+PIPELINE_VERSION = 4  # bump when tokenization changes, to invalidate caches
 
 
 @dataclass
@@ -137,22 +110,21 @@ def tokenize_conversation(
     turns = _supervised_turns(messages, train_on)
     spans = [_assistant_span(tokenizer, messages, i, text, where) for i in turns]
 
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids = list(encoded["input_ids"])
+    encoded = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+    ids = np.asarray(encoded.ids, dtype=np.int64)
     if train_on == "all":
-        labels = list(input_ids)
+        supervised = np.ones(len(ids), dtype=bool)
     else:
-        labels = [IGNORE_INDEX] * len(input_ids)
-        for token_index, (start, end) in enumerate(encoded["offset_mapping"]):
-            # A token overlapping an assistant span is supervised, also one that straddles its start (" Arr" after a
-            # template ending in "assistant:"): it is the token the model must produce there.
-            if any(start < span_end and end > span_start for span_start, span_end in spans):
-                labels[token_index] = input_ids[token_index]
-
-    supervised = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
-    if not supervised:
+        # A token overlapping an assistant span is supervised, also one that straddles its start (" Arr" after a
+        # template ending in "assistant:"): it is the token the model must produce there.
+        offsets = np.asarray(encoded.offsets, dtype=np.int64).reshape(-1, 2)
+        supervised = np.zeros(len(ids), dtype=bool)
+        for span_start, span_end in spans:
+            supervised |= (offsets[:, 0] < span_end) & (offsets[:, 1] > span_start)
+    if not supervised.any():
         raise DataError(f"{where}: no token of the assistant turns could be located in the rendered conversation")
-    last = supervised[-1]
+    input_ids, labels = ids.tolist(), np.where(supervised, ids, IGNORE_INDEX).tolist()
+    last = int(np.flatnonzero(supervised)[-1])
     if input_ids[last] not in special_token_ids(tokenizer):
         # The template ends the last turn without an end-of-turn token: append EOS so the model learns to stop.
         input_ids = input_ids[: last + 1] + [tokenizer.eos_token_id]
@@ -267,47 +239,42 @@ def has_supervised_token(example: Example) -> bool:
     return any(label != IGNORE_INDEX for label in example.labels[1:])
 
 
-# ---- the datasets.map function ----
+# ---- tokenizing one shard of rows (in a worker process when data.num_proc > 1) ----
 
 EMPTY_STATUS = {"_error": "", "_truncated": False, "_dropped_empty": False, "_dropped_long": False}
 
 
-def preprocess_batch(
-    batch: dict[str, list], *, tokenizer, settings: DataConfig, max_length: int, kind: str
-) -> dict[str, list]:
-    """Tokenize a batch of raw rows (JSON strings with their `where`). Never raises: problems become status columns,
-    so that errors and skips are counted after the (possibly multi-process) map."""
-    out: dict[str, list] = {name: [] for name in (*columns_of(kind), *EMPTY_STATUS, "_source")}
+def tokenize_rows(
+    rows: list[tuple[str, object, int]], *, tokenizer, settings: DataConfig, max_length: int, kind: str
+) -> tuple[dict[str, list], dict]:
+    """Tokenize one shard of input rows, each (where, row, source index), into its columns (`store.schema(kind)`)
+    and a report of what happened to its rows: DatasetStats' counts plus the first bad row's message. Never raises
+    for a bad row: it is counted, and data.on_bad_row decides once the (possibly parallel) work is done."""
+    columns: dict[str, list] = {name: [] for name in schema(kind).names}
+    report = {**dataclasses.asdict(DatasetStats(rows=len(rows))), "first_bad_row": ""}
     keep_first = 1 if tokenizer.bos_token_id is not None else 0
-    for where, raw, source in zip(batch["_where"], batch["_row"], batch["_source"], strict=True):
+    for where, row, source in rows:
         try:
-            if raw.startswith("!"):  # a row the reader could not parse: its message follows
-                raise DataError(raw[1:])
-            record = parse_row(json.loads(raw), where, settings)
+            record = parse_row(load_row(where, row), where, settings)
             if not isinstance(record, KINDS[kind]):
                 raise DataError(
                     f"{where}: this loss trains on {KIND_COLUMNS[kind]} rows, but this row is "
                     f"{type(record).__name__.lower()} data; give data in the format the loss expects"
                 )
-            rows = _tokenize_record(record, tokenizer, settings, max_length, where, keep_first)
+            outcomes = _tokenize_record(record, tokenizer, settings, max_length, where, keep_first)
         except DataError as error:
-            rows = [({}, {**EMPTY_STATUS, "_error": str(error)})]
-        for values, status in rows:
-            for name in columns_of(kind):
-                out[name].append(values.get(name, [] if name != "desirable" else False))
-            for name, value in status.items():
-                out[name].append(value)
-            out["_source"].append(source)
-    return out
-
-
-def columns_of(kind: str) -> tuple[str, ...]:
-    return {
-        "sft": ("input_ids", "labels"),
-        "text": ("input_ids", "labels"),
-        "paired": ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"),
-        "unpaired": ("input_ids", "labels", "desirable"),
-    }[kind]
+            report["skipped_bad_rows"] += 1
+            report["first_bad_row"] = report["first_bad_row"] or str(error)
+            continue
+        for values, status in outcomes:
+            report["truncated"] += status["_truncated"]
+            report["dropped_no_supervised_token"] += status["_dropped_empty"]
+            report["dropped_too_long"] += status["_dropped_long"]
+            if values:
+                for name in columns:
+                    columns[name].append(source if name == "source" else values[name])
+                report["examples"] += 1
+    return columns, report
 
 
 def _tokenize_record(record, tokenizer, settings: DataConfig, max_length: int, where: str, keep_first: int) -> list:
@@ -371,47 +338,49 @@ def _with_status(fitted: Fitted, to_values) -> tuple[dict, dict]:
     return to_values(fitted.example), {**EMPTY_STATUS, "_truncated": fitted.truncated}
 
 
-# ---- loading, caching, mixing ----
+# ---- reading, caching, selecting ----
 
 
-def raw_rows(sources: list[str]) -> dict[str, list]:
-    """Every row of every source as a JSON string, with where it came from (rows the reader could not parse are
-    kept as '!<message>', so the bad-row policy handles them like any other bad row)."""
-    columns: dict[str, list] = {"_where": [], "_row": [], "_source": []}
+def read_shards(sources: list[str], settings: DataConfig, kind: str) -> Iterator[list[tuple[str, object, int]]]:
+    """The rows of every source, streamed in shards of SHARD_ROWS (where, row, source index). The first readable row
+    of each source is checked against the loss's kind first, so a wrong file is one clear error."""
+    shard: list[tuple[str, object, int]] = []
     for index, source in enumerate(sources):
+        checked = False
         for where, row in read_source(source):
-            columns["_where"].append(where)
-            columns["_row"].append(row if isinstance(row, str) else json.dumps(row, default=str))
-            columns["_source"].append(index)
-    return columns
+            checked = checked or check_stage(where, row, settings, kind)
+            shard.append((where, row, index))
+            if len(shard) == SHARD_ROWS:
+                yield shard
+                shard = []
+    if shard:
+        yield shard
 
 
-def check_stage(rows: dict[str, list], settings: DataConfig, kind: str) -> None:
-    """The first row of each source must suit the loss: SFT rows given to DPO (or the reverse) is one clear error."""
-    seen = set()
-    for where, raw, source in zip(rows["_where"], rows["_row"], rows["_source"], strict=True):
-        if source in seen or raw.startswith("!"):
-            continue
-        seen.add(source)
-        try:
-            record = parse_row(json.loads(raw), where, settings)
-        except DataError:
-            continue  # a malformed row: data.on_bad_row decides
-        if not isinstance(record, KINDS[kind]):
-            columns = ", ".join(sorted(json.loads(raw)))
-            raise DataError(
-                f"{where}: this loss trains on {KIND_COLUMNS[kind]} rows, but this file holds "
-                f"{type(record).__name__.lower()} rows (columns: {columns}); choose the loss that fits the data, "
-                f"or give data with the columns this loss expects"
-            )
+def check_stage(where: str, row: object, settings: DataConfig, kind: str) -> bool:
+    """Refuse a source whose rows suit another loss (SFT rows given to DPO, or the reverse). Returns whether the row
+    could be checked (a malformed one cannot: data.on_bad_row decides about it, and the next row is checked)."""
+    try:
+        fields = load_row(where, row)
+        record = parse_row(fields, where, settings)
+    except DataError:
+        return False
+    if not isinstance(record, KINDS[kind]):
+        raise DataError(
+            f"{where}: this loss trains on {KIND_COLUMNS[kind]} rows, but this file holds "
+            f"{type(record).__name__.lower()} rows (columns: {', '.join(sorted(fields))}); choose the loss that "
+            f"fits the data, or give data with the columns this loss expects"
+        )
+    return True
 
 
 def cache_key(sources: list[str], tokenizer, settings: DataConfig, max_length: int, kind: str) -> str:
     """Hash of everything that changes the tokenized result: data bytes, tokenizer, template and settings."""
     digest = hashlib.sha256()
     relevant = dataclasses.asdict(settings)
-    for key in ("num_proc", "cache_preprocessing", "dataset_samples", "eval_split_ratio", "n_examples"):
+    for key in ("num_proc", "num_workers", "cache_preprocessing", "dataset_samples", "eval_split_ratio", "n_examples"):
         relevant.pop(key)  # these do not change how a row is tokenized
+    relevant.pop("on_bad_row")  # bad rows are counted in the shards either way; the policy is applied after
     digest.update(
         json.dumps({"v": PIPELINE_VERSION, "settings": relevant, "max_length": max_length, "kind": kind}).encode()
     )
@@ -421,12 +390,19 @@ def cache_key(sources: list[str], tokenizer, settings: DataConfig, max_length: i
         digest.update(source.encode())
         for file in sorted(Path(source).rglob("*")) if Path(source).is_dir() else [Path(source)]:
             if file.is_file():
-                digest.update(_file_digest(file))
+                digest.update(file_digest(file))
     return digest.hexdigest()[:20]
 
 
-@functools.lru_cache(maxsize=64)
-def _file_digest(path: Path) -> bytes:
+def file_digest(path: Path) -> bytes:
+    """sha256 of a file's bytes, remembered per (path, size, modification and change times) for this process, so
+    that one start-up reads each data file once."""
+    status = path.stat()
+    return _file_digest(path.resolve(), status.st_size, status.st_mtime_ns, status.st_ctime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _file_digest(path: Path, size: int, mtime_ns: int, ctime_ns: int) -> bytes:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -442,113 +418,85 @@ def preprocess(
     kind: str,
     cache_root: Path | None,
     main_process_first,
-):
-    """The tokenized dataset of `sources` (a datasets.Dataset) and its stats, from the cache when inputs match."""
-    import datasets
+) -> tuple[TokenStore, DatasetStats]:
+    """The tokenized examples of `sources`, memory-mapped, and their stats, from the cache when inputs match.
 
-    key = cache_key(sources, tokenizer, settings, max_length, kind) if cache_root else None
-    folder = cache_root / key if cache_root else None
+    Without a cache root (data.cache_preprocessing=false), the shards go to a private temporary folder that is
+    removed when the data is no longer used.
+    """
+    key = cache_key(sources, tokenizer, settings, max_length, kind)
     with main_process_first():
-        if folder and (folder / "stats.json").exists():
+        root = cache_root or Path(tempfile.mkdtemp(prefix="halyard-data-"))
+        folder = root / key
+        if cache_root and is_complete(folder):
             logger.info(f"reusing preprocessed data cached in {folder}")
-            return datasets.load_from_disk(str(folder / "data")), DatasetStats(
-                **json.loads((folder / "stats.json").read_text())
+            return TokenStore(TokenTable(folder, kind)), DatasetStats(**read_stats(folder))
+        tokenize = functools.partial(
+            tokenize_rows, tokenizer=tokenizer, settings=settings, max_length=max_length, kind=kind
+        )
+        stop_at_bad_row = settings.on_bad_row == "error"
+        reports, finished = build_folder(
+            folder,
+            read_shards(sources, settings, kind),
+            tokenize,
+            kind,
+            settings.num_proc,
+            must_stop=lambda report: stop_at_bad_row and report["skipped_bad_rows"] > 0,
+        )
+        stats = DatasetStats(**{f.name: sum(r[f.name] for r in reports) for f in dataclasses.fields(DatasetStats)})
+        bad_rows = [r["first_bad_row"] for r in reports if r["first_bad_row"]]
+        if bad_rows and stop_at_bad_row:
+            more = stats.skipped_bad_rows - 1
+            read = "" if finished else f" in the first {stats.rows} rows read"
+            raise DataError(
+                bad_rows[0]
+                + (f" ({more} more bad rows{read}; data.on_bad_row=skip would skip and count them)" if more else "")
             )
-        rows = raw_rows(sources)
-        check_stage(rows, settings, kind)
-        raw = datasets.Dataset.from_dict(rows)
-        mapper = functools.partial(
-            preprocess_batch, tokenizer=tokenizer, settings=settings, max_length=max_length, kind=kind
-        )
-        num_proc = settings.num_proc if settings.num_proc > 1 and len(raw) >= 2 * settings.num_proc else None
-        mapped = raw.map(
-            mapper, batched=True, batch_size=256, num_proc=num_proc, remove_columns=raw.column_names, desc="tokenizing"
-        )
-        dataset, stats = _apply_statuses(mapped, len(raw), settings)
-        if folder:
-            _save_atomically(dataset, stats, folder)
-        return dataset, stats
+        publish(folder, dataclasses.asdict(stats))
+        if bad_rows:
+            logger.warning(f"skipped {stats.skipped_bad_rows} malformed rows, the first: {bad_rows[0]}")
+        if cache_root:
+            logger.info(f"cached preprocessed data in {folder}")
+        table = TokenTable(folder, kind)
+        if not cache_root:
+            weakref.finalize(table, shutil.rmtree, root, True)
+    return TokenStore(table), stats
 
 
-def _apply_statuses(mapped, n_rows: int, settings: DataConfig):
-    errors = [e for e in mapped["_error"] if e]
-    if errors and settings.on_bad_row == "error":
-        more = (
-            f" ({len(errors) - 1} more bad rows; data.on_bad_row=skip would skip and count them)"
-            if len(errors) > 1
-            else ""
-        )
-        raise DataError(errors[0] + more)
-    stats = DatasetStats(
-        rows=n_rows,
-        truncated=sum(mapped["_truncated"]),
-        dropped_no_supervised_token=sum(mapped["_dropped_empty"]),
-        dropped_too_long=sum(mapped["_dropped_long"]),
-        skipped_bad_rows=len(errors),
-    )
-    keep = [
-        i
-        for i, (e, a, b) in enumerate(
-            zip(mapped["_error"], mapped["_dropped_empty"], mapped["_dropped_long"], strict=True)
-        )
-        if not (e or a or b)
-    ]
-    dataset = mapped.select(keep).remove_columns(list(EMPTY_STATUS))
-    stats.examples = len(dataset)
-    if errors:
-        logger.warning(f"skipped {len(errors)} malformed rows, the first: {errors[0]}")
-    return dataset, stats
-
-
-def _save_atomically(dataset, stats: DatasetStats, folder: Path) -> None:
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    dataset.save_to_disk(str(partial / "data"))
-    (partial / "stats.json").write_text(json.dumps(dataclasses.asdict(stats)))
-    shutil.rmtree(folder, ignore_errors=True)
-    partial.rename(folder)
-    logger.info(f"cached preprocessed data in {folder}")
-
-
-def mix(dataset, n_sources: int, samples: list[float], seed: int):
+def mix(store: TokenStore, n_sources: int, samples: list[float], seed: int) -> TokenStore:
     """Per-source sampling: a count (>= 1; repeats the data when larger than the source) or a fraction (< 1)."""
     if not samples:
-        return dataset
+        return store
     generator = torch.Generator().manual_seed(seed)
-    sources = dataset["_source"]
-    chosen: list[int] = []
+    sources = store.sources()
+    chosen = []
     for source in range(n_sources):
-        indices = [i for i, s in enumerate(sources) if s == source]
+        indices = np.flatnonzero(sources == source)
         want = round(samples[source] * len(indices)) if samples[source] < 1 else int(samples[source])
-        order = [indices[j] for j in torch.randperm(len(indices), generator=generator).tolist()]
-        chosen += (order * (want // max(len(order), 1) + 1))[:want]
-    return dataset.select(chosen)
+        order = indices[torch.randperm(len(indices), generator=generator).numpy()]
+        chosen.append(np.resize(order, want) if len(order) else order)  # np.resize repeats the order cyclically
+    return store.select(np.concatenate(chosen))
 
 
-def load_examples(sources: list[str], tokenizer, settings: DataConfig, max_length: int, kind: str = "sft"):
+def split_off_eval(store: TokenStore, ratio: float, seed: int) -> tuple[TokenStore, TokenStore]:
+    """(train, eval): a seeded random `ratio` of the examples (rounded up) held out."""
+    n_eval = math.ceil(ratio * len(store))
+    order = np.random.default_rng(seed).permutation(len(store))
+    return store.select(order[n_eval:]), store.select(order[:n_eval])
+
+
+def load_examples(
+    sources: list[str], tokenizer, settings: DataConfig, max_length: int, kind: str = "sft"
+) -> tuple[TokenStore, DatasetStats]:
     """Tokenized examples of `sources` and their stats, without caching (for tests, previews and scripts)."""
-    import contextlib
-
-    dataset, stats = preprocess(sources, tokenizer, settings, max_length, kind, None, contextlib.nullcontext)
-    return to_examples(dataset, kind), stats
-
-
-def to_examples(dataset, kind: str) -> list:
-    if kind == "paired":
-        columns = [dataset[c] for c in columns_of(kind)]
-        return [PairExample(Example(ci, cl), Example(ri, rl)) for ci, cl, ri, rl in zip(*columns, strict=True)]
-    examples = [Example(ids, labels) for ids, labels in zip(dataset["input_ids"], dataset["labels"], strict=True)]
-    if kind == "unpaired":
-        return [UnpairedExample(e, d) for e, d in zip(examples, dataset["desirable"], strict=True)]
-    return examples
+    return preprocess(sources, tokenizer, settings, max_length, kind, None, contextlib.nullcontext)
 
 
 def build_datasets(
     cfg: Config, tokenizer, kind: str = "sft", main_process_first=None
-) -> tuple[list, list, dict[str, dict]]:
-    """Training and evaluation examples for a trainer consuming `kind` data, and what preprocessing did to each."""
-    import contextlib
-
+) -> tuple[TokenStore | PackedStore, TokenStore | None, dict[str, dict]]:
+    """Training and evaluation data for a trainer consuming `kind` data (views of the memory-mapped cache), and what
+    preprocessing did to each."""
     main_process_first = main_process_first or contextlib.nullcontext
     cache_root = Path(cfg.cache_dir) / "preprocessed" if cfg.data.cache_preprocessing else None
     prepare = functools.partial(
@@ -567,23 +515,23 @@ def build_datasets(
     if cfg.eval_datasets:
         evaluation, eval_stats = prepare(cfg.eval_datasets)
     elif cfg.data.eval_split_ratio > 0:
-        split = train.train_test_split(test_size=cfg.data.eval_split_ratio, seed=cfg.seed)
-        train, evaluation = split["train"], split["test"]
+        train, evaluation = split_off_eval(train, cfg.data.eval_split_ratio, cfg.seed)
     if cfg.data.n_examples is not None and cfg.data.n_examples < len(train):
-        train = train.shuffle(seed=cfg.seed).select(range(cfg.data.n_examples))
+        train = train.select(np.random.default_rng(cfg.seed).permutation(len(train))[: cfg.data.n_examples])
     if len(train) == 0:
         raise DataError(f"no training examples left: {train_stats.describe('train', cfg.model.max_length)}")
 
     train_stats.examples = len(train)
     logger.info(train_stats.describe("train", cfg.model.max_length))
     stats = {"train": dataclasses.asdict(train_stats)}
-    train_examples = to_examples(train, kind)
     if cfg.data.packing:
-        train_examples = pack_examples(train_examples, cfg.model.max_length)
-        efficiency = packing_efficiency(train_examples, cfg.model.max_length)
-        stats["train"]["packed_rows"], stats["train"]["packing_efficiency"] = len(train_examples), efficiency
+        with main_process_first():  # the main process computes and caches the plan; the others read it
+            train = pack(train, cfg.model.max_length)
+        efficiency = train.efficiency(cfg.model.max_length)
+        stats["train"]["packed_rows"], stats["train"]["packing_efficiency"] = len(train), efficiency
         logger.info(
-            f"packed {train_stats.examples} examples into {len(train_examples)} rows of up to {cfg.model.max_length} tokens: efficiency {efficiency:.1%} (real tokens / slots)"
+            f"packed {train_stats.examples} examples into {len(train)} rows of up to {cfg.model.max_length} tokens: "
+            f"efficiency {efficiency:.1%} (real tokens / slots)"
         )
     if eval_stats is not None:
         eval_stats.examples = len(evaluation)
@@ -591,38 +539,15 @@ def build_datasets(
         stats["eval"] = dataclasses.asdict(eval_stats)
     elif evaluation is not None:
         logger.info(f"eval: {len(evaluation)} examples held out of the training data (data.eval_split_ratio)")
-    return train_examples, to_examples(evaluation, kind) if evaluation is not None else [], stats
+    return train, evaluation, stats
 
 
 def pack_examples(examples: list[Example], max_length: int) -> list[PackedExample]:
-    """Best-fit-decreasing bin packing over the whole dataset into rows of at most `max_length` tokens.
-
-    Longest first, each example goes into the open row with the least room that still fits it (a new row if none),
-    which leaves rows nearly full. Deterministic; the trainer shuffles the order of the rows every epoch.
-    """
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
-    rows: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # (room left, row index), sorted
-    for index in order:
-        length = len(examples[index].input_ids)
-        slot = bisect.bisect_left(free, (length, -1))
-        if slot < len(free):
-            room, row = free.pop(slot)
-        else:
-            room, row = max_length, len(rows)
-            rows.append([])
-        rows[row].append(index)
-        if room - length > 0:
-            bisect.insort(free, (room - length, row))
-    return [_concatenate([examples[i] for i in row]) for row in rows]
-
-
-def _concatenate(examples: list[Example]) -> PackedExample:
-    input_ids, labels = [], []
-    for example in examples:
-        input_ids += example.input_ids
-        labels += [IGNORE_INDEX, *example.labels[1:]]  # the first token is not predicted from the previous example
-    return PackedExample(input_ids, labels, [len(e.input_ids) for e in examples])
+    """Best-fit-decreasing packing (`store.pack_plan`) of examples held in memory (tests, benchmarks)."""
+    members, row_starts = pack_plan(np.array([len(e.input_ids) for e in examples], dtype=np.int64), max_length)
+    return [
+        concatenate([examples[i] for i in members[start:end]]) for start, end in itertools.pairwise(row_starts.tolist())
+    ]
 
 
 def packing_efficiency(rows: list[PackedExample], max_length: int) -> float:

@@ -99,9 +99,10 @@ def source_problem(source: str) -> str | None:
     return None
 
 
-def read_source(source: str) -> Iterator[tuple[str, dict]]:
-    """Yield (where, row) for every row; `where` names the file and line (or row) for error messages. A row that
-    cannot be read is yielded as a `bad_row` string."""
+def read_source(source: str) -> Iterator[tuple[str, object]]:
+    """Yield (where, row) for every row, streaming: a file of many GB is never held in memory. `where` names the file
+    and line (or row) for error messages. A row is a dict, a JSONL line not yet parsed (a str: `load_row` parses it
+    where it is tokenized, in parallel), or a `BadRow` the reader could not read."""
     if is_named_dataset(source):
         yield from _read_named(source)
     elif Path(source).is_dir():
@@ -110,25 +111,42 @@ def read_source(source: str) -> Iterator[tuple[str, dict]]:
         yield from _read_jsonl(source)
     elif source.endswith(".json"):
         yield from _read_json(source)
+    elif source.endswith(".parquet"):
+        yield from _read_parquet(source)
     else:
-        yield from _read_table(source, _load_table(source))
+        yield from _read_table(source, _load_csv(source))
 
 
-def _read_jsonl(path: str) -> Iterator[tuple[str, dict]]:
+@dataclass
+class BadRow:
+    """A row that could not be read, kept so data.on_bad_row decides: stop, or skip and count."""
+
+    message: str
+
+
+def load_row(where: str, row: object) -> dict:
+    """The dict of a row from `read_source`; raises DataError naming the row if it is not a JSON object."""
+    if isinstance(row, BadRow):
+        raise DataError(row.message)
+    if isinstance(row, str):
+        try:
+            row = json.loads(row)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: each row must be a JSON object; found {type(row).__name__}")
+    return row
+
+
+def _read_jsonl(path: str) -> Iterator[tuple[str, str]]:
     with open(path, encoding="utf-8") as lines:
         for line_number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            where = f"{path} line {line_number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                yield where, bad_row(f"{where}: not valid JSON ({error.msg} at column {error.colno})")
-                continue
-            yield where, _require_object(row, where)
+            if line.strip():
+                yield f"{path} line {line_number}", line
 
 
-def _read_json(path: str) -> Iterator[tuple[str, dict]]:
+def _read_json(path: str) -> Iterator[tuple[str, object]]:
+    # A .json file is one JSON document, read whole; large data belongs in .jsonl or .parquet, which stream.
     try:
         rows = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
@@ -136,23 +154,30 @@ def _read_json(path: str) -> Iterator[tuple[str, dict]]:
     if not isinstance(rows, list):
         raise DataError(f"{path}: a .json file must hold a list of rows; found {type(rows).__name__}")
     for index, row in enumerate(rows):
-        where = f"{path} row {index}"
-        yield where, _require_object(row, where)
+        yield f"{path} row {index}", row
 
 
-def bad_row(message: str) -> str:
-    """A row that could not be read, kept (as '!' + its message) so data.on_bad_row decides: stop, or skip and count."""
-    return "!" + message
+def _read_parquet(path: str) -> Iterator[tuple[str, dict]]:
+    import pyarrow.parquet as pq
+
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+        index = 0
+        for batch in batches:
+            for row in batch.to_pylist():
+                yield f"{path} row {index}", row
+                index += 1
+    except (OSError, ValueError) as error:  # pyarrow's errors for a damaged file
+        raise DataError(f"{path}: cannot be read as parquet ({error})") from None
 
 
-def _load_table(path: str):
+def _load_csv(path: str):
     import datasets
 
-    loader = datasets.Dataset.from_parquet if path.endswith(".parquet") else datasets.Dataset.from_csv
-    try:
-        return loader(path, keep_in_memory=True)
-    except Exception as error:  # pyarrow raises many types for a damaged file
-        raise DataError(f"{path}: cannot be read as {Path(path).suffix[1:]} ({error})") from None
+    try:  # converted once to a memory-mapped Arrow file in the datasets cache, then read row by row
+        return datasets.Dataset.from_csv(path)
+    except Exception as error:  # pandas and pyarrow raise many types for a damaged file
+        raise DataError(f"{path}: cannot be read as csv ({error})") from None
 
 
 def _load_saved(path: str):
@@ -182,12 +207,6 @@ def _read_named(name: str) -> Iterator[tuple[str, dict]]:
     import datasets
 
     yield from _read_table(name, datasets.load_dataset(hub_id, split=split))
-
-
-def _require_object(row: object, where: str) -> dict | str:
-    if not isinstance(row, dict):
-        return bad_row(f"{where}: each row must be a JSON object; found {type(row).__name__}")
-    return row
 
 
 # ---- formats ----

@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from train.data import IGNORE_INDEX, Example, PairExample, UnpairedExample, collate
+from train.data import collate
 from train.errors import HalyardError
 from train.losses import LossSum, PreferenceLoss, dpo_loss, ipo_loss, kto_loss, sequence_logps, simpo_loss
+from train.store import IGNORE_INDEX, Example, PairExample, TokenStore, UnpairedExample
 from train.trainers import BasicTrainer, SFTTrainer, register_trainer
 
 logger = logging.getLogger(__name__)
@@ -123,11 +124,12 @@ class PairedPreferenceTrainer(ReferenceMixin, BasicTrainer):
     @torch.no_grad()
     def precompute_reference(self, cache: Path) -> None:
         """Reference log-probs of every train and eval pair, computed once, saved to `cache`; then free the model."""
-        logger.info(f"precomputing reference log-probs for {len(self.train_examples) + len(self.eval_examples)} pairs")
+        splits = {"train": self.train_data, "eval": self.eval_data}
+        logger.info(f"precomputing reference log-probs for {sum(len(d) for d in splits.values() if d)} pairs")
         tensors = {}
-        for split, pairs in (("train", self.train_examples), ("eval", self.eval_examples)):
+        for split, pairs in splits.items():
             values = []
-            for start in range(0, len(pairs), self.eval_batch_size):
+            for start in range(0, len(pairs or []), self.eval_batch_size):
                 chunk = pairs[start : start + self.eval_batch_size]
                 batch = self.to_device(
                     collate([p.chosen for p in chunk] + [p.rejected for p in chunk], self.pad_token_id)
@@ -139,22 +141,26 @@ class PairedPreferenceTrainer(ReferenceMixin, BasicTrainer):
             partial = cache.with_suffix(".partial")
             save_file(tensors, str(partial))
             partial.rename(cache)
-        attach_reference(self.train_examples, self.eval_examples, tensors)
+        attach_reference(self.train_data, self.eval_data, tensors)
         self.reference_model = None  # training needs no reference model from here on
         self.accelerator.wait_for_everyone()
 
 
-def attach_reference(train: list[PairExample], evaluation: list[PairExample], tensors: dict[str, torch.Tensor]) -> None:
-    for pairs, values in ((train, tensors["train"]), (evaluation, tensors["eval"])):
-        for pair, (chosen, rejected) in zip(pairs, values.tolist(), strict=True):
-            pair.reference_chosen, pair.reference_rejected = chosen, rejected
+def attach_reference(train: TokenStore, evaluation: TokenStore | None, tensors: dict[str, torch.Tensor]) -> None:
+    """Give the train and eval pairs their (pairs, 2) reference log-probs: one array each, not one per object."""
+    if len(tensors["train"]) != len(train) or len(tensors["eval"]) != (len(evaluation) if evaluation else 0):
+        raise HalyardError("the reference log-prob cache does not match the data; delete it to recompute it")
+    train.reference = tensors["train"].numpy()
+    if evaluation:
+        evaluation.reference = tensors["eval"].numpy()
 
 
-def reference_cache_path(cache_dir: str, model_path: str, dtype: str, train: list, evaluation: list) -> Path:
+def reference_cache_path(
+    cache_dir: str, model_path: str, dtype: str, train: TokenStore, evaluation: TokenStore | None
+) -> Path:
     """${cache_dir}/reference_logps/<hash of the tokenized pairs, the reference weights and dtype>.safetensors"""
-    from train.checkpoint import fingerprint
-
-    digest = hashlib.sha256(f"{fingerprint(train)}|{fingerprint(evaluation)}|{dtype}".encode())
+    eval_fingerprint = evaluation.fingerprint() if evaluation else ""
+    digest = hashlib.sha256(f"{train.fingerprint()}|{eval_fingerprint}|{dtype}".encode())
     for file in sorted(Path(model_path).glob("*")):
         if file.suffix in (".safetensors", ".json", ".bin"):
             digest.update(
@@ -163,7 +169,7 @@ def reference_cache_path(cache_dir: str, model_path: str, dtype: str, train: lis
     return Path(cache_dir) / "reference_logps" / f"{digest.hexdigest()[:20]}.safetensors"
 
 
-def load_reference_cache(path: Path, train: list, evaluation: list) -> bool:
+def load_reference_cache(path: Path, train: TokenStore, evaluation: TokenStore | None) -> bool:
     """Attach cached reference log-probs if `path` exists; return whether it did."""
     if not path.exists():
         return False
@@ -273,7 +279,7 @@ class PretrainTrainer(SFTTrainer):
     data_kind = "text"
 
 
-def build_reference(cfg, accelerator, fsdp, train: list, evaluation: list, trainer_class):
+def build_reference(cfg, accelerator, fsdp, train: TokenStore, evaluation: TokenStore | None, trainer_class):
     """The reference model for `trainer_class`, or None (reference-free, LoRA, or cached log-probs)."""
     from train.distributed import shard_model
     from train.models import build_model

@@ -17,7 +17,6 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -25,8 +24,9 @@ from accelerate import Accelerator
 from transformers import get_cosine_schedule_with_warmup
 
 from train import checkpoint
+from train.batches import BatchPlan, StepBatches, step_loader
 from train.config import Config
-from train.data import IGNORE_INDEX, Example, PackedExample, collate, collate_packed, token_sequences
+from train.data import collate, collate_packed
 from train.distributed import (
     FsdpSettings,
     clip_gradients,
@@ -42,13 +42,13 @@ from train.faults import StopRequest, TrainingStopped, fault_at
 from train.losses import LossSum, count_loss_units, selected_nll_sum, supervised_positions
 from train.models import verify_packing_isolation
 from train.progress import Progress
+from train.store import IGNORE_INDEX, PackedExample, PackedStore, TokenStore, token_sequences
 from train.throughput import Throughput, peak_flops_per_second, peak_memory, step_counts
 from train.utils import config_yaml
 
 logger = logging.getLogger(__name__)
 
 TRAINERS: dict[str, type[BasicTrainer]] = {}
-GROUP_BATCHES = 32  # data.group_by_length sorts runs of this many global batches by length
 
 
 def register_trainer(cls: type[BasicTrainer]) -> type[BasicTrainer]:
@@ -76,14 +76,14 @@ class BasicTrainer:
         accelerator: Accelerator,
         model,
         tokenizer,
-        train_examples: list[Example],
-        eval_examples: list[Example],
+        train_data: TokenStore | PackedStore,
+        eval_data: TokenStore | None,
         fsdp: FsdpSettings | None = None,
     ):
         # Read the config once into typed attributes; the loop never looks at the config again.
         self.accelerator = accelerator
         self.tokenizer = tokenizer
-        self.train_examples, self.eval_examples = train_examples, eval_examples
+        self.train_data, self.eval_data = train_data, eval_data
         self.run_dir = Path(cfg.run_dir)
         self.config_text = config_yaml(cfg)
         self.seed = cfg.seed
@@ -100,22 +100,31 @@ class BasicTrainer:
         self.save_total_limit = cfg.save_total_limit
         self.on_nonfinite = cfg.on_nonfinite
         self.resume_allow_config_change = cfg.resume_allow_config_change
-        self.group_by_length = cfg.data.group_by_length
+        self.num_workers = cfg.data.num_workers
         self.eval_samples = cfg.eval_samples
         self.eval_samples_max_new_tokens = cfg.eval_samples_max_new_tokens
 
-        self.steps_per_epoch = len(train_examples) // self.batch_size
+        self.batch_plan = BatchPlan(
+            n_items=len(train_data),
+            batch_size=self.batch_size,
+            n_processes=accelerator.num_processes,
+            rank=accelerator.process_index,
+            accumulation_steps=self.accumulation_steps,
+            seed=self.seed,
+            lengths=train_data.lengths() if cfg.data.group_by_length else None,
+        )
+        self.steps_per_epoch = self.batch_plan.steps_per_epoch
         if self.steps_per_epoch == 0:
             raise DataError(
-                f"the training data has {len(train_examples)} examples, fewer than model.batch_size={self.batch_size}; lower the batch size or add data"
+                f"the training data has {len(train_data)} examples, fewer than model.batch_size={self.batch_size}; lower the batch size or add data"
             )
         self.total_steps = self.n_epochs * self.steps_per_epoch
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
-        unused = len(train_examples) - self.steps_per_epoch * self.batch_size
+        unused = len(train_data) - self.steps_per_epoch * self.batch_size
         if unused:
             logger.info(
-                f"each epoch trains on {len(train_examples) - unused} of {len(train_examples)} examples: the last partial batch is left out (the order is reshuffled every epoch)"
+                f"each epoch trains on {len(train_data) - unused} of {len(train_data)} examples: the last partial batch is left out (the order is reshuffled every epoch)"
             )
 
         if fsdp is not None:
@@ -128,14 +137,14 @@ class BasicTrainer:
         warmup_steps = round(cfg.warmup_ratio * self.total_steps)
         self.scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, self.total_steps)
         self.throughput = self.build_throughput(cfg)
-        if train_examples and isinstance(train_examples[0], PackedExample):
+        if isinstance(train_data, PackedStore):
             verify_packing_isolation(self.accelerator.unwrap_model(self.model), cfg.model.attn_implementation)
         self.summary: dict[str, object] = {}
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.step = 0  # optimizer steps completed
         self.skipped_steps = 0
         self.stop_request = StopRequest()
-        self.data_fingerprint = checkpoint.fingerprint(train_examples)
+        self.data_fingerprint = train_data.fingerprint()  # from cache keys and the selection: no token is read
         if self.save_every_steps and accelerator.is_main_process:
             checkpoint.check_disk_space(self.run_dir, self.model)
 
@@ -168,7 +177,7 @@ class BasicTrainer:
         raise NotImplementedError
 
     def collate(self, examples: list) -> dict[str, torch.Tensor]:
-        """Tensors of one micro-batch (padded to its longest example or packed row)."""
+        """Tensors of one micro-batch (padded to its longest example or packed row). Runs in a data loader worker."""
         if isinstance(examples[0], PackedExample):
             return collate_packed(examples, self.pad_token_id)
         return collate(examples, self.pad_token_id)
@@ -181,7 +190,7 @@ class BasicTrainer:
         Raises TrainingStopped after writing a checkpoint if SIGTERM or SIGINT arrived.
         """
         world = self.accelerator.num_processes
-        unit = "packed rows" if isinstance(self.train_examples[0], PackedExample) else "examples"
+        unit = "packed rows" if isinstance(self.train_data, PackedStore) else "examples"
         logger.info(
             f"training for {self.total_steps} steps ({self.steps_per_epoch} per epoch) of {self.batch_size} {unit} "
             f"on {world} process(es), {self.accumulation_steps} micro-batch(es) of "
@@ -200,7 +209,7 @@ class BasicTrainer:
             if self.accelerator.is_main_process:
                 self.metrics_path.write_text("")
                 (self.run_dir / "samples.jsonl").unlink(missing_ok=True)
-            if self.eval_examples:
+            if self.eval_data:
                 self.log({"step": 0, **self.run_evaluation()})
         self.model.train()
         with self.stop_request.installed(), contextlib.closing(self.progress):
@@ -222,7 +231,7 @@ class BasicTrainer:
         every = self.save_every_steps
         return bool(every) and self.step % every == 0 and self.step < self.total_steps
 
-    def train_and_log_step(self, epoch: int, micro_batches: list[list[Example]]) -> bool:
+    def train_and_log_step(self, epoch: int, micro_batches: list[dict[str, torch.Tensor]]) -> bool:
         """Run one optimizer step, then log and evaluate when due. Returns whether any process was asked to stop."""
         started = time.perf_counter()
         metrics = self.train_step(micro_batches)
@@ -233,54 +242,25 @@ class BasicTrainer:
         if self.step % self.log_every_steps == 0 or is_last or stop:
             epoch_progress = epoch + (self.step - epoch * self.steps_per_epoch) / self.steps_per_epoch
             row.update(metrics, epoch=epoch_progress, lr=self.scheduler.get_last_lr()[0], **self.throughput.report())
-        if self.eval_examples and (self.step % self.eval_every_steps == 0 or is_last):
+        if self.eval_data and (self.step % self.eval_every_steps == 0 or is_last):
             row.update(self.run_evaluation())
         if len(row) > 1:
             self.log(row)
         self.progress.advance(self.step, row)
         return stop
 
-    def step_batches(self, start_step: int = 0) -> Iterator[tuple[int, list[list[Example]]]]:
-        """Yield (epoch, this process's micro-batches) for each optimizer step after `start_step`.
+    def step_batches(self, start_step: int = 0):
+        """(epoch, this process's collated micro-batches) for each optimizer step after `start_step`, prepared ahead
+        by data loader workers; which examples they hold is `self.batch_plan`'s (see train/batches.py)."""
+        batches = StepBatches(self.batch_plan, self.train_data, self.collate, start_step, self.total_steps)
+        return step_loader(batches, self.num_workers, pin_memory=self.accelerator.device.type == "cuda")
 
-        The global batch of a step depends only on the seed, the epoch and the step: a permutation per epoch, cut into
-        batches of `batch_size`. Each process takes a contiguous slice and cuts it into `accumulation_steps`
-        micro-batches, so the union over processes is always the same global batch, however it is split. A resumed
-        run starts directly at its step: nothing is replayed.
-        """
-        rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        per_process = self.batch_size // world
-        micro = per_process // self.accumulation_steps
-        for step in range(start_step, self.total_steps):
-            epoch, batch_index = divmod(step, self.steps_per_epoch)
-            if step == start_step or batch_index == 0:
-                order = self.epoch_order(epoch)
-            start = batch_index * self.batch_size + rank * per_process
-            mine = [self.train_examples[i] for i in order[start : start + per_process]]
-            yield epoch, [mine[i * micro : (i + 1) * micro] for i in range(self.accumulation_steps)]
-
-    def epoch_order(self, epoch: int) -> list[int]:
-        """The order of the training examples in `epoch`: a seeded permutation, or with data.group_by_length, runs
-        of GROUP_BATCHES global batches sorted by length (less padding per micro-batch) with the batches shuffled."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.train_examples), generator=generator).tolist()
-        if not self.group_by_length:
-            return order
-        run = self.batch_size * GROUP_BATCHES
-        order = [i for s in range(0, len(order), run) for i in sorted(order[s : s + run], key=self.example_length)]
-        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        return [i for b in torch.randperm(len(batches), generator=generator).tolist() for i in batches[b]]
-
-    def example_length(self, index: int) -> int:
-        return sum(len(part.input_ids) for part in token_sequences(self.train_examples[index]))
-
-    def train_step(self, micro_batches: list[list[Example]]) -> dict[str, float]:
+    def train_step(self, on_cpu: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """One optimizer step over this process's micro-batches.
 
         Returns the step's exact loss, gradient norm, real token count and whether any process must stop. A step
         whose loss or gradient is not finite is never applied (on_nonfinite=stop raises, skip counts it).
         """
-        on_cpu = [self.collate(examples) for examples in micro_batches]
         counts = step_counts(on_cpu)  # counted before the copy to the device: no device syncs in the hot path
         batches = [self.to_device(batch) for batch in on_cpu]
         local_units = sum(self.loss_units(batch) for batch in batches)
@@ -353,7 +333,7 @@ class BasicTrainer:
             return
         model.eval()
         rows = []
-        for item in self.eval_examples[: self.eval_samples]:
+        for item in self.eval_data[: self.eval_samples]:
             example = token_sequences(item)[0]  # a pair's prompt and chosen answer
             prompt_length = next(i for i, label in enumerate(example.labels) if label != IGNORE_INDEX)
             prompt = torch.tensor([example.input_ids[:prompt_length]], device=self.accelerator.device)
@@ -397,9 +377,9 @@ class BasicTrainer:
         micro = self.eval_batch_size // world
         sums = torch.zeros(2, device=self.accelerator.device)
         metric_sums = MetricSums()
-        for start in range(0, len(self.eval_examples), self.eval_batch_size):
-            mine = self.eval_examples[start + rank * micro : start + (rank + 1) * micro]
-            loss_sum = self.batch_loss(model, self.to_device(self.collate(mine or self.eval_examples[:1])))
+        for start in range(0, len(self.eval_data), self.eval_batch_size):
+            mine = self.eval_data[start + rank * micro : start + (rank + 1) * micro]
+            loss_sum = self.batch_loss(model, self.to_device(self.collate(mine or self.eval_data[:1])))
             if mine:
                 sums += torch.stack([loss_sum.total.float(), loss_sum.count.float()])
                 metric_sums.add(loss_sum.metrics)

@@ -1,0 +1,111 @@
+"""Which examples each process trains on at each step, and the loader that prepares them ahead of the step.
+
+The global batch of a step depends only on the seed, the epoch and the step: a permutation per epoch (or, with
+data.group_by_length, length-sorted runs with the batches shuffled), cut into batches of `batch_size`. Each
+process takes a contiguous slice of it and cuts that into `accumulation_steps` micro-batches, so the union over
+processes is always the same global batch, however it is split. A resumed run starts directly at its step: nothing
+is replayed. Everything here is index arrays; the tokens are gathered from the memory-mapped store per micro-batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+GROUP_BATCHES = 32  # data.group_by_length sorts runs of this many global batches by length
+
+
+@dataclass
+class BatchPlan:
+    """The micro-batches (positions in the training data) of each process at each optimizer step."""
+
+    n_items: int  # examples, or packed rows
+    batch_size: int  # global, per optimizer step
+    n_processes: int
+    rank: int
+    accumulation_steps: int
+    seed: int
+    lengths: np.ndarray | None = None  # (n_items,) tokens per item: with it, batches are grouped by length
+
+    def __post_init__(self) -> None:
+        self.per_process = self.batch_size // self.n_processes
+        self.micro_batch_size = self.per_process // self.accumulation_steps
+        self.steps_per_epoch = self.n_items // self.batch_size
+        self._order: tuple[int, np.ndarray] | None = None  # the last epoch's order, reused by its steps
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """(n_items,) int64: the order of the items in `epoch`."""
+        if self._order is not None and self._order[0] == epoch:
+            return self._order[1]
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.n_items, generator=generator).numpy()
+        if self.lengths is not None:
+            run = self.batch_size * GROUP_BATCHES
+            for start in range(0, self.n_items, run):  # stable sort: equal lengths keep their random order
+                chunk = order[start : start + run]
+                order[start : start + run] = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+            n_batches = -(-self.n_items // self.batch_size)
+            shuffled = torch.randperm(n_batches, generator=generator).numpy()
+            order = np.concatenate([order[b * self.batch_size : (b + 1) * self.batch_size] for b in shuffled])
+        self._order = (epoch, order)
+        return order
+
+    def micro_batches(self, step: int) -> tuple[int, list[np.ndarray]]:
+        """(epoch, this process's micro-batches) of optimizer step `step` (0-based)."""
+        epoch, batch_index = divmod(step, self.steps_per_epoch)
+        start = batch_index * self.batch_size + self.rank * self.per_process
+        mine = self.epoch_order(epoch)[start : start + self.per_process]
+        size = self.micro_batch_size
+        return epoch, [mine[i * size : (i + 1) * size] for i in range(self.accumulation_steps)]
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item k: (epoch, this process's collated micro-batches) of optimizer step `start_step + k`."""
+
+    def __init__(self, plan: BatchPlan, data, collate: Callable, start_step: int, total_steps: int) -> None:
+        self.plan, self.data, self.collate = plan, data, collate
+        self.start_step, self.total_steps = start_step, total_steps
+
+    def __len__(self) -> int:
+        return max(self.total_steps - self.start_step, 0)
+
+    def __getitem__(self, index: int) -> tuple[int, list[dict[str, torch.Tensor]]]:
+        epoch, micro_batches = self.plan.micro_batches(self.start_step + index)
+        return epoch, [self.collate(self.data.gather(positions)) for positions in micro_batches]
+
+
+def step_loader(batches: StepBatches, num_workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
+    """A DataLoader over steps, in order: `num_workers` processes gather and collate the next steps while this one
+    computes (pinned for a fast copy to CUDA). Workers are forked: they share the memory-mapped data and start in
+    milliseconds; where fork does not exist, collation runs in this process."""
+    if num_workers and "fork" not in multiprocessing.get_all_start_methods():
+        logger.info("data.num_workers: this platform cannot fork worker processes; collating in the main process")
+        num_workers = 0
+    return torch.utils.data.DataLoader(
+        batches,
+        batch_size=None,  # each item is already a whole step
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        prefetch_factor=2 if num_workers else None,
+        worker_init_fn=_leave_signals_to_the_main_process if num_workers else None,
+        multiprocessing_context="fork" if num_workers else None,
+        # Its own generator: a loader otherwise draws its workers' seed from the global torch RNG, which would shift
+        # the dropout masks of a resumed run away from those of an uninterrupted one.
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+def _leave_signals_to_the_main_process(worker_id: int) -> None:
+    # SIGINT/SIGTERM reach the whole process group; the main process saves a checkpoint and then shuts the workers
+    # down, so a worker must not die first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
