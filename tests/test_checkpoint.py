@@ -6,6 +6,7 @@ import random
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -305,7 +306,7 @@ def test_resume_refuses_data_with_one_row_edited_and_accepts_it_unchanged(tiny_c
     """The fingerprint comes from the cache key (the bytes of the data files) and the selection, not from the tokens:
     one edited row changes it; the unchanged file is accepted, and packed data too."""
     data = tmp_path / "train.jsonl"
-    data.write_text(open(DEMO_TRAIN).read())
+    data.write_text(Path(DEMO_TRAIN).read_text())
     common = ["max_steps=4", "save_every_steps=2", "data.packing=true", "model.batch_size=4", f"datasets=[{data}]"]
     base = [arg for arg in BASE if not arg.startswith("datasets=")]
     assert run(tiny_cache, "edited", common, faults="sigterm@2", base=base).returncode == 75  # saved step 2

@@ -1,6 +1,7 @@
 """The data pipeline against exact tensors: rendering, label masks, truncation, padding and bad input."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -311,7 +312,7 @@ def test_parallel_sharded_preprocessing_equals_one_process(tmp_path, tiny_tokeni
 
     monkeypatch.setattr(data, "SHARD_ROWS", 10)  # 13 shards
     source = tmp_path / "rows.jsonl"
-    rows = open(DEMO_TRAIN).read().splitlines()
+    rows = Path(DEMO_TRAIN).read_text().splitlines()
     source.write_text("\n".join([*rows[:57], "{broken", *rows[57:]]) + "\n")
     results = {}
     for num_proc in (1, 2):

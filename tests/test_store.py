@@ -76,7 +76,11 @@ def test_gather_select_and_pack_return_exact_rows(tmp_path):
 
 
 def test_paired_and_unpaired_rows_and_reference(tmp_path):
-    pair = {"chosen_input_ids": [[1, 2], [3]], "chosen_labels": [[-100, 2], [3]], "rejected_input_ids": [[1, 4, 5], [6]]}
+    pair = {
+        "chosen_input_ids": [[1, 2], [3]],
+        "chosen_labels": [[-100, 2], [3]],
+        "rejected_input_ids": [[1, 4, 5], [6]],
+    }
     pair.update(rejected_labels=[[-100, 4, 5], [6]], source=[0, 0])
     data = TokenStore(write_table(tmp_path / "p", "paired", pair, 1))
     assert data.lengths().tolist() == [5, 2]
@@ -165,7 +169,7 @@ def test_memory_stays_flat_however_large_the_data(tmp_path):
     directory = store.shards_directory(folder)
     directory.mkdir(parents=True)
     list_type = pa.list_(pa.int32())
-    for index, start in enumerate(range(0, n_rows, 50_000)):
+    for index in range(n_rows // 50_000):
         tokens = pa.array(rng.integers(0, 49152, 50_000 * length, dtype=np.int32))
         offsets = pa.array(np.arange(0, 50_000 * length + 1, length, dtype=np.int32))
         column = pa.ListArray.from_arrays(offsets, tokens, type=list_type)
@@ -176,6 +180,8 @@ def test_memory_stays_flat_however_large_the_data(tmp_path):
     result = subprocess.run([sys.executable, "-c", child, str(folder)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["examples"] == n_rows - 1000 and report["rows"] == (n_rows - 1000) // 6  # 6 examples of 75 tokens per 512-token row
+    assert (
+        report["examples"] == n_rows - 1000 and report["rows"] == (n_rows - 1000) // 6
+    )  # 6 examples of 75 tokens per 512-token row
     # Tokens as Python lists: over 2,000 MB held; one token column concatenated by Arrow: 115 MB at its peak.
     assert report["private_growth_mb"] < 150 and report["arrow_peak_mb"] < 20, report
