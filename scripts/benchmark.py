@@ -305,8 +305,9 @@ def write_scale_rows(path: Path, n_rows: int, mean_words: float, seed: int = 0) 
 
 
 class TreeMemory:
-    """Peak memory of a process and its descendants, sampled every 0.2 s: PSS (shared pages split among the
-    processes that map them, so forked workers and a shared page cache are not counted twice) and RSS summed."""
+    """Peak memory of a training command's processes (its training processes and their data loader workers, not
+    the `accelerate launch` parent that only waits), sampled every 0.2 s: PSS (shared pages split among the processes
+    that map them, so forked workers and a shared page cache are not counted twice) and RSS summed."""
 
     def __init__(self, process) -> None:
         import threading
@@ -324,6 +325,8 @@ class TreeMemory:
             pss = rss = 0
             try:
                 for p in [self.root, *self.root.children(recursive=True)]:
+                    if "accelerate.commands.launch" in " ".join(p.cmdline()):
+                        continue  # the launcher only waits for the training processes
                     info = p.memory_full_info()
                     pss, rss = pss + info.pss, rss + info.rss
             except psutil.Error:
@@ -384,7 +387,7 @@ def bench_scale(args) -> str:
         (cache).mkdir(exist_ok=True)
         if not (cache / "tiny-llama").exists():
             (cache / "tiny-llama").symlink_to(work / "tiny-llama")
-        base = ["model=tiny", f"cache_dir={cache}", f"datasets=[{data}]", "model.max_length=2048", "max_steps=1",
+        base = ["model=tiny", f"cache_dir={cache}", f"datasets=[{data}]", "model.max_length=1024", "max_steps=1",
                 "model.batch_size=8", "data.num_proc=2", "log_every_steps=1"]  # fmt: skip
         runs = [("first (uncached)", single, "false"), ("cached", single, "false"), ("cached", single, "true"),
                 ("cached", double, "false"), ("cached", double, "true")]  # fmt: skip
@@ -401,7 +404,7 @@ def bench_scale(args) -> str:
         folder = next((cache / "preprocessed").glob("*/stats.json")).parent
         lengths = TokenTable(folder, "sft").lengths()
         started = time.perf_counter()
-        pack_plan(lengths, 2048)
+        pack_plan(lengths, 1024)
         notes.append(
             f"{n_rows:,} rows: {len(lengths):,} examples, mean {lengths.mean():.0f} tokens (max {lengths.max()}); "
             f"packing plan in {time.perf_counter() - started:.2f} s"

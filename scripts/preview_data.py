@@ -81,7 +81,7 @@ def main() -> int:
             f"--- example {index} ({len(example.input_ids)} tokens, {sum(label != IGNORE_INDEX for label in example.labels)} supervised)"
         )
         print(marked(tokenizer, example, color))
-    lengths = [len(e.input_ids) for e in examples]
+    lengths = examples.lengths().tolist()  # from the Arrow offsets; the supervised count reads the labels
     supervised = sum(sum(label != IGNORE_INDEX for label in e.labels) for e in examples)
     print(f"--- {stats.describe('data', cfg.model.max_length)}")
     print(

@@ -151,9 +151,11 @@ def test_data_settings_are_checked_together():
     problems = problems_of([
         "model=tiny", f"datasets=[{DEMO_TRAIN}]", "data.format=yaml", "data.train_on=user", "data.truncation=cut",
         "data.on_bad_row=ignore", "data.dataset_samples=[1,2]", "data.eval_split_ratio=1", "data.num_proc=0",
+        "data.num_workers=-1",
     ])  # fmt: skip
     text = "\n".join(problems)
-    assert len(problems) == 7, text
+    assert len(problems) == 8, text
+    assert "data.num_workers=-1: must be >= 0" in text
     assert "data.format='yaml': must be one of ['auto', 'instruction'" in text
     assert "data.dataset_samples has 2 entries for 1 datasets; give one per dataset" in text
     assert "data.num_proc=0: must be > 0" in text

@@ -167,7 +167,8 @@ def _render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bo
 def _assistant_span(tokenizer, messages: list[dict[str, str]], index: int, text: str, where: str) -> tuple[int, int]:
     """Character span of assistant turn `index` in `text`: its content and end-of-turn marker, no trailing whitespace."""
     before = _render(tokenizer, messages[:index], add_generation_prompt=True, where=where)
-    through = _render(tokenizer, messages[: index + 1], add_generation_prompt=False, where=where)
+    last = index == len(messages) - 1  # `text` is the rendering of these very messages: no need to render it again
+    through = text if last else _render(tokenizer, messages[: index + 1], add_generation_prompt=False, where=where)
     if not (text.startswith(through) and through.startswith(before)):
         raise DataError(
             f"{where}: the chat template does not render conversations as growing prefixes (it rewrites earlier "

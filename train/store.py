@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-SHARD_ROWS = 4096  # input rows per shard: the unit of parallel work, of restart, and of memory while reading
+SHARD_ROWS = 2048  # input rows per shard: the unit of parallel work, of restart, and of memory while reading
 PACKING_VERSION = 1  # bump when the packing algorithm changes, to invalidate cached plans
 PARTIAL = ".partial"
 STATS_FILE = "stats.json"
@@ -161,7 +161,8 @@ def build_folder(
         def collect(block: bool) -> None:
             nonlocal stopped
             finished, _ = concurrent.futures.wait(
-                list(pending), return_when=concurrent.futures.FIRST_COMPLETED if block else "ALL_COMPLETED"
+                list(pending),
+                return_when=concurrent.futures.FIRST_COMPLETED if block else concurrent.futures.ALL_COMPLETED,
             )
             for future in finished:
                 reports[pending.pop(future)] = report = future.result()
@@ -272,7 +273,7 @@ class TokenTable:
     def __init__(self, folder: Path, kind: str) -> None:
         self.folder, self.kind = folder, kind
         self.key = folder.name
-        files = sorted((folder / "shards").glob("*.arrow"))
+        files = sorted((folder / "shards").glob("*.arrow"), key=lambda f: int(f.stem))  # in input order
         _allow_open_files(len(files) + 256)  # each memory-mapped shard keeps a file descriptor
         tables = [pa.ipc.open_stream(pa.memory_map(str(f))).read_all() for f in files]
         self.table = pa.concat_tables(tables) if tables else schema(kind).empty_table()

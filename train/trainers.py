@@ -194,8 +194,7 @@ class BasicTrainer:
         logger.info(
             f"training for {self.total_steps} steps ({self.steps_per_epoch} per epoch) of {self.batch_size} {unit} "
             f"on {world} process(es), {self.accumulation_steps} micro-batch(es) of "
-            f"{self.batch_size // world // self.accumulation_steps} each"
-            + (f", from step {self.step}" if self.step else "")
+            f"{self.batch_plan.micro_batch_size} each" + (f", from step {self.step}" if self.step else "")
         )
         sharded = is_sharded(self.accelerator.unwrap_model(self.model))
         self.summary.update(
