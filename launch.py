@@ -4,8 +4,8 @@
     python launch.py loss=sft model=tiny datasets=[data.jsonl] ++model.name_or_path=/path/to/model
     python launch.py --help          # every config key, with its type, default and meaning
 
-Reads like a table of contents: each step is a builder in `train/`. Heavy libraries (torch, transformers) are
-imported only after the config is valid, so mistakes are reported in about a second.
+This file keeps the command line (argv, logging, exit codes); the run itself is train/run.py. Every config problem
+is reported at once, before any model or data loads: validation imports only the chosen loss's trainer module.
 """
 
 from __future__ import annotations
@@ -13,12 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parent / "config"
 EXIT_USER_ERROR = 2
-
-logger = logging.getLogger("halyard")
 
 
 def compose_config(overrides: list[str]):
@@ -28,7 +24,7 @@ def compose_config(overrides: list[str]):
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from train.config import register_schema, validate
+    from train.config import CONFIG_DIR, register_schema, validate
     from train.errors import ConfigError
 
     register_schema()
@@ -48,6 +44,8 @@ def _as_forced_overrides(overrides: list[str]) -> list[str]:
     schema check can report every unknown key at once and name the closest valid one. Config-group choices
     (`model=tiny`), `+`, `++`, `~` and `hydra.*` overrides pass through unchanged.
     """
+    from train.config import CONFIG_DIR
+
     groups = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()}
     rewritten = []
     for override in overrides:
@@ -75,73 +73,6 @@ def print_help() -> None:
     print(describe_schema())
 
 
-def run(cfg) -> None:
-    """Build everything from the validated config, train (or resume), and save FINAL/."""
-    import time
-
-    from train.checkpoint import read_state
-    from train.data import build_datasets
-    from train.distributed import fsdp_settings_from_launcher
-    from train.errors import HalyardError
-    from train.models import build_model, build_tokenizer
-    from train.preference import build_reference
-    from train.trainers import get_trainer_class
-    from train.utils import build_accelerator, prepare_run_dir, write_summary
-
-    started = time.perf_counter()
-    trainer_class = get_trainer_class(cfg.loss.trainer)
-    resume_dir = find_checkpoint_to_resume(cfg)
-    wandb_run_id = read_state(resume_dir).get("wandb_run_id") if resume_dir else None
-    accelerator = build_accelerator(cfg, wandb_run_id=wandb_run_id)
-    prepare_run_dir(cfg, accelerator)
-    tokenizer = build_tokenizer(cfg.model)
-    kind = trainer_class.data_kind
-    if cfg.data.packing and kind not in ("sft", "text"):
-        raise HalyardError(
-            f"data.packing=true works with loss=sft and loss=pt, not loss={cfg.loss.name}; set data.packing=false"
-        )
-    train_data, eval_data, data_stats = build_datasets(cfg, tokenizer, kind, accelerator.main_process_first)
-    fsdp = fsdp_settings_from_launcher()
-    model = build_model(cfg.model, cfg.seed, sharded=fsdp is not None)
-    reference, reference_cache = build_reference(cfg, accelerator, fsdp, train_data, eval_data, trainer_class)
-    extra = {"reference_model": reference} if getattr(trainer_class, "uses_reference", None) is not None else {}
-    trainer = trainer_class(cfg, accelerator, model, tokenizer, train_data, eval_data, fsdp=fsdp, **extra)
-    try:
-        if reference_cache is not None:
-            trainer.precompute_reference(reference_cache)
-        if resume_dir:
-            trainer.load_checkpoint(resume_dir)
-        trainer.train()
-        trainer.save_final()
-        if accelerator.is_main_process:
-            wall_seconds = time.perf_counter() - started
-            write_summary(cfg.run_dir, {**trainer.summary, "wall_seconds": wall_seconds, "data": data_stats})
-        accelerator.wait_for_everyone()  # every process leaves together
-    finally:
-        accelerator.end_training()  # closes the trackers (a stopped run's too) and the process group
-
-
-def find_checkpoint_to_resume(cfg):
-    """The checkpoint to resume from, or None; refuses one whose config differs in what changes the math."""
-    from train.checkpoint import config_differences, resolve_resume
-    from train.errors import HalyardError
-    from train.utils import flat_config
-
-    resume_dir = resolve_resume(cfg.resume_from_checkpoint, Path(cfg.run_dir))
-    if resume_dir is None:
-        if cfg.resume_from_checkpoint == "auto":
-            logger.info(f"resume_from_checkpoint=auto: no checkpoint in {cfg.run_dir} yet, starting fresh")
-        return None
-    differences = config_differences((resume_dir / "config.yaml").read_text(), flat_config(cfg))
-    if differences and not cfg.resume_allow_config_change:
-        listed = "\n".join(f"  - {d}" for d in differences)
-        raise HalyardError(
-            f"cannot resume from {resume_dir}: these settings change the math of the run:\n{listed}\n"
-            f"Restore them, or set resume_allow_config_change=true to continue anyway."
-        )
-    return resume_dir
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
@@ -152,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = compose_config(argv)
+        from train.run import run
+
         run(cfg)
     except HalyardError as error:
         # A user error, or a stop on request: say what happened and what to do, without a traceback.

@@ -44,11 +44,13 @@ def tiny_tokenizers(tmp_path_factory) -> dict:
     return {style: make_tiny_model.build_tokenizer(style) for style in make_tiny_model.TEMPLATES}
 
 
-def run_cli(args: list[str], launcher: list[str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run `python launch.py ARGS` (or `LAUNCHER launch.py ARGS`) from the repo root; never raises on failure."""
+def run_cli(
+    args: list[str], launcher: list[str] | None = None, timeout: int = 300, cwd: Path = REPO
+) -> subprocess.CompletedProcess:
+    """Run `python launch.py ARGS` (or `LAUNCHER launch.py ARGS`) from `cwd` (the repo root); never raises."""
     command = (launcher or [sys.executable]) + [str(REPO / "launch.py"), *args]
     env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(REPO)}
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -277,7 +277,7 @@ def test_resumed_run_continues_the_same_wandb_run(tiny_cache):
         "wandb.mode=offline",
     ]
     assert run(tiny_cache, "wandb_resume", common, faults="sigterm@2").returncode == 75
-    run_id = checkpoint.read_state(tiny_cache / "wandb_resume" / "step-2")["wandb_run_id"]
+    run_id = checkpoint.read_state(tiny_cache / "wandb_resume" / "step-2").wandb_run_id
     assert run_id
     assert run(tiny_cache, "wandb_resume", common).returncode == 0
     runs = sorted((tiny_cache / "wandb_resume" / "wandb").glob("offline-run-*"))

@@ -8,7 +8,7 @@ import pytest
 
 import launch
 from conftest import DEMO_TRAIN, REPO, run_cli
-from train.config import LOSS_SCHEMAS, Config, _leaf_paths, describe_schema, validate
+from train.config import CONFIG_DIR, Config, _leaf_paths, builtin_losses, describe_schema, resolve_loss, validate
 from train.errors import ConfigError
 
 MODELS = sorted(p.stem for p in (REPO / "config" / "model").glob("*.yaml"))
@@ -83,7 +83,7 @@ def test_unknown_loss_and_model_presets_list_the_valid_ones():
 def test_batch_must_split_over_processes_and_accumulation():
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(launch.CONFIG_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         composed = compose(
             "config",
             overrides=[
@@ -124,7 +124,8 @@ def _leaf_paths_of_schema() -> list[str]:
     from omegaconf import OmegaConf
 
     paths = set(_leaf_paths(OmegaConf.structured(Config)))
-    for schema in LOSS_SCHEMAS.values():
+    for name, trainer_path in builtin_losses().items():
+        schema = resolve_loss(name, trainer_path)[0].settings
         paths |= {f"loss.{key}" for key in _leaf_paths(OmegaConf.structured(schema))}
     return sorted(paths)
 
@@ -135,8 +136,11 @@ def test_config_errors_exit_2_without_traceback_or_heavy_imports():
     assert "Traceback" not in result.stderr
     assert "halyard: invalid configuration (2 problems)" in result.stderr
     assert "did you mean 'model.peft.lora_r'" in result.stderr
-    # Errors come before torch is imported, so they are fast.
-    probe = "import sys, launch\ntry:\n    launch.compose_config(['model=tiny'])\nexcept Exception:\n    pass\nprint('torch' in sys.modules)"
+    # Errors come before any model loads: validation imports the loss's trainer module, never a model's code.
+    probe = (
+        "import sys, launch\ntry:\n    launch.compose_config(['model=tiny'])\nexcept Exception:\n    pass\n"
+        "print(any(name.startswith('transformers.models.llama') for name in sys.modules))"
+    )
     imported = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
     assert imported.stdout.strip() == "False"
 
@@ -159,3 +163,42 @@ def test_data_settings_are_checked_together():
     assert "data.format='yaml': must be one of ['auto', 'instruction'" in text
     assert "data.dataset_samples has 2 entries for 1 datasets; give one per dataset" in text
     assert "data.num_proc=0: must be > 0" in text
+
+
+def test_a_loss_s_capabilities_are_checked_with_every_other_problem():
+    problems = problems_of(["model=tiny", "loss=dpo", f"datasets=[{DEMO_TRAIN}]", "data.packing=true", "lr=-1"])
+    text = "\n".join(problems)
+    assert len(problems) == 2, text
+    assert "data.packing=true: loss=dpo (train.preference.DPOTrainer) does not support packing" in text
+    problems = problems_of(["model=tiny", "loss=kto", f"datasets=[{DEMO_TRAIN}]", "reference.precompute=true"])
+    assert problems == [
+        "reference.precompute=true: loss=kto (train.preference.KTOTrainer) cannot precompute them (its reference "
+        "log-probs change every step); set it to false"
+    ]
+    problems = problems_of(["model=tiny", "loss=simpo", f"datasets=[{DEMO_TRAIN}]", "reference.precompute=true"])
+    assert "it uses no reference model" in problems[0]
+
+
+def test_a_mismatched_trainer_and_settings_cannot_pass_validation():
+    """The settings come from the trainer class: cDPO's label_smoothing is not a key of IPO's settings."""
+    problems = problems_of(
+        ["model=tiny", "loss=cdpo", "loss.trainer=train.preference.IPOTrainer", f"datasets=[{DEMO_TRAIN}]"]
+    )
+    assert problems == ["unknown key 'loss.label_smoothing' (run `python launch.py --help` for every valid key)"]
+    cfg = launch.compose_config(["model=tiny", "loss=cdpo", f"datasets=[{DEMO_TRAIN}]"])
+    assert type(cfg.loss).__name__ == "DPOSettings" and cfg.loss.label_smoothing == 0.1
+
+
+@pytest.mark.parametrize(
+    ("trainer", "expected"),
+    [
+        ("DPOTrainer", "give the trainer's import path, module and class, e.g. train.preference.DPOTrainer"),
+        ("no_such_module.Trainer", "no module named 'no_such_module'; put no_such_module.py in the working directory"),
+        ("train.preference.DPOTrainr", "has no trainer class (a BasicTrainer subclass) 'DPOTrainr' (did you mean "
+         "'train.preference.DPOTrainer'?)"),
+        ("train.preference.DPOSettings", "has no trainer class"),
+    ],
+)  # fmt: skip
+def test_a_trainer_that_cannot_be_imported_is_named_with_a_fix(trainer, expected):
+    problems = problems_of(["model=tiny", "loss=dpo", f"loss.trainer={trainer}", f"datasets=[{DEMO_TRAIN}]"])
+    assert len(problems) == 1 and expected in problems[0], problems

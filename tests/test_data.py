@@ -252,6 +252,14 @@ def test_preprocessing_is_cached_and_reused(tmp_path, tiny_tokenizers, caplog):
         build_datasets(demo_config(tmp_path, "data.train_on=all"), tokenizer)
     assert "reusing" not in caplog.text
     assert len(list((tmp_path / "preprocessed").iterdir())) == 2
+    # Settings that only select, order or pack tokenized examples reuse it: packing adds a plan beside the data.
+    caplog.clear()
+    with caplog.at_level("INFO", logger="train.data"):
+        build_datasets(
+            demo_config(tmp_path, "data.packing=true", "data.group_by_length=true", "data.num_proc=2"), tokenizer
+        )
+    assert "reusing preprocessed data cached in" in caplog.text
+    assert len(list((tmp_path / "preprocessed").iterdir())) == 2
 
 
 def test_mixing_eval_split_and_cap(tmp_path, tiny_tokenizers):

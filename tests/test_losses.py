@@ -12,8 +12,9 @@ from train.losses import (
     ipo_loss,
     kto_loss,
     masked_nll_sum,
-    sequence_logps,
+    selected_sequence_logps,
     simpo_loss,
+    supervised_positions,
 )
 
 
@@ -110,16 +111,27 @@ def test_simpo_hand_derived():
 
 def test_kto_hand_derived():
     policy, reference = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.5])  # log-ratios 0.5 and -0.5
-    losses, rewards = kto_loss(policy, reference, torch.tensor([True, False]), torch.tensor(0.25), 1.0, 1.0, 2.0)
+    losses, rewards = kto_loss(
+        policy,
+        reference,
+        torch.tensor([True, False]),
+        torch.tensor(0.25),
+        beta=1.0,
+        desirable_weight=1.0,
+        undesirable_weight=2.0,
+    )
     sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
     assert losses.tolist() == pytest.approx([1 - sigmoid(0.5 - 0.25), 2 * (1 - sigmoid(0.25 + 0.5))], rel=1e-6)
     assert rewards.tolist() == pytest.approx([0.5, -0.5])
 
 
 def test_sequence_logps_matches_log_softmax_gather():
+    """From logits at the supervised positions only, as the model returns them with logits_to_keep."""
     logits = torch.randn(2, 5, 7, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([[IGNORE_INDEX, 3, 4, IGNORE_INDEX, IGNORE_INDEX], [1, 2, 3, 4, 5]])
-    logps, counts = sequence_logps(logits, labels)
+    keep = supervised_positions(labels)
+    logps, counts = selected_sequence_logps(logits[keep], labels, keep, chunk_size=3)
+    assert logps.dtype == torch.float32
     log_probs = torch.log_softmax(logits, dim=-1)
     expected = [log_probs[0, 0, 3] + log_probs[0, 1, 4], sum(log_probs[1, t, labels[1, t + 1]] for t in range(4))]
     assert torch.allclose(logps, torch.stack(expected), atol=1e-6)

@@ -7,6 +7,7 @@ import re
 import pytest
 
 from conftest import REPO, read_metrics, run_cli
+from train.batches import BatchPlan
 
 pytestmark = pytest.mark.slow
 PREF = ["model=tiny", "datasets=[data/demo/pref_train.jsonl]", "eval_datasets=[data/demo/pref_eval.jsonl]"]
@@ -127,10 +128,19 @@ def test_kto_and_pt_run_and_their_losses_fall(tiny_cache):
             "lr=1e-3",
             "n_epochs=2",
             "log_every_steps=1",
+            "loss.desirable_weight=3",
+            "loss.undesirable_weight=0.5",
         ]
     )
     assert kto.returncode == 0, kto.stderr[-3000:]
     rows = read_metrics(tiny_cache / "kto")
+    # Step 1 is the anchor: policy == reference, so every reward and the KL estimate are 0 and each example's loss
+    # is its weight times (1 - sigmoid(0)) = weight / 2, averaged over the step's 8 examples.
+    labels = [json.loads(line)["label"] for line in (REPO / "data/demo/kto_train.jsonl").read_text().splitlines()]
+    plan = BatchPlan(n_items=len(labels), batch_size=8, n_processes=1, rank=0, accumulation_steps=1, seed=0)
+    step_one = [labels[i] for i in plan.epoch_order(0)[:8]]
+    expected = sum(3 if desirable else 0.5 for desirable in step_one) / 2 / 8
+    assert rows[0]["loss/train"] == pytest.approx(expected, rel=1e-6) and 0 < sum(step_one) < 8
     assert "kl_train" in rows[-1] and "rewards_train/chosen" in rows[-1]
     assert sum(m["loss/train"] for m in rows[-5:]) < sum(m["loss/train"] for m in rows[:5])
     pt = run_cli(
@@ -159,29 +169,27 @@ def test_sft_data_given_to_dpo_is_a_clear_error(tiny_cache):
     assert "this loss trains on prompt/chosen/rejected rows, but this file holds conversation rows" in result.stderr
 
 
-def test_the_readme_add_a_loss_example_runs(tiny_cache, tmp_path, monkeypatch):
-    """Executes the README's Python and YAML blocks verbatim, then trains with loss=hinge through launch.main."""
+def test_the_readme_add_a_loss_example_runs(tiny_cache, tmp_path):
+    """The README's two files, written outside the repository as it says, trained with its command (through
+    launch.py in a subprocess started in the folder that holds my_losses.py)."""
     readme = (REPO / "README.md").read_text()
     section = readme[readme.index("## Adding a loss") :]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     yaml = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
-    exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
-    (tmp_path / "loss").mkdir()
-    (tmp_path / "loss" / "hinge.yaml").write_text(yaml)
-    monkeypatch.chdir(REPO)
-    import launch
-
-    args = [
-        *PREF,
-        "loss=hinge",
-        "loss.beta=0.5",
-        f"cache_dir={tiny_cache}",
-        "exp_name=hinge",
-        "lr=1e-3",
-        "max_steps=20",
-        f"hydra.searchpath=[file://{tmp_path}]",
-    ]
-    assert launch.main(args) == 0
+    command = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    assert "loss=hinge loss.beta=0.5 hydra.searchpath=[file://$PWD/my_config]" in command
+    assert code.startswith("# my_losses.py") and yaml.startswith("# my_config/loss/hinge.yaml")
+    (tmp_path / "my_losses.py").write_text(code)
+    (tmp_path / "my_config" / "loss").mkdir(parents=True)
+    (tmp_path / "my_config" / "loss" / "hinge.yaml").write_text(yaml)
+    data = [f"datasets=[{REPO}/data/demo/pref_train.jsonl]", f"eval_datasets=[{REPO}/data/demo/pref_eval.jsonl]"]
+    args = ["loss=hinge", "loss.beta=0.5", f"hydra.searchpath=[file://{tmp_path}/my_config]", "model=tiny", *data]
+    wrong = run_cli([*args, "loss.bta=1", "loss.beta=-1", f"cache_dir={tiny_cache}"], cwd=tmp_path)
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr, wrong.stderr
+    assert "unknown key 'loss.bta' (did you mean 'loss.beta'?)" in wrong.stderr
+    assert "loss.beta=-1.0: must be > 0" in wrong.stderr
+    result = run_cli([*args, f"cache_dir={tiny_cache}", "exp_name=hinge", "lr=1e-3", "max_steps=20"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
     run = evals(tiny_cache / "hinge")
     assert run[0]["loss/eval"] == pytest.approx(1.0, abs=1e-6)  # policy == reference: margin 0, hinge 1
     assert run[-1]["loss/eval"] < 0.9 and run[-1]["rewards_eval/accuracies"] > 0.9

@@ -17,11 +17,15 @@ checkpoint and pointer intact. Everything is safetensors or JSON: loading never 
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
 import logging
 import os
 import random
 import shutil
+import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,14 +33,50 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
+from train import files
+from train.config import flatten
+from train.distributed import full_state_dict, is_sharded, unsharded_copy
 from train.errors import HalyardError
+from train.faults import fault_at
 
 logger = logging.getLogger(__name__)
 
+# The files of a run directory (${run_dir}); no other module spells these names.
+CONFIG_FILE = "config.yaml"  # the resolved config of the run (and of each checkpoint)
+METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
+SUMMARY_FILE = "summary.json"
+FINAL_DIR = "FINAL"  # the trained model as a Hugging Face folder
+FINAL_CONFIG_FILE = "halyard_config.yaml"
 PREFIX = "step-"
-PARTIAL = ".partial"
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainerState:
+    """trainer_state.json: where a run stands. Written last into a checkpoint, so its presence marks it complete."""
+
+    step: int  # optimizer steps completed
+    epoch: int
+    world_size: int
+    sharded: bool
+    use_peft: bool
+    skipped_steps: int
+    throughput: dict
+    summary: dict
+    data_fingerprint: str
+    wandb_run_id: str | None = None
+
+
+@dataclass
+class TrainingParts:
+    """What a checkpoint saves and restores besides the state (the model as prepared: wrapped or sharded)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    tokenizer: object
 
 
 def checkpoint_name(step: int) -> str:
@@ -76,8 +116,8 @@ def resolve_resume(setting: str | None, run_dir: Path) -> Path | None:
     return path
 
 
-def read_state(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / STATE_FILE).read_text())
+def read_state(checkpoint: Path) -> TrainerState:
+    return TrainerState(**json.loads((checkpoint / STATE_FILE).read_text()))
 
 
 # Keys that do not change the math of training: they may differ on resume.
@@ -92,8 +132,6 @@ NON_MATH_PREFIXES = ("wandb.", "tensorboard.")
 
 def config_differences(saved_yaml: str, current: dict[str, object]) -> list[str]:
     """Differences, in keys that change the math, between a checkpoint's config and the current one."""
-    from train.utils import flatten
-
     saved = flatten(OmegaConf.to_container(OmegaConf.create(saved_yaml)))
     keys = sorted((set(saved) | set(current)) - NON_MATH_KEYS)
     return [
@@ -238,12 +276,8 @@ def _local(value: torch.Tensor) -> torch.Tensor:
 
 def finish(partial: Path, final: Path, run_dir: Path, keep: int | None) -> None:
     """Main process, after every process wrote into `partial`: publish it, move the pointer, prune old ones."""
-    if final.exists():
-        shutil.rmtree(final)
-    partial.rename(final)
-    pointer_tmp = run_dir / f"{LATEST}{PARTIAL}"
-    pointer_tmp.write_text(final.name + "\n")
-    os.replace(pointer_tmp, run_dir / LATEST)
+    files.publish(partial, final)
+    files.write_text_atomically(run_dir / LATEST, final.name + "\n")
     if keep:
         for old in complete_checkpoints(run_dir)[:-keep]:
             if old != final:
@@ -252,7 +286,7 @@ def finish(partial: Path, final: Path, run_dir: Path, keep: int | None) -> None:
 
 def remove_partials(run_dir: Path) -> None:
     """Leftovers of a save that was interrupted: never complete, never used."""
-    for partial in run_dir.glob(f"{PREFIX}*{PARTIAL}"):
+    for partial in run_dir.glob(f"{PREFIX}*{files.PARTIAL}"):
         shutil.rmtree(partial, ignore_errors=True)
 
 
@@ -261,3 +295,122 @@ def truncate_metrics(path: Path, step: int) -> None:
     if path.exists():
         kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
         path.write_text("".join(line + "\n" for line in kept))
+
+
+# ---- saving and loading, on every process ----
+
+
+def save_checkpoint(accelerator, parts: TrainingParts, state: TrainerState, run_dir: Path, config_text: str,
+                    keep: int | None) -> Path:  # fmt: skip
+    """Write ${run_dir}/step-<N>/ atomically; every process takes part. A failure on any process leaves the
+    previous checkpoint as `latest` and raises."""
+    final = run_dir / checkpoint_name(state.step)
+    partial = files.partial_of(final)
+    main = accelerator.is_main_process
+    if main:
+        remove_partials(run_dir)
+        partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    error = None
+    try:
+        _write_checkpoint_files(partial, accelerator, parts, state, config_text)
+    except OSError as caught:
+        error = caught
+    failures = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum")
+    if failures.item() > 0:
+        if main:
+            shutil.rmtree(partial, ignore_errors=True)
+        latest = find_latest(run_dir)
+        reason = f" ({error.strerror or error})" if error else " (on another process)"
+        intact = f"the previous checkpoint {latest.name} is intact" if latest else "no earlier checkpoint exists"
+        raise HalyardError(
+            f"could not write checkpoint {final.name}{reason}; {intact}. Free disk space in {run_dir} or set "
+            f"cache_dir to another disk, then resume_from_checkpoint=auto."
+        )
+    if main:
+        finish(partial, final, run_dir, keep)
+        logger.info(f"checkpoint {final}")
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _write_checkpoint_files(directory: Path, accelerator, parts: TrainingParts, state: TrainerState,
+                            config_text: str) -> None:  # fmt: skip
+    rank, main = accelerator.process_index, accelerator.is_main_process
+    model = accelerator.unwrap_model(parts.model)
+    if state.sharded:
+        save_sharded_model(model, directory, rank)
+    elif main:
+        model.save_pretrained(directory / "model", safe_serialization=True)  # with LoRA: the adapter only
+        parts.tokenizer.save_pretrained(directory / "model")  # so scripts/generate.py can chat with it
+    if state.sharded or main:
+        save_optimizer(parts.optimizer, directory, rank)
+    save_rng_state(directory, rank)
+    if main:
+        (directory / "scheduler.json").write_text(json.dumps(parts.scheduler.state_dict()))
+        (directory / CONFIG_FILE).write_text(config_text)
+        if fault_at("enospc_in_save", state.step):
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        if fault_at("kill_in_save", state.step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        (directory / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state)))  # written last
+
+
+def load_checkpoint(directory: Path, accelerator, parts: TrainingParts, data_fingerprint: str,
+                    allow_data_change: bool) -> TrainerState:  # fmt: skip
+    """Restore model, optimizer, scheduler and RNG from a step checkpoint on every process; return its state.
+
+    Refuses a checkpoint written with another process layout under FSDP, or on other training data."""
+    state = read_state(directory)
+    model = accelerator.unwrap_model(parts.model)
+    sharded, world, rank = is_sharded(model), accelerator.num_processes, accelerator.process_index
+    if state.sharded != sharded or (sharded and state.world_size != world):
+        raise HalyardError(
+            f"{directory} was written by {state.world_size} process(es) {'with' if state.sharded else 'without'} "
+            f"FSDP; resume it the same way (now {world} process(es) {'with' if sharded else 'without'} FSDP)"
+        )
+    if state.data_fingerprint != data_fingerprint and not allow_data_change:
+        raise HalyardError(
+            f"the tokenized training data differs from the data {directory} was trained on; resuming would not "
+            f"continue the same run. Restore the data, or set resume_allow_config_change=true."
+        )
+    if sharded:
+        load_sharded_model(model, directory, rank)
+    else:
+        load_model_folder(model, directory / "model", adapter=state.use_peft)
+    load_optimizer(parts.optimizer, directory, rank, sharded)
+    parts.scheduler.load_state_dict(json.loads((directory / "scheduler.json").read_text()))
+    load_rng_state(directory, rank % state.world_size)
+    if accelerator.is_main_process:
+        run_dir = directory.parent
+        for logged in (run_dir / METRICS_FILE, run_dir / SAMPLES_FILE):
+            truncate_metrics(logged, state.step)
+    logger.info(f"resumed from {directory} at step {state.step}")
+    return state
+
+
+def save_final(accelerator, model, tokenizer, run_dir: Path, config_text: str, use_peft: bool) -> Path | None:
+    """Write ${run_dir}/FINAL/: a Hugging Face model folder (merged, with FINAL/adapter/ under LoRA), tokenizer and
+    config, published atomically. Every process takes part (a sharded model is gathered); returns the folder on the
+    main process."""
+    accelerator.wait_for_everyone()
+    model = accelerator.unwrap_model(model)
+    if is_sharded(model):
+        state_dict = full_state_dict(model)  # every process takes part in gathering the shards
+        model = unsharded_copy(model, state_dict) if accelerator.is_main_process else None
+    if not accelerator.is_main_process:
+        return None
+    final = run_dir / FINAL_DIR
+    partial = files.partial_of(final)
+    shutil.rmtree(partial, ignore_errors=True)
+    if use_peft:
+        model.save_pretrained(partial / "adapter")
+        tokenizer.save_pretrained(partial / "adapter")
+        model = model.merge_and_unload()
+    model.config.use_cache = True  # for whoever generates with it
+    model.save_pretrained(partial, safe_serialization=True)
+    tokenizer.save_pretrained(partial)
+    (partial / FINAL_CONFIG_FILE).write_text(config_text)
+    files.publish(partial, final)
+    logger.info(f"saved {final.resolve()}")
+    return final

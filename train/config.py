@@ -12,15 +12,19 @@ import dataclasses
 import difflib
 import importlib.util
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from train.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"  # Hydra's presets: config.yaml, loss/, model/
 
 
 def setting(default: Any, help: str) -> Any:
@@ -124,89 +128,89 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    """Base of every loss's settings. A loss's YAML names the loss and the trainer class that implements it."""
+    """Base of every loss's settings. A loss's YAML names the loss and the trainer class that implements it; the
+    trainer class names its settings dataclass (`settings_class`), a subclass of this one."""
 
     name: str | None = setting(None, "Loss name; pick one with loss=<name> (a file in config/loss/).")
-    trainer: str | None = setting(None, "Trainer class (from train/trainers.py) that implements this loss.")
+    trainer: str | None = setting(
+        None,
+        "Import path of the trainer class that implements the loss, e.g. train.preference.DPOTrainer, or "
+        "my_losses.HingeTrainer for a module in the working directory or on PYTHONPATH.",
+    )
 
     def problems(self) -> list[str]:
         """Checks of this loss's own settings; a subclass with settings adds its own."""
         return []
 
 
-SFT_REDUCTIONS = ("token", "sequence")
+@dataclass(frozen=True)
+class LossSpec:
+    """Everything validation needs to know about a loss, read from its trainer class before anything loads."""
+
+    name: str
+    trainer_path: str
+    trainer: type  # a train.trainers.BasicTrainer subclass
+    settings: type[LossConfig]
+    data_kind: str  # the rows it trains on: "sft", "text", "paired" or "unpaired" (train/formats.py)
+    supports_packing: bool
+    uses_reference: bool  # holds a frozen reference model (or the policy with its LoRA adapters disabled)
+    supports_reference_precompute: bool
 
 
-@dataclass
-class SFTLossConfig(LossConfig):
-    reduction: str = setting(
-        "token",
-        "token: every supervised token of the step weighs the same (long answers weigh more); sequence: every "
-        "example weighs the same (the mean over examples of each one's mean token loss).",
+def resolve_loss(name: str, trainer_path: str) -> tuple[LossSpec | None, list[str]]:
+    """Import the trainer class named by `loss.trainer` and read its capabilities; or say why it cannot be used."""
+    where = f"loss.trainer={trainer_path!r}"
+    module_name, _, class_name = trainer_path.replace(":", ".").rpartition(".")
+    if not module_name:
+        return None, [
+            f"{where}: give the trainer's import path, module and class, e.g. train.preference.{trainer_path} or "
+            f"my_losses.{trainer_path}"
+        ]
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())  # a user's loss module in the working directory, as with `python -m`
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name and module_name.startswith(error.name):
+            return None, [
+                f"{where}: no module named '{error.name}'; put {module_name.replace('.', '/')}.py in the working "
+                f"directory ({os.getcwd()}) or add its folder to PYTHONPATH"
+            ]
+        raise
+    trainer = getattr(module, class_name, None)
+    if not _is_trainer_class(trainer):
+        candidates = [name for name, value in vars(module).items() if _is_trainer_class(value)]
+        guess = difflib.get_close_matches(class_name, candidates, n=1)
+        hint = f" (did you mean '{module_name}.{guess[0]}'?)" if guess else f"; trainers there: {sorted(candidates)}"
+        return None, [f"{where}: {module_name} has no trainer class (a BasicTrainer subclass) '{class_name}'{hint}"]
+    settings = trainer.settings_class
+    if not (isinstance(settings, type) and issubclass(settings, LossConfig) and dataclasses.is_dataclass(settings)):
+        return None, [
+            f"{where}: {class_name}.settings_class must be a dataclass subclassing train.config.LossConfig, "
+            f"not {settings!r}"
+        ]
+    spec = LossSpec(
+        name=name,
+        trainer_path=trainer_path,
+        trainer=trainer,
+        settings=settings,
+        data_kind=trainer.data_kind,
+        supports_packing=trainer.supports_packing,
+        uses_reference=trainer.uses_reference,
+        supports_reference_precompute=trainer.supports_reference_precompute,
     )
-
-    def problems(self) -> list[str]:
-        if self.reduction not in SFT_REDUCTIONS:
-            return [f"loss.reduction={self.reduction!r}: must be one of {list(SFT_REDUCTIONS)}"]
-        return []
+    return spec, []
 
 
-@dataclass
-class DPOLossConfig(LossConfig):
-    beta: float = setting(0.1, "DPO/cDPO/KTO: scale of the implicit reward beta * log(policy / reference).")
-
-    def problems(self) -> list[str]:
-        return [] if self.beta > 0 else [f"loss.beta={self.beta}: must be > 0"]
+def _is_trainer_class(value: object) -> bool:
+    # By its interface rather than issubclass: this module stays free of train.trainers (which imports it).
+    hooks = ("settings_class", "data_kind", "loss_units", "batch_loss", "train")
+    return isinstance(value, type) and all(hasattr(value, hook) for hook in hooks)
 
 
-@dataclass
-class CDPOLossConfig(DPOLossConfig):
-    label_smoothing: float = setting(0.1, "cDPO: assumed fraction of flipped preference labels, in [0, 0.5).")
-
-    def problems(self) -> list[str]:
-        bad = not 0 <= self.label_smoothing < 0.5
-        return super().problems() + (
-            [f"loss.label_smoothing={self.label_smoothing}: must be in [0, 0.5)"] if bad else []
-        )
-
-
-@dataclass
-class IPOLossConfig(LossConfig):
-    tau: float = setting(0.1, "IPO: regularization; the log-ratio margin is regressed to 1 / (2 tau).")
-
-    def problems(self) -> list[str]:
-        return [] if self.tau > 0 else [f"loss.tau={self.tau}: must be > 0"]
-
-
-@dataclass
-class SimPOLossConfig(LossConfig):
-    beta: float = setting(2.0, "SimPO: scale of the reward beta * mean token log-prob.")
-    gamma_beta_ratio: float = setting(0.5, "SimPO: target reward margin gamma, as a ratio of beta.")
-
-    def problems(self) -> list[str]:
-        return [] if self.beta > 0 else [f"loss.beta={self.beta}: must be > 0"]
-
-
-@dataclass
-class KTOLossConfig(DPOLossConfig):
-    desirable_weight: float = setting(1.0, "KTO: weight of desirable examples' losses.")
-    undesirable_weight: float = setting(1.0, "KTO: weight of undesirable examples' losses.")
-
-    def problems(self) -> list[str]:
-        bad = self.desirable_weight <= 0 or self.undesirable_weight <= 0
-        return super().problems() + (["loss.desirable_weight and loss.undesirable_weight must be > 0"] if bad else [])
-
-
-# The settings schema of each loss, keyed by `loss.name`. A new loss with extra settings adds its dataclass here.
-LOSS_SCHEMAS: dict[str, type[LossConfig]] = {
-    "sft": SFTLossConfig,
-    "pt": SFTLossConfig,
-    "dpo": DPOLossConfig,
-    "cdpo": CDPOLossConfig,
-    "ipo": IPOLossConfig,
-    "simpo": SimPOLossConfig,
-    "kto": KTOLossConfig,
-}
+def builtin_losses() -> dict[str, str]:
+    """The losses that ship with Halyard: name -> trainer import path, read from config/loss/*.yaml."""
+    return {file.stem: OmegaConf.load(file).trainer for file in sorted((CONFIG_DIR / "loss").glob("*.yaml"))}
 
 
 @dataclass
@@ -283,10 +287,7 @@ def register_schema() -> None:
     """Register the schema with Hydra's ConfigStore, so a config can be composed against it (`- halyard_schema`)."""
     from hydra.core.config_store import ConfigStore
 
-    store = ConfigStore.instance()
-    store.store(name="halyard_schema", node=Config)
-    for name, schema in LOSS_SCHEMAS.items():
-        store.store(group="loss", name=f"{name}_schema", node=schema)
+    ConfigStore.instance().store(name="halyard_schema", node=Config)
 
 
 DTYPES = ("float32", "bfloat16")
@@ -301,13 +302,14 @@ BAD_ROW_POLICIES = ("error", "skip")
 def validate(raw: DictConfig, world_size: int | None = None) -> Config:
     """Check a composed config against the schema and the rules between keys; return it typed.
 
-    Collects every problem (unknown keys with their closest valid name, wrong types, bad values, missing files)
-    and raises one ConfigError listing them all.
+    Collects every problem (unknown keys with their closest valid name, wrong types, bad values, missing files, a
+    loss that cannot be imported or does not support a setting) and raises one ConfigError listing them all. The
+    loss's trainer is imported to read its settings schema and capabilities; no model or data is loaded.
     """
     problems: list[str] = []
     raw_tree = OmegaConf.to_container(raw, resolve=False)
-    loss_schema = _loss_schema(raw_tree, problems)
-    typed = OmegaConf.structured(Config(loss=loss_schema()))
+    spec = _loss_spec(raw_tree.get("loss") or {}, problems)
+    typed = OmegaConf.structured(Config(loss=spec.settings() if spec else LossConfig()))
     _merge_checked(raw_tree, typed, "", problems, schema_paths=sorted(_leaf_paths(typed)))
     try:
         cfg = OmegaConf.to_object(typed)
@@ -315,18 +317,43 @@ def validate(raw: DictConfig, world_size: int | None = None) -> Config:
         problems.append(f"could not resolve the configuration: {error}")
         raise ConfigError(problems) from None
     problems += check_values(cfg, world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
+    if spec:
+        problems += check_loss_capabilities(cfg, spec)
     if problems:
         raise ConfigError(problems)
     return cfg
 
 
-def _loss_schema(raw_tree: dict, problems: list[str]) -> type[LossConfig]:
-    loss_name = (raw_tree.get("loss") or {}).get("name")
-    if loss_name is None:
-        problems.append(f"no loss chosen: add loss=<name> with one of {sorted(LOSS_SCHEMAS)}")
-    elif loss_name not in LOSS_SCHEMAS:
-        problems.append(f"loss.name={loss_name!r} is not a known loss; valid: {sorted(LOSS_SCHEMAS)}")
-    return LOSS_SCHEMAS.get(loss_name, LossConfig)
+def _loss_spec(raw_loss: dict, problems: list[str]) -> LossSpec | None:
+    name, trainer_path = raw_loss.get("name"), raw_loss.get("trainer")
+    if name is None or trainer_path is None:
+        problems.append(f"no loss chosen: add loss=<name> with one of {sorted(builtin_losses())} (config/loss/)")
+        return None
+    spec, found = resolve_loss(name, str(trainer_path))
+    problems += found
+    return spec
+
+
+def loss_spec(cfg: Config) -> LossSpec:
+    """The spec of a validated config's loss (its module is already imported)."""
+    spec, problems = resolve_loss(cfg.loss.name, cfg.loss.trainer)
+    if spec is None:
+        raise ConfigError(problems)
+    return spec
+
+
+def check_loss_capabilities(cfg: Config, spec: LossSpec) -> list[str]:
+    """Settings the chosen loss does not support, found before anything loads."""
+    problems = []
+    if not isinstance(cfg.loss, spec.settings):
+        problems.append(f"loss settings {type(cfg.loss).__name__} do not match {spec.trainer_path}")
+    which = f"loss={spec.name} ({spec.trainer_path})"
+    if cfg.data.packing and not spec.supports_packing:
+        problems.append(f"data.packing=true: {which} does not support packing; set data.packing=false")
+    if cfg.reference.precompute and not spec.supports_reference_precompute:
+        why = "it uses no reference model" if not spec.uses_reference else "its reference log-probs change every step"
+        problems.append(f"reference.precompute=true: {which} cannot precompute them ({why}); set it to false")
+    return problems
 
 
 def _leaf_paths(node: DictConfig, prefix: str = "") -> list[str]:
@@ -517,18 +544,37 @@ def describe_schema() -> str:
             )
 
     walk(Config, "")
-    for name, schema in LOSS_SCHEMAS.items():
-        walk_extra = [
-            f for f in dataclasses.fields(schema) if f.name not in {g.name for g in dataclasses.fields(LossConfig)}
-        ]
-        for f in walk_extra:
-            rows.append(
-                (
-                    f"loss.{f.name} ({name})",
-                    _type_name(typing.get_type_hints(schema)[f.name]),
-                    str(f.default),
-                    f.metadata["help"],
-                )
-            )
+    by_settings: dict[type, list[str]] = {}  # built-in losses that share a settings class are listed together
+    for name, trainer_path in builtin_losses().items():
+        spec, _ = resolve_loss(name, trainer_path)
+        if spec is not None:
+            by_settings.setdefault(spec.settings, []).append(name)
+    base = {f.name for f in dataclasses.fields(LossConfig)}
+    for settings, names in by_settings.items():
+        hints = typing.get_type_hints(settings)
+        for f in dataclasses.fields(settings):
+            if f.name not in base:
+                help, default = f.metadata["help"], str(f.default)
+                rows.append((f"loss.{f.name} ({', '.join(names)})", _type_name(hints[f.name]), default, help))
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"  {path:<{width}}  {help}  [{type_}; default {default}]" for path, type_, default, help in rows)
+
+
+def config_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def flat_config(cfg: Config) -> dict[str, object]:
+    """Dotted keys and scalar values (TensorBoard's hyperparameter table takes no lists or None)."""
+    return flatten(OmegaConf.to_container(OmegaConf.structured(cfg)))
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """{"model": {"lr": 1}} -> {"model.lr": 1}; values that are not int, float, str or bool become strings."""
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value if isinstance(value, int | float | str | bool) else str(value)
+    return flat

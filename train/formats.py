@@ -16,14 +16,18 @@ Every problem raises DataError naming the file, the row and the field, and sayin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from train.config import DataConfig
 from train.errors import DataError
+
+if TYPE_CHECKING:  # config.py imports this module to check data settings
+    from train.config import DataConfig
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -272,7 +276,7 @@ def _parse_sharegpt(row: dict, where: str, keys: DataConfig) -> Conversation:
         if turn["from"] not in SHAREGPT_ROLES:
             raise DataError(f"{where}: {name}.from={turn['from']!r} is unknown; use one of {list(SHAREGPT_ROLES)}")
         messages.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
-    return _parse_messages({"messages": messages}, where, DataConfig(messages_key="messages"))
+    return _parse_messages({"messages": messages}, where, dataclasses.replace(keys, messages_key="messages"))
 
 
 def _parse_prompt_completion(row: dict, where: str, keys: DataConfig) -> Conversation:

@@ -66,6 +66,30 @@ def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
     return keep
 
 
+def selected_token_logps(
+    logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, chunk_size: int = 4096
+) -> torch.Tensor:
+    """Log-probability of each supervised token, from logits computed only at the supervised positions: the one
+    log-prob path of every loss.
+
+    logits: (n_kept, vocab), any float dtype: the model's output for `logits_to_keep=keep` (row-major order of keep).
+    labels: (batch, seq) with -100 where not supervised; keep: (batch, seq) bool from `supervised_positions`.
+    Returns (n_kept,) float32. The float32 log-softmax runs in chunks of `chunk_size` positions under activation
+    checkpointing, so at most one chunk of float32 logits exists at a time, in the forward and the backward pass.
+    """
+    targets = labels[:, 1:][keep[:, :-1]]
+    if targets.numel() == 0:
+        return logits.sum(dim=-1).float() * 0.0  # (0,), still connected to the graph
+    return torch.cat([
+        torch.utils.checkpoint.checkpoint(_chunk_logps, chunk, target, use_reentrant=False)
+        for chunk, target in zip(logits.split(chunk_size), targets.split(chunk_size), strict=True)
+    ])  # fmt: skip
+
+
+def _chunk_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return -F.cross_entropy(logits.float(), targets, reduction="none")
+
+
 def selected_nll_sum(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -76,21 +100,14 @@ def selected_nll_sum(
 ) -> LossSum:
     """The same loss as `masked_nll_sum`, from logits computed only at the supervised positions.
 
-    logits: (n_kept, vocab), the model's output for `logits_to_keep=keep` (row-major order of `keep`).
-    labels: (batch, seq); keep: (batch, seq) bool from `supervised_positions`.
+    logits, labels, keep: as in `selected_token_logps`.
     example_ids: (batch, seq) int, which example each token belongs to (packed rows hold several); default: its row.
-    The float32 log-softmax runs in chunks of `chunk_size` positions under activation checkpointing, so at most one
-    chunk of float32 logits exists at a time, in the forward and in the backward pass.
     """
-    targets = labels[:, 1:][keep[:, :-1]]
-    if targets.numel() == 0:
-        return LossSum(total=logits.sum() * 0.0, count=targets.new_zeros(()))
-    nll = torch.cat([
-        torch.utils.checkpoint.checkpoint(_chunk_nll, chunk, target, use_reentrant=False)
-        for chunk, target in zip(logits.split(chunk_size), targets.split(chunk_size), strict=True)
-    ])  # fmt: skip
+    nll = -selected_token_logps(logits, labels, keep, chunk_size)
+    if nll.numel() == 0:
+        return LossSum(total=nll.sum(), count=labels.new_zeros(()))
     if reduction == "token":
-        return LossSum(total=nll.sum(), count=torch.tensor(targets.numel(), device=nll.device))
+        return LossSum(total=nll.sum(), count=torch.tensor(nll.numel(), device=nll.device))
     rows = keep.nonzero()[:, 0] if example_ids is None else example_ids[keep]
     n_examples = int(rows.max()) + 1
     per_row = torch.zeros(n_examples, device=nll.device).index_add(0, rows, nll)
@@ -99,25 +116,20 @@ def selected_nll_sum(
     return LossSum(total=(per_row[has_tokens] / tokens_per_row[has_tokens]).sum(), count=has_tokens.sum())
 
 
-def _chunk_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), targets, reduction="none")
-
-
 # ---- preference losses ----
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probability of each row's supervised tokens, and their number.
+def selected_sequence_logps(
+    logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, chunk_size: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probability of each row's supervised tokens, and their number, through `selected_token_logps`.
 
-    logits: (batch, seq, vocab); labels: (batch, seq) with -100 where not supervised.
     Returns (batch,) float32 log p(response | prompt) and (batch,) int64 token counts.
     """
-    targets = labels[:, 1:]
-    supervised = targets != IGNORE_INDEX
-    token_logps = -F.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), targets.clamp(min=0), reduction="none"
-    )  # (batch, seq-1)
-    return (token_logps * supervised).sum(dim=1), supervised.sum(dim=1)
+    token_logps = selected_token_logps(logits, labels, keep, chunk_size)
+    rows = keep.nonzero()[:, 0]
+    sums = torch.zeros(keep.shape[0], dtype=torch.float32, device=token_logps.device).index_add(0, rows, token_logps)
+    return sums, keep.sum(dim=1)
 
 
 @dataclass
@@ -177,6 +189,7 @@ def kto_loss(
     reference: torch.Tensor,
     desirable: torch.Tensor,
     kl: torch.Tensor,
+    *,
     beta: float,
     desirable_weight: float,
     undesirable_weight: float,

@@ -20,11 +20,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from train.config import LossConfig, setting
 from train.data import collate
 from train.errors import HalyardError
-from train.losses import LossSum, PreferenceLoss, dpo_loss, ipo_loss, kto_loss, sequence_logps, simpo_loss
+from train.files import partial_of, publish
+from train.losses import LossSum, PreferenceLoss, dpo_loss, ipo_loss, kto_loss, selected_sequence_logps, simpo_loss
 from train.store import IGNORE_INDEX, Example, PairExample, TokenStore, UnpairedExample
-from train.trainers import BasicTrainer, SFTTrainer, register_trainer
+from train.trainers import BasicTrainer, forward_supervised
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +41,54 @@ class PairLogps:
     reference_rejected: torch.Tensor | None
     chosen_tokens: torch.Tensor
     rejected_tokens: torch.Tensor
+
+
+@dataclass
+class BetaSettings(LossConfig):
+    beta: float = setting(0.1, "Scale of the implicit reward beta * log(policy / reference).")
+
+    def problems(self) -> list[str]:
+        return [] if self.beta > 0 else [f"loss.beta={self.beta}: must be > 0"]
+
+
+@dataclass
+class DPOSettings(BetaSettings):
+    label_smoothing: float = setting(
+        0.0, "Assumed fraction of flipped preference labels, in [0, 0.5); above 0 it is conservative DPO (cDPO)."
+    )
+
+    def problems(self) -> list[str]:
+        bad = not 0 <= self.label_smoothing < 0.5
+        return super().problems() + (
+            [f"loss.label_smoothing={self.label_smoothing}: must be in [0, 0.5)"] if bad else []
+        )
+
+
+@dataclass
+class IPOSettings(LossConfig):
+    tau: float = setting(0.1, "Regularization; the log-ratio margin is regressed to 1 / (2 tau).")
+
+    def problems(self) -> list[str]:
+        return [] if self.tau > 0 else [f"loss.tau={self.tau}: must be > 0"]
+
+
+@dataclass
+class SimPOSettings(LossConfig):
+    beta: float = setting(2.0, "Scale of the reward beta * mean token log-prob.")
+    gamma_beta_ratio: float = setting(0.5, "Target reward margin gamma, as a ratio of beta.")
+
+    def problems(self) -> list[str]:
+        return [] if self.beta > 0 else [f"loss.beta={self.beta}: must be > 0"]
+
+
+@dataclass
+class KTOSettings(BetaSettings):
+    desirable_weight: float = setting(1.0, "Weight of desirable examples' losses.")
+    undesirable_weight: float = setting(1.0, "Weight of undesirable examples' losses.")
+
+    def problems(self) -> list[str]:
+        bad = self.desirable_weight <= 0 or self.undesirable_weight <= 0
+        return super().problems() + (["loss.desirable_weight and loss.undesirable_weight must be > 0"] if bad else [])
 
 
 class ReferenceMixin:
@@ -59,9 +109,7 @@ class ReferenceMixin:
             return batch["reference_logps"]
         if self.reference_model is not None:
             with self.accelerator.autocast():
-                logits = self.reference_model(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                ).logits
+                logits, keep = forward_supervised(self.reference_model, batch)
         else:  # LoRA: the base model is the policy with its adapters switched off
             policy = self.accelerator.unwrap_model(self.model)
             if not hasattr(policy, "disable_adapter"):
@@ -69,18 +117,18 @@ class ReferenceMixin:
                     "no reference model: this loss needs one (or ++model.use_peft=true, or reference.precompute)"
                 )
             with policy.disable_adapter(), self.accelerator.autocast():
-                logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return sequence_logps(logits, batch["labels"])[0]
+                logits, keep = forward_supervised(policy, batch)
+        return selected_sequence_logps(logits, batch["labels"], keep)[0]
 
 
 class PairedPreferenceTrainer(ReferenceMixin, BasicTrainer):
     """Chosen and rejected through the policy in one forward; the loss is the mean over all pairs of the step."""
 
     data_kind = "paired"
+    supports_reference_precompute = True  # a pair's reference log-probs do not change during training
 
     def __init__(self, cfg, *args, reference_model=None, **kwargs):
         super().__init__(cfg, *args, **kwargs)
-        self.loss_config = cfg.loss
         self.setup_reference(reference_model if self.uses_reference else None)
 
     def loss(self, logps: PairLogps) -> PreferenceLoss:
@@ -99,17 +147,21 @@ class PairedPreferenceTrainer(ReferenceMixin, BasicTrainer):
         return torch.tensor(batch["input_ids"].shape[0] // 2)
 
     def batch_loss(self, model, batch: dict[str, torch.Tensor]) -> LossSum:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        policy, tokens = sequence_logps(logits, batch["labels"])
-        del logits  # the largest tensor of the step: free it before the reference forward
+        logits, keep = forward_supervised(model, batch)
+        policy, tokens = selected_sequence_logps(logits, batch["labels"], keep)
+        del logits  # free before the reference forward
         reference = self.reference_logps(batch) if self.uses_reference else None
         n = policy.shape[0] // 2
         result = self.loss(
             PairLogps(
-                policy[:n], policy[n:], *(reference[:n], reference[n:]) if reference is not None else (None, None),
-                tokens[:n], tokens[n:],
+                policy_chosen=policy[:n],
+                policy_rejected=policy[n:],
+                reference_chosen=reference[:n] if reference is not None else None,
+                reference_rejected=reference[n:] if reference is not None else None,
+                chosen_tokens=tokens[:n],
+                rejected_tokens=tokens[n:],
             )
-        )  # fmt: skip
+        )
         count = torch.tensor(n, device=policy.device)
         metrics = {
             "rewards/chosen": (result.chosen_rewards, count),
@@ -138,9 +190,9 @@ class PairedPreferenceTrainer(ReferenceMixin, BasicTrainer):
             tensors[split] = torch.cat(values) if values else torch.zeros(0, 2)
         if self.accelerator.is_main_process:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            partial = cache.with_suffix(".partial")
+            partial = partial_of(cache)
             save_file(tensors, str(partial))
-            partial.rename(cache)
+            publish(partial, cache)
         attach_reference(self.train_data, self.eval_data, tensors)
         self.reference_model = None  # training needs no reference model from here on
         self.accelerator.wait_for_everyone()
@@ -178,48 +230,53 @@ def load_reference_cache(path: Path, train: TokenStore, evaluation: TokenStore |
     return True
 
 
-@register_trainer
 class DPOTrainer(PairedPreferenceTrainer):
-    """DPO; with loss.label_smoothing (loss=cdpo), conservative DPO."""
+    """DPO; with loss.label_smoothing > 0 (loss=cdpo), conservative DPO."""
+
+    settings_class = DPOSettings
+    settings: DPOSettings
 
     def loss(self, logps: PairLogps) -> PreferenceLoss:
-        smoothing = getattr(self.loss_config, "label_smoothing", 0.0)
         return dpo_loss(
             logps.policy_chosen, logps.policy_rejected, logps.reference_chosen, logps.reference_rejected,
-            beta=self.loss_config.beta, label_smoothing=smoothing,
+            beta=self.settings.beta, label_smoothing=self.settings.label_smoothing,
         )  # fmt: skip
 
 
-@register_trainer
 class IPOTrainer(PairedPreferenceTrainer):
+    settings_class = IPOSettings
+    settings: IPOSettings
+
     def loss(self, logps: PairLogps) -> PreferenceLoss:
         return ipo_loss(
             logps.policy_chosen, logps.policy_rejected, logps.reference_chosen, logps.reference_rejected,
-            tau=self.loss_config.tau,
+            tau=self.settings.tau,
         )  # fmt: skip
 
 
-@register_trainer
 class SimPOTrainer(PairedPreferenceTrainer):
+    settings_class = SimPOSettings
+    settings: SimPOSettings
     uses_reference = False  # reference-free: no reference model is loaded at all
+    supports_reference_precompute = False
 
     def loss(self, logps: PairLogps) -> PreferenceLoss:
         return simpo_loss(
             logps.policy_chosen, logps.policy_rejected, logps.chosen_tokens, logps.rejected_tokens,
-            beta=self.loss_config.beta, gamma_beta_ratio=self.loss_config.gamma_beta_ratio,
+            beta=self.settings.beta, gamma_beta_ratio=self.settings.gamma_beta_ratio,
         )  # fmt: skip
 
 
-@register_trainer
 class KTOTrainer(ReferenceMixin, BasicTrainer):
     """KTO on unpaired examples. The KL reference point is estimated on mismatched pairs (each prompt with the next
     example's completion) in the same forward, detached, and averaged over every process."""
 
+    settings_class = KTOSettings
+    settings: KTOSettings
     data_kind = "unpaired"
 
     def __init__(self, cfg, *args, reference_model=None, **kwargs):
         super().__init__(cfg, *args, **kwargs)
-        self.loss_config = cfg.loss
         self.setup_reference(reference_model)
 
     def collate(self, items: list[UnpairedExample]) -> dict[str, torch.Tensor]:
@@ -234,8 +291,8 @@ class KTOTrainer(ReferenceMixin, BasicTrainer):
         return torch.tensor(batch["desirable"].shape[0])
 
     def batch_loss(self, model, batch: dict[str, torch.Tensor]) -> LossSum:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        policy = sequence_logps(logits, batch["labels"])[0]
+        logits, keep = forward_supervised(model, batch)
+        policy = selected_sequence_logps(logits, batch["labels"], keep)[0]
         del logits
         reference = self.reference_logps(batch)
         n = batch["desirable"].shape[0]
@@ -246,8 +303,8 @@ class KTOTrainer(ReferenceMixin, BasicTrainer):
         kl = (kl_sums[0] / kl_sums[1]).clamp(min=0)
         desirable = batch["desirable"]
         losses, rewards = kto_loss(
-            policy[:n], reference[:n], desirable, kl, self.loss_config.beta,
-            self.loss_config.desirable_weight, self.loss_config.undesirable_weight,
+            policy[:n], reference[:n], desirable, kl, beta=self.settings.beta,
+            desirable_weight=self.settings.desirable_weight, undesirable_weight=self.settings.undesirable_weight,
         )  # fmt: skip
         count = torch.tensor(n, device=policy.device)
         metrics = {
@@ -272,26 +329,15 @@ def _prompt_length(example: Example) -> int:
     return next(i for i, label in enumerate(example.labels) if label != IGNORE_INDEX)
 
 
-@register_trainer
-class PretrainTrainer(SFTTrainer):
-    """Continued pretraining: the SFT loss on plain text rows, every token supervised."""
-
-    data_kind = "text"
-
-
 def build_reference(cfg, accelerator, fsdp, train: TokenStore, evaluation: TokenStore | None, trainer_class):
     """The reference model for `trainer_class`, or None (reference-free, LoRA, or cached log-probs)."""
     from train.distributed import shard_model
     from train.models import build_model
 
-    if not getattr(trainer_class, "uses_reference", False):
+    if not trainer_class.uses_reference:
         return None, None
     cache = None
-    if cfg.reference.precompute:
-        if trainer_class.data_kind != "paired":
-            raise HalyardError(
-                "reference.precompute=true works with the paired losses (dpo, cdpo, ipo); KTO compares mismatched pairs that change every step"
-            )
+    if cfg.reference.precompute:  # validation checked that the loss supports it
         cache = reference_cache_path(cfg.cache_dir, cfg.model.name_or_path, cfg.model.dtype, train, evaluation)
         if load_reference_cache(cache, train, evaluation):
             return None, None

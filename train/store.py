@@ -25,7 +25,6 @@ import logging
 import multiprocessing
 import os
 import resource
-import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -35,12 +34,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from train import files
+from train.files import partial_of
+
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 SHARD_ROWS = 2048  # input rows per shard: the unit of parallel work, of restart, and of memory while reading
 PACKING_VERSION = 1  # bump when the packing algorithm changes, to invalidate cached plans
-PARTIAL = ".partial"
 STATS_FILE = "stats.json"
 
 # The token columns of each kind of data (train/formats.py), in a fixed order.
@@ -192,14 +193,9 @@ def build_folder(
 
 def publish(folder: Path, stats: dict) -> None:
     """Write stats.json into the partial folder and rename it into place: the cache folder is complete."""
-    partial = _partial(folder)
+    partial = partial_of(folder)
     (partial / STATS_FILE).write_text(json.dumps(stats))
-    shutil.rmtree(folder, ignore_errors=True)
-    partial.rename(folder)
-
-
-def _partial(folder: Path) -> Path:
-    return folder.with_name(folder.name + PARTIAL)
+    files.publish(partial, folder)
 
 
 class _Progress:
@@ -252,16 +248,16 @@ def _write_shard(index: int, rows: list, directory: str, kind: str, tokenize: To
 def write_shard(directory: Path, index: int, table: pa.Table, report: dict) -> None:
     """Write shard `index` of a partial cache folder's shards/ directory: its table, then its report."""
     stem = directory / f"{index:05d}"
-    partial = stem.with_suffix(".arrow" + PARTIAL)
+    partial = partial_of(stem.with_suffix(".arrow"))
     with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
-    partial.rename(stem.with_suffix(".arrow"))
+    files.publish(partial, stem.with_suffix(".arrow"))
     stem.with_suffix(".json").write_text(json.dumps(report))  # last: the shard is complete
 
 
 def shards_directory(folder: Path) -> Path:
     """Where the shards of a cache folder are written while it is built."""
-    return _partial(folder) / "shards"
+    return partial_of(folder) / "shards"
 
 
 # ---- reading: memory-mapped views ----
@@ -475,7 +471,7 @@ def pack(examples: TokenStore, max_length: int, cache: bool = True) -> PackedSto
     logger.info(f"packing plan for {len(examples)} examples in {time.perf_counter() - started:.1f} s")
     if cache:
         path.parent.mkdir(exist_ok=True)
-        partial = path.with_name(f"{digest}.{os.getpid()}.partial.npz")
+        partial = path.with_name(f"{digest}.{os.getpid()}.partial.npz")  # processes may race: each its own
         np.savez(partial, members=members, row_starts=row_starts)
-        os.replace(partial, path)
+        files.publish(partial, path)
     return PackedStore(examples, members, row_starts)

@@ -1,74 +1,91 @@
-"""Trainers. `BasicTrainer` owns the loop: batching, accumulation, optimizer, schedule, clipping, evaluation,
-logging and saving. A subclass implements two hooks, `loss_units` and `batch_loss`; see `SFTTrainer`.
+"""Trainers. `BasicTrainer` owns the loop: accumulation, the optimizer step, clipping, evaluation and logging.
+A loss is a subclass that implements two hooks, `loss_units` and `batch_loss`; see `SFTTrainer`, and the paired
+preference trainers in train/preference.py, where a loss implements only `loss`.
 
 Normalization is exact: a step's loss is the sum of per-unit losses (tokens for SFT) over all its micro-batches on
 all processes, divided by the number of units in that whole step. So the gradients do not depend on how the global
 batch is split into micro-batches or processes.
+
+What is not the loop lives beside it: which examples each step trains on (train/batches.py), checkpoints and the
+run directory's files (train/checkpoint.py), the optimizer and schedule (train/optim.py), generated samples
+(train/samples.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import math
-import os
-import shutil
-import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from transformers import get_cosine_schedule_with_warmup
 
 from train import checkpoint
 from train.batches import BatchPlan, StepBatches, step_loader
-from train.config import Config
+from train.config import Config, LossConfig, config_yaml, setting
 from train.data import collate, collate_packed
 from train.distributed import (
     FsdpSettings,
     clip_gradients,
-    full_state_dict,
     is_sharded,
     local_parameter_fraction,
     no_gradient_sync,
     shard_model,
-    unsharded_copy,
 )
-from train.errors import ConfigError, DataError, HalyardError
+from train.errors import DataError, HalyardError
 from train.faults import StopRequest, TrainingStopped, fault_at
 from train.losses import LossSum, count_loss_units, selected_nll_sum, supervised_positions
 from train.models import verify_packing_isolation
+from train.optim import build_optimizer, build_scheduler
 from train.progress import Progress
-from train.store import IGNORE_INDEX, PackedExample, PackedStore, TokenStore, token_sequences
+from train.samples import write_samples
+from train.store import PackedExample, PackedStore, TokenStore
 from train.throughput import Throughput, peak_flops_per_second, peak_memory, step_counts
-from train.utils import config_yaml
 
 logger = logging.getLogger(__name__)
 
-TRAINERS: dict[str, type[BasicTrainer]] = {}
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")  # the batch keys the model's forward takes
 
 
-def register_trainer(cls: type[BasicTrainer]) -> type[BasicTrainer]:
-    """Make a trainer class available to `loss.trainer` in a config/loss/*.yaml file, under its class name."""
-    TRAINERS[cls.__name__] = cls
-    return cls
+@dataclass
+class StepResult:
+    """One optimizer step, all-reduced over processes."""
+
+    loss: float  # the step's exact loss: the sum of its unit losses over the number of units
+    grad_norm: float  # before clipping
+    metrics: dict[str, float]  # the loss's own metrics, e.g. "rewards_train/chosen"
+    counts: torch.Tensor  # (5,) float64 for Throughput: tokens, supervised tokens, slots, squared lengths, examples
+    stop_requested: bool  # a process got SIGTERM or SIGINT
 
 
-def get_trainer_class(name: str) -> type[BasicTrainer]:
-    import train.preference  # noqa: F401  (registers the preference trainers)
+def forward_supervised(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logits at the positions whose next token is supervised, and those positions.
 
-    if name not in TRAINERS:
-        raise ConfigError([f"loss.trainer={name!r} is not a registered trainer; valid: {sorted(TRAINERS)}"])
-    return TRAINERS[name]
+    Returns (n_kept, vocab) logits in the model's dtype and the (batch, seq) bool mask `keep`. The output
+    projection runs only there (logits_to_keep): full-vocabulary logits of prompt and padding positions are never
+    computed, let alone upcast to float32. Feed both to `selected_nll_sum` or `selected_sequence_logps`.
+    """
+    keep = supervised_positions(batch["labels"])
+    inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
+    return model(**inputs, logits_to_keep=keep).logits, keep
 
 
 class BasicTrainer:
-    """The training loop. Subclasses define what a loss unit is and how a micro-batch's loss sum is computed."""
+    """The training loop. Subclasses define what a loss unit is and how a micro-batch's loss sum is computed.
 
+    A subclass is a loss: `loss.trainer` in its config/loss/<name>.yaml names it by import path, and these class
+    attributes say what validation needs to know before anything loads.
+    """
+
+    settings_class: type[LossConfig] = LossConfig  # the dataclass of its `loss.*` settings; `self.settings` is one
     data_kind = "sft"  # its rows: "sft" (conversations, text), "text", "paired" or "unpaired" (train/formats.py)
+    supports_packing = False  # whether its batches may be packed rows (data.packing=true)
+    uses_reference = False  # whether it holds a frozen reference model (train/preference.py)
+    supports_reference_precompute = False  # whether reference.precompute=true can replace that model
 
     def __init__(
         self,
@@ -81,6 +98,7 @@ class BasicTrainer:
         fsdp: FsdpSettings | None = None,
     ):
         # Read the config once into typed attributes; the loop never looks at the config again.
+        self.settings = cfg.loss  # an instance of settings_class, validated
         self.accelerator = accelerator
         self.tokenizer = tokenizer
         self.train_data, self.eval_data = train_data, eval_data
@@ -127,26 +145,26 @@ class BasicTrainer:
                 f"each epoch trains on {len(train_data) - unused} of {len(train_data)} examples: the last partial batch is left out (the order is reshuffled every epoch)"
             )
 
-        if fsdp is not None:
-            # Shard first: the optimizer must hold the sharded parameters.
-            self.model = shard_model(model, fsdp, accelerator.device, bf16=cfg.model.dtype == "bfloat16")
-            self.optimizer = optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay)
-        else:
-            optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
-            self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        warmup_steps = round(cfg.warmup_ratio * self.total_steps)
-        self.scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, self.total_steps)
+        self.model, self.optimizer = self.prepare_model(model, fsdp, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg.warmup_ratio, self.total_steps)
         self.throughput = self.build_throughput(cfg)
         if isinstance(train_data, PackedStore):
             verify_packing_isolation(self.accelerator.unwrap_model(self.model), cfg.model.attn_implementation)
         self.summary: dict[str, object] = {}
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.metrics_path = self.run_dir / checkpoint.METRICS_FILE
         self.step = 0  # optimizer steps completed
         self.skipped_steps = 0
         self.stop_request = StopRequest()
         self.data_fingerprint = train_data.fingerprint()  # from cache keys and the selection: no token is read
         if self.save_every_steps and accelerator.is_main_process:
             checkpoint.check_disk_space(self.run_dir, self.model)
+
+    def prepare_model(self, model, fsdp: FsdpSettings | None, cfg: Config):
+        """The model wrapped for this process layout (DDP, or sharded with FSDP2), and its optimizer."""
+        if fsdp is not None:  # shard first: the optimizer must hold the sharded parameters
+            model = shard_model(model, fsdp, self.accelerator.device, bf16=cfg.model.dtype == "bfloat16")
+            return model, build_optimizer(model, cfg.lr, cfg.weight_decay)
+        return self.accelerator.prepare(model, build_optimizer(model, cfg.lr, cfg.weight_decay))
 
     def build_throughput(self, cfg: Config) -> Throughput:
         model = self.accelerator.unwrap_model(self.model)
@@ -168,16 +186,27 @@ class BasicTrainer:
 
     # ---- hooks for subclasses ----
 
+    # A micro-batch, as `collate` makes it and the hooks receive it (on the training device):
+    #   input_ids       (rows, seq) int64, padded with the tokenizer's pad token
+    #   labels          (rows, seq) int64: the token id where supervised, -100 elsewhere (prompt, padding)
+    #   attention_mask  (rows, seq) int64, 1 on real tokens (absent from packed rows)
+    #   position_ids    (rows, seq) int64, restarting at 0 for each example (packed rows only)
+    #   example_ids     (rows, seq) int64, which example of the micro-batch each token belongs to (packed rows only)
+    # Preference trainers add their own keys (train/preference.py).
+
     def loss_units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """() int64: how many units (tokens, examples, pairs) the loss of this micro-batch sums over."""
+        """() int64: how many units (tokens, examples, pairs) the loss of this micro-batch sums over. The step's loss
+        is divided by the sum of this over every micro-batch of every process."""
         raise NotImplementedError
 
     def batch_loss(self, model, batch: dict[str, torch.Tensor]) -> LossSum:
-        """Forward `batch` through `model`; return the loss summed over its units, their count, and metric sums."""
+        """Forward `batch` through `model`; return the loss summed (not averaged) over its units, their count, and
+        metric sums: name -> (sum, count), averaged over the whole step."""
         raise NotImplementedError
 
     def collate(self, examples: list) -> dict[str, torch.Tensor]:
-        """Tensors of one micro-batch (padded to its longest example or packed row). Runs in a data loader worker."""
+        """Tensors of one micro-batch (padded to its longest example or packed row), on the CPU. Runs in a data
+        loader worker."""
         if isinstance(examples[0], PackedExample):
             return collate_packed(examples, self.pad_token_id)
         return collate(examples, self.pad_token_id)
@@ -233,14 +262,15 @@ class BasicTrainer:
     def train_and_log_step(self, epoch: int, micro_batches: list[dict[str, torch.Tensor]]) -> bool:
         """Run one optimizer step, then log and evaluate when due. Returns whether any process was asked to stop."""
         started = time.perf_counter()
-        metrics = self.train_step(micro_batches)
-        self.throughput.add(metrics.pop("counts"), time.perf_counter() - started)
-        stop = metrics.pop("stop")
+        result = self.train_step(micro_batches)
+        self.throughput.add(result.counts, time.perf_counter() - started)
+        stop = result.stop_requested
         is_last = self.step == self.total_steps
         row: dict[str, float] = {"step": self.step}
         if self.step % self.log_every_steps == 0 or is_last or stop:
             epoch_progress = epoch + (self.step - epoch * self.steps_per_epoch) / self.steps_per_epoch
-            row.update(metrics, epoch=epoch_progress, lr=self.scheduler.get_last_lr()[0], **self.throughput.report())
+            row.update({"loss/train": result.loss, **result.metrics, "grad_norm": result.grad_norm})
+            row.update(epoch=epoch_progress, lr=self.scheduler.get_last_lr()[0], **self.throughput.report())
         if self.eval_data and (self.step % self.eval_every_steps == 0 or is_last):
             row.update(self.run_evaluation())
         if len(row) > 1:
@@ -254,7 +284,7 @@ class BasicTrainer:
         batches = StepBatches(self.batch_plan, self.train_data, self.collate, start_step, self.total_steps)
         return step_loader(batches, self.num_workers, pin_memory=self.accelerator.device.type == "cuda")
 
-    def train_step(self, on_cpu: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    def train_step(self, on_cpu: list[dict[str, torch.Tensor]]) -> StepResult:
         """One optimizer step over this process's micro-batches.
 
         Returns the step's exact loss, gradient norm, real token count and whether any process must stop. A step
@@ -290,13 +320,7 @@ class BasicTrainer:
             self.handle_nonfinite(loss, grad_norm)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {
-            "loss/train": loss,
-            **metrics,
-            "grad_norm": grad_norm,
-            "counts": totals[2:],
-            "stop": bool(totals[1] > 0),
-        }
+        return StepResult(loss, grad_norm, metrics, counts=totals[2:], stop_requested=bool(totals[1] > 0))
 
     def handle_nonfinite(self, loss: float, grad_norm: float) -> None:
         what = f"step {self.step}: the loss ({loss}) or the gradient norm ({grad_norm}) is not finite"
@@ -317,51 +341,11 @@ class BasicTrainer:
         """The evaluation metrics, and generated samples when eval_samples > 0."""
         metrics = self.evaluate()
         if self.eval_samples:
-            self.write_samples()
+            write_samples(
+                self.accelerator, self.model, self.tokenizer, self.eval_data, self.eval_samples,
+                self.eval_samples_max_new_tokens, self.step, self.run_dir / checkpoint.SAMPLES_FILE,
+            )  # fmt: skip
         return metrics
-
-    @torch.no_grad()
-    def write_samples(self) -> None:
-        """Greedy answers to the first eval_samples held-out prompts: samples.jsonl, and a wandb table if enabled.
-
-        A sharded model must run on every process in step (synced_gpus); otherwise only the main process generates.
-        """
-        model = self.accelerator.unwrap_model(self.model)
-        sharded = is_sharded(model)
-        if not (sharded or self.accelerator.is_main_process):
-            return
-        model.eval()
-        rows = []
-        for item in self.eval_data[: self.eval_samples]:
-            example = token_sequences(item)[0]  # a pair's prompt and chosen answer
-            prompt_length = next(i for i, label in enumerate(example.labels) if label != IGNORE_INDEX)
-            prompt = torch.tensor([example.input_ids[:prompt_length]], device=self.accelerator.device)
-            output = model.generate(
-                input_ids=prompt,
-                attention_mask=torch.ones_like(prompt),
-                max_new_tokens=self.eval_samples_max_new_tokens,
-                do_sample=False,
-                use_cache=True,
-                pad_token_id=self.pad_token_id,
-                synced_gpus=sharded,
-            )
-            reference = [t for t, label in zip(example.input_ids, example.labels, strict=True) if label != IGNORE_INDEX]
-            rows.append(
-                {
-                    "step": self.step,
-                    "prompt": self.tokenizer.decode(prompt[0]),
-                    "completion": self.tokenizer.decode(output[0, prompt_length:], skip_special_tokens=True),
-                    "reference": self.tokenizer.decode(reference, skip_special_tokens=True),
-                }
-            )
-        self.model.train()
-        if self.accelerator.is_main_process:
-            with (self.run_dir / "samples.jsonl").open("a") as f:
-                f.writelines(json.dumps(row) + "\n" for row in rows)
-            if any(t.name == "wandb" for t in self.accelerator.trackers):
-                columns = ["step", "prompt", "completion", "reference"]
-                table = [[row[c] for c in columns] for row in rows]
-                self.accelerator.get_tracker("wandb").log_table("samples", columns=columns, data=table, step=self.step)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -396,130 +380,46 @@ class BasicTrainer:
         self.summary.update({k: v for k, v in metrics.items() if k not in ("lr", "grad_norm", "epoch")})
         self.progress.show(metrics)
 
+    # ---- checkpoints (train/checkpoint.py writes and reads them) ----
+
+    def parts(self) -> checkpoint.TrainingParts:
+        return checkpoint.TrainingParts(self.model, self.optimizer, self.scheduler, self.tokenizer)
+
     def save_checkpoint(self) -> None:
-        """Write ${run_dir}/step-<N>/ atomically (see train/checkpoint.py); every process takes part."""
-        final = self.run_dir / checkpoint.checkpoint_name(self.step)
-        partial = final.with_name(final.name + checkpoint.PARTIAL)
-        main, rank = self.accelerator.is_main_process, self.accelerator.process_index
-        if main:
-            checkpoint.remove_partials(self.run_dir)
-            partial.mkdir(parents=True)
-        self.accelerator.wait_for_everyone()
-        error = None
-        try:
-            self.write_checkpoint_files(partial, rank, main)
-        except OSError as caught:
-            error = caught
-        # Publish only if every process succeeded; a failure anywhere leaves the previous checkpoint as `latest`.
-        failures = self.accelerator.reduce(
-            torch.tensor(float(error is not None), device=self.accelerator.device), "sum"
-        )
-        if failures.item() > 0:
-            if main:
-                shutil.rmtree(partial, ignore_errors=True)
-            latest = checkpoint.find_latest(self.run_dir)
-            reason = f" ({error.strerror or error})" if error else " (on another process)"
-            raise HalyardError(
-                f"could not write checkpoint {final.name}{reason}; "
-                f"{'the previous checkpoint ' + latest.name + ' is intact' if latest else 'no earlier checkpoint exists'}. "
-                f"Free disk space in {self.run_dir} or set cache_dir to another disk, then resume_from_checkpoint=auto."
-            )
-        if main:
-            checkpoint.finish(partial, final, self.run_dir, self.save_total_limit)
-            logger.info(f"checkpoint {final}")
-        self.accelerator.wait_for_everyone()
-
-    def write_checkpoint_files(self, directory: Path, rank: int, main: bool) -> None:
-        model = self.accelerator.unwrap_model(self.model)
-        sharded = is_sharded(model)
-        if sharded:
-            checkpoint.save_sharded_model(model, directory, rank)
-        elif main:
-            model.save_pretrained(directory / "model", safe_serialization=True)  # with LoRA: the adapter only
-            self.tokenizer.save_pretrained(directory / "model")  # so scripts/generate.py can chat with it
-        if sharded or main:
-            checkpoint.save_optimizer(self.optimizer, directory, rank)
-        checkpoint.save_rng_state(directory, rank)
-        if main:
-            (directory / "scheduler.json").write_text(json.dumps(self.scheduler.state_dict()))
-            (directory / "config.yaml").write_text(self.config_text)
-            if fault_at("enospc_in_save", self.step):
-                raise OSError(errno.ENOSPC, "No space left on device (injected)")
-            if fault_at("kill_in_save", self.step):
-                os.kill(os.getpid(), signal.SIGKILL)
-            (directory / checkpoint.STATE_FILE).write_text(json.dumps(self.trainer_state(sharded)))  # written last
-
-    def trainer_state(self, sharded: bool) -> dict[str, object]:
+        """Write ${run_dir}/step-<N>/ atomically; every process takes part."""
         tracker = self.accelerator.get_tracker("wandb", unwrap=True) if self.accelerator.trackers else None
-        return {
-            "step": self.step,
-            "epoch": self.step // self.steps_per_epoch,
-            "world_size": self.accelerator.num_processes,
-            "sharded": sharded,
-            "use_peft": self.use_peft,
-            "skipped_steps": self.skipped_steps,
-            "throughput": self.throughput.state(),
-            "summary": self.summary,
-            "data_fingerprint": self.data_fingerprint,
-            "wandb_run_id": getattr(tracker, "id", None),
-        }
+        state = checkpoint.TrainerState(
+            step=self.step,
+            epoch=self.step // self.steps_per_epoch,
+            world_size=self.accelerator.num_processes,
+            sharded=is_sharded(self.accelerator.unwrap_model(self.model)),
+            use_peft=self.use_peft,
+            skipped_steps=self.skipped_steps,
+            throughput=self.throughput.state(),
+            summary=self.summary,
+            data_fingerprint=self.data_fingerprint,
+            wandb_run_id=getattr(tracker, "id", None),
+        )
+        checkpoint.save_checkpoint(
+            self.accelerator, self.parts(), state, self.run_dir, self.config_text, self.save_total_limit
+        )
 
     def load_checkpoint(self, directory: Path) -> None:
-        """Restore model, optimizer, scheduler, RNG and counters from a step checkpoint, on every process."""
-        state = checkpoint.read_state(directory)
-        model = self.accelerator.unwrap_model(self.model)
-        sharded, world, rank = is_sharded(model), self.accelerator.num_processes, self.accelerator.process_index
-        if state["sharded"] != sharded or (sharded and state["world_size"] != world):
-            raise HalyardError(
-                f"{directory} was written by {state['world_size']} process(es) {'with' if state['sharded'] else 'without'} "
-                f"FSDP; resume it the same way (now {world} process(es) {'with' if sharded else 'without'} FSDP)"
-            )
-        if state["data_fingerprint"] != self.data_fingerprint and not self.resume_allow_config_change:
-            raise HalyardError(
-                f"the tokenized training data differs from the data {directory} was trained on; resuming would not "
-                f"continue the same run. Restore the data, or set resume_allow_config_change=true."
-            )
-        if sharded:
-            checkpoint.load_sharded_model(model, directory, rank)
-        else:
-            checkpoint.load_model_folder(model, directory / "model", adapter=self.use_peft)
-        checkpoint.load_optimizer(self.optimizer, directory, rank, sharded)
-        self.scheduler.load_state_dict(json.loads((directory / "scheduler.json").read_text()))
-        checkpoint.load_rng_state(directory, rank % state["world_size"])
-        self.step, self.skipped_steps = state["step"], state["skipped_steps"]
-        self.throughput.restore(state["throughput"])
-        self.summary.update(state["summary"])
-        if self.accelerator.is_main_process:
-            for logged in (self.metrics_path, self.run_dir / "samples.jsonl"):
-                checkpoint.truncate_metrics(logged, self.step)
-        logger.info(f"resumed from {directory} at step {self.step}")
+        """Continue from a step checkpoint: weights, optimizer, schedule, RNG and counters, on every process."""
+        state = checkpoint.load_checkpoint(
+            directory, self.accelerator, self.parts(), self.data_fingerprint, self.resume_allow_config_change
+        )
+        self.step, self.skipped_steps = state.step, state.skipped_steps
+        self.throughput.restore(state.throughput)
+        self.summary.update(state.summary)
 
     def save_final(self) -> None:
-        """Write FINAL/: a Hugging Face model folder (merged, with FINAL/adapter/ under LoRA), tokenizer and config.
-
-        Written under a temporary name and renamed when complete, so FINAL/ is never half-written.
-        """
-        self.accelerator.wait_for_everyone()
-        model = self.accelerator.unwrap_model(self.model)
-        if is_sharded(model):
-            state_dict = full_state_dict(model)  # every process takes part in gathering the shards
-            model = unsharded_copy(model, state_dict) if self.accelerator.is_main_process else None
-        if self.accelerator.is_main_process:
-            final, partial = self.run_dir / "FINAL", self.run_dir / "FINAL.partial"
-            shutil.rmtree(partial, ignore_errors=True)
-            if self.use_peft:
-                model.save_pretrained(partial / "adapter")
-                self.tokenizer.save_pretrained(partial / "adapter")
-                model = model.merge_and_unload()
-            model.config.use_cache = True  # for whoever generates with it
-            model.save_pretrained(partial, safe_serialization=True)
-            self.tokenizer.save_pretrained(partial)
-            (partial / "halyard_config.yaml").write_text(self.config_text)
-            if final.exists():
-                shutil.rmtree(final)
-            partial.rename(final)
+        """Write FINAL/ (merged under LoRA, with FINAL/adapter/), never half-written; every process takes part."""
+        final = checkpoint.save_final(
+            self.accelerator, self.model, self.tokenizer, self.run_dir, self.config_text, self.use_peft
+        )
+        if final is not None:
             self.summary["final_dir"] = str(final.resolve())
-            logger.info(f"saved {final.resolve()}")
 
 
 class MetricSums:
@@ -547,32 +447,42 @@ def _split_name(name: str, split: str) -> str:
     return f"{group}_{split}/{metric}" if metric else f"{group}_{split}"
 
 
-def build_optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; weight decay on matrices only (biases and norm scales are not decayed)."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+SFT_REDUCTIONS = ("token", "sequence")
 
 
-@register_trainer
+@dataclass
+class SFTSettings(LossConfig):
+    reduction: str = setting(
+        "token",
+        "token: every supervised token of the step weighs the same (long answers weigh more); sequence: every "
+        "example weighs the same (the mean over examples of each one's mean token loss).",
+    )
+
+    def problems(self) -> list[str]:
+        if self.reduction not in SFT_REDUCTIONS:
+            return [f"loss.reduction={self.reduction!r}: must be one of {list(SFT_REDUCTIONS)}"]
+        return []
+
+
 class SFTTrainer(BasicTrainer):
     """Supervised fine-tuning: mean NLL of the supervised (response) tokens over the whole optimizer step
     (`loss.reduction=token`), or mean over its examples of each example's mean token NLL (`sequence`)."""
 
-    def __init__(self, cfg: Config, *args, **kwargs):
-        super().__init__(cfg, *args, **kwargs)
-        self.reduction = cfg.loss.reduction
+    settings_class = SFTSettings
+    supports_packing = True
+    settings: SFTSettings
 
     def loss_units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return count_loss_units(batch["labels"], self.reduction, batch.get("example_ids"))
+        return count_loss_units(batch["labels"], self.settings.reduction, batch.get("example_ids"))
 
     def batch_loss(self, model, batch: dict[str, torch.Tensor]) -> LossSum:
-        # The output projection runs only where a label follows (logits_to_keep): full-vocabulary logits of
-        # prompt and padding positions are never computed, let alone upcast to float32.
-        keep = supervised_positions(batch["labels"])
-        inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
-        logits = model(**inputs, logits_to_keep=keep).logits
-        return selected_nll_sum(logits, batch["labels"], keep, self.reduction, example_ids=batch.get("example_ids"))
+        logits, keep = forward_supervised(model, batch)
+        return selected_nll_sum(
+            logits, batch["labels"], keep, self.settings.reduction, example_ids=batch.get("example_ids")
+        )
+
+
+class PretrainTrainer(SFTTrainer):
+    """Continued pretraining: the SFT loss on plain text rows, every token supervised."""
+
+    data_kind = "text"

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.tracking import TensorBoardTracker, WandBTracker
-from omegaconf import OmegaConf
 
-from train.config import Config
+from train.checkpoint import CONFIG_FILE
+from train.config import Config, config_yaml, flat_config
 from train.errors import HalyardError
 
 logger = logging.getLogger(__name__)
@@ -44,7 +43,7 @@ def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> None:
     if accelerator.is_main_process:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(config_yaml(cfg))
+            (run_dir / CONFIG_FILE).write_text(config_yaml(cfg))
         except OSError as error:
             raise HalyardError(
                 f"cannot write the run directory '{run_dir}' ({error.strerror}); set cache_dir to a writable folder"
@@ -53,42 +52,3 @@ def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> None:
     accelerator.wait_for_everyone()
     if cfg.wandb.enabled or cfg.tensorboard.enabled:
         accelerator.init_trackers(cfg.wandb.project, config=flat_config(cfg))
-
-
-def config_yaml(cfg: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def flat_config(cfg: Config) -> dict[str, object]:
-    """Dotted keys and scalar values (TensorBoard's hyperparameter table takes no lists or None)."""
-    return flatten(OmegaConf.to_container(OmegaConf.structured(cfg)))
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    """{"model": {"lr": 1}} -> {"model.lr": 1}; values that are not int, float, str or bool become strings."""
-    flat: dict[str, object] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value if isinstance(value, int | float | str | bool) else str(value)
-    return flat
-
-
-def write_summary(run_dir: str, summary: dict) -> None:
-    """summary.json in the run directory (totals, final losses, data statistics, where FINAL/ is), and a readable
-    version of it in the log."""
-    path = Path(run_dir) / "summary.json"
-    path.write_text(json.dumps(summary, indent=2) + "\n")
-    rows = {split: stats for split, stats in summary.get("data", {}).items()}
-    data = "; ".join(
-        f"{split}: {s['examples']} of {s['rows']} rows used, {s['truncated']} truncated, {s['dropped_no_supervised_token']} dropped"
-        for split, s in rows.items()
-    )
-    losses = ", ".join(f"{k} {summary[k]:.4f}" for k in ("loss/train", "loss/eval") if k in summary)
-    logger.info(
-        f"run summary: {summary.get('step')} steps, {summary.get('examples')} examples, {summary.get('tokens')} tokens "
-        f"in {summary.get('wall_seconds', 0):.0f} s ({summary.get('tokens_per_second', 0):.0f} tokens/s while training); "
-        f"{losses}; {data}; skipped steps {summary.get('skipped_nonfinite_steps', 0)}; FINAL: {summary.get('final_dir')}; "
-        f"details: {path.resolve()}"
-    )

@@ -1,0 +1,44 @@
+"""The module graph of train/: no import cycles, counting imports inside functions (TYPE_CHECKING ones aside)."""
+
+import ast
+
+from conftest import REPO
+
+
+def imports_of(path) -> set[str]:
+    """The train.* modules a file imports anywhere but under `if TYPE_CHECKING:`."""
+    tree = ast.parse(path.read_text())
+    skipped = {
+        id(node)
+        for branch in ast.walk(tree)
+        if isinstance(branch, ast.If) and "TYPE_CHECKING" in ast.unparse(branch.test)
+        for node in ast.walk(branch)
+    }
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("train"):
+            names = [f"train.{a.name}" for a in node.names] if node.module == "train" else [node.module]
+            found |= set(names)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("train.")}
+    return found
+
+
+def test_train_has_no_import_cycles():
+    graph = {f"train.{p.stem}": imports_of(p) for p in (REPO / "train").glob("*.py")}
+    cycles = []
+
+    def visit(module: str, path: list[str]) -> None:
+        for imported in sorted(graph.get(module, ())):
+            if imported in path:
+                cycles.append(" -> ".join([*path[path.index(imported) :], imported]))
+            elif imported not in done:
+                visit(imported, [*path, imported])
+        done.add(module)
+
+    done: set[str] = set()
+    for module in sorted(graph):
+        visit(module, [module])
+    assert cycles == []

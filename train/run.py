@@ -1,0 +1,85 @@
+"""One training run, from a validated config to FINAL/: each step is a builder in `train/`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from train.checkpoint import CONFIG_FILE, SUMMARY_FILE, config_differences, read_state, resolve_resume
+from train.config import Config, flat_config, loss_spec
+from train.data import build_datasets
+from train.distributed import fsdp_settings_from_launcher
+from train.errors import HalyardError
+from train.models import build_model, build_tokenizer
+from train.preference import build_reference
+from train.runtime import build_accelerator, prepare_run_dir
+
+logger = logging.getLogger(__name__)
+
+
+def run(cfg: Config) -> None:
+    """Build everything from the validated config, train (or resume), and save FINAL/."""
+    started = time.perf_counter()
+    spec = loss_spec(cfg)
+    resume_dir = find_checkpoint_to_resume(cfg)
+    wandb_run_id = read_state(resume_dir).wandb_run_id if resume_dir else None
+    accelerator = build_accelerator(cfg, wandb_run_id=wandb_run_id)
+    prepare_run_dir(cfg, accelerator)
+    tokenizer = build_tokenizer(cfg.model)
+    train_data, eval_data, data_stats = build_datasets(cfg, tokenizer, spec.data_kind, accelerator.main_process_first)
+    fsdp = fsdp_settings_from_launcher()
+    model = build_model(cfg.model, cfg.seed, sharded=fsdp is not None)
+    reference, reference_cache = build_reference(cfg, accelerator, fsdp, train_data, eval_data, spec.trainer)
+    extra = {"reference_model": reference} if spec.uses_reference else {}
+    trainer = spec.trainer(cfg, accelerator, model, tokenizer, train_data, eval_data, fsdp=fsdp, **extra)
+    try:
+        if reference_cache is not None:
+            trainer.precompute_reference(reference_cache)
+        if resume_dir:
+            trainer.load_checkpoint(resume_dir)
+        trainer.train()
+        trainer.save_final()
+        if accelerator.is_main_process:
+            wall_seconds = time.perf_counter() - started
+            write_summary(cfg.run_dir, {**trainer.summary, "wall_seconds": wall_seconds, "data": data_stats})
+        accelerator.wait_for_everyone()  # every process leaves together
+    finally:
+        accelerator.end_training()  # closes the trackers (a stopped run's too) and the process group
+
+
+def find_checkpoint_to_resume(cfg: Config) -> Path | None:
+    """The checkpoint to resume from, or None; refuses one whose config differs in what changes the math."""
+    resume_dir = resolve_resume(cfg.resume_from_checkpoint, Path(cfg.run_dir))
+    if resume_dir is None:
+        if cfg.resume_from_checkpoint == "auto":
+            logger.info(f"resume_from_checkpoint=auto: no checkpoint in {cfg.run_dir} yet, starting fresh")
+        return None
+    differences = config_differences((resume_dir / CONFIG_FILE).read_text(), flat_config(cfg))
+    if differences and not cfg.resume_allow_config_change:
+        listed = "\n".join(f"  - {d}" for d in differences)
+        raise HalyardError(
+            f"cannot resume from {resume_dir}: these settings change the math of the run:\n{listed}\n"
+            f"Restore them, or set resume_allow_config_change=true to continue anyway."
+        )
+    return resume_dir
+
+
+def write_summary(run_dir: str, summary: dict) -> None:
+    """summary.json in the run directory (totals, final losses, data statistics, where FINAL/ is), and a readable
+    version of it in the log."""
+    path = Path(run_dir) / SUMMARY_FILE
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    rows = {split: stats for split, stats in summary.get("data", {}).items()}
+    data = "; ".join(
+        f"{split}: {s['examples']} of {s['rows']} rows used, {s['truncated']} truncated, {s['dropped_no_supervised_token']} dropped"
+        for split, s in rows.items()
+    )
+    losses = ", ".join(f"{k} {summary[k]:.4f}" for k in ("loss/train", "loss/eval") if k in summary)
+    logger.info(
+        f"run summary: {summary.get('step')} steps, {summary.get('examples')} examples, {summary.get('tokens')} tokens "
+        f"in {summary.get('wall_seconds', 0):.0f} s ({summary.get('tokens_per_second', 0):.0f} tokens/s while training); "
+        f"{losses}; {data}; skipped steps {summary.get('skipped_nonfinite_steps', 0)}; FINAL: {summary.get('final_dir')}; "
+        f"details: {path.resolve()}"
+    )
