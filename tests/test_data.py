@@ -228,6 +228,19 @@ def test_template_that_rewrites_earlier_turns_is_refused(tiny_tokenizers):
         tokenizer.chat_template = original
 
 
+@pytest.mark.parametrize("style", ["chatml", "llama3", "inst"])
+def test_rendering_is_what_apply_chat_template_renders(tiny_tokenizers, style):
+    """Preprocessing renders through transformers' template renderer directly (skipping the normalization of
+    message objects): the text must be exactly what apply_chat_template gives at inference."""
+    from train.data import _render
+
+    tokenizer = tiny_tokenizers[style]
+    for end in range(1, len(CONVERSATION) + 1):
+        for prompt in (False, True):
+            expected = tokenizer.apply_chat_template(CONVERSATION[:end], tokenize=False, add_generation_prompt=prompt)
+            assert _render(tokenizer, CONVERSATION[:end], prompt, "row 0") == expected
+
+
 def demo_config(tmp_path, *overrides):
     import launch
 

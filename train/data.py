@@ -117,7 +117,8 @@ def tokenize_conversation(
     else:
         # A token overlapping an assistant span is supervised, also one that straddles its start (" Arr" after a
         # template ending in "assistant:"): it is the token the model must produce there.
-        offsets = np.asarray(encoded.offsets, dtype=np.int64).reshape(-1, 2)
+        flat = itertools.chain.from_iterable(encoded.offsets)  # (start, end) per token; fromiter: 2x asarray
+        offsets = np.fromiter(flat, dtype=np.int64, count=2 * len(ids)).reshape(-1, 2)
         supervised = np.zeros(len(ids), dtype=bool)
         for span_start, span_end in spans:
             supervised |= (offsets[:, 0] < span_end) & (offsets[:, 1] > span_start)
@@ -153,13 +154,24 @@ def tokenize_text(text: str, tokenizer, max_length: int) -> list[Example]:
 
 
 def _render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool, where: str) -> str:
+    from transformers.utils.chat_template_utils import render_jinja_template
+
     if tokenizer.chat_template is None:
         raise DataError(
             f"{where}: the tokenizer has no chat template, so conversations cannot be rendered; set "
             f"model.tokenizer_name_or_path to a tokenizer that has one (plain `text` rows need none)"
         )
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        # What apply_chat_template(tokenize=False) renders, without its normalization of message objects: parsed
+        # rows are plain dicts of strings already, and this runs several times per row (tests/test_data.py checks
+        # that both give the same text).
+        rendered, _ = render_jinja_template(
+            conversations=[messages],
+            chat_template=tokenizer.get_chat_template(),
+            add_generation_prompt=add_generation_prompt,
+            **tokenizer.special_tokens_map,
+        )
+        return rendered[0]
     except Exception as error:  # jinja raises template-defined errors, e.g. "roles must alternate"
         raise DataError(f"{where}: the tokenizer's chat template rejected this conversation: {error}") from None
 
@@ -185,7 +197,10 @@ def _assistant_span(tokenizer, messages: list[dict[str, str]], index: int, text:
 
 def _verify_supervised_text(tokenizer, input_ids: list[int], labels: list[int], turns, where: str) -> None:
     """The supervised tokens, decoded, must contain every supervised turn in order: the mask is checked, not assumed."""
-    supervised = tokenizer.decode([t for t, label in zip(input_ids, labels, strict=True) if label != IGNORE_INDEX])
+    # The backend's own decode: the exact text of the tokens, without Python-side cleanup of spaces.
+    supervised = tokenizer.backend_tokenizer.decode(
+        [t for t, label in zip(input_ids, labels, strict=True) if label != IGNORE_INDEX], skip_special_tokens=False
+    )
     position = 0
     for message in turns:
         found = supervised.find(message["content"].strip(), position)
