@@ -45,28 +45,14 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 
+SHIP_WORDS = ("the", "a", "ship", "sails", "over", "sea", "wind", "rope", "knot", "deck", "crew", "captain",
+              "harbor", "storm", "calm", "north", "south")  # fmt: skip
+
+
 def synthetic_chat_rows(n_rows: int, seed: int = 0) -> list[dict]:
     """Multi-turn chat rows with skewed lengths (most short, a long tail), like real chat data."""
     rng = random.Random(seed)
-    words = [
-        "the",
-        "a",
-        "ship",
-        "sails",
-        "over",
-        "sea",
-        "wind",
-        "rope",
-        "knot",
-        "deck",
-        "crew",
-        "captain",
-        "harbor",
-        "storm",
-        "calm",
-        "north",
-        "south",
-    ]
+    words = list(SHIP_WORDS)
 
     def sentence() -> str:
         return " ".join(rng.choice(words) for _ in range(int(rng.lognormvariate(2.5, 0.8)) + 1)) + "."
@@ -257,27 +243,7 @@ def bench_sft(args) -> str:
     return "\n".join(lines)
 
 
-WORDS = np.array(
-    [
-        "the",
-        "a",
-        "ship",
-        "sails",
-        "over",
-        "sea",
-        "wind",
-        "rope",
-        "knot",
-        "deck",
-        "crew",
-        "captain",
-        "harbor",
-        "storm",
-        "calm",
-        "north",
-        "south",
-    ]
-)
+WORDS = np.array(SHIP_WORDS)
 
 
 def write_scale_rows(path: Path, n_rows: int, mean_words: float, seed: int = 0) -> None:

@@ -177,6 +177,14 @@ def test_a_loss_s_capabilities_are_checked_with_every_other_problem():
     ]
     problems = problems_of(["model=tiny", "loss=simpo", f"datasets=[{DEMO_TRAIN}]", "reference.precompute=true"])
     assert "it uses no reference model" in problems[0]
+    problems = problems_of(["model=tiny", "loss=sft", f"datasets=[{DEMO_TRAIN}]", "data.format=preference"])
+    assert problems == [
+        "data.format=preference: loss=sft (train.trainers.SFTTrainer) trains on instruction/output, messages, "
+        "conversations, prompt/completion or text rows, which this format does not give; set data.format=auto or a "
+        "format of those rows"
+    ]
+    problems = problems_of(["model=tiny", "loss=dpo", f"datasets=[{DEMO_TRAIN}]", "loss.trainer=null"])
+    assert problems == ["loss=dpo names no trainer: add `trainer: <module>.<TrainerClass>` to its YAML"]
 
 
 def test_a_mismatched_trainer_and_settings_cannot_pass_validation():

@@ -326,8 +326,11 @@ def validate(raw: DictConfig, world_size: int | None = None) -> Config:
 
 def _loss_spec(raw_loss: dict, problems: list[str]) -> LossSpec | None:
     name, trainer_path = raw_loss.get("name"), raw_loss.get("trainer")
-    if name is None or trainer_path is None:
+    if name is None:
         problems.append(f"no loss chosen: add loss=<name> with one of {sorted(builtin_losses())} (config/loss/)")
+        return None
+    if trainer_path is None:
+        problems.append(f"loss={name} names no trainer: add `trainer: <module>.<TrainerClass>` to its YAML")
         return None
     spec, found = resolve_loss(name, str(trainer_path))
     problems += found
@@ -348,6 +351,14 @@ def check_loss_capabilities(cfg: Config, spec: LossSpec) -> list[str]:
     if not isinstance(cfg.loss, spec.settings):
         problems.append(f"loss settings {type(cfg.loss).__name__} do not match {spec.trainer_path}")
     which = f"loss={spec.name} ({spec.trainer_path})"
+    from train.formats import FORMAT_RECORDS, KIND_COLUMNS, KINDS
+
+    record = FORMAT_RECORDS.get(cfg.data.format)
+    if record is not None and record not in KINDS.get(spec.data_kind, ()):
+        problems.append(
+            f"data.format={cfg.data.format}: {which} trains on {KIND_COLUMNS[spec.data_kind]} rows, which this "
+            f"format does not give; set data.format=auto or a format of those rows"
+        )
     if cfg.data.packing and not spec.supports_packing:
         problems.append(f"data.packing=true: {which} does not support packing; set data.packing=false")
     if cfg.reference.precompute and not spec.supports_reference_precompute:

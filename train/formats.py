@@ -71,6 +71,11 @@ Record = Conversation | Text | Pair | Unpaired
 
 # What each kind of trainer consumes.
 KINDS = {"sft": (Conversation, Text), "text": (Text,), "paired": (Pair,), "unpaired": (Unpaired,)}
+# What each row format gives.
+FORMAT_RECORDS = {
+    "instruction": Conversation, "messages": Conversation, "sharegpt": Conversation, "prompt_completion": Conversation,
+    "text": Text, "preference": Pair, "unpaired": Unpaired,
+}  # fmt: skip
 KIND_COLUMNS = {
     "sft": "instruction/output, messages, conversations, prompt/completion or text",
     "text": "text",
