@@ -28,6 +28,14 @@ RUNS = {  # loss: its data, a learning rate at which 10 steps move the loss smoo
     "ipo": ["datasets=[data/demo/pref_train.jsonl]", "lr=1e-4"],  # its squared loss oscillates at 1e-3
     "simpo": ["datasets=[data/demo/pref_train.jsonl]", "lr=1e-3"],
     "kto": ["datasets=[data/demo/kto_train.jsonl]", "lr=1e-3"],
+    "rdpo": ["datasets=[data/demo/pref_train.jsonl]", "lr=1e-3"],
+    "hinge": ["datasets=[data/demo/pref_train.jsonl]", "lr=1e-3"],
+    "apo_zero": ["datasets=[data/demo/pref_train.jsonl]", "lr=1e-3"],
+    "apo_down": ["datasets=[data/demo/pref_train.jsonl]", "lr=1e-3"],
+    "rpo": ["datasets=[data/demo/pref_train.jsonl]", "lr=1e-3"],
+    "cpo": ["datasets=[data/demo/pref_train.jsonl]", "lr=1e-3"],
+    "orpo": ["datasets=[data/demo/pref_train.jsonl]", "lr=1e-3"],
+    "rm": ["datasets=[data/demo/pref_train.jsonl]", "lr=1e-3"],
 }
 
 

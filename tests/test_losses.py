@@ -7,11 +7,18 @@ import torch
 
 from train.losses import (
     IGNORE_INDEX,
+    apo_loss,
+    bradley_terry_loss,
     count_loss_units,
+    cpo_loss,
     dpo_loss,
+    hinge_loss,
     ipo_loss,
     kto_loss,
     masked_nll_sum,
+    orpo_loss,
+    robust_dpo_loss,
+    rpo_loss,
     selected_sequence_logps,
     simpo_loss,
     supervised_positions,
@@ -163,3 +170,82 @@ def test_lean_loss_equals_the_naive_loss_with_its_gradients(tiny_cache, reductio
     assert lean.total.item() == pytest.approx(naive.total.item(), rel=1e-6)
     for name, parameter in model.named_parameters():
         assert torch.allclose(parameter.grad, naive_grads[name], rtol=1e-5, atol=1e-8), name
+
+
+# ---- the objectives added with the loss table: each against its paper's formula, in float64, with gradients ----
+
+
+def softplus(x: float) -> float:
+    """-log sigmoid(-x)."""
+    return math.log1p(math.exp(x))
+
+
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+# One pair, summed log-probs: policy (-1, -2), reference (-1.5, -1.5): log-ratios 0.5 and -0.5, margin h = 1.
+# Token counts 2 and 4: mean token log-probs -0.5 (chosen) and -0.5 (rejected).
+PAIR = {"pc": -1.0, "pr": -2.0, "rc": -1.5, "rr": -1.5, "nc": 2, "nr": 4}
+
+
+def _orpo_expected(lam: float) -> float:
+    chosen, rejected = -1.0 / 2, -2.0 / 4
+    log_odds = (chosen - math.log(1 - math.exp(chosen))) - (rejected - math.log(1 - math.exp(rejected)))
+    return -chosen + lam * softplus(-log_odds)
+
+
+NEW_LOSSES = {  # name: (the loss of PAIR, from the formula by hand; the call)
+    "rdpo": (
+        (0.8 * softplus(-0.5) - 0.2 * softplus(0.5)) / 0.6,
+        lambda pc, pr, rc, rr, nc, nr: robust_dpo_loss(pc, pr, rc, rr, beta=0.5, label_flip_rate=0.2),
+    ),
+    "hinge": (1 - 0.5 * 1, lambda pc, pr, rc, rr, nc, nr: hinge_loss(pc, pr, rc, rr, beta=0.5)),
+    "apo_zero": (
+        (1 - sigmoid(0.25)) + sigmoid(-0.25),
+        lambda pc, pr, rc, rr, nc, nr: apo_loss(pc, pr, rc, rr, beta=0.5, variant="zero"),
+    ),
+    "apo_down": (
+        sigmoid(0.25) + (1 - sigmoid(0.5)),
+        lambda pc, pr, rc, rr, nc, nr: apo_loss(pc, pr, rc, rr, beta=0.5, variant="down"),
+    ),
+    "rpo": (
+        softplus(-0.5) + 0.7 * (1.0 / 2),
+        lambda pc, pr, rc, rr, nc, nr: rpo_loss(pc, pr, rc, rr, nc, beta=0.5, nll_weight=0.7),
+    ),
+    "cpo": (
+        softplus(-0.5 * 1.0) + 0.7 * (1.0 / 2),
+        lambda pc, pr, rc, rr, nc, nr: cpo_loss(pc, pr, nc, beta=0.5, nll_weight=0.7),
+    ),
+    "orpo": (_orpo_expected(0.3), lambda pc, pr, rc, rr, nc, nr: orpo_loss(pc, pr, nc, nr, odds_ratio_weight=0.3)),
+    # The reward model's scores stand in the policy's place: -log sigmoid(-1 + 2) + 0.1 (-1 - 2)^2.
+    "rm": (softplus(-1.0) + 0.1 * 9, lambda pc, pr, rc, rr, nc, nr: bradley_terry_loss(pc, pr, center_coefficient=0.1)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NEW_LOSSES))
+def test_new_objectives_hand_derived_with_gradients(name):
+    expected, call = NEW_LOSSES[name]
+    tensors = {k: torch.tensor([float(v)], dtype=torch.float64) for k, v in PAIR.items() if k[0] in "pr"}
+    nc, nr = torch.tensor([PAIR["nc"]]), torch.tensor([PAIR["nr"]])
+    assert call(**tensors, nc=nc, nr=nr).losses.item() == pytest.approx(expected, rel=1e-12)
+
+    def of_policy(pc, pr):
+        return call(pc, pr, tensors["rc"], tensors["rr"], nc, nr).losses
+
+    inputs = (tensors["pc"].clone().requires_grad_(), tensors["pr"].clone().requires_grad_())
+    assert torch.autograd.gradcheck(of_policy, inputs)
+
+
+def test_apo_refuses_an_unknown_anchor():
+    with pytest.raises(ValueError, match="use 'zero' or 'down'"):
+        apo_loss(PC, PR, RC, RR, beta=0.1, variant="up")
+
+
+def test_robust_dpo_is_dpo_in_expectation_over_flipped_labels():
+    """Its defining property: (1-e) L(h) + e L(-h) with the robust loss equals the clean DPO loss L_dpo(h)."""
+    e, h = 0.2, torch.tensor([1.3], dtype=torch.float64)
+    zero = torch.zeros(1, dtype=torch.float64)
+    robust = lambda m: robust_dpo_loss(m, zero, zero, zero, beta=0.5, label_flip_rate=e).losses  # noqa: E731
+    clean = dpo_loss(h, zero, zero, zero, beta=0.5).losses
+    assert ((1 - e) * robust(h) + e * robust(-h)).item() == pytest.approx(clean.item(), rel=1e-12)

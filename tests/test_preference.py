@@ -177,20 +177,61 @@ def test_the_readme_add_a_loss_example_runs(tiny_cache, tmp_path):
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     yaml = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
     command = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
-    assert "loss=hinge loss.beta=0.5 hydra.searchpath=[file://$PWD/my_config]" in command
-    assert code.startswith("# my_losses.py") and yaml.startswith("# my_config/loss/hinge.yaml")
+    assert "loss=margin_hinge loss.beta=0.5 hydra.searchpath=[file://$PWD/my_config]" in command
+    assert code.startswith("# my_losses.py") and yaml.startswith("# my_config/loss/margin_hinge.yaml")
     (tmp_path / "my_losses.py").write_text(code)
     (tmp_path / "my_config" / "loss").mkdir(parents=True)
-    (tmp_path / "my_config" / "loss" / "hinge.yaml").write_text(yaml)
+    (tmp_path / "my_config" / "loss" / "margin_hinge.yaml").write_text(yaml)
     data = [f"datasets=[{REPO}/data/demo/pref_train.jsonl]", f"eval_datasets=[{REPO}/data/demo/pref_eval.jsonl]"]
-    args = ["loss=hinge", "loss.beta=0.5", f"hydra.searchpath=[file://{tmp_path}/my_config]", "model=tiny", *data]
+    args = [
+        "loss=margin_hinge",
+        "loss.beta=0.5",
+        f"hydra.searchpath=[file://{tmp_path}/my_config]",
+        "model=tiny",
+        *data,
+    ]
     wrong = run_cli([*args, "loss.bta=1", "loss.beta=-1", f"cache_dir={tiny_cache}"], cwd=tmp_path)
     assert wrong.returncode == 2 and "Traceback" not in wrong.stderr, wrong.stderr
     assert "unknown key 'loss.bta' (did you mean 'loss.beta'?)" in wrong.stderr
     assert "loss.beta=-1.0: must be > 0" in wrong.stderr
-    result = run_cli([*args, f"cache_dir={tiny_cache}", "exp_name=hinge", "lr=1e-3", "max_steps=20"], cwd=tmp_path)
+    result = run_cli(
+        [*args, f"cache_dir={tiny_cache}", "exp_name=margin_hinge", "lr=1e-3", "max_steps=20"], cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    run = evals(tiny_cache / "hinge")
+    run = evals(tiny_cache / "margin_hinge")
     assert run[0]["loss/eval"] == pytest.approx(1.0, abs=1e-6)  # policy == reference: margin 0, hinge 1
     assert run[-1]["loss/eval"] < 0.9 and run[-1]["rewards_eval/accuracies"] > 0.9
-    assert json.loads((tiny_cache / "hinge" / "summary.json").read_text())["step"] == 17  # 140 pairs // 8
+    assert json.loads((tiny_cache / "margin_hinge" / "summary.json").read_text())["step"] == 17  # 140 pairs // 8
+
+
+ADDED_OBJECTIVES = {  # loss: its settings for a 17-step run
+    "apo_down": ["lr=1e-3"],
+    "apo_zero": ["lr=1e-3"],
+    # CPO's reward is the summed log-prob: the longer chosen answers start 2 nats behind, and its NLL term dominates
+    # a beta of 0.1, so it needs a stronger preference term to overtake in 17 steps.
+    "cpo": ["lr=3e-3", "loss.beta=0.5"],
+    "hinge": ["lr=1e-3"],
+    "orpo": ["lr=1e-3"],
+    "rdpo": ["lr=1e-3"],
+    "rpo": ["lr=1e-3"],
+}
+
+
+@pytest.mark.parametrize("loss", sorted(ADDED_OBJECTIVES))
+def test_each_objective_learns_is_split_invariant_and_its_final_model_reloads(tiny_cache, loss):
+    """17 steps reach held-out reward accuracy >= 0.9; the first two steps' losses are the same with 4 accumulated
+    micro-batches (step 2 carries step 1's update; warmup is off so both runs take the same first step)."""
+    from transformers import AutoModelForCausalLM
+
+    common = [*PREF, f"loss={loss}", f"cache_dir={tiny_cache}", *ADDED_OBJECTIVES[loss], "warmup_ratio=0"]
+    common.append("log_every_steps=1")
+    learned = run_cli([*common, f"exp_name={loss}", "max_steps=17", "eval_every_steps=17"])
+    assert learned.returncode == 0, learned.stderr[-3000:]
+    assert evals(tiny_cache / loss)[-1]["rewards_eval/accuracies"] >= 0.9
+    split = run_cli([*common, f"exp_name={loss}-accum4", "max_steps=2", "model.gradient_accumulation_steps=4"])
+    assert split.returncode == 0, split.stderr[-3000:]
+    whole = [m["loss/train"] for m in read_metrics(tiny_cache / loss) if "loss/train" in m][:2]
+    accumulated = [m["loss/train"] for m in read_metrics(tiny_cache / f"{loss}-accum4") if "loss/train" in m]
+    assert accumulated == pytest.approx(whole, rel=1e-5)
+    model = AutoModelForCausalLM.from_pretrained(tiny_cache / loss / "FINAL")
+    assert model.config.num_hidden_layers == 2

@@ -81,12 +81,13 @@ def test_paired_and_unpaired_rows_and_reference(tmp_path):
         "chosen_labels": [[-100, 2], [3]],
         "rejected_input_ids": [[1, 4, 5], [6]],
     }
-    pair.update(rejected_labels=[[-100, 4, 5], [6]], source=[0, 0])
+    pair.update(rejected_labels=[[-100, 4, 5], [6]], margin=[None, 1.5], source=[0, 0])
     data = TokenStore(write_table(tmp_path / "p", "paired", pair, 1))
     assert data.lengths().tolist() == [5, 2]
     data.reference = np.array([[-1.0, -2.0], [-3.0, -4.0]], dtype=np.float32)
     second = data.select(np.array([1]))[0]
     assert (second.chosen.input_ids, second.rejected.labels, second.reference_rejected) == ([3], [6], -4.0)
+    assert [p.margin for p in data[:]] == [None, 1.5]
     unpaired = {"input_ids": [[1, 2], [3, 4]], "labels": [[-100, 2], [-100, 4]], "desirable": [True, False]}
     items = TokenStore(write_table(tmp_path / "u", "unpaired", {**unpaired, "source": [0, 1]}, 2))[:]
     assert [(i.example.input_ids, i.desirable) for i in items] == [([1, 2], True), ([3, 4], False)]

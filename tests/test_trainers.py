@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import launch
-from conftest import DEMO_TRAIN
+from conftest import DEMO_TRAIN, REPO
 from train.config import loss_spec
 from train.losses import IGNORE_INDEX, masked_nll_sum, selected_sequence_logps
 from train.preference import PairLogps
@@ -15,6 +15,10 @@ from train.trainers import forward_supervised
 
 def softplus(x: float) -> float:
     return math.log1p(math.exp(x))
+
+
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
 
 
 # Summed log-probs of one pair: the policy prefers chosen by 3 nats, the reference by 1, so the margin is 2.
@@ -37,6 +41,22 @@ CASES = {  # loss and its non-default settings: the loss of that pair, derived b
         ["loss=simpo", "loss.beta=1.5", "loss.gamma_beta_ratio=0.3"],
         softplus(-1.5 * ((-1.5 - -2.0) - 0.3)),
     ),
+    # Per token: policy -1.5 and -2, reference -2 and -5/3, so the margin is 0.5 + 1/3.
+    "ipo length_normalized": (["loss=ipo", "loss.tau=0.4", "loss.length_normalized=true"], (5 / 6 - 1.25) ** 2),
+    "rdpo label_flip_rate": (
+        ["loss=rdpo", "loss.beta=0.3", "loss.label_flip_rate=0.2"],
+        (0.8 * softplus(-0.6) - 0.2 * softplus(0.6)) / 0.6,
+    ),
+    "hinge beta": (["loss=hinge", "loss.beta=0.3"], 1 - 0.3 * 2),
+    # Rewards 0.3 * (-3 + 4) = 0.3 (chosen) and 0.3 * (-6 + 5) = -0.3 (rejected).
+    "apo_zero beta": (["loss=apo_zero", "loss.beta=0.3"], (1 - sigmoid(0.3)) + sigmoid(-0.3)),
+    "apo_down beta": (["loss=apo_down", "loss.beta=0.3"], sigmoid(0.3) + (1 - sigmoid(0.6))),
+    "rpo nll_weight": (["loss=rpo", "loss.beta=0.3", "loss.nll_weight=0.5"], softplus(-0.6) + 0.5 * 3 / 2),
+    "cpo beta nll_weight": (["loss=cpo", "loss.beta=0.3", "loss.nll_weight=0.5"], softplus(-0.3 * 3) + 0.5 * 3 / 2),
+    "orpo odds_ratio_weight": (
+        ["loss=orpo", "loss.odds_ratio_weight=0.2"],
+        1.5 + 0.2 * softplus(-((-1.5 - math.log(1 - math.exp(-1.5))) - (-2 - math.log(1 - math.exp(-2))))),
+    ),
 }
 
 
@@ -50,7 +70,7 @@ def test_a_paired_loss_reads_its_own_settings(case):
 
 
 def test_every_built_in_loss_declares_a_settings_class_its_yaml_composes_to():
-    for name in ("sft", "pt", "dpo", "cdpo", "ipo", "simpo", "kto"):
+    for name in sorted(p.stem for p in (REPO / "config" / "loss").glob("*.yaml")):
         cfg = launch.compose_config(["model=tiny", f"datasets=[{DEMO_TRAIN}]", f"loss={name}"])
         spec = loss_spec(cfg)
         assert type(cfg.loss) is spec.trainer.settings_class, name

@@ -155,6 +155,7 @@ class LossSpec:
     supports_packing: bool
     uses_reference: bool  # holds a frozen reference model (or the policy with its LoRA adapters disabled)
     supports_reference_precompute: bool
+    model_head: str  # "lm" (a causal LM) or "score" (a sequence classifier: a reward model)
 
 
 def resolve_loss(name: str, trainer_path: str) -> tuple[LossSpec | None, list[str]]:
@@ -198,6 +199,7 @@ def resolve_loss(name: str, trainer_path: str) -> tuple[LossSpec | None, list[st
         supports_packing=trainer.supports_packing,
         uses_reference=trainer.uses_reference,
         supports_reference_precompute=trainer.supports_reference_precompute,
+        model_head=trainer.model_head,
     )
     return spec, []
 

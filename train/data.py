@@ -57,7 +57,7 @@ from train.store import (
 
 logger = logging.getLogger(__name__)
 
-PIPELINE_VERSION = 4  # bump when tokenization changes, to invalidate caches
+PIPELINE_VERSION = 5  # bump when tokenization changes, to invalidate caches
 
 
 @dataclass
@@ -342,6 +342,7 @@ def _tokenize_pair(pair: Pair, tokenizer, settings: DataConfig, max_length: int,
         "chosen_labels": fitted[0].example.labels,
         "rejected_input_ids": fitted[1].example.input_ids,
         "rejected_labels": fitted[1].example.labels,
+        "margin": pair.margin,  # null when the row has none
     }
     return values, {**EMPTY_STATUS, "_truncated": any(f.truncated for f in fitted)}
 

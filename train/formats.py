@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ class Pair:
     prompt: list[dict[str, str]]
     chosen: list[dict[str, str]]  # the assistant turn(s) that follow the prompt
     rejected: list[dict[str, str]]
+    margin: float | None = None  # optional `margin` field: how much better chosen is (reward models use it)
 
 
 @dataclass
@@ -285,8 +287,8 @@ def _parse_sharegpt(row: dict, where: str, keys: DataConfig) -> Conversation:
 
 
 def _parse_prompt_completion(row: dict, where: str, keys: DataConfig) -> Conversation:
-    prompt = _as_messages(_field(row, "prompt", where), where, "prompt", "user")
-    completion = _as_messages(_field(row, "completion", where), where, "completion", "assistant")
+    prompt = as_messages(_field(row, "prompt", where), where, "prompt", "user")
+    completion = as_messages(_field(row, "completion", where), where, "completion", "assistant")
     return Conversation(prompt + completion)
 
 
@@ -296,9 +298,9 @@ def _parse_text(row: dict, where: str, keys: DataConfig) -> Text:
 
 def _parse_preference(row: dict, where: str, keys: DataConfig) -> Pair:
     # The prompt may be empty or absent when chosen and rejected hold whole conversations (hh style).
-    prompt = _as_messages(row["prompt"], where, "prompt", "user") if row.get("prompt") else []
-    chosen = _as_messages(_field(row, "chosen", where), where, "chosen", "assistant")
-    rejected = _as_messages(_field(row, "rejected", where), where, "rejected", "assistant")
+    prompt = as_messages(row["prompt"], where, "prompt", "user") if row.get("prompt") else []
+    chosen = as_messages(_field(row, "chosen", where), where, "chosen", "assistant")
+    rejected = as_messages(_field(row, "rejected", where), where, "rejected", "assistant")
     prompt, chosen, rejected = _split_shared_prompt(prompt, chosen, rejected)
     if not prompt:
         raise DataError(
@@ -307,12 +309,21 @@ def _parse_preference(row: dict, where: str, keys: DataConfig) -> Pair:
     for key, response in (("chosen", chosen), ("rejected", rejected)):
         if not any(m["role"] == "assistant" for m in response):
             raise DataError(f"{where}: field '{key}' has no assistant turn after the prompt")
-    return Pair(prompt, chosen, rejected)
+    return Pair(prompt, chosen, rejected, _optional_margin(row, where))
+
+
+def _optional_margin(row: dict, where: str) -> float | None:
+    margin = row.get("margin")
+    if margin is None:
+        return None
+    if isinstance(margin, bool) or not isinstance(margin, int | float) or not math.isfinite(margin):
+        raise DataError(f"{where}: field 'margin' must be a finite number (how much better chosen is), not {margin!r}")
+    return float(margin)
 
 
 def _parse_unpaired(row: dict, where: str, keys: DataConfig) -> Unpaired:
-    prompt = _as_messages(_field(row, "prompt", where), where, "prompt", "user")
-    completion = _as_messages(_field(row, "completion", where), where, "completion", "assistant")
+    prompt = as_messages(_field(row, "prompt", where), where, "prompt", "user")
+    completion = as_messages(_field(row, "completion", where), where, "completion", "assistant")
     label = _field(row, "label", where)
     if not isinstance(label, bool):
         raise DataError(f"{where}: field 'label' must be true (desirable) or false (undesirable); found {label!r}")
@@ -344,7 +355,7 @@ def _field(row: dict, key: str, where: str):
     return row[key]
 
 
-def _as_messages(value, where: str, key: str, role: str) -> list[dict[str, str]]:
+def as_messages(value, where: str, key: str, role: str) -> list[dict[str, str]]:
     """A string becomes one message with `role`; a list is checked as messages."""
     if isinstance(value, str):
         if role == "assistant" and not value.strip():

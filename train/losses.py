@@ -184,6 +184,139 @@ def simpo_loss(
     return PreferenceLoss(losses, (beta * chosen).detach(), (beta * rejected).detach())
 
 
+def robust_dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    *,
+    beta: float,
+    label_flip_rate: float,
+) -> PreferenceLoss:
+    """Robust DPO (Chowdhury et al. 2024, "Provably Robust DPO"): an unbiased estimate of the DPO loss under labels
+    flipped at rate e, ((1 - e) l(h) - e l(-h)) / (1 - 2e) with l(h) = -log sigmoid(beta h) and h the log-ratio
+    margin. Unlike cDPO (a smoothed target), its expectation over the noise is the clean DPO loss."""
+    margin = (policy_chosen - policy_rejected) - (reference_chosen - reference_rejected)
+    e = label_flip_rate
+    losses = ((1 - e) * -F.logsigmoid(beta * margin) - e * -F.logsigmoid(-beta * margin)) / (1 - 2 * e)
+    return PreferenceLoss(losses, *_rewards(beta, policy_chosen, policy_rejected, reference_chosen, reference_rejected))
+
+
+def hinge_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    *,
+    beta: float,
+) -> PreferenceLoss:
+    """SLiC hinge (Zhao et al. 2023, "SLiC-HF"), on the implicit reward margin as in DPO: max(0, 1 - beta h) with h the
+    log-ratio margin; no gradient once the chosen reward beats the rejected one by 1."""
+    margin = (policy_chosen - policy_rejected) - (reference_chosen - reference_rejected)
+    losses = torch.relu(1 - beta * margin)
+    return PreferenceLoss(losses, *_rewards(beta, policy_chosen, policy_rejected, reference_chosen, reference_rejected))
+
+
+def apo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    *,
+    beta: float,
+    variant: str,
+) -> PreferenceLoss:
+    """Anchored preference optimization (D'Oosterlinck et al. 2024), with rewards r = beta log(policy / reference):
+    zero: (1 - sigmoid(r_chosen)) + sigmoid(r_rejected), raising the chosen and lowering the rejected likelihood (for
+    chosen answers better than the model's own); down: sigmoid(r_chosen) + (1 - sigmoid(r_chosen - r_rejected)),
+    lowering both while keeping them apart (for chosen answers worse than the model's own)."""
+    chosen, rejected = _rewards(
+        beta, policy_chosen, policy_rejected, reference_chosen, reference_rejected, detach=False
+    )
+    if variant == "zero":
+        losses = (1 - torch.sigmoid(chosen)) + torch.sigmoid(rejected)
+    elif variant == "down":
+        losses = torch.sigmoid(chosen) + (1 - torch.sigmoid(chosen - rejected))
+    else:
+        raise ValueError(f"APO variant {variant!r}: use 'zero' or 'down'")
+    return PreferenceLoss(losses, chosen.detach(), rejected.detach())
+
+
+def mean_nll(logps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """(pairs,) negative log-likelihood per token of each response, from its summed log-prob and token count."""
+    return -logps / tokens.clamp(min=1)
+
+
+def rpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    chosen_tokens: torch.Tensor,
+    *,
+    beta: float,
+    nll_weight: float,
+) -> PreferenceLoss:
+    """RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization"): the DPO loss plus nll_weight times the
+    chosen response's per-token negative log-likelihood, so the chosen answer's likelihood cannot fall."""
+    dpo = dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta)
+    losses = dpo.losses + nll_weight * mean_nll(policy_chosen, chosen_tokens)
+    return PreferenceLoss(losses, dpo.chosen_rewards, dpo.rejected_rewards)
+
+
+def cpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    chosen_tokens: torch.Tensor,
+    *,
+    beta: float,
+    nll_weight: float,
+) -> PreferenceLoss:
+    """CPO (Xu et al. 2024, "Contrastive Preference Optimization"): reference-free, -log sigmoid(beta (log p(chosen) -
+    log p(rejected))) on summed log-probs, plus nll_weight times the chosen response's per-token NLL. Rewards are
+    beta times the summed log-probs."""
+    losses = -F.logsigmoid(beta * (policy_chosen - policy_rejected)) + nll_weight * mean_nll(
+        policy_chosen, chosen_tokens
+    )
+    return PreferenceLoss(losses, (beta * policy_chosen).detach(), (beta * policy_rejected).detach())
+
+
+def orpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    chosen_tokens: torch.Tensor,
+    rejected_tokens: torch.Tensor,
+    *,
+    odds_ratio_weight: float,
+) -> PreferenceLoss:
+    """ORPO (Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model"): the chosen
+    response's per-token NLL plus lambda times -log sigmoid(log odds(chosen) - log odds(rejected)), where
+    odds(y) = p / (1 - p) and p = exp(mean token log-prob of y). Rewards are lambda times the mean token log-probs."""
+    chosen, rejected = -mean_nll(policy_chosen, chosen_tokens), -mean_nll(policy_rejected, rejected_tokens)
+    # log(p / (1 - p)) = log p - log(1 - exp(log p)); log1p(-exp(x)) is exact for x < 0 (a mean log-prob always is)
+    log_odds = (chosen - torch.log1p(-torch.exp(chosen))) - (rejected - torch.log1p(-torch.exp(rejected)))
+    losses = -chosen - odds_ratio_weight * F.logsigmoid(log_odds)
+    lam = odds_ratio_weight
+    return PreferenceLoss(losses, (lam * chosen).detach(), (lam * rejected).detach())
+
+
+def bradley_terry_loss(
+    chosen_scores: torch.Tensor,
+    rejected_scores: torch.Tensor,
+    *,
+    center_coefficient: float,
+    margin: torch.Tensor | None = None,
+) -> PreferenceLoss:
+    """Reward model (Bradley-Terry, as in Ouyang et al. 2022): -log sigmoid(s_chosen - s_rejected - margin) per pair
+    (the margin, as in Touvron et al. 2023, defaults to 0), plus center_coefficient * (s_chosen + s_rejected)^2,
+    which keeps the scores centred on 0 (Eisenstein et al. 2023). chosen_scores, rejected_scores, margin: (pairs,).
+    Rewards are the scores themselves."""
+    difference = chosen_scores - rejected_scores
+    losses = -F.logsigmoid(difference - margin.to(difference) if margin is not None else difference)
+    losses = losses + center_coefficient * (chosen_scores + rejected_scores) ** 2
+    return PreferenceLoss(losses, chosen_scores.detach(), rejected_scores.detach())
+
+
 def kto_loss(
     policy: torch.Tensor,
     reference: torch.Tensor,
@@ -205,7 +338,7 @@ def kto_loss(
     return weights * (1 - value), (beta * log_ratio).detach()
 
 
-def _rewards(beta, policy_chosen, policy_rejected, reference_chosen, reference_rejected):
-    return (beta * (policy_chosen - reference_chosen)).detach(), (
-        beta * (policy_rejected - reference_rejected)
-    ).detach()
+def _rewards(beta, policy_chosen, policy_rejected, reference_chosen, reference_rejected, detach: bool = True):
+    """The implicit rewards beta * log(policy / reference) of the chosen and the rejected responses."""
+    chosen, rejected = beta * (policy_chosen - reference_chosen), beta * (policy_rejected - reference_rejected)
+    return (chosen.detach(), rejected.detach()) if detach else (chosen, rejected)

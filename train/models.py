@@ -6,7 +6,7 @@ import logging
 
 import torch
 from accelerate.utils import set_seed
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from train.config import ModelConfig
 from train.data import IGNORE_INDEX, PackedExample, collate_packed
@@ -33,20 +33,23 @@ def build_tokenizer(settings: ModelConfig):
     return tokenizer
 
 
-def build_model(settings: ModelConfig, seed: int, sharded: bool = False):
+def build_model(settings: ModelConfig, seed: int, sharded: bool = False, score_pad_token_id: int | None = None):
     """The causal LM to train, in float32; for LoRA without FSDP, the frozen base in the compute dtype.
 
+    With `score_pad_token_id` set, a sequence classifier with one output (a reward model: the base model and a new,
+    randomly initialized score head); it scores the last token that is not the padding token.
     Under FSDP every weight loads in float32: FSDP2 casts to the compute dtype itself, and one sharding unit needs
     one dtype.
     """
-    set_seed(seed)  # LoRA initialization is random
+    set_seed(seed)  # LoRA and score-head initialization are random
     load_dtype = TORCH_DTYPES[settings.dtype] if settings.use_peft and not sharded else torch.float32
+    options = {"dtype": load_dtype, "attn_implementation": settings.attn_implementation}
+    if score_pad_token_id is not None:
+        options |= {"num_labels": 1, "pad_token_id": score_pad_token_id}
+    auto_class = AutoModelForCausalLM if score_pad_token_id is None else AutoModelForSequenceClassification
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            settings.name_or_path,
-            dtype=load_dtype,
-            attn_implementation=settings.attn_implementation,
-            trust_remote_code=settings.trust_remote_code,
+        model = auto_class.from_pretrained(
+            settings.name_or_path, trust_remote_code=settings.trust_remote_code, **options
         )
     except (OSError, ValueError) as error:
         raise HalyardError(
@@ -57,14 +60,16 @@ def build_model(settings: ModelConfig, seed: int, sharded: bool = False):
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if settings.use_peft:
-        model = add_lora(model, settings)
+        model = add_lora(model, settings, task_type="CAUSAL_LM" if score_pad_token_id is None else "SEQ_CLS")
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     logger.info(f"model: {n_total / 1e6:.1f}M parameters, {n_trainable / 1e6:.2f}M trainable")
     return model
 
 
-def add_lora(model, settings: ModelConfig):
+def add_lora(model, settings: ModelConfig, task_type: str = "CAUSAL_LM"):
+    """LoRA adapters on `settings.peft.target_modules`; for a sequence classifier (SEQ_CLS) its new score head is
+    trained whole (PEFT's modules_to_save)."""
     from peft import LoraConfig, get_peft_model
 
     targets = settings.peft.target_modules
@@ -73,7 +78,7 @@ def add_lora(model, settings: ModelConfig):
         lora_alpha=settings.peft.lora_alpha,
         lora_dropout=settings.peft.lora_dropout,
         target_modules="all-linear" if targets == ["all-linear"] else list(targets),
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     try:
         # Adapter weights are created in float32 (PEFT's default) even over a bfloat16 base.

@@ -24,7 +24,21 @@ from train.config import LossConfig, setting
 from train.data import collate
 from train.errors import HalyardError
 from train.files import partial_of, publish
-from train.losses import LossSum, PreferenceLoss, dpo_loss, ipo_loss, kto_loss, selected_sequence_logps, simpo_loss
+from train.losses import (
+    LossSum,
+    PreferenceLoss,
+    apo_loss,
+    cpo_loss,
+    dpo_loss,
+    hinge_loss,
+    ipo_loss,
+    kto_loss,
+    orpo_loss,
+    robust_dpo_loss,
+    rpo_loss,
+    selected_sequence_logps,
+    simpo_loss,
+)
 from train.store import IGNORE_INDEX, Example, PairExample, TokenStore, UnpairedExample
 from train.trainers import BasicTrainer, forward_supervised
 
@@ -67,9 +81,60 @@ class DPOSettings(BetaSettings):
 @dataclass
 class IPOSettings(LossConfig):
     tau: float = setting(0.1, "Regularization; the log-ratio margin is regressed to 1 / (2 tau).")
+    length_normalized: bool = setting(
+        False,
+        "Log-ratios of mean token log-probs (the form TRL uses) instead of summed log-probs (the paper's formula).",
+    )
 
     def problems(self) -> list[str]:
         return [] if self.tau > 0 else [f"loss.tau={self.tau}: must be > 0"]
+
+
+@dataclass
+class RobustDPOSettings(BetaSettings):
+    label_flip_rate: float = setting(0.1, "Assumed rate of flipped preference labels, in [0, 0.5).")
+
+    def problems(self) -> list[str]:
+        bad = not 0 <= self.label_flip_rate < 0.5
+        return super().problems() + (
+            [f"loss.label_flip_rate={self.label_flip_rate}: must be in [0, 0.5)"] if bad else []
+        )
+
+
+APO_ANCHORS = ("zero", "down")
+
+
+@dataclass
+class APOSettings(BetaSettings):
+    anchor: str = setting(
+        "zero",
+        "zero: raise the chosen and lower the rejected likelihood (chosen answers better than the model's); down: "
+        "lower both, keeping them apart (chosen answers worse than the model's).",
+    )
+
+    def problems(self) -> list[str]:
+        bad = self.anchor not in APO_ANCHORS
+        return super().problems() + (
+            [f"loss.anchor={self.anchor!r}: must be one of {list(APO_ANCHORS)}"] if bad else []
+        )
+
+
+@dataclass
+class NLLSettings(BetaSettings):
+    nll_weight: float = setting(1.0, "Weight of the chosen response's per-token negative log-likelihood term.")
+
+    def problems(self) -> list[str]:
+        bad = self.nll_weight < 0
+        return super().problems() + ([f"loss.nll_weight={self.nll_weight}: must be >= 0"] if bad else [])
+
+
+@dataclass
+class ORPOSettings(LossConfig):
+    odds_ratio_weight: float = setting(0.1, "lambda: weight of the log odds-ratio term beside the chosen NLL.")
+
+    def problems(self) -> list[str]:
+        bad = self.odds_ratio_weight <= 0
+        return [f"loss.odds_ratio_weight={self.odds_ratio_weight}: must be > 0"] if bad else []
 
 
 @dataclass
@@ -141,6 +206,8 @@ class PairedPreferenceTrainer(ReferenceMixin, BasicTrainer):
         if pairs[0].reference_chosen is not None:
             values = [p.reference_chosen for p in pairs] + [p.reference_rejected for p in pairs]
             batch["reference_logps"] = torch.tensor(values, dtype=torch.float32)
+        if any(p.margin is not None for p in pairs):  # (pairs,) float32, 0 for a row without a margin
+            batch["margin"] = torch.tensor([p.margin or 0.0 for p in pairs], dtype=torch.float32)
         return batch
 
     def loss_units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -248,9 +315,83 @@ class IPOTrainer(PairedPreferenceTrainer):
     settings: IPOSettings
 
     def loss(self, logps: PairLogps) -> PreferenceLoss:
+        chosen, rejected = logps.chosen_tokens, logps.rejected_tokens
+        if not self.settings.length_normalized:
+            chosen = rejected = torch.ones_like(chosen)
         return ipo_loss(
-            logps.policy_chosen, logps.policy_rejected, logps.reference_chosen, logps.reference_rejected,
+            logps.policy_chosen / chosen, logps.policy_rejected / rejected,
+            logps.reference_chosen / chosen, logps.reference_rejected / rejected,
             tau=self.settings.tau,
+        )  # fmt: skip
+
+
+class RobustDPOTrainer(PairedPreferenceTrainer):
+    settings_class = RobustDPOSettings
+    settings: RobustDPOSettings
+
+    def loss(self, logps: PairLogps) -> PreferenceLoss:
+        return robust_dpo_loss(
+            logps.policy_chosen, logps.policy_rejected, logps.reference_chosen, logps.reference_rejected,
+            beta=self.settings.beta, label_flip_rate=self.settings.label_flip_rate,
+        )  # fmt: skip
+
+
+class HingeTrainer(PairedPreferenceTrainer):
+    settings_class = BetaSettings
+    settings: BetaSettings
+
+    def loss(self, logps: PairLogps) -> PreferenceLoss:
+        return hinge_loss(
+            logps.policy_chosen, logps.policy_rejected, logps.reference_chosen, logps.reference_rejected,
+            beta=self.settings.beta,
+        )  # fmt: skip
+
+
+class APOTrainer(PairedPreferenceTrainer):
+    settings_class = APOSettings
+    settings: APOSettings
+
+    def loss(self, logps: PairLogps) -> PreferenceLoss:
+        return apo_loss(
+            logps.policy_chosen, logps.policy_rejected, logps.reference_chosen, logps.reference_rejected,
+            beta=self.settings.beta, variant=self.settings.anchor,
+        )  # fmt: skip
+
+
+class RPOTrainer(PairedPreferenceTrainer):
+    settings_class = NLLSettings
+    settings: NLLSettings
+
+    def loss(self, logps: PairLogps) -> PreferenceLoss:
+        return rpo_loss(
+            logps.policy_chosen, logps.policy_rejected, logps.reference_chosen, logps.reference_rejected,
+            logps.chosen_tokens, beta=self.settings.beta, nll_weight=self.settings.nll_weight,
+        )  # fmt: skip
+
+
+class CPOTrainer(PairedPreferenceTrainer):
+    settings_class = NLLSettings
+    settings: NLLSettings
+    uses_reference = False  # reference-free
+    supports_reference_precompute = False
+
+    def loss(self, logps: PairLogps) -> PreferenceLoss:
+        return cpo_loss(
+            logps.policy_chosen, logps.policy_rejected, logps.chosen_tokens,
+            beta=self.settings.beta, nll_weight=self.settings.nll_weight,
+        )  # fmt: skip
+
+
+class ORPOTrainer(PairedPreferenceTrainer):
+    settings_class = ORPOSettings
+    settings: ORPOSettings
+    uses_reference = False  # reference-free
+    supports_reference_precompute = False
+
+    def loss(self, logps: PairLogps) -> PreferenceLoss:
+        return orpo_loss(
+            logps.policy_chosen, logps.policy_rejected, logps.chosen_tokens, logps.rejected_tokens,
+            odds_ratio_weight=self.settings.odds_ratio_weight,
         )  # fmt: skip
 
 

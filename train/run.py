@@ -30,7 +30,8 @@ def run(cfg: Config) -> None:
     tokenizer = build_tokenizer(cfg.model)
     train_data, eval_data, data_stats = build_datasets(cfg, tokenizer, spec.data_kind, accelerator.main_process_first)
     fsdp = fsdp_settings_from_launcher()
-    model = build_model(cfg.model, cfg.seed, sharded=fsdp is not None)
+    pad_id = tokenizer.pad_token_id if spec.model_head == "score" else None  # a reward model scores sequences
+    model = build_model(cfg.model, cfg.seed, sharded=fsdp is not None, score_pad_token_id=pad_id)
     reference, reference_cache = build_reference(cfg, accelerator, fsdp, train_data, eval_data, spec.trainer)
     extra = {"reference_model": reference} if spec.uses_reference else {}
     trainer = spec.trainer(cfg, accelerator, model, tokenizer, train_data, eval_data, fsdp=fsdp, **extra)

@@ -90,6 +90,7 @@ class PairExample:
     # Summed log-probs of each response under the reference model, when precomputed (reference.precompute=true).
     reference_chosen: float | None = None
     reference_rejected: float | None = None
+    margin: float | None = None  # the row's optional `margin` field
 
 
 @dataclass
@@ -113,6 +114,8 @@ def schema(kind: str) -> pa.Schema:
     fields = [pa.field(name, pa.list_(pa.int32())) for name in TOKEN_COLUMNS[kind]]
     if kind == "unpaired":
         fields.append(pa.field("desirable", pa.bool_()))
+    if kind == "paired":
+        fields.append(pa.field("margin", pa.float64()))  # null where the row gives none
     fields.append(pa.field("source", pa.int32()))
     return pa.schema(fields)
 
@@ -338,15 +341,16 @@ class TokenStore:
         positions = np.asarray(positions, dtype=np.int64)
         if len(positions) == 0:
             return []
-        names = TOKEN_COLUMNS[self.kind] + (("desirable",) if self.kind == "unpaired" else ())
-        columns = self.table.take(self.rows[positions], names)
+        extra = {"unpaired": ("desirable",), "paired": ("margin",)}.get(self.kind, ())
+        columns = self.table.take(self.rows[positions], TOKEN_COLUMNS[self.kind] + extra)
         if self.kind == "paired":
             reference = (
                 self.reference[positions].tolist() if self.reference is not None else [(None, None)] * len(positions)
             )
+            tokens = zip(*(columns[c] for c in TOKEN_COLUMNS["paired"]), strict=True)
             return [
-                PairExample(Example(ci, cl), Example(ri, rl), *ref)
-                for ci, cl, ri, rl, ref in zip(*(columns[c] for c in TOKEN_COLUMNS["paired"]), reference, strict=True)
+                PairExample(Example(ci, cl), Example(ri, rl), *ref, margin=margin)
+                for (ci, cl, ri, rl), ref, margin in zip(tokens, reference, columns["margin"], strict=True)
             ]
         examples = [Example(ids, labels) for ids, labels in zip(columns["input_ids"], columns["labels"], strict=True)]
         if self.kind == "unpaired":

@@ -86,6 +86,7 @@ class BasicTrainer:
     supports_packing = False  # whether its batches may be packed rows (data.packing=true)
     uses_reference = False  # whether it holds a frozen reference model (train/preference.py)
     supports_reference_precompute = False  # whether reference.precompute=true can replace that model
+    model_head = "lm"  # "lm": a causal LM; "score": a sequence classifier with one output (a reward model)
 
     def __init__(
         self,
@@ -172,7 +173,7 @@ class BasicTrainer:
         peak = peak_flops_per_second(cfg.peak_flops_per_second, self.accelerator.device, cfg.model.dtype == "bfloat16")
         # The input embedding is a lookup (no FLOPs); the head is counted where the loss needs it.
         embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-        head = config.vocab_size * config.hidden_size
+        head = config.vocab_size * config.hidden_size if self.model_head == "lm" else 0  # a score head: ~0 FLOPs
         body = sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
         untied_head = 0 if getattr(config, "tie_word_embeddings", False) else head
         return Throughput(

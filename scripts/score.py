@@ -1,0 +1,64 @@
+"""Score prompt/completion rows with a reward model: a `loss=rm` run's FINAL/ (or any sequence classifier with one
+output and a chat template).
+
+    python scripts/score.py runs/my-rm/FINAL rows.jsonl scored.jsonl [--batch-size 16] [--max-length 1024]
+
+Each input row has `prompt` and `completion` (strings, or lists of {role, content} messages); each output row is the
+input row with `score` added, in the same order. Rows are rendered, tokenized and truncated exactly as training
+renders a pair's prompt and response, so the model scores the position it was trained to score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tokenized(row: dict, where: str, tokenizer, max_length: int):
+    """The row's prompt and completion as training tokenizes a pair's prompt and one of its responses."""
+    from train.config import DataConfig
+    from train.data import fit, tokenize_conversation
+    from train.formats import as_messages
+
+    prompt = as_messages(row["prompt"], where, "prompt", "user")
+    completion = as_messages(row["completion"], where, "completion", "assistant")
+    example = tokenize_conversation(prompt + completion, tokenizer, where, f"after:{len(prompt)}")
+    keep_first = 1 if tokenizer.bos_token_id is not None else 0
+    return fit(example, max_length, DataConfig(), where, keep_first).example
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", type=Path, help="a reward model folder (a loss=rm run's FINAL/)")
+    parser.add_argument("rows", type=Path, help="JSONL with prompt and completion fields")
+    parser.add_argument("out", type=Path, help="JSONL to write: each row with its score")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=1024, help="tokens per row, as model.max_length")
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO))
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from train.data import collate
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForSequenceClassification.from_pretrained(args.model).eval()
+    rows = [json.loads(line) for line in args.rows.read_text().splitlines() if line.strip()]
+    examples = [tokenized(row, f"{args.rows}, row {i}", tokenizer, args.max_length) for i, row in enumerate(rows)]
+    scores: list[float] = []
+    with torch.no_grad():
+        for start in range(0, len(examples), args.batch_size):
+            batch = collate(examples[start : start + args.batch_size], model.config.pad_token_id)
+            output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            scores += output.logits[:, 0].float().tolist()
+    with args.out.open("w") as f:
+        f.writelines(json.dumps({**row, "score": score}) + "\n" for row, score in zip(rows, scores, strict=True))
+    print(f"scored {len(rows)} rows -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
