@@ -35,6 +35,21 @@ def test_every_split_trains_on_the_same_global_batch(grouped):
     assert global_batch(args, 1, 1, 25) != global_batch(args, 1, 1, 0)  # reshuffled
 
 
+def test_each_example_s_successor_is_the_next_of_the_global_batch_however_it_is_split():
+    """KTO's mismatched pairs: example k of the global batch pairs with example k + 1 (the last with the first)."""
+    args = {"n_items": 203, "batch_size": 8, "seed": 3}
+    for step in (0, 26):
+        order = global_batch(args, 1, 1, step)
+        expected = dict(zip(order, order[1:] + order[:1], strict=True))
+        for n_processes, accumulation_steps in ((1, 1), (1, 8), (2, 2), (4, 2)):
+            pairs = {}
+            for rank in range(n_processes):
+                plan = BatchPlan(**args, n_processes=n_processes, rank=rank, accumulation_steps=accumulation_steps)
+                for mine, after in zip(plan.micro_batches(step)[1], plan.successors(step), strict=True):
+                    pairs |= dict(zip(mine.tolist(), after.tolist(), strict=True))
+            assert pairs == expected
+
+
 def plain_grouped_order(n_items: int, batch_size: int, seed: int, epoch: int, lengths: list[int]) -> list[int]:
     """The grouped order computed the plain way, with Python lists: the reference."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)

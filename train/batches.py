@@ -63,23 +63,47 @@ class BatchPlan:
         epoch, batch_index = divmod(step, self.steps_per_epoch)
         start = batch_index * self.batch_size + self.rank * self.per_process
         mine = self.epoch_order(epoch)[start : start + self.per_process]
+        return epoch, self._cut(mine)
+
+    def successors(self, step: int) -> list[np.ndarray]:
+        """For each example of this process's micro-batches, the next example of the global batch (the last one's
+        successor is the first): a pairing of the whole step that does not depend on how it is split."""
+        epoch, batch_index = divmod(step, self.steps_per_epoch)
+        global_batch = self.epoch_order(epoch)[batch_index * self.batch_size : (batch_index + 1) * self.batch_size]
+        offsets = self.rank * self.per_process + np.arange(self.per_process)
+        return self._cut(global_batch[(offsets + 1) % self.batch_size])
+
+    def _cut(self, positions: np.ndarray) -> list[np.ndarray]:
         size = self.micro_batch_size
-        return epoch, [mine[i * size : (i + 1) * size] for i in range(self.accumulation_steps)]
+        return [positions[i * size : (i + 1) * size] for i in range(self.accumulation_steps)]
 
 
 class StepBatches(torch.utils.data.Dataset):
-    """Item k: (epoch, this process's collated micro-batches) of optimizer step `start_step + k`."""
+    """Item k: (epoch, this process's collated micro-batches) of optimizer step `start_step + k`.
 
-    def __init__(self, plan: BatchPlan, data, collate: Callable, start_step: int, total_steps: int) -> None:
+    With `with_successors`, `collate` also receives each example's successor in the global batch (KTO pairs each
+    prompt with the next example's completion across the whole step)."""
+
+    def __init__(
+        self, plan: BatchPlan, data, collate: Callable, start_step: int, total_steps: int, with_successors: bool = False
+    ) -> None:
         self.plan, self.data, self.collate = plan, data, collate
         self.start_step, self.total_steps = start_step, total_steps
+        self.with_successors = with_successors
 
     def __len__(self) -> int:
         return max(self.total_steps - self.start_step, 0)
 
     def __getitem__(self, index: int) -> tuple[int, list[dict[str, torch.Tensor]]]:
-        epoch, micro_batches = self.plan.micro_batches(self.start_step + index)
-        return epoch, [self.collate(self.data.gather(positions)) for positions in micro_batches]
+        step = self.start_step + index
+        epoch, micro_batches = self.plan.micro_batches(step)
+        if not self.with_successors:
+            return epoch, [self.collate(self.data.gather(positions)) for positions in micro_batches]
+        successors = self.plan.successors(step)
+        return epoch, [
+            self.collate(self.data.gather(positions), self.data.gather(after))
+            for positions, after in zip(micro_batches, successors, strict=True)
+        ]
 
 
 def step_loader(batches: StepBatches, num_workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:

@@ -409,21 +409,28 @@ class SimPOTrainer(PairedPreferenceTrainer):
 
 
 class KTOTrainer(ReferenceMixin, BasicTrainer):
-    """KTO on unpaired examples. The KL reference point is estimated on mismatched pairs (each prompt with the next
-    example's completion) in the same forward, detached, and averaged over every process."""
+    """KTO on unpaired examples. The KL reference point is estimated on mismatched pairs, each prompt with the
+    completion of the next example of the global batch, over the whole step (every micro-batch of every process)
+    before any loss, detached and clamped at 0: so it, and the loss, do not depend on how the step is split.
+    Evaluation estimates it per global evaluation batch, pairing within each process's share."""
 
     settings_class = KTOSettings
     settings: KTOSettings
     data_kind = "unpaired"
+    pairs_across_step = True
 
     def __init__(self, cfg, *args, reference_model=None, **kwargs):
         super().__init__(cfg, *args, **kwargs)
         self.setup_reference(reference_model)
 
-    def collate(self, items: list[UnpairedExample]) -> dict[str, torch.Tensor]:
-        """Rows 0..n-1: each prompt with its completion; rows n..2n-1: each prompt with the next one's completion."""
+    def collate(
+        self, items: list[UnpairedExample], successors: list[UnpairedExample] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Rows 0..n-1: each prompt with its completion; rows n..2n-1: each prompt with its successor's completion
+        (the next example of the global batch when training; of this list when evaluating). Adds desirable (n,)."""
         matched = [item.example for item in items]
-        mismatched = [_join(matched[i], matched[(i + 1) % len(matched)]) for i in range(len(matched))]
+        partners = [s.example for s in successors] if successors is not None else matched[1:] + matched[:1]
+        mismatched = [_join(example, partner) for example, partner in zip(matched, partners, strict=True)]
         batch = collate(matched + mismatched, self.pad_token_id)
         batch["desirable"] = torch.tensor([item.desirable for item in items])
         return batch
@@ -431,17 +438,35 @@ class KTOTrainer(ReferenceMixin, BasicTrainer):
     def loss_units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.tensor(batch["desirable"].shape[0])
 
+    @torch.no_grad()
+    def before_step(self, batches: list[dict[str, torch.Tensor]]) -> None:
+        """The step's KL estimate, from the mismatched rows of all its micro-batches on all processes, stored in
+        each batch as `kl` (a () tensor) for `batch_loss`."""
+        sums = torch.zeros(2, device=self.accelerator.device)
+        for batch in batches:
+            mismatched = _rows(batch, slice(batch["desirable"].shape[0], None))
+            logits, keep = forward_supervised(self.model, mismatched)
+            policy = selected_sequence_logps(logits, mismatched["labels"], keep)[0]
+            sums += torch.stack([(policy - self.reference_logps(mismatched)).sum(), torch.tensor(len(policy))])
+        sums = self.accelerator.reduce(sums, reduction="sum")
+        kl = (sums[0] / sums[1]).clamp(min=0)
+        for batch in batches:
+            batch["kl"] = kl
+
     def batch_loss(self, model, batch: dict[str, torch.Tensor]) -> LossSum:
+        n = batch["desirable"].shape[0]
+        if "kl" in batch:  # training: the step's estimate; only the matched rows need a forward with gradients
+            kl, batch = batch["kl"], _rows(batch, slice(0, n))
         logits, keep = forward_supervised(model, batch)
         policy = selected_sequence_logps(logits, batch["labels"], keep)[0]
         del logits
         reference = self.reference_logps(batch)
-        n = batch["desirable"].shape[0]
-        kl_sums = torch.stack(
-            [(policy[n:] - reference[n:]).detach().sum(), torch.tensor(float(n), device=policy.device)]
-        )
-        kl_sums = self.accelerator.reduce(kl_sums, reduction="sum")
-        kl = (kl_sums[0] / kl_sums[1]).clamp(min=0)
+        if policy.shape[0] > n:  # evaluation: estimate on this batch's mismatched rows, over every process
+            kl_sums = torch.stack(
+                [(policy[n:] - reference[n:]).detach().sum(), torch.tensor(float(n), device=policy.device)]
+            )
+            kl_sums = self.accelerator.reduce(kl_sums, reduction="sum")
+            kl = (kl_sums[0] / kl_sums[1]).clamp(min=0)
         desirable = batch["desirable"]
         losses, rewards = kto_loss(
             policy[:n], reference[:n], desirable, kl, beta=self.settings.beta,
@@ -456,6 +481,13 @@ class KTOTrainer(ReferenceMixin, BasicTrainer):
             "kl": (kl * n, count),
         }
         return LossSum(losses.sum(), count, metrics)
+
+
+def _rows(batch: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
+    """The model inputs and labels of some rows of a batch (its other keys as they are)."""
+    return {
+        key: value[rows] if key in ("input_ids", "attention_mask", "labels") else value for key, value in batch.items()
+    }
 
 
 def _join(prompt_from: Example, completion_from: Example) -> Example:

@@ -87,6 +87,7 @@ class BasicTrainer:
     uses_reference = False  # whether it holds a frozen reference model (train/preference.py)
     supports_reference_precompute = False  # whether reference.precompute=true can replace that model
     model_head = "lm"  # "lm": a causal LM; "score": a sequence classifier with one output (a reward model)
+    pairs_across_step = False  # collate(examples, successors): each example's successor in the global batch too
 
     def __init__(
         self,
@@ -205,6 +206,10 @@ class BasicTrainer:
         metric sums: name -> (sum, count), averaged over the whole step."""
         raise NotImplementedError
 
+    def before_step(self, batches: list[dict[str, torch.Tensor]]) -> None:
+        """Called with all of this process's micro-batches of a step before any of their losses: a loss whose
+        terms depend on the whole step (KTO's KL reference point) computes that here, on every process."""
+
     def collate(self, examples: list) -> dict[str, torch.Tensor]:
         """Tensors of one micro-batch (padded to its longest example or packed row), on the CPU. Runs in a data
         loader worker."""
@@ -237,7 +242,7 @@ class BasicTrainer:
         if self.step == 0:
             if self.accelerator.is_main_process:
                 self.metrics_path.write_text("")
-                (self.run_dir / "samples.jsonl").unlink(missing_ok=True)
+                (self.run_dir / checkpoint.SAMPLES_FILE).unlink(missing_ok=True)
             if self.eval_data:
                 self.log({"step": 0, **self.run_evaluation()})
         self.model.train()
@@ -282,7 +287,9 @@ class BasicTrainer:
     def step_batches(self, start_step: int = 0):
         """(epoch, this process's collated micro-batches) for each optimizer step after `start_step`, prepared ahead
         by data loader workers; which examples they hold is `self.batch_plan`'s (see train/batches.py)."""
-        batches = StepBatches(self.batch_plan, self.train_data, self.collate, start_step, self.total_steps)
+        batches = StepBatches(
+            self.batch_plan, self.train_data, self.collate, start_step, self.total_steps, self.pairs_across_step
+        )
         return step_loader(batches, self.num_workers, pin_memory=self.accelerator.device.type == "cuda")
 
     def train_step(self, on_cpu: list[dict[str, torch.Tensor]]) -> StepResult:
@@ -293,6 +300,7 @@ class BasicTrainer:
         """
         counts = step_counts(on_cpu)  # counted before the copy to the device: no device syncs in the hot path
         batches = [self.to_device(batch) for batch in on_cpu]
+        self.before_step(batches)
         local_units = sum(self.loss_units(batch) for batch in batches)
         global_units = self.accelerator.reduce(local_units.to(self.accelerator.device), reduction="sum").clamp(min=1)
         loss_total = torch.zeros((), device=self.accelerator.device)
