@@ -17,8 +17,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from train.config import LossConfig, setting
 from train.data import collate
@@ -39,7 +39,7 @@ from train.losses import (
     selected_sequence_logps,
     simpo_loss,
 )
-from train.store import IGNORE_INDEX, Example, PairExample, TokenStore, UnpairedExample
+from train.store import IGNORE_INDEX, Example, PairExample, TokenStore, TokenTable, UnpairedExample
 from train.trainers import BasicTrainer, forward_supervised
 
 logger = logging.getLogger(__name__)
@@ -241,60 +241,92 @@ class PairedPreferenceTrainer(ReferenceMixin, BasicTrainer):
         return LossSum(result.losses.sum(), count, metrics)
 
     @torch.no_grad()
-    def precompute_reference(self, cache: Path) -> None:
-        """Reference log-probs of every train and eval pair, computed once, saved to `cache`; then free the model."""
-        splits = {"train": self.train_data, "eval": self.eval_data}
-        logger.info(f"precomputing reference log-probs for {sum(len(d) for d in splits.values() if d)} pairs")
-        tensors = {}
-        for split, pairs in splits.items():
-            values = []
-            for start in range(0, len(pairs or []), self.eval_batch_size):
-                chunk = pairs[start : start + self.eval_batch_size]
-                batch = self.to_device(
-                    collate([p.chosen for p in chunk] + [p.rejected for p in chunk], self.pad_token_id)
+    def precompute_reference(self, cache: ReferenceCache) -> None:
+        """Reference log-probs of the train and eval pairs that `cache` lacks, computed once and saved; a few pairs it
+        has are recomputed first, to catch a cache that no longer matches the reference. Then free the model."""
+        stores = [store for store in (self.train_data, self.eval_data) if store]
+        tables = {store.table.key: store.table for store in stores}
+        needed = {key: np.unique(np.concatenate([s.rows for s in stores if s.table.key == key])) for key in tables}
+        values = {key: cache.load(table) for key, table in tables.items()}
+        missing = {key: rows[np.isnan(values[key][rows, 0])] for key, rows in needed.items()}
+        n_missing = sum(len(rows) for rows in missing.values())
+        n_cached = sum(len(rows) for rows in needed.values()) - n_missing
+        logger.info(f"precomputing reference log-probs for {n_missing} pairs ({n_cached} cached in {cache.folder})")
+        for key, table in tables.items():
+            cached = needed[key][~np.isnan(values[key][needed[key], 0])][:DRIFT_CHECK_PAIRS]
+            recomputed = self._reference_of(table, cached)
+            if not np.allclose(recomputed, values[key][cached], rtol=1e-3, atol=1e-3):
+                raise HalyardError(
+                    f"cached reference log-probs in {cache.path(table)} differ from the reference model's (e.g. "
+                    f"{values[key][cached][0].tolist()} cached, {recomputed[0].tolist()} now): the model or its dtype "
+                    f"changed under the same files. Delete {cache.folder} to recompute them."
                 )
-                values.append(self.reference_logps(batch).float().cpu().view(2, -1).T)
-            tensors[split] = torch.cat(values) if values else torch.zeros(0, 2)
-        if self.accelerator.is_main_process:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            partial = partial_of(cache)
-            save_file(tensors, str(partial))
-            publish(partial, cache)
-        attach_reference(self.train_data, self.eval_data, tensors)
+            values[key][missing[key]] = self._reference_of(table, missing[key])
+            if self.accelerator.is_main_process and len(missing[key]):
+                cache.save(table, values[key])
+        for store in stores:
+            store.reference = values[store.table.key][store.rows]
         self.reference_model = None  # training needs no reference model from here on
         self.accelerator.wait_for_everyone()
 
-
-def attach_reference(train: TokenStore, evaluation: TokenStore | None, tensors: dict[str, torch.Tensor]) -> None:
-    """Give the train and eval pairs their (pairs, 2) reference log-probs: one array each, not one per object."""
-    if len(tensors["train"]) != len(train) or len(tensors["eval"]) != (len(evaluation) if evaluation else 0):
-        raise HalyardError("the reference log-prob cache does not match the data; delete it to recompute it")
-    train.reference = tensors["train"].numpy()
-    if evaluation:
-        evaluation.reference = tensors["eval"].numpy()
-
-
-def reference_cache_path(
-    cache_dir: str, model_path: str, dtype: str, train: TokenStore, evaluation: TokenStore | None
-) -> Path:
-    """${cache_dir}/reference_logps/<hash of the tokenized pairs, the reference weights and dtype>.safetensors"""
-    eval_fingerprint = evaluation.fingerprint() if evaluation else ""
-    digest = hashlib.sha256(f"{train.fingerprint()}|{eval_fingerprint}|{dtype}".encode())
-    for file in sorted(Path(model_path).glob("*")):
-        if file.suffix in (".safetensors", ".json", ".bin"):
-            digest.update(
-                file.name.encode() + str(file.stat().st_size).encode() + str(file.stat().st_mtime_ns).encode()
-            )
-    return Path(cache_dir) / "reference_logps" / f"{digest.hexdigest()[:20]}.safetensors"
+    def _reference_of(self, table: TokenTable, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), 2) float32 reference log-probs (chosen, rejected) of the pairs at `rows` of `table`."""
+        pairs = TokenStore(table, rows)
+        values = [np.zeros((0, 2), dtype=np.float32)]
+        for start in range(0, len(pairs), self.eval_batch_size):
+            chunk = pairs[start : start + self.eval_batch_size]
+            batch = self.to_device(collate([p.chosen for p in chunk] + [p.rejected for p in chunk], self.pad_token_id))
+            values.append(self.reference_logps(batch).float().cpu().view(2, -1).T.numpy())
+        return np.concatenate(values)
 
 
-def load_reference_cache(path: Path, train: TokenStore, evaluation: TokenStore | None) -> bool:
-    """Attach cached reference log-probs if `path` exists; return whether it did."""
-    if not path.exists():
-        return False
-    attach_reference(train, evaluation, load_file(str(path)))
-    logger.info(f"reusing reference log-probs cached in {path}: no reference model is loaded")
-    return True
+DRIFT_CHECK_PAIRS = 4  # cached pairs recomputed whenever the reference model is loaded anyway
+
+
+class ReferenceCache:
+    """Reference log-probs per tokenized pair, for reference.precompute=true:
+    ${cache_dir}/reference_logps/<reference id>/<preprocessing cache key>.npy holds a (table rows, 2) float32 array
+    (chosen, rejected), NaN where not computed yet. The preprocessing cache key fixes the tokens of every row and the
+    reference id hashes the reference model's files and dtype, so a run on a subset, another mix or split, or more
+    epochs of the same tokenized data reuses every pair computed before."""
+
+    def __init__(self, cache_dir: str, model_path: str, dtype: str) -> None:
+        digest = hashlib.sha256(dtype.encode())
+        for file in sorted(Path(model_path).glob("*")):
+            if file.suffix in (".safetensors", ".json", ".bin"):
+                status = file.stat()
+                digest.update(f"{file.name}|{status.st_size}|{status.st_mtime_ns}".encode())
+        self.folder = Path(cache_dir) / "reference_logps" / digest.hexdigest()[:20]
+
+    def path(self, table: TokenTable) -> Path:
+        return self.folder / f"{table.key}.npy"
+
+    def load(self, table: TokenTable) -> np.ndarray:
+        path = self.path(table)
+        if path.exists():
+            values = np.load(path)
+            if values.shape == (table.table.num_rows, 2):
+                return values
+            logger.warning(f"{path} does not match its data ({values.shape[0]} rows); recomputing it")
+        return np.full((table.table.num_rows, 2), np.nan, dtype=np.float32)
+
+    def save(self, table: TokenTable, values: np.ndarray) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        partial = partial_of(self.path(table))
+        with partial.open("wb") as f:
+            np.save(f, values)
+        publish(partial, self.path(table))
+
+    def attach_if_complete(self, train: TokenStore, evaluation: TokenStore | None) -> bool:
+        """Give the stores their cached reference log-probs if every pair has them; return whether it did."""
+        stores = [store for store in (train, evaluation) if store]
+        values = [self.load(store.table)[store.rows] for store in stores]
+        if any(np.isnan(v).any() for v in values):
+            return False
+        for store, value in zip(stores, values, strict=True):
+            store.reference = value
+        logger.info(f"reusing reference log-probs cached in {self.folder}: no reference model is loaded")
+        return True
 
 
 class DPOTrainer(PairedPreferenceTrainer):
@@ -511,8 +543,8 @@ def build_reference(cfg, accelerator, fsdp, train: TokenStore, evaluation: Token
         return None, None
     cache = None
     if cfg.reference.precompute:  # validation checked that the loss supports it
-        cache = reference_cache_path(cfg.cache_dir, cfg.model.name_or_path, cfg.model.dtype, train, evaluation)
-        if load_reference_cache(cache, train, evaluation):
+        cache = ReferenceCache(cfg.cache_dir, cfg.model.name_or_path, cfg.model.dtype)
+        if cache.attach_if_complete(train, evaluation):
             return None, None
     if cfg.model.use_peft:
         return None, cache  # the policy with its adapters disabled
