@@ -48,6 +48,11 @@ def test_a_reward_model_learns_the_preference_and_scores_rows_as_it_trained(tiny
     assert accumulated == pytest.approx(whole, rel=1e-5)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_cache / "rm" / "FINAL")
     assert model.config.num_labels == 1
+    # With LoRA the adapters and the whole new score head train; FINAL/ is merged and loads the same way.
+    lora = run_cli([*common, "exp_name=rm-lora", "max_steps=17", "eval_every_steps=17", "++model.use_peft=true"])
+    assert lora.returncode == 0, lora.stderr[-3000:]
+    assert [m for m in read_metrics(tiny_cache / "rm-lora") if "loss/eval" in m][-1]["rewards_eval/accuracies"] >= 0.9
+    assert AutoModelForSequenceClassification.from_pretrained(tiny_cache / "rm-lora" / "FINAL").config.num_labels == 1
     # scripts/score.py scores each held-out pair's two answers: the chosen ones higher, and the same mean scores as
     # the trainer's last evaluation (the same tokens, the same scored position).
     pairs = [json.loads(line) for line in (REPO / "data/demo/pref_eval.jsonl").read_text().splitlines()]
