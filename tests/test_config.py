@@ -166,10 +166,10 @@ def test_data_settings_are_checked_together():
 
 
 def test_a_loss_s_capabilities_are_checked_with_every_other_problem():
-    problems = problems_of(["model=tiny", "loss=dpo", f"datasets=[{DEMO_TRAIN}]", "data.packing=true", "lr=-1"])
+    problems = problems_of(["model=tiny", "loss=rm", f"datasets=[{DEMO_TRAIN}]", "data.packing=true", "lr=-1"])
     text = "\n".join(problems)
     assert len(problems) == 2, text
-    assert "data.packing=true: loss=dpo (train.preference.DPOTrainer) does not support packing" in text
+    assert "data.packing=true: loss=rm (train.reward.RewardTrainer) does not support packing" in text
     problems = problems_of(["model=tiny", "loss=kto", f"datasets=[{DEMO_TRAIN}]", "reference.precompute=true"])
     assert problems == [
         "reference.precompute=true: loss=kto (train.preference.KTOTrainer) cannot precompute them (its reference "

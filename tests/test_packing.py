@@ -1,5 +1,7 @@
 """Packing: exact rows, no cross-contamination, and the same loss and gradients as the examples unpacked."""
 
+import math
+
 import pytest
 import torch
 
@@ -116,3 +118,99 @@ def test_packed_training_through_the_cli(tiny_cache):
 
 def test_packed_example_type():
     assert PackedExample([1], [IGNORE_INDEX], [1]).lengths == [1]
+
+
+# ---- packed preference data: whole pairs (or unpaired examples) per row ----
+
+
+def _preference_trainer(trainer_class, model, reference):
+    """The parts of a trainer that collate and batch_loss use, without building a run."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    trainer = SimpleNamespace(
+        pad_token_id=0, uses_reference=True, reference_model=reference, model=model,
+        settings=trainer_class.settings_class(beta=0.5), accelerator=Accelerator(cpu=True),
+    )  # fmt: skip
+    for name in ("collate", "_collate_packed", "batch_loss", "loss", "reference_logps", "before_step"):
+        if hasattr(trainer_class, name):
+            setattr(trainer, name, getattr(trainer_class, name).__get__(trainer))
+    return trainer
+
+
+def _pairs_and_models(model_and_examples):
+    """Six pairs (a shared prompt, responses of different lengths) and a reference that differs from the policy."""
+    import copy
+
+    from train.store import PairExample
+
+    model, examples = model_and_examples
+    model.config._attn_implementation = "sdpa"
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for parameter in reference.parameters():
+            parameter.add_(0.02 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)))
+    pairs = []
+    for a, b in zip(examples, examples[1:] + examples[:1], strict=True):
+        prompt = [i for i, label in zip(a.input_ids, a.labels, strict=True) if label == IGNORE_INDEX]
+        chosen = Example(a.input_ids, a.labels)
+        rejected_ids = prompt + b.input_ids[len(b.input_ids) // 3 :]
+        rejected = Example(rejected_ids, [IGNORE_INDEX] * len(prompt) + rejected_ids[len(prompt) :])
+        pairs.append(PairExample(chosen, rejected))
+    return model, reference, pairs
+
+
+def _loss_and_grads(trainer, model, batch, with_kl=False):
+    model.zero_grad()
+    if with_kl:
+        trainer.before_step([batch])
+    result = trainer.batch_loss(model, batch)
+    (result.total / result.count).backward()
+    return (result.total / result.count).item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _assert_same(packed, unpacked):
+    assert packed[0] == pytest.approx(unpacked[0], rel=1e-5)
+    for name, grad in unpacked[1].items():
+        assert (packed[1][name] - grad).norm() <= 1e-5 * grad.norm() + 1e-9, name
+
+
+def test_packed_pairs_give_the_dpo_loss_and_gradients_of_unpacked_pairs(model_and_examples):
+    """Whole pairs packed two and three to a row: the same per-pair log-probs, loss and gradients as one sequence
+    per row, with the live reference model packed the same way."""
+    from train.preference import DPOTrainer, n_sequences
+    from train.store import PackedItems
+
+    model, reference, pairs = _pairs_and_models(model_and_examples)
+    trainer = _preference_trainer(DPOTrainer, model, reference)
+    unpacked = trainer.collate(pairs)
+    packed = trainer.collate([PackedItems(pairs[:3]), PackedItems(pairs[3:5]), PackedItems(pairs[5:])])
+    assert packed["input_ids"].shape[0] == 3 and n_sequences(packed) == 12 and "attention_mask" not in packed
+    # sequence j is pair j's chosen response, 6 + j its rejected one, as in the unpacked rows
+    first = packed["example_ids"][0]
+    assert first[first >= 0].unique_consecutive().tolist() == [0, 6, 1, 7, 2, 8]
+    loss_unpacked = _loss_and_grads(trainer, model, unpacked)
+    assert abs(loss_unpacked[0] - math.log(2)) > 1e-3  # the reference differs from the policy
+    _assert_same(_loss_and_grads(trainer, model, packed), loss_unpacked)
+
+
+def test_packed_kto_gives_the_loss_and_gradients_of_unpacked_kto(model_and_examples):
+    """KTO packed: matched sequences packed per row, each row's mismatched ones (each prompt with the next
+    example's completion, the next row's first for the last) in a row of their own; the same KL estimate, loss
+    and gradients as one sequence per row with the same successors."""
+    from train.preference import KTOTrainer
+    from train.store import PackedItems, UnpairedExample
+
+    reference, model, pairs = _pairs_and_models(model_and_examples)  # this way round the KL estimate is above 0
+    items = [UnpairedExample(p.chosen if i % 3 else p.rejected, desirable=bool(i % 3)) for i, p in enumerate(pairs)]
+    trainer = _preference_trainer(KTOTrainer, model, reference)
+    unpacked = trainer.collate(items, items[1:] + items[:1])
+    rows = [PackedItems(items[:2]), PackedItems(items[2:5]), PackedItems(items[5:])]
+    packed = trainer.collate(rows, rows[1:] + rows[:1])
+    assert packed["input_ids"].shape[0] == 6
+    loss_unpacked = _loss_and_grads(trainer, model, unpacked, with_kl=True)
+    assert unpacked["kl"].item() > 0
+    loss_packed = _loss_and_grads(trainer, model, packed, with_kl=True)
+    assert packed["kl"].item() == pytest.approx(unpacked["kl"].item(), rel=1e-5)
+    _assert_same(loss_packed, loss_unpacked)

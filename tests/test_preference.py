@@ -297,3 +297,25 @@ def test_the_reference_cache_is_reused_per_pair_and_checked_against_the_model(ti
     drifted = run_cli([*args, "exp_name=drifted"])
     assert drifted.returncode == 2 and "differ from the reference model's" in drifted.stderr, drifted.stderr[-2000:]
     assert f"Delete {folders[0]}" in drifted.stderr
+
+
+def test_packed_pairs_and_packed_kto_train_through_the_cli(tiny_cache):
+    """data.packing=true with DPO (live reference, then precomputed) and with KTO: isolation verified on the model,
+    whole pairs per row, and the preference learned. Exactness against unpacked batches: tests/test_packing.py."""
+    common = [*PREF, "loss=dpo", f"cache_dir={tiny_cache}", "data.packing=true", "model.batch_size=2", "lr=1e-3"]
+    live = run_cli([*common, "exp_name=dpo-packed", "max_steps=10", "eval_every_steps=10"])
+    assert live.returncode == 0, live.stderr[-3000:]
+    assert "packing verified" in live.stderr and "into 32 rows of up to 256 tokens" in live.stderr  # 140 pairs
+    run = evals(tiny_cache / "dpo-packed")
+    assert run[0]["loss/eval"] == pytest.approx(math.log(2), abs=1e-6) and run[-1]["rewards_eval/accuracies"] >= 0.9
+    cached = run_cli([*common, "exp_name=dpo-packed-cached", "max_steps=10", "reference.precompute=true"])
+    assert cached.returncode == 0, cached.stderr[-3000:]
+    live_losses = [m["loss/train"] for m in read_metrics(tiny_cache / "dpo-packed") if "loss/train" in m]
+    cached_losses = [m["loss/train"] for m in read_metrics(tiny_cache / "dpo-packed-cached") if "loss/train" in m]
+    assert cached_losses == pytest.approx(live_losses, rel=1e-4)
+    kto = run_cli(
+        ["model=tiny", "loss=kto", f"cache_dir={tiny_cache}", "datasets=[data/demo/kto_train.jsonl]", "lr=1e-3"]
+        + ["data.packing=true", "model.batch_size=2", "max_steps=6", "log_every_steps=1", "exp_name=kto-packed"]
+    )
+    assert kto.returncode == 0, kto.stderr[-3000:]
+    assert read_metrics(tiny_cache / "kto-packed")[-1]["kl_train"] > 0

@@ -50,6 +50,7 @@ from train.store import (
     is_complete,
     pack,
     pack_plan,
+    packed_row_tokens,
     publish,
     read_stats,
     schema,
@@ -548,7 +549,8 @@ def build_datasets(
         efficiency = train.efficiency(cfg.model.max_length)
         stats["train"]["packed_rows"], stats["train"]["packing_efficiency"] = len(train), efficiency
         logger.info(
-            f"packed {train_stats.examples} examples into {len(train)} rows of up to {cfg.model.max_length} tokens: "
+            f"packed {train_stats.examples} examples into {len(train)} rows of up to "
+            f"{packed_row_tokens(kind, cfg.model.max_length)} tokens: "
             f"efficiency {efficiency:.1%} (real tokens / slots)"
         )
     if eval_stats is not None:

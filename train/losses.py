@@ -120,16 +120,25 @@ def selected_nll_sum(
 
 
 def selected_sequence_logps(
-    logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, chunk_size: int = 4096
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    keep: torch.Tensor,
+    chunk_size: int = 4096,
+    example_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probability of each row's supervised tokens, and their number, through `selected_token_logps`.
+    """Summed log-probability of each sequence's supervised tokens, and their number, through `selected_token_logps`.
 
-    Returns (batch,) float32 log p(response | prompt) and (batch,) int64 token counts.
+    example_ids: (batch, seq) int, which sequence each token belongs to (-1: padding), for packed rows holding
+    several; default: one sequence per row. Returns (sequences,) float32 log p(response | prompt) and (sequences,)
+    int64 token counts, sequence i at index i.
     """
     token_logps = selected_token_logps(logits, labels, keep, chunk_size)
-    rows = keep.nonzero()[:, 0]
-    sums = torch.zeros(keep.shape[0], dtype=torch.float32, device=token_logps.device).index_add(0, rows, token_logps)
-    return sums, keep.sum(dim=1)
+    if example_ids is None:
+        sequences, n_sequences = keep.nonzero()[:, 0], keep.shape[0]
+    else:
+        sequences, n_sequences = example_ids[keep], int(example_ids.max()) + 1
+    sums = torch.zeros(n_sequences, dtype=torch.float32, device=token_logps.device)
+    return sums.index_add(0, sequences, token_logps), torch.bincount(sequences, minlength=n_sequences)
 
 
 @dataclass

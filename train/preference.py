@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from train.config import LossConfig, setting
-from train.data import collate
+from train.data import collate, collate_packed
 from train.errors import HalyardError
 from train.files import partial_of, publish
 from train.losses import (
@@ -39,7 +39,17 @@ from train.losses import (
     selected_sequence_logps,
     simpo_loss,
 )
-from train.store import IGNORE_INDEX, Example, PairExample, TokenStore, TokenTable, UnpairedExample
+from train.store import (
+    IGNORE_INDEX,
+    Example,
+    PackedItems,
+    PackedStore,
+    PairExample,
+    TokenStore,
+    TokenTable,
+    UnpairedExample,
+    concatenate,
+)
 from train.trainers import BasicTrainer, forward_supervised
 
 logger = logging.getLogger(__name__)
@@ -183,7 +193,28 @@ class ReferenceMixin:
                 )
             with policy.disable_adapter(), self.accelerator.autocast():
                 logits, keep = forward_supervised(policy, batch)
-        return selected_sequence_logps(logits, batch["labels"], keep)[0]
+        return sequence_logps(logits, batch, keep)[0]
+
+
+def sequence_logps(logits: torch.Tensor, batch: dict[str, torch.Tensor], keep: torch.Tensor):
+    """(sequences,) summed log-probs and token counts of the batch's sequences, in the order its `example_ids` give
+    (packed rows), else one per row."""
+    return selected_sequence_logps(logits, batch["labels"], keep, example_ids=batch.get("example_ids"))
+
+
+def n_sequences(batch: dict[str, torch.Tensor]) -> int:
+    """The sequences a batch holds: one per row, or as many as its packed rows' `example_ids` number."""
+    return int(batch["example_ids"].max()) + 1 if "example_ids" in batch else batch["input_ids"].shape[0]
+
+
+def collate_sequences(rows: list[list[Example]], order: list[int], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Sequences packed row by row (position_ids restarting per sequence, see `collate_packed`), numbered in
+    `example_ids` so that the sequence at flat position k of `rows` is sequence `order[k]`: the numbering an unpacked
+    batch of the same sequences would give its rows."""
+    batch = collate_packed([concatenate(row) for row in rows], pad_token_id)
+    numbering = torch.tensor([*order, -1])  # index -1 (padding) maps to -1
+    batch["example_ids"] = numbering[batch["example_ids"]]
+    return batch
 
 
 class PairedPreferenceTrainer(ReferenceMixin, BasicTrainer):
@@ -191,6 +222,7 @@ class PairedPreferenceTrainer(ReferenceMixin, BasicTrainer):
 
     data_kind = "paired"
     supports_reference_precompute = True  # a pair's reference log-probs do not change during training
+    supports_packing = True  # whole pairs per packed row
 
     def __init__(self, cfg, *args, reference_model=None, **kwargs):
         super().__init__(cfg, *args, **kwargs)
@@ -200,9 +232,16 @@ class PairedPreferenceTrainer(ReferenceMixin, BasicTrainer):
         """The per-pair loss and implicit rewards: the one method a paired loss implements."""
         raise NotImplementedError
 
-    def collate(self, pairs: list[PairExample]) -> dict[str, torch.Tensor]:
-        """Rows 0..n-1 are the chosen responses, rows n..2n-1 the rejected ones, in the same order."""
-        batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], self.pad_token_id)
+    def collate(self, pairs: list[PairExample] | list[PackedItems]) -> dict[str, torch.Tensor]:
+        """Sequences 0..n-1 are the chosen responses, n..2n-1 the rejected ones, in the same order: one per row, or,
+        for packed rows, each pair's chosen and rejected side by side in a row, numbered so by `example_ids`."""
+        if isinstance(pairs[0], PackedItems):
+            rows = [[s for p in row.items for s in (p.chosen, p.rejected)] for row in pairs]
+            pairs = [p for row in pairs for p in row.items]
+            n = len(pairs)
+            batch = collate_sequences(rows, [j + side * n for j in range(n) for side in (0, 1)], self.pad_token_id)
+        else:
+            batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], self.pad_token_id)
         if pairs[0].reference_chosen is not None:
             values = [p.reference_chosen for p in pairs] + [p.reference_rejected for p in pairs]
             batch["reference_logps"] = torch.tensor(values, dtype=torch.float32)
@@ -211,11 +250,11 @@ class PairedPreferenceTrainer(ReferenceMixin, BasicTrainer):
         return batch
 
     def loss_units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.tensor(batch["input_ids"].shape[0] // 2)
+        return torch.tensor(n_sequences(batch) // 2)
 
     def batch_loss(self, model, batch: dict[str, torch.Tensor]) -> LossSum:
         logits, keep = forward_supervised(model, batch)
-        policy, tokens = selected_sequence_logps(logits, batch["labels"], keep)
+        policy, tokens = sequence_logps(logits, batch, keep)
         del logits  # free before the reference forward
         reference = self.reference_logps(batch) if self.uses_reference else None
         n = policy.shape[0] // 2
@@ -244,7 +283,7 @@ class PairedPreferenceTrainer(ReferenceMixin, BasicTrainer):
     def precompute_reference(self, cache: ReferenceCache) -> None:
         """Reference log-probs of the train and eval pairs that `cache` lacks, computed once and saved; a few pairs it
         has are recomputed first, to catch a cache that no longer matches the reference. Then free the model."""
-        stores = [store for store in (self.train_data, self.eval_data) if store]
+        stores = [_examples_of(store) for store in (self.train_data, self.eval_data) if store]
         tables = {store.table.key: store.table for store in stores}
         needed = {key: np.unique(np.concatenate([s.rows for s in stores if s.table.key == key])) for key in tables}
         values = {key: cache.load(table) for key, table in tables.items()}
@@ -317,9 +356,9 @@ class ReferenceCache:
             np.save(f, values)
         publish(partial, self.path(table))
 
-    def attach_if_complete(self, train: TokenStore, evaluation: TokenStore | None) -> bool:
+    def attach_if_complete(self, train: TokenStore | PackedStore, evaluation: TokenStore | None) -> bool:
         """Give the stores their cached reference log-probs if every pair has them; return whether it did."""
-        stores = [store for store in (train, evaluation) if store]
+        stores = [_examples_of(store) for store in (train, evaluation) if store]
         values = [self.load(store.table)[store.rows] for store in stores]
         if any(np.isnan(v).any() for v in values):
             return False
@@ -450,21 +489,42 @@ class KTOTrainer(ReferenceMixin, BasicTrainer):
     settings: KTOSettings
     data_kind = "unpaired"
     pairs_across_step = True
+    supports_packing = True  # matched sequences packed; each packed row's mismatched sequences in a row of their own
 
     def __init__(self, cfg, *args, reference_model=None, **kwargs):
         super().__init__(cfg, *args, **kwargs)
         self.setup_reference(reference_model)
 
     def collate(
-        self, items: list[UnpairedExample], successors: list[UnpairedExample] | None = None
+        self,
+        items: list[UnpairedExample] | list[PackedItems],
+        successors: list[UnpairedExample] | list[PackedItems] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Rows 0..n-1: each prompt with its completion; rows n..2n-1: each prompt with its successor's completion
-        (the next example of the global batch when training; of this list when evaluating). Adds desirable (n,)."""
+        """Sequences 0..n-1: each prompt with its completion; n..2n-1: each prompt with its successor's completion
+        (the next example of the global batch when training; of this list when evaluating). The first half of the
+        rows holds the matched sequences, the second the mismatched ones: one per row, or packed rows of the same
+        examples (`example_ids` numbering them). Adds desirable (n,)."""
+        if isinstance(items[0], PackedItems):
+            return self._collate_packed(items, successors)
         matched = [item.example for item in items]
         partners = [s.example for s in successors] if successors is not None else matched[1:] + matched[:1]
         mismatched = [_join(example, partner) for example, partner in zip(matched, partners, strict=True)]
         batch = collate(matched + mismatched, self.pad_token_id)
         batch["desirable"] = torch.tensor([item.desirable for item in items])
+        return batch
+
+    def _collate_packed(self, rows: list[PackedItems], successor_rows: list[PackedItems]) -> dict[str, torch.Tensor]:
+        # An item's successor is the next item of its row, or the first item of the next row of the global batch:
+        # the same pairing of the step's examples however its rows are split.
+        matched, mismatched, desirable = [], [], []
+        for row, after in zip(rows, successor_rows, strict=True):
+            examples = [item.example for item in row.items]
+            partners = examples[1:] + [after.items[0].example]
+            matched.append(examples)
+            mismatched.append([_join(e, p) for e, p in zip(examples, partners, strict=True)])
+            desirable += [item.desirable for item in row.items]
+        batch = collate_sequences(matched + mismatched, list(range(2 * len(desirable))), self.pad_token_id)
+        batch["desirable"] = torch.tensor(desirable)
         return batch
 
     def loss_units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -476,9 +536,9 @@ class KTOTrainer(ReferenceMixin, BasicTrainer):
         each batch as `kl` (a () tensor) for `batch_loss`."""
         sums = torch.zeros(2, device=self.accelerator.device)
         for batch in batches:
-            mismatched = _rows(batch, slice(batch["desirable"].shape[0], None))
+            mismatched = _half(batch, mismatched=True)
             logits, keep = forward_supervised(self.model, mismatched)
-            policy = selected_sequence_logps(logits, mismatched["labels"], keep)[0]
+            policy = sequence_logps(logits, mismatched, keep)[0]
             sums += torch.stack([(policy - self.reference_logps(mismatched)).sum(), torch.tensor(len(policy))])
         sums = self.accelerator.reduce(sums, reduction="sum")
         kl = (sums[0] / sums[1]).clamp(min=0)
@@ -488,9 +548,9 @@ class KTOTrainer(ReferenceMixin, BasicTrainer):
     def batch_loss(self, model, batch: dict[str, torch.Tensor]) -> LossSum:
         n = batch["desirable"].shape[0]
         if "kl" in batch:  # training: the step's estimate; only the matched rows need a forward with gradients
-            kl, batch = batch["kl"], _rows(batch, slice(0, n))
+            kl, batch = batch["kl"], _half(batch, mismatched=False)
         logits, keep = forward_supervised(model, batch)
-        policy = selected_sequence_logps(logits, batch["labels"], keep)[0]
+        policy = sequence_logps(logits, batch, keep)[0]
         del logits
         reference = self.reference_logps(batch)
         if policy.shape[0] > n:  # evaluation: estimate on this batch's mismatched rows, over every process
@@ -515,11 +575,24 @@ class KTOTrainer(ReferenceMixin, BasicTrainer):
         return LossSum(losses.sum(), count, metrics)
 
 
-def _rows(batch: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
-    """The model inputs and labels of some rows of a batch (its other keys as they are)."""
-    return {
-        key: value[rows] if key in ("input_ids", "attention_mask", "labels") else value for key, value in batch.items()
-    }
+def _examples_of(store: TokenStore | PackedStore) -> TokenStore:
+    """The examples behind a store (a packed store gathers its rows' pairs from them, reference log-probs too)."""
+    return store.examples if isinstance(store, PackedStore) else store
+
+
+ROW_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "example_ids")  # (rows, seq) batch tensors
+
+
+def _half(batch: dict[str, torch.Tensor], mismatched: bool) -> dict[str, torch.Tensor]:
+    """KTO's matched (first half of the rows) or mismatched (second half) sequences of a batch, numbered from 0;
+    its other keys as they are."""
+    n_rows = batch["input_ids"].shape[0] // 2
+    rows = slice(n_rows, None) if mismatched else slice(0, n_rows)
+    half = {key: value[rows] if key in ROW_KEYS else value for key, value in batch.items()}
+    if mismatched and "example_ids" in half:
+        n = batch["desirable"].shape[0]
+        half["example_ids"] = torch.where(half["example_ids"] >= 0, half["example_ids"] - n, -1)
+    return half
 
 
 def _join(prompt_from: Example, completion_from: Example) -> Example:

@@ -40,6 +40,7 @@ class RewardTrainer(PairedPreferenceTrainer):
     settings_class = RewardSettings
     settings: RewardSettings
     model_head = "score"
+    supports_packing = False  # the score is read at each row's last token: one sequence per row
     uses_reference = False
     supports_reference_precompute = False
 

@@ -82,6 +82,14 @@ class PackedExample:
 
 
 @dataclass
+class PackedItems:
+    """Whole preference items (pairs, or unpaired examples) packed into one row, in order: a trainer lays out their
+    sequences side by side (a pair's chosen and rejected both in the row) with position_ids restarting per sequence."""
+
+    items: list  # PairExample | UnpairedExample
+
+
+@dataclass
 class PairExample:
     """A preference pair: the same prompt with the chosen and with the rejected response."""
 
@@ -390,15 +398,18 @@ class PackedStore:
         return cumulative[self.row_starts[1:]] - cumulative[self.row_starts[:-1]]
 
     def efficiency(self, max_length: int) -> float:
-        """Real tokens / slots of the packed rows."""
-        return float(self.lengths().sum() / (len(self) * max_length)) if len(self) else 0.0
+        """Real tokens / slots of the packed rows (of `packed_row_tokens(kind, max_length)` slots each)."""
+        slots = len(self) * packed_row_tokens(self.kind, max_length)
+        return float(self.lengths().sum() / slots) if len(self) else 0.0
 
-    def gather(self, rows: Sequence[int] | np.ndarray) -> list[PackedExample]:
+    def gather(self, rows: Sequence[int] | np.ndarray) -> list[PackedExample] | list[PackedItems]:
+        """The packed rows at `rows`: examples concatenated (PackedExample), or preference items (PackedItems)."""
         bounds = [(self.row_starts[r], self.row_starts[r + 1]) for r in np.asarray(rows, dtype=np.int64)]
         flat = self.examples.gather(np.concatenate([self.members[a:b] for a, b in bounds]) if bounds else [])
         packed, start = [], 0
+        row_of = PackedItems if self.kind in ("paired", "unpaired") else concatenate
         for a, b in bounds:
-            packed.append(concatenate(flat[start : start + b - a]))
+            packed.append(row_of(flat[start : start + b - a]))
             start += b - a
         return packed
 
@@ -423,6 +434,12 @@ def concatenate(examples: list[Example]) -> PackedExample:
 
 
 # ---- packing ----
+
+
+def packed_row_tokens(kind: str, max_length: int) -> int:
+    """Slots of a packed row: model.max_length, or twice that for pairs (a pair's two sequences share a row, so a
+    pair at the longest still fits, and a packed row holds as many tokens as an unpacked pair's two rows)."""
+    return 2 * max_length if kind == "paired" else max_length
 
 
 def pack_plan(lengths: np.ndarray, max_length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -471,7 +488,7 @@ def pack(examples: TokenStore, max_length: int, cache: bool = True) -> PackedSto
         with np.load(path) as plan:
             return PackedStore(examples, plan["members"], plan["row_starts"])
     started = time.perf_counter()
-    members, row_starts = pack_plan(examples.lengths(), max_length)
+    members, row_starts = pack_plan(examples.lengths(), packed_row_tokens(examples.kind, max_length))
     logger.info(f"packing plan for {len(examples)} examples in {time.perf_counter() - started:.1f} s")
     if cache:
         path.parent.mkdir(exist_ok=True)
