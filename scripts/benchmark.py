@@ -131,112 +131,293 @@ def bench_reference_memory(args) -> str:
     return "\n".join(lines)
 
 
-SFT_CHILD = r"""
+CHILD = r"""
 import json, resource, statistics, sys, time
 sys.path.insert(0, REPO)
 import torch
-mode, work, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 torch.manual_seed(0)
-from transformers import AutoModelForCausalLM
-examples = [json.loads(l) for l in open(work + "/tokenized.jsonl")]
-model = AutoModelForCausalLM.from_pretrained(work + "/model", attn_implementation="sdpa")
+from transformers import AutoModelForCausalLM, TrainerCallback
+mode, work, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+bf16 = settings["dtype"] == "bfloat16"
+model = AutoModelForCausalLM.from_pretrained(settings["model"], attn_implementation="sdpa", dtype=torch.float32)
 model.config.use_cache = False
-times = []
-if mode == "trl":
+times, losses = [], []
+
+class Clock(TrainerCallback):
+    def on_step_begin(self, args, state, control, **kw): self.t = time.perf_counter()
+    def on_step_end(self, args, state, control, **kw): times.append(time.perf_counter() - self.t)
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs and "loss" in logs: losses.append(logs["loss"])
+
+common = dict(output_dir=work + "/trl-" + mode, num_train_epochs=1, learning_rate=settings["lr"], max_grad_norm=0.0,
+              lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0,
+              gradient_checkpointing=False, bf16=bf16, dataloader_num_workers=0, max_length=None)
+steps = settings["steps"]
+if mode.startswith("trl-sft"):
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
+    examples = [json.loads(l) for l in open(work + "/sft.jsonl")][: steps * 8]
     rows = [{"input_ids": e["input_ids"], "completion_mask": [0] + [int(l != -100) for l in e["labels"][1:]]} for e in examples]
-    class Clock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw): self.t = time.perf_counter()
-        def on_step_end(self, args, state, control, **kw): times.append(time.perf_counter() - self.t)
-    config = SFTConfig(output_dir=work + "/trl", max_length=512, per_device_train_batch_size=8, num_train_epochs=1,
-                       learning_rate=1e-4, lr_scheduler_type="constant", logging_steps=1000, save_strategy="no",
-                       report_to=[], completion_only_loss=True, dataset_num_proc=None, use_cpu=True, seed=0)
-    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows[: steps * 8]), callbacks=[Clock()])
+    config = SFTConfig(per_device_train_batch_size=8, completion_only_loss=True, padding_free=mode.endswith("-pf"),
+                       shuffle_dataset=False, **common)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), callbacks=[Clock()])
+    trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
     trainer.train()
-    supervised = sum(sum(r["completion_mask"]) for r in rows[: steps * 8])
-else:
-    from train.data import Example, collate, collate_packed, pack_examples
-    from train.losses import selected_nll_sum, supervised_positions
-    items = [Example(e["input_ids"], e["labels"]) for e in examples]
-    rows = pack_examples(items, 512)[: steps * 8]
-    batches = [collate_packed(rows[i : i + 8], 0) for i in range(0, len(rows), 8)]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    per_step = [sum(sum(r["completion_mask"]) for r in rows[i : i + 8]) for i in range(0, len(rows), 8)]
+elif mode.startswith("trl-dpo"):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+    pairs = [json.loads(l) for l in open(work + "/pairs.jsonl")][: steps * settings["pairs"]]
+    class Pretokenized(DPOTrainer):  # the same token ids as Halyard's runs: no re-tokenization
+        def _prepare_dataset(self, dataset, *args, **kwargs): return dataset
+    config = DPOConfig(per_device_train_batch_size=settings["pairs"], beta=0.1, precompute_ref_log_probs=mode.endswith("-pre"),
+                       shuffle_dataset=False, **common) if "shuffle_dataset" in DPOConfig.__dataclass_fields__ else \
+             DPOConfig(per_device_train_batch_size=settings["pairs"], beta=0.1, precompute_ref_log_probs=mode.endswith("-pre"), **common)
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(settings["model"])
+    trainer = Pretokenized(model=model, args=config, processing_class=tokenizer, train_dataset=Dataset.from_list(pairs), callbacks=[Clock()])
+    trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
+    trainer.train()
+    n = settings["pairs"]
+    per_step = [n] * (len(pairs) // n)
+else:  # bare: a plain loop over Halyard's packed batches, the model's own loss
+    batches = torch.load(work + "/packed_batches.pt")[:steps]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"])
     for batch in batches:
         started = time.perf_counter()
-        loss = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"]).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"]).loss
         loss.backward(); optimizer.step(); optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - started)
-    supervised = sum((b["labels"][:, 1:] != -100).sum().item() for b in batches)
-rate = supervised / len(times) / statistics.median(times[2:])
-print(json.dumps({"rate": rate, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "steps": len(times)}))
+        losses.append(loss.item())
+    per_step = [(b["labels"][:, 1:] != -100).sum().item() for b in batches]
+warm = settings["warmup_steps"]
+print(json.dumps({"step_seconds": statistics.median(times[warm:]), "units_per_step": statistics.mean(per_step[warm:]),
+                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "losses": losses[:2]}))
 """
 
 
-def bench_sft(args) -> str:
-    """Halyard (unpacked, packed), TRL and a bare loop, each in its own process, on the same model and data."""
+def run_child(mode: str, work: Path, settings: dict) -> dict:
+    """One peer run (TRL, or the bare loop) in its own process: median step seconds, units per step, peak RSS."""
     import subprocess
 
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    child = CHILD.replace("REPO", repr(str(REPO)))
+    output = subprocess.run([sys.executable, "-c", child, mode, str(work), json.dumps(settings)], cwd=REPO,
+                            capture_output=True, text=True, env={**os.environ, **OFFLINE})  # fmt: skip
+    if output.returncode != 0:
+        raise RuntimeError(f"{mode} failed:\n{output.stderr[-3000:]}")
+    result = json.loads(output.stdout.strip().splitlines()[-1])
+    result["rate"] = result["units_per_step"] / result["step_seconds"]
+    return result
+
+
+OFFLINE = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def run_halyard(work: Path, name: str, overrides: list[str], warmup_steps: int, unit: str) -> dict:
+    """One Halyard run through the CLI: median step seconds after the warm-up, `unit` (supervised_tokens or
+    examples) per step, peak RSS, and the first losses."""
+    import subprocess
+
+    command = [sys.executable, str(REPO / "launch.py"), f"cache_dir={work}", f"exp_name={name}", "log_every_steps=1",
+               "warmup_ratio=0", "model.max_grad_norm=null", "n_epochs=100", *overrides]  # fmt: skip
+    output = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, **OFFLINE})
+    if output.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{output.stderr[-3000:]}")
+    rows = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss/train" in r]
+    seconds = [b["train_seconds"] - a["train_seconds"] for a, b in itertools.pairwise(rows)][warmup_steps - 1 :]
+    units = [b[unit] - a[unit] for a, b in itertools.pairwise(rows)][warmup_steps - 1 :]
+    summary = json.loads((work / name / "summary.json").read_text())
+    step_seconds = statistics.median(seconds)
+    return {"step_seconds": step_seconds, "units_per_step": statistics.mean(units),
+            "rate": statistics.mean(units) / step_seconds, "peak_mb": summary["peak_memory_mb"],
+            "losses": [r["loss/train"] for r in rows[:2]], "mfu": statistics.median(r["mfu"] for r in rows[warmup_steps:])}  # fmt: skip
+
+
+def model_for(args, work: Path, tokenizer) -> tuple[Path, str]:
+    """The benchmark's model folder and a description: SmolLM2-135M's real weights, or a larger current shape at
+    reduced depth (random init, its own vocabulary size, SmolLM2's tokenizer)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if args.model == "smollm2":
+        config = AutoConfig.from_pretrained(args.smollm2)
+        return Path(args.smollm2), (
+            f"SmolLM2-135M-Instruct, real weights ({config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+            f"vocab {config.vocab_size}, tied)"
+        )
+    # Qwen2.5-0.5B's layer shape (hidden 896, 14 heads, 2 KV heads, MLP 4864, tied 151,936 vocabulary), 6 layers
+    from transformers import Qwen2Config
+
+    config = Qwen2Config(vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_hidden_layers=6,
+                         num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True, use_cache=False,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    folder = work / "qwen-shape"
+    torch_model = AutoModelForCausalLM.from_config(config)
+    torch_model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    n = sum(p.numel() for p in torch_model.parameters()) / 1e6
+    return (
+        folder,
+        f"Qwen2.5-0.5B's layer shape at 6 of 24 layers, random init ({n:.0f}M parameters, tied vocab 151,936)",
+    )
+
+
+def bench_sft(args) -> str:
+    """Halyard (unpacked, grouped by length, packed), TRL (padded, padding-free) and a bare loop, each in its own
+    process, on the same model, tokens and labels, at equal tokens per optimizer step."""
+    import torch
+    from transformers import AutoTokenizer
 
     from train.config import DataConfig
-    from train.data import load_examples
+    from train.data import collate_packed, load_examples, pack_examples
 
     work = Path(tempfile.mkdtemp(prefix="halyard-bench-sft-"))
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id, use_cache=False)  # fmt: skip
-    torch_model = LlamaForCausalLM(config)
-    n_params = sum(p.numel() for p in torch_model.parameters())
-    torch_model.save_pretrained(work / "model")
-    tokenizer.save_pretrained(work / "model")
+    tokenizer = AutoTokenizer.from_pretrained(args.smollm2)
+    model_dir, model_text = model_for(args, work, tokenizer)
+    steps = args.steps + args.warmup_steps
     data = work / "chat.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_chat_rows(args.steps * 8 * 3, seed=1)))
-    examples, _ = load_examples([str(data)], tokenizer, DataConfig(), max_length=512)
-    (work / "tokenized.jsonl").write_text(
+    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_chat_rows(steps * 8 * 4, seed=1)))
+    examples = list(load_examples([str(data)], tokenizer, DataConfig(), max_length=args.max_length)[0])
+    (work / "sft.jsonl").write_text(
         "".join(json.dumps({"input_ids": e.input_ids, "labels": e.labels}) + "\n" for e in examples)
     )
     lengths = [len(e.input_ids) for e in examples]
-
-    results = {}
-    for name in ("halyard, unpacked", "halyard, packed"):
-        packing = "true" if "packed" in name and "un" not in name else "false"
-        run_dir = work / name.replace(", ", "_")
-        command = [sys.executable, str(REPO / "launch.py"), "model=tiny", f"++model.name_or_path={work / 'model'}",
-                   f"cache_dir={work}", f"exp_name={run_dir.name}", f"datasets=[{data}]", "model.max_length=512",
-                   "model.batch_size=8", f"max_steps={args.steps}", "n_epochs=100", "log_every_steps=1", "lr=1e-4", "warmup_ratio=0",
-                   "model.max_grad_norm=null", f"data.packing={packing}"]  # fmt: skip
-        subprocess.run(command, check=True, cwd=REPO, capture_output=True)
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        step_seconds = statistics.median(
-            b["train_seconds"] - a["train_seconds"] for a, b in itertools.pairwise(rows[2:])
-        )
-        supervised_per_step = rows[-1]["supervised_tokens"] / len(rows)
-        summary = json.loads((run_dir / "summary.json").read_text())
-        results[name] = {"rate": supervised_per_step / step_seconds, "peak_mb": summary["peak_memory_mb"]}
-    for mode, name in (("trl", "TRL SFTTrainer (dynamic padding)"), ("bare", "bare PyTorch loop, packed batches")):
-        child = SFT_CHILD.replace("REPO", repr(str(REPO)))
-        output = subprocess.run(
-            [sys.executable, "-c", child, mode, str(work), str(args.steps)],
-            check=True,
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-        )
-        results[name] = json.loads(output.stdout.strip().splitlines()[-1])
-
-    trl_rate = results["TRL SFTTrainer (dynamic padding)"]["rate"]
+    # Equal tokens per optimizer step: packed rows of max_length, as many per step as 8 examples' mean tokens fill.
+    rows = pack_examples(examples, args.max_length)
+    efficiency = sum(lengths) / (len(rows) * args.max_length)
+    rows_per_step = max(1, round(8 * statistics.mean(lengths) / (args.max_length * efficiency)))
+    torch.save([collate_packed(rows[i : i + rows_per_step], 0) for i in range(0, len(rows), rows_per_step)],
+               work / "packed_batches.pt")  # fmt: skip
+    base = ["model=smollm2", f"++model.name_or_path={model_dir}", f"datasets=[{data}]", f"model.dtype={args.dtype}",
+            f"model.max_length={args.max_length}", f"max_steps={steps}", "lr=1e-5"]  # fmt: skip
+    results = {
+        "Halyard, unpacked, random batches": run_halyard(
+            work, "unpacked", [*base, "model.batch_size=8", "data.group_by_length=false"], args.warmup_steps,
+            "supervised_tokens"),
+        "Halyard, grouped by length (default)": run_halyard(
+            work, "grouped", [*base, "model.batch_size=8", "data.group_by_length=true"], args.warmup_steps,
+            "supervised_tokens"),
+        f"Halyard, packed ({rows_per_step} rows of {args.max_length} per step)": run_halyard(
+            work, "packed", [*base, f"model.batch_size={rows_per_step}", "data.packing=true"], args.warmup_steps,
+            "supervised_tokens"),
+    }  # fmt: skip
+    settings = {"model": str(model_dir), "dtype": args.dtype, "lr": 1e-5, "steps": steps,
+                "warmup_steps": args.warmup_steps}  # fmt: skip
+    trl_padded = run_child("trl-sft", work, settings)
+    trl_free = run_child("trl-sft-pf", work, settings)
+    # Padding-free is correct only if each example still attends only to itself: its first loss must equal the
+    # padded run's on the same batch.
+    free_ok = abs(trl_free["losses"][0] - trl_padded["losses"][0]) <= 1e-3 * abs(trl_padded["losses"][0])
+    results["TRL 1.16 SFTTrainer, padded"] = trl_padded
+    label = "correct" if free_ok else "WRONG: examples attend to each other"
+    results[f"TRL 1.16 SFTTrainer, padding_free ({label}: step-1 loss {trl_free['losses'][0]:.4f} vs padded "
+            f"{trl_padded['losses'][0]:.4f})"] = trl_free  # fmt: skip
+    results["bare PyTorch loop, Halyard's packed batches, model's own loss"] = run_child("bare", work, settings)
+    best_trl = max(trl_padded["rate"], trl_free["rate"] if free_ok else 0.0)
     lines = [
-        f"Model: Llama, {n_params / 1e6:.1f}M parameters (hidden 256, 4 layers, vocab {len(tokenizer)}); "
-        f"{len(examples)} examples, lengths {min(lengths)}-{max(lengths)} tokens (median {statistics.median(lengths):.0f}); "
-        f"batch 8, max_length 512, AdamW, {args.steps} steps per run.",
+        f"Model: {model_text}, {args.dtype}. Data: {len(examples)} synthetic multi-turn chat examples, "
+        f"{min(lengths)}-{max(lengths)} tokens (median {statistics.median(lengths):.0f}, mean "
+        f"{statistics.mean(lengths):.0f}); 8 examples per step (packed: {rows_per_step} rows of {args.max_length}, "
+        f"efficiency {efficiency:.0%}); AdamW lr 1e-5, no clipping, no gradient checkpointing; "
+        f"{args.warmup_steps} warm-up + {args.steps} timed steps per run; median step time.",
         "",
-        "| run | supervised tokens/s | vs TRL | peak RSS (MB) |",
-        "|---|---|---|---|",
+        "| run | supervised tokens/s | vs best TRL | median step (s) | supervised tokens per step | peak RSS (MB) |",
+        "|---|---|---|---|---|---|",
         *(
-            f"| {name} | {r['rate']:,.0f} | {r['rate'] / trl_rate:.2f}x | {r['peak_mb']:,.0f} |"
+            f"| {name} | {r['rate']:,.0f} | {r['rate'] / best_trl:.2f}x | {r['step_seconds']:.2f} | "
+            f"{r['units_per_step']:,.0f} | {r['peak_mb']:,.0f} |"
+            for name, r in results.items()
+        ),
+    ]
+    mfus = {name: r["mfu"] for name, r in results.items() if "mfu" in r}
+    lines += [
+        "",
+        "Halyard's logged MFU (median over timed steps): " + ", ".join(f"{n}: {m:.3f}" for n, m in mfus.items()),
+    ]
+    return "\n".join(lines)
+
+
+def synthetic_pair_rows(n_rows: int, seed: int = 0) -> list[dict]:
+    """Preference rows: a chat prompt (1-3 turns), a chosen and a rejected answer, lengths skewed (lognormal)."""
+    rng = random.Random(seed)
+    chats = synthetic_chat_rows(n_rows, seed)
+    rows = []
+    for chat in chats:
+        messages = chat["messages"]
+        answers = [m["content"] for m in synthetic_chat_rows(2, rng.randint(0, 10**9))[0]["messages"][1::2]]
+        second = synthetic_chat_rows(1, rng.randint(0, 10**9))[0]["messages"][1]["content"]
+        rows.append({"prompt": messages[:-1], "chosen": [{"role": "assistant", "content": answers[0]}],
+                     "rejected": [{"role": "assistant", "content": second}]})  # fmt: skip
+    return rows
+
+
+def bench_dpo(args) -> str:
+    """DPO: Halyard (padded, packed, precomputed reference) against TRL's DPOTrainer (padded, precomputed
+    reference; its padding_free is disabled in 1.16), each in its own process, same model, pairs and batch."""
+    from transformers import AutoTokenizer
+
+    from train.config import DataConfig
+    from train.data import load_examples
+    from train.store import IGNORE_INDEX, pack_plan, packed_row_tokens
+
+    work = Path(tempfile.mkdtemp(prefix="halyard-bench-dpo-"))
+    tokenizer = AutoTokenizer.from_pretrained(args.smollm2)
+    model_dir, model_text = model_for(args, work, tokenizer)
+    steps = args.steps + args.warmup_steps
+    data = work / "pairs-data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_pair_rows(steps * args.pairs * 4, seed=2)))
+    pairs = list(load_examples([str(data)], tokenizer, DataConfig(), args.max_length, kind="paired")[0])
+    with (work / "pairs.jsonl").open("w") as out:
+        for pair in pairs:
+            prompt = next(i for i, label in enumerate(pair.chosen.labels) if label != IGNORE_INDEX)
+            out.write(json.dumps({"prompt_ids": pair.chosen.input_ids[:prompt],
+                                  "chosen_ids": pair.chosen.input_ids[prompt:],
+                                  "rejected_ids": pair.rejected.input_ids[prompt:]}) + "\n")  # fmt: skip
+    lengths = np.array([len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in pairs])
+    _, row_starts = pack_plan(lengths, packed_row_tokens("paired", args.max_length))
+    n_rows = len(row_starts) - 1
+    rows_per_step = max(1, round(args.pairs * n_rows / len(pairs)))
+    base = ["loss=dpo", "model=smollm2", f"++model.name_or_path={model_dir}", f"datasets=[{data}]",
+            f"model.dtype={args.dtype}", f"model.max_length={args.max_length}", f"max_steps={steps}", "lr=1e-6"]  # fmt: skip
+    batch = [f"model.batch_size={args.pairs}"]
+    results = {
+        "Halyard, padded, live reference": run_halyard(work, "padded", [*base, *batch], args.warmup_steps, "examples"),
+        f"Halyard, packed ({rows_per_step} rows of {2 * args.max_length} per step), live reference": run_halyard(
+            work, "packed", [*base, f"model.batch_size={rows_per_step}", "data.packing=true"], args.warmup_steps,
+            "examples"),
+        "Halyard, padded, precomputed reference": run_halyard(
+            work, "padded-pre", [*base, *batch, "reference.precompute=true"], args.warmup_steps, "examples"),
+        "Halyard, packed, precomputed reference": run_halyard(
+            work, "packed-pre", [*base, f"model.batch_size={rows_per_step}", "data.packing=true",
+                                 "reference.precompute=true"], args.warmup_steps, "examples"),
+    }  # fmt: skip
+    for result in results.values():  # Halyard counts sequences: two per pair
+        result["units_per_step"] /= 2
+        result["rate"] /= 2
+    settings = {"model": str(model_dir), "dtype": args.dtype, "lr": 1e-6, "steps": steps, "pairs": args.pairs,
+                "warmup_steps": args.warmup_steps}  # fmt: skip
+    results["TRL 1.16 DPOTrainer, padded, live reference"] = run_child("trl-dpo", work, settings)
+    results["TRL 1.16 DPOTrainer, padded, precompute_ref_log_probs"] = run_child("trl-dpo-pre", work, settings)
+    best_trl = max(r["rate"] for name, r in results.items() if name.startswith("TRL"))
+    mean_pair = lengths.mean()
+    lines = [
+        f"Model: {model_text}, {args.dtype}. Data: {len(pairs)} synthetic chat preference pairs, prompt + chosen + "
+        f"prompt + rejected {lengths.min()}-{lengths.max()} tokens (mean {mean_pair:.0f}); {args.pairs} pairs per "
+        f"step (packed: {rows_per_step} rows, ~{args.pairs} pairs); AdamW lr 1e-6, no clipping, no gradient "
+        f"checkpointing; {args.warmup_steps} warm-up + {args.steps} timed steps per run; median step time. TRL 1.16 "
+        'disables DPO padding_free ("temporarily unavailable"), so padded is its best configuration here.',
+        "",
+        "| run | pairs/s | vs best TRL | median step (s) | pairs per step | peak RSS (MB) |",
+        "|---|---|---|---|---|---|",
+        *(
+            f"| {name} | {r['rate']:.2f} | {r['rate'] / best_trl:.2f}x | {r['step_seconds']:.2f} | "
+            f"{r['units_per_step']:.1f} | {r['peak_mb']:,.0f} |"
             for name, r in results.items()
         ),
     ]
@@ -388,9 +569,16 @@ def main() -> None:
     pre.add_argument("--tokenizer", default=str(default_tokenizer), help="tokenizer folder (default: SmolLM2's)")
     memory = sub.add_parser("reference-memory")
     memory.add_argument("--steps", type=int, default=6)
-    sft = sub.add_parser("sft")
-    sft.add_argument("--steps", type=int, default=12)
-    sft.add_argument("--tokenizer", default=str(default_tokenizer))
+    for name, steps in (("sft", 6), ("dpo", 5)):
+        bench = sub.add_parser(name)
+        bench.add_argument("--steps", type=int, default=steps, help="timed steps per run")
+        bench.add_argument("--warmup-steps", type=int, default=2)
+        bench.add_argument("--model", choices=["smollm2", "qwen-shape"], default="smollm2")
+        bench.add_argument("--smollm2", default=str(default_tokenizer), help="SmolLM2-135M-Instruct's folder")
+        bench.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+        bench.add_argument("--max-length", type=int, default=512)
+        if name == "dpo":
+            bench.add_argument("--pairs", type=int, default=4, help="pairs per optimizer step")
     scale = sub.add_parser("scale")
     scale.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     scale.add_argument("--mean-words", type=float, default=92.0, help="words per row (~300 tiny-model tokens)")
@@ -400,6 +588,7 @@ def main() -> None:
         "preprocess": bench_preprocess,
         "reference-memory": bench_reference_memory,
         "sft": bench_sft,
+        "dpo": bench_dpo,
         "scale": bench_scale,
     }
     table = runners[args.what](args)

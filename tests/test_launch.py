@@ -73,6 +73,9 @@ def test_summary_matches_the_metrics(full_run):
     assert summary["final_dir"] == str((full_run / "FINAL").resolve())
     assert summary["wall_seconds"] >= summary["train_seconds"] > 0
     assert summary["tokens_per_second"] == pytest.approx(summary["tokens"] / summary["train_seconds"])
+    # MFU against a robustly measured peak (recorded with its source) stays a fraction, on every logged step
+    assert summary["peak_flops_source"].startswith("measured") and summary["peak_flops_per_second"] > 1e9
+    assert all(0 < row["mfu"] <= 1 for row in read_metrics(full_run) if "mfu" in row)
 
 
 def test_run_dir_holds_config_metrics_and_a_loadable_final(full_run):

@@ -44,7 +44,7 @@ from train.optim import build_optimizer, build_scheduler
 from train.progress import Progress
 from train.samples import write_samples
 from train.store import PackedExample, PackedStore, TokenStore
-from train.throughput import Throughput, peak_flops_per_second, peak_memory, step_counts
+from train.throughput import Throughput, model_flops, peak_flops_per_second, peak_memory, step_counts
 
 logger = logging.getLogger(__name__)
 
@@ -149,10 +149,10 @@ class BasicTrainer:
 
         self.model, self.optimizer = self.prepare_model(model, fsdp, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg.warmup_ratio, self.total_steps)
+        self.summary: dict[str, object] = {}
         self.throughput = self.build_throughput(cfg)
         if isinstance(train_data, PackedStore):
             verify_packing_isolation(self.accelerator.unwrap_model(self.model), cfg.model.attn_implementation)
-        self.summary: dict[str, object] = {}
         self.metrics_path = self.run_dir / checkpoint.METRICS_FILE
         self.step = 0  # optimizer steps completed
         self.skipped_steps = 0
@@ -169,22 +169,12 @@ class BasicTrainer:
         return self.accelerator.prepare(model, build_optimizer(model, cfg.lr, cfg.weight_decay))
 
     def build_throughput(self, cfg: Config) -> Throughput:
-        model = self.accelerator.unwrap_model(self.model)
-        config = model.config
-        peak = peak_flops_per_second(cfg.peak_flops_per_second, self.accelerator.device, cfg.model.dtype == "bfloat16")
-        # The input embedding is a lookup (no FLOPs); the head is counted where the loss needs it.
-        embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-        head = config.vocab_size * config.hidden_size if self.model_head == "lm" else 0  # a score head: ~0 FLOPs
-        body = sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
-        untied_head = 0 if getattr(config, "tie_word_embeddings", False) else head
-        return Throughput(
-            n_body_parameters=body - untied_head,
-            head_parameters=head,
-            n_layers=config.num_hidden_layers,
-            hidden_size=config.hidden_size,
-            peak_flops=peak,
-            n_processes=self.accelerator.num_processes,
-        )
+        device = self.accelerator.device
+        peak = peak_flops_per_second(cfg.peak_flops_per_second, device, cfg.model.dtype == "bfloat16", cfg.cache_dir)
+        reference_forward = self.uses_reference and not cfg.reference.precompute
+        flops = model_flops(self.accelerator.unwrap_model(self.model), self.model_head == "lm", reference_forward)
+        self.summary.update(peak_flops_per_second=peak.flops_per_second, peak_flops_source=peak.source)
+        return Throughput(flops, peak.flops_per_second, self.accelerator.num_processes)
 
     # ---- hooks for subclasses ----
 
