@@ -424,6 +424,118 @@ def bench_dpo(args) -> str:
     return "\n".join(lines)
 
 
+def shared_prompt_batch(pairs, pad_token_id: int):
+    """Each pair as one row `prompt, chosen, rejected`: position_ids continue from the prompt into both responses,
+    and a (pairs, 1, L, L) bool mask (True: attend) lets the rejected tokens see the prompt but not the chosen ones.
+    Also returns, per row, the positions whose next token is a response token and those tokens, the rejected
+    response's first token predicted from the prompt's last position (the position the chosen one's uses too)."""
+    import torch
+
+    from train.store import IGNORE_INDEX
+
+    rows, positions, targets = [], [], []
+    for pair in pairs:
+        prompt = next(i for i, label in enumerate(pair.chosen.labels) if label != IGNORE_INDEX)
+        chosen, rejected = pair.chosen.input_ids[prompt:], pair.rejected.input_ids[prompt:]
+        rows.append((pair.chosen.input_ids[:prompt], chosen, rejected))
+        # position t of a sequence predicts its token t + 1 where that is supervised; the rejected response sits
+        # len(chosen) further along the row than in its own sequence
+        chosen_at = [t for t in range(len(pair.chosen.labels) - 1) if pair.chosen.labels[t + 1] != IGNORE_INDEX]
+        rejected_at = [t for t in range(len(pair.rejected.labels) - 1) if pair.rejected.labels[t + 1] != IGNORE_INDEX]
+        positions.append((chosen_at, [t if t < prompt else t + len(chosen) for t in rejected_at]))
+        targets.append(
+            ([pair.chosen.labels[t + 1] for t in chosen_at], [pair.rejected.labels[t + 1] for t in rejected_at])
+        )
+    longest = max(len(p) + len(c) + len(r) for p, c, r in rows)
+    input_ids = torch.full((len(rows), longest), pad_token_id)
+    position_ids = torch.zeros((len(rows), longest), dtype=torch.long)
+    mask = torch.zeros((len(rows), 1, longest, longest), dtype=torch.bool)
+    for i, (p, c, r) in enumerate(rows):
+        n = len(p) + len(c) + len(r)
+        input_ids[i, :n] = torch.tensor(p + c + r)
+        position_ids[i, :n] = torch.tensor(list(range(len(p) + len(c))) + list(range(len(p), len(p) + len(r))))
+        mask[i, 0, :n, :n] = torch.tril(torch.ones(n, n, dtype=torch.bool))
+        mask[i, 0, len(p) + len(c) : n, len(p) : len(p) + len(c)] = False  # rejected does not see chosen
+        mask[i, 0, n:, :] = torch.eye(longest, dtype=torch.bool)[n:]  # padding rows attend to themselves only
+    return input_ids, position_ids, mask, positions, targets
+
+
+def bench_shared_prompt(args) -> str:
+    """A pair's prompt run once (`prompt, chosen, rejected` in one row) vs twice (two rows): the same summed
+    log-probs (checked), and the policy's forward + backward time on the same pairs, median over repeats."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from train.config import DataConfig
+    from train.data import collate
+    from train.store import IGNORE_INDEX
+
+    tokenizer = AutoTokenizer.from_pretrained(args.smollm2)
+    model = AutoModelForCausalLM.from_pretrained(args.smollm2, attn_implementation="sdpa", dtype=torch.float32)
+    model.config.use_cache = False
+    work = Path(tempfile.mkdtemp(prefix="halyard-bench-shared-"))
+    data = work / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_pair_rows(args.pairs * 4, seed=3)))
+    from train.data import load_examples
+
+    pairs = list(load_examples([str(data)], tokenizer, DataConfig(), 512, kind="paired")[0])
+    pairs = sorted(pairs, key=lambda p: len(p.chosen.input_ids))[-args.pairs :] if args.long_prompts else pairs
+
+    def logp(hidden, rows_positions, rows_targets):
+        sums = []
+        for row, (positions, targets) in enumerate(zip(rows_positions, rows_targets, strict=True)):
+            logits = model.lm_head(hidden[row, positions]).float()
+            sums.append(torch.log_softmax(logits, -1).gather(1, torch.tensor(targets)[:, None]).sum())
+        return torch.stack(sums)
+
+    def separate(batch_pairs):
+        sequences = [p.chosen for p in batch_pairs] + [p.rejected for p in batch_pairs]
+        batch = collate(sequences, tokenizer.pad_token_id)
+        hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        positions, targets = [], []
+        for s in sequences:
+            kept = [t for t in range(len(s.labels) - 1) if s.labels[t + 1] != IGNORE_INDEX]
+            positions.append(kept)
+            targets.append([s.labels[t + 1] for t in kept])
+        values = logp(hidden, positions, targets)
+        n = len(batch_pairs)
+        return torch.stack([values[:n], values[n:]], dim=1)
+
+    def shared(batch_pairs):
+        input_ids, position_ids, mask, positions, targets = shared_prompt_batch(batch_pairs, tokenizer.pad_token_id)
+        hidden = model.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask).last_hidden_state
+        chosen = logp(hidden, [p[0] for p in positions], [t[0] for t in targets])
+        rejected = logp(hidden, [p[1] for p in positions], [t[1] for t in targets])
+        return torch.stack([chosen, rejected], dim=1)
+
+    batches = [pairs[i : i + args.batch] for i in range(0, len(pairs) - args.batch + 1, args.batch)][: args.repeats]
+    with torch.no_grad():
+        difference = max((separate(b) - shared(b)).abs().max().item() for b in batches[:2])
+    timings = {"separate rows (prompt twice)": [], "shared prompt (one row per pair, 4D mask)": []}
+    for batch_pairs in batches:
+        for name, run in zip(timings, (separate, shared), strict=True):
+            started = time.perf_counter()
+            run(batch_pairs).sum().backward()
+            model.zero_grad(set_to_none=True)
+            timings[name].append(time.perf_counter() - started)
+    prompt = statistics.mean(next(i for i, t in enumerate(p.chosen.labels) if t != IGNORE_INDEX) for p in pairs)
+    tokens = statistics.mean(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in pairs)
+    base = statistics.median(timings["separate rows (prompt twice)"][1:])
+    lines = [
+        f"SmolLM2-135M real weights, float32, sdpa; {len(batches)} batches of {args.batch} pairs (first one a "
+        f"warm-up), mean prompt {prompt:.0f} tokens of {tokens:.0f} per pair (both sequences); largest log-prob "
+        f"difference between the layouts {difference:.1e}.",
+        "",
+        "| layout | policy forward + backward, median (s) | vs separate |",
+        "|---|---|---|",
+        *(
+            f"| {name} | {statistics.median(t[1:]):.3f} | {statistics.median(t[1:]) / base:.2f}x |"
+            for name, t in timings.items()
+        ),  # fmt: skip
+    ]
+    return "\n".join(lines)
+
+
 WORDS = np.array(SHIP_WORDS)
 
 
@@ -579,6 +691,12 @@ def main() -> None:
         bench.add_argument("--max-length", type=int, default=512)
         if name == "dpo":
             bench.add_argument("--pairs", type=int, default=4, help="pairs per optimizer step")
+    shared = sub.add_parser("shared-prompt")
+    shared.add_argument("--pairs", type=int, default=32)
+    shared.add_argument("--batch", type=int, default=4)
+    shared.add_argument("--repeats", type=int, default=6)
+    shared.add_argument("--long-prompts", action="store_true", help="the pairs with the longest prompts")
+    shared.add_argument("--smollm2", default=str(default_tokenizer))
     scale = sub.add_parser("scale")
     scale.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     scale.add_argument("--mean-words", type=float, default=92.0, help="words per row (~300 tiny-model tokens)")
@@ -589,6 +707,7 @@ def main() -> None:
         "reference-memory": bench_reference_memory,
         "sft": bench_sft,
         "dpo": bench_dpo,
+        "shared-prompt": bench_shared_prompt,
         "scale": bench_scale,
     }
     table = runners[args.what](args)

@@ -131,14 +131,14 @@ def test_lora_writes_merged_model_and_adapter(tiny_cache):
 
 
 SPLITS = {  # name: (accelerate config, gradient accumulation steps, extra args); the global batch is always 8
-    "1proc_accum1": (None, 1, []),  # one data loader worker (the default)
-    "1proc_accum4": (None, 4, ["data.num_workers=0"]),  # collated in the training process
-    "2proc_accum2": ("cpu_2proc.yaml", 2, ["data.num_workers=2"]),
-    "2proc_fsdp_accum2": ("fsdp_cpu_2proc.yaml", 2, []),
-    "1proc_accum1_sequence": (None, 1, ["loss.reduction=sequence"]),
-    "2proc_fsdp_accum2_sequence": ("fsdp_cpu_2proc.yaml", 2, ["loss.reduction=sequence"]),
-    "1proc_accum1_grouped": (None, 1, ["data.group_by_length=true"]),
-    "2proc_accum2_grouped": ("cpu_2proc.yaml", 2, ["data.group_by_length=true"]),
+    "1proc_accum1": (None, 1, ["data.group_by_length=false"]),  # one data loader worker (the default)
+    "1proc_accum4": (None, 4, ["data.num_workers=0", "data.group_by_length=false"]),  # collated in-process
+    "2proc_accum2": ("cpu_2proc.yaml", 2, ["data.num_workers=2", "data.group_by_length=false"]),
+    "2proc_fsdp_accum2": ("fsdp_cpu_2proc.yaml", 2, ["data.group_by_length=false"]),
+    "1proc_accum1_sequence": (None, 1, ["loss.reduction=sequence", "data.group_by_length=false"]),
+    "2proc_fsdp_accum2_sequence": ("fsdp_cpu_2proc.yaml", 2, ["loss.reduction=sequence", "data.group_by_length=false"]),
+    "1proc_accum1_grouped": (None, 1, []),  # grouped by length: the default
+    "2proc_accum2_grouped": ("cpu_2proc.yaml", 2, []),
 }
 
 
