@@ -1,16 +1,29 @@
 """Benchmarks. Results go to docs/BENCHMARKS.md with the command that produced them.
 
     python scripts/benchmark.py preprocess [--rows 20000] [--repeats 3] [--tokenizer DIR]
-
+    python scripts/benchmark.py sft [--model smollm2|qwen-shape] [--dtype float32|bfloat16] [--steps 6]
+    python scripts/benchmark.py dpo [--model smollm2|qwen-shape] [--pairs 4] [--steps 5]
+    python scripts/benchmark.py shared-prompt [--pairs 32] [--batch 4] [--long-prompts]
+    python scripts/benchmark.py cpu-options [--repeats 3] [--compile]
     python scripts/benchmark.py reference-memory [--steps 6]
     python scripts/benchmark.py scale [--rows 10000 100000 1000000] [--work DIR]
-    python scripts/benchmark.py sft [--steps 12] [--out docs/BENCHMARKS.md]
 
-sft: supervised fine-tuning throughput and peak memory, side by side, each run in its own process: Halyard unpacked,
-Halyard packed, TRL's SFTTrainer (the optional `bench` extra) and a bare PyTorch loop over Halyard's packed batches
-(the ceiling). Same ~28M-parameter Llama (random init, SmolLM2's 49k vocabulary), same tokenized multi-turn chat data
-with skewed lengths, same labels, sequence length, batch of 8 and AdamW. Rates are supervised tokens per second:
-the supervised tokens of the examples consumed, divided by steps, over the median step time (after 2 warm-up steps).
+sft: supervised fine-tuning, each run its own process, one after the other: Halyard unpacked with random batches,
+grouped by length (the default) and packed (rows sized to the same tokens per step), TRL 1.16's SFTTrainer padded
+and padding-free (its padding-free step-1 loss is compared with the padded one on the same batch: equal means the
+examples stayed apart), and a bare PyTorch loop over Halyard's packed batches with the model's own loss. The model is
+SmolLM2-135M's real weights, or Qwen2.5-0.5B's layer shape at reduced depth; the data synthetic multi-turn chat with
+skewed lengths; the same tokens and labels for every run. Rates: supervised tokens per step over the median step
+time after the warm-up steps.
+
+dpo: DPO pairs/s and peak RSS, Halyard padded and packed, each with a live and a precomputed reference, against TRL's
+DPOTrainer (padded, with and without precompute_ref_log_probs), on the same tokenized pairs (TRL is handed Halyard's
+token ids) and the same pairs per step.
+
+shared-prompt: a pair's prompt run once (one row `prompt, chosen, rejected`, a 4D mask keeping rejected from chosen)
+vs twice (two rows), same log-probs (checked), policy forward + backward time.
+
+cpu-options: threads, bfloat16 autocast and torch.compile on one SmolLM2 training step.
 
 scale: the data path at 10k, 100k and 1M synthetic multi-turn rows (lognormal lengths, ~300 tokens on average) on the
 tiny 2-layer model: seconds from the command to the end of step 1 (`max_steps=1`) and peak memory of all its
@@ -536,6 +549,71 @@ def bench_shared_prompt(args) -> str:
     return "\n".join(lines)
 
 
+def bench_cpu_options(args) -> str:
+    """CPU settings on one training step of SmolLM2-135M (real weights, a padded batch of chat examples), in one
+    process on the same batch: threads, bfloat16 autocast, torch.compile. Median of the timed repeats."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from train.config import DataConfig
+    from train.data import collate, load_examples
+    from train.losses import selected_nll_sum, supervised_positions
+
+    tokenizer = AutoTokenizer.from_pretrained(args.smollm2)
+    work = Path(tempfile.mkdtemp(prefix="halyard-bench-cpu-"))
+    data = work / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_chat_rows(64, seed=4)))
+    examples = sorted(load_examples([str(data)], tokenizer, DataConfig(), 512)[0], key=lambda e: len(e.input_ids))
+    batch = collate(examples[24:32], tokenizer.pad_token_id)  # 8 examples of similar, middling length
+    threads = torch.get_num_threads()
+
+    def step_seconds(model, bf16: bool, repeats: int) -> float:
+        times = []
+        for _ in range(repeats + 1):  # the first is a warm-up (and, compiled, the compilation)
+            started = time.perf_counter()
+            keep = supervised_positions(batch["labels"])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               logits_to_keep=keep).logits  # fmt: skip
+            loss = selected_nll_sum(logits, batch["labels"], keep)
+            (loss.total / loss.count).backward()
+            model.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - started)
+        return statistics.median(times[1:]), times[0]
+
+    def fresh():
+        model = AutoModelForCausalLM.from_pretrained(args.smollm2, attn_implementation="sdpa", dtype=torch.float32)
+        model.config.use_cache = False
+        return model
+
+    model = fresh()
+    results = {f"float32, {threads} threads (default)": step_seconds(model, False, args.repeats)}
+    torch.set_num_threads(1)
+    results["float32, 1 thread"] = step_seconds(model, False, args.repeats)
+    torch.set_num_threads(threads)
+    results[f"bfloat16 autocast, {threads} threads"] = step_seconds(model, True, args.repeats)
+    if args.compile:
+        compiled = torch.compile(fresh(), dynamic=True)
+        results[f"float32, torch.compile(dynamic=True), {threads} threads"] = step_seconds(
+            compiled, False, args.repeats
+        )
+    base = results[f"float32, {threads} threads (default)"][0]
+    tokens = int(batch["attention_mask"].sum())
+    lines = [
+        f"SmolLM2-135M real weights, one forward + backward with Halyard's lean loss on 8 chat examples ({tokens} real "
+        f"tokens, padded to {batch['input_ids'].shape[1]}), {args.repeats} timed repeats after one warm-up, in one "
+        "process.",
+        "",
+        "| setting | median step (s) | vs default | first step (s) |",
+        "|---|---|---|---|",
+        *(
+            f"| {name} | {median:.2f} | {median / base:.2f}x | {first:.1f} |"
+            for name, (median, first) in results.items()
+        ),
+    ]
+    return "\n".join(lines)
+
+
 WORDS = np.array(SHIP_WORDS)
 
 
@@ -697,6 +775,10 @@ def main() -> None:
     shared.add_argument("--repeats", type=int, default=6)
     shared.add_argument("--long-prompts", action="store_true", help="the pairs with the longest prompts")
     shared.add_argument("--smollm2", default=str(default_tokenizer))
+    cpu = sub.add_parser("cpu-options")
+    cpu.add_argument("--repeats", type=int, default=3)
+    cpu.add_argument("--compile", action="store_true", help="also torch.compile (minutes of compilation on a CPU)")
+    cpu.add_argument("--smollm2", default=str(default_tokenizer))
     scale = sub.add_parser("scale")
     scale.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     scale.add_argument("--mean-words", type=float, default=92.0, help="words per row (~300 tiny-model tokens)")
@@ -708,6 +790,7 @@ def main() -> None:
         "sft": bench_sft,
         "dpo": bench_dpo,
         "shared-prompt": bench_shared_prompt,
+        "cpu-options": bench_cpu_options,
         "scale": bench_scale,
     }
     table = runners[args.what](args)
