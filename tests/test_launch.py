@@ -276,10 +276,14 @@ def test_trackers_bfloat16_and_gradient_checkpointing(tiny_cache):
         "model.gradient_checkpointing=true",
     ]
     flags += ["model.dtype=bfloat16", "eval_samples=2", "eval_samples_max_new_tokens=8", "eval_every_steps=2"]
+    flags += ["optimizer.name=adafactor", "lr_scheduler=warmup_stable_decay", "warmup_steps=1", "lr_decay_ratio=0.5"]
     result = run_cli(args + flags)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "optimizer adafactor, lr 0.003, warmup_stable_decay schedule, 1 warmup step(s)" in result.stderr
     run = tiny_cache / "trackers"
     logged = [m for m in read_metrics(run) if "loss/train" in m]
+    # 4 steps: warmup to step 1, held at step 2, then the last 2 steps decay to 0 (lr is logged after each step).
+    assert [m["lr"] for m in logged] == pytest.approx([3e-3, 0.0])
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     scalars = events.Scalars("loss/train")

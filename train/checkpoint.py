@@ -3,7 +3,8 @@
 `${run_dir}/step-<N>/` holds:
 - `model/`: a Hugging Face folder (safetensors; with LoRA, the adapter only), written by the main process; under
   FSDP instead `model-rank<r>.safetensors`, each process's shard.
-- `optimizer-rank<r>.safetensors` + `optimizer.json`: AdamW moments (per shard under FSDP; rank 0's copy otherwise).
+- `optimizer-rank<r>.safetensors` + `optimizer.json`: the optimizer's state (AdamW moments, Adafactor's factored
+  second moments and step count) (per shard under FSDP; rank 0's copy otherwise).
 - `scheduler.json`, `trainer_state.json` (step, epoch, counters, tracker run id, world size), `rng-rank<r>.json`
   (every process's Python, NumPy and torch RNG states), and `config.yaml` (the resolved config).
 
@@ -31,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from train import files
@@ -196,7 +198,14 @@ def save_optimizer(optimizer, directory: Path, rank: int) -> None:
         for name, value in param_state.items()
         if torch.is_tensor(value)
     }
-    save_file(tensors, str(directory / f"optimizer-rank{rank}.safetensors"))
+    # Plain numbers in the state (Adafactor's step count) go in the file's metadata: they are per parameter too.
+    scalars = {
+        f"{index}.{name}": value
+        for index, param_state in state["state"].items()
+        for name, value in param_state.items()
+        if isinstance(value, int | float)
+    }
+    save_file(tensors, str(directory / f"optimizer-rank{rank}.safetensors"), metadata={"scalars": json.dumps(scalars)})
     if rank == 0:
         (directory / "optimizer.json").write_text(json.dumps({"param_groups": state["param_groups"]}))
 
@@ -206,7 +215,12 @@ def load_optimizer(optimizer, directory: Path, rank: int, sharded: bool) -> None
 
     source = directory / f"optimizer-rank{rank if sharded else 0}.safetensors"
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    state: dict[int, dict[str, torch.Tensor]] = {}
+    state: dict[int, dict[str, torch.Tensor | float]] = {}
+    with safe_open(str(source), framework="pt") as opened:
+        scalars = json.loads((opened.metadata() or {}).get("scalars", "{}"))
+    for key, value in scalars.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
     for key, tensor in load_file(str(source)).items():
         index, name = key.split(".", 1)
         param = params[int(index)]

@@ -40,7 +40,7 @@ from train.errors import DataError, HalyardError
 from train.faults import StopRequest, TrainingStopped, fault_at
 from train.losses import LossSum, count_loss_units, selected_nll_sum, supervised_positions
 from train.models import verify_packing_isolation
-from train.optim import build_optimizer, build_scheduler
+from train.optim import build_optimizer, build_scheduler, warmup_steps_of
 from train.progress import Progress
 from train.samples import write_samples
 from train.store import PackedExample, PackedStore, TokenStore
@@ -148,7 +148,21 @@ class BasicTrainer:
             )
 
         self.model, self.optimizer = self.prepare_model(model, fsdp, cfg)
-        self.scheduler = build_scheduler(self.optimizer, cfg.warmup_ratio, self.total_steps)
+        self.warmup_steps = warmup_steps_of(
+            self.total_steps, warmup_steps=cfg.warmup_steps, warmup_ratio=cfg.warmup_ratio
+        )
+        self.scheduler = build_scheduler(
+            self.optimizer,
+            self.total_steps,
+            name=cfg.lr_scheduler,
+            warmup_steps=self.warmup_steps,
+            min_lr_ratio=cfg.min_lr_ratio,
+            decay_ratio=cfg.lr_decay_ratio,
+        )
+        logger.info(
+            f"optimizer {cfg.optimizer.name}, lr {cfg.lr:g}, {cfg.lr_scheduler} schedule, "
+            f"{self.warmup_steps} warmup step(s)"
+        )
         self.throughput = self.build_throughput(cfg)
         if isinstance(train_data, PackedStore):
             verify_packing_isolation(self.accelerator.unwrap_model(self.model), cfg.model.attn_implementation)
@@ -163,10 +177,12 @@ class BasicTrainer:
 
     def prepare_model(self, model, fsdp: FsdpSettings | None, cfg: Config):
         """The model wrapped for this process layout (DDP, or sharded with FSDP2), and its optimizer."""
+        opt = cfg.optimizer
+        settings = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, name=opt.name, betas=opt.betas, eps=opt.eps)
         if fsdp is not None:  # shard first: the optimizer must hold the sharded parameters
             model = shard_model(model, fsdp, self.accelerator.device, bf16=cfg.model.dtype == "bfloat16")
-            return model, build_optimizer(model, cfg.lr, cfg.weight_decay)
-        return self.accelerator.prepare(model, build_optimizer(model, cfg.lr, cfg.weight_decay))
+            return model, build_optimizer(model, **settings)
+        return self.accelerator.prepare(model, build_optimizer(model, **settings))
 
     def build_throughput(self, cfg: Config) -> Throughput:
         model = self.accelerator.unwrap_model(self.model)
