@@ -34,3 +34,10 @@ def test_rates_padding_and_mfu_hand_derived():
     assert (report["tokens_per_second"], report["supervised_tokens_per_second"]) == (4.0, 2.5)
     assert report["padding_fraction"] == pytest.approx(0.2) and report["examples"] == 2
     assert throughput.report()["tokens_per_second"] == 0.0  # the window restarts after each report
+
+
+def test_pairs_are_counted_once_under_their_own_name():
+    throughput = Throughput(unit="pairs", rows_per_example=2)  # chosen and rejected: two rows of a batch
+    throughput.add(torch.tensor([8.0, 5.0, 10.0, 34.0, 16.0]), seconds=1.0)
+    report = throughput.report()
+    assert report["pairs"] == 8 and "examples" not in report

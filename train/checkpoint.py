@@ -127,7 +127,7 @@ NON_MATH_KEYS = {
     "exp_name", "cache_dir", "run_dir", "eval_datasets", "eval_every_steps", "log_every_steps", "save_every_steps",
     "save_total_limit", "resume_from_checkpoint", "resume_allow_config_change", "on_nonfinite",
     "model.eval_batch_size", "model.gradient_accumulation_steps", "model.gradient_checkpointing",
-    "model.attn_implementation", "model.name_or_path", "model.tokenizer_name_or_path",
+    "model.attn_implementation", "model.name_or_path", "model.tokenizer_name_or_path", "verbose",
 }  # fmt: skip
 NON_MATH_PREFIXES = ("wandb.", "tensorboard.")
 

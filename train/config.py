@@ -297,6 +297,11 @@ class Config:
     on_nonfinite: str = setting(
         "stop", "A step with a NaN/inf loss or gradient: stop (exit 2) or skip (no update, counted)."
     )
+    verbose: bool = setting(
+        False,
+        "Print every metric in each progress line (not only step, loss, lr, tokens/s, time left), and let the "
+        "libraries' warnings, info logs and progress bars (loading, saving) through.",
+    )
     loss: LossConfig = field(default_factory=LossConfig, metadata={"help": "The loss; chosen with loss=<name>."})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The model; chosen with model=<name>."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "How rows of the data files are read."})

@@ -87,7 +87,10 @@ class Throughput:
         hidden_size: int = 0,
         peak_flops: float = 0.0,
         n_processes: int = 1,
+        unit: str = "examples",
+        rows_per_example: int = 1,
     ):
+        self.unit, self.rows_per_example = unit, rows_per_example  # a pair is 2 rows of a batch, counted once
         self.flops_per_token = 6 * n_body_parameters
         self.flops_per_supervised_token = 6 * head_parameters
         self.attention_flops_per_length_squared = 6 * n_layers * hidden_size
@@ -99,7 +102,7 @@ class Throughput:
 
     def add(self, counts: torch.Tensor, seconds: float) -> None:
         counts = counts.double().cpu()
-        self.examples += int(counts[4])
+        self.examples += int(counts[4]) // self.rows_per_example
         self.tokens += int(counts[0])
         self.supervised_tokens += int(counts[1])
         self.seconds += seconds
@@ -117,7 +120,7 @@ class Throughput:
         self.window.zero_()
         self.window_seconds = 0.0
         return {
-            "examples": self.examples,
+            self.unit: self.examples,
             "tokens": self.tokens,
             "supervised_tokens": self.supervised_tokens,
             "tokens_per_second": tokens / seconds,

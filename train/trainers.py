@@ -88,6 +88,8 @@ class BasicTrainer:
     supports_reference_precompute = False  # whether reference.precompute=true can replace that model
     model_head = "lm"  # "lm": a causal LM; "score": a sequence classifier with one output (a reward model)
     pairs_across_step = False  # collate(examples, successors): each example's successor in the global batch too
+    example_unit = "examples"  # what one item of the training data is called in the log, metrics and summary
+    rows_per_example = 1  # rows a collated item takes in a micro-batch (a pair: chosen and rejected)
 
     def __init__(
         self,
@@ -123,6 +125,9 @@ class BasicTrainer:
         self.num_workers = cfg.data.num_workers
         self.eval_samples = cfg.eval_samples
         self.eval_samples_max_new_tokens = cfg.eval_samples_max_new_tokens
+        self.verbose = cfg.verbose
+        packed = isinstance(train_data, PackedStore)
+        self.batch_unit = "packed rows" if packed else self.example_unit  # what model.batch_size counts
 
         self.batch_plan = BatchPlan(
             n_items=len(train_data),
@@ -135,8 +140,15 @@ class BasicTrainer:
         )
         self.steps_per_epoch = self.batch_plan.steps_per_epoch
         if self.steps_per_epoch == 0:
+            what = f"has {len(train_data)} {self.example_unit}"
+            if packed:
+                what = (
+                    f"packs into {len(train_data)} rows ({len(train_data.members)} examples in rows of up to "
+                    f"model.max_length={cfg.model.max_length} tokens)"
+                )
             raise DataError(
-                f"the training data has {len(train_data)} examples, fewer than model.batch_size={self.batch_size}; lower the batch size or add data"
+                f"the training data {what}, fewer than model.batch_size={self.batch_size} {self.batch_unit}; "
+                f"lower the batch size or add data"
             )
         self.total_steps = self.n_epochs * self.steps_per_epoch
         if cfg.max_steps is not None:
@@ -144,7 +156,8 @@ class BasicTrainer:
         unused = len(train_data) - self.steps_per_epoch * self.batch_size
         if unused:
             logger.info(
-                f"each epoch trains on {len(train_data) - unused} of {len(train_data)} examples: the last partial batch is left out (the order is reshuffled every epoch)"
+                f"each epoch trains on {len(train_data) - unused} of {len(train_data)} {self.batch_unit}: the last "
+                f"partial batch is left out (the order is reshuffled every epoch)"
             )
 
         self.model, self.optimizer = self.prepare_model(model, fsdp, cfg)
@@ -200,6 +213,8 @@ class BasicTrainer:
             hidden_size=config.hidden_size,
             peak_flops=peak,
             n_processes=self.accelerator.num_processes,
+            unit=self.example_unit,
+            rows_per_example=self.rows_per_example,
         )
 
     # ---- hooks for subclasses ----
@@ -241,9 +256,9 @@ class BasicTrainer:
         Raises TrainingStopped after writing a checkpoint if SIGTERM or SIGINT arrived.
         """
         world = self.accelerator.num_processes
-        unit = "packed rows" if isinstance(self.train_data, PackedStore) else "examples"
         logger.info(
-            f"training for {self.total_steps} steps ({self.steps_per_epoch} per epoch) of {self.batch_size} {unit} "
+            f"training for {self.total_steps} steps ({self.steps_per_epoch} per epoch) of {self.batch_size} "
+            f"{self.batch_unit} "
             f"on {world} process(es), {self.accumulation_steps} micro-batch(es) of "
             f"{self.batch_plan.micro_batch_size} each" + (f", from step {self.step}" if self.step else "")
         )
@@ -254,7 +269,7 @@ class BasicTrainer:
             parallelism="fsdp2" if sharded else ("ddp" if world > 1 else "single"),
             local_parameter_fraction=local_parameter_fraction(self.model),
         )
-        self.progress = Progress(self.total_steps, self.step, self.accelerator.is_main_process)
+        self.progress = Progress(self.total_steps, self.step, self.accelerator.is_main_process, verbose=self.verbose)
         if self.step == 0:
             if self.accelerator.is_main_process:
                 self.metrics_path.write_text("")
@@ -403,6 +418,8 @@ class BasicTrainer:
             f.write(json.dumps(metrics) + "\n")
         self.accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
         self.summary.update({k: v for k, v in metrics.items() if k not in ("lr", "grad_norm", "epoch")})
+        if metrics["step"] == 0 and "loss/eval" in metrics:
+            self.summary["loss/eval_before_training"] = metrics["loss/eval"]
         self.progress.show(metrics)
 
     # ---- checkpoints (train/checkpoint.py writes and reads them) ----
