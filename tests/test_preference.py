@@ -126,6 +126,11 @@ def test_lora_dpo_uses_the_base_as_reference(tiny_cache):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("model: ") == 1  # no second copy
+    # By default a LoRA run's FINAL/ is the adapter (megabytes), with a note on how to merge it.
+    final = tiny_cache / "dpo_lora" / "FINAL"
+    assert (final / "adapter_model.safetensors").exists() and not (final / "model.safetensors").exists()
+    assert "FINAL/ holds the LoRA adapter" in result.stderr and "scripts/merge_lora.py" in result.stderr
+    assert "library_name: peft" in (final / "README.md").read_text()
     first, last = evals(tiny_cache / "dpo_lora")[0], evals(tiny_cache / "dpo_lora")[-1]
     assert first["loss/eval"] == pytest.approx(math.log(2), abs=1e-6) and last["loss/eval"] < first["loss/eval"]
 

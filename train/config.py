@@ -287,6 +287,11 @@ class Config:
         None, "Write a resumable checkpoint ${run_dir}/step-<N>/ every this many steps; null: none."
     )
     save_total_limit: int | None = setting(None, "Keep only the newest this many step checkpoints; null keeps all.")
+    save_merged: str = setting(
+        "adapter",
+        "LoRA runs, what FINAL/ holds: adapter (the PEFT adapter only, megabytes; merge later with "
+        "scripts/merge_lora.py) | merged (the merged model) | both (merged, and the adapter in FINAL/adapter/).",
+    )
     resume_from_checkpoint: str | None = setting(
         None,
         "auto: continue from this run's newest complete checkpoint (or start fresh if none); or a checkpoint path.",
@@ -326,6 +331,7 @@ TRUNCATIONS = ("truncate", "drop", "error")
 BAD_ROW_POLICIES = ("error", "skip")
 OPTIMIZERS = ("adamw", "adamw_fused", "adafactor", "adamw_8bit")  # built in train/optim.py
 SCHEDULERS = ("cosine", "linear", "constant", "warmup_stable_decay")
+SAVE_MERGED = ("adapter", "merged", "both")  # what FINAL/ holds after a LoRA run (train/checkpoint.py)
 
 
 def validate(raw: DictConfig, world_size: int | None = None) -> Config:
@@ -464,6 +470,8 @@ def check_values(cfg: Config, world_size: int) -> list[str]:
         problems.append(
             f"eval_samples={cfg.eval_samples}, eval_samples_max_new_tokens={cfg.eval_samples_max_new_tokens}: must be >= 0 and > 0"
         )
+    if cfg.save_merged not in SAVE_MERGED:
+        problems.append(f"save_merged={cfg.save_merged!r}: must be one of {list(SAVE_MERGED)}")
     if cfg.on_nonfinite not in NONFINITE_POLICIES:
         problems.append(f"on_nonfinite={cfg.on_nonfinite!r}: must be one of {list(NONFINITE_POLICIES)}")
     problems += cfg.loss.problems()

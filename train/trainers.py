@@ -26,6 +26,8 @@ from accelerate import Accelerator
 
 from train import checkpoint
 from train.batches import BatchPlan, StepBatches, step_loader
+from train.card import CardInfo
+from train.card import render as render_card
 from train.config import Config, LossConfig, config_yaml, setting
 from train.data import collate, collate_packed
 from train.distributed import (
@@ -126,6 +128,8 @@ class BasicTrainer:
         self.eval_samples = cfg.eval_samples
         self.eval_samples_max_new_tokens = cfg.eval_samples_max_new_tokens
         self.verbose = cfg.verbose
+        self.save_merged = cfg.save_merged
+        self.card_info = CardInfo.from_config(cfg)
         packed = isinstance(train_data, PackedStore)
         self.batch_unit = "packed rows" if packed else self.example_unit  # what model.batch_size counts
 
@@ -456,10 +460,13 @@ class BasicTrainer:
         self.summary.update(state.summary)
 
     def save_final(self) -> None:
-        """Write FINAL/ (merged under LoRA, with FINAL/adapter/), never half-written; every process takes part."""
+        """Write FINAL/ (under LoRA: the adapter, the merged model or both, see save_merged) with its model card,
+        never half-written; every process takes part."""
+        card = render_card(self.card_info, self.summary, adapter_only=self.use_peft and self.save_merged == "adapter")
         final = checkpoint.save_final(
-            self.accelerator, self.model, self.tokenizer, self.run_dir, self.config_text, self.use_peft
-        )
+            self.accelerator, self.model, self.tokenizer, self.run_dir, self.config_text, self.use_peft,
+            save_merged=self.save_merged, card=card,
+        )  # fmt: skip
         if final is not None:
             self.summary["final_dir"] = str(final.resolve())
 
