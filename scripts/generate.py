@@ -1,15 +1,38 @@
-"""Answer a prompt with a model folder through its chat template (greedy decoding).
+"""Chat with a model folder through its chat template: one answer, an interactive chat, or a batch of prompts.
 
 CHECKPOINT is a Hugging Face model folder (a base model, or a run's FINAL/), a step checkpoint (step-N/), or a PEFT
-adapter folder (FINAL/adapter/, or a LoRA run's step-N/), which is loaded on top of the base model it names.
+adapter folder (a LoRA run's FINAL/ or FINAL/adapter/, or its step-N/), loaded on top of the base model it names.
+The model is loaded once.
 
-Usage: python scripts/generate.py CHECKPOINT --prompt "What is the capital of France?" [--max-new-tokens 64]
+Usage:
+  python scripts/generate.py CHECKPOINT                       # interactive multi-turn chat, answers streamed
+  python scripts/generate.py CHECKPOINT --prompt "What is the capital of France?"   # one answer, printed
+  python scripts/generate.py CHECKPOINT --batch prompts.jsonl --out answers.jsonl  # {"prompt"} or {"messages"}
+Options: --system TEXT, --temperature T (0: greedy, the default), --top-p P, --max-new-tokens N, --seed S.
+In the chat, /reset forgets the conversation and /exit (or Ctrl-D) quits.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import sys
+from dataclasses import dataclass
 from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy decoding
+    top_p: float = 1.0
+
+    def generate_kwargs(self) -> dict:
+        if self.temperature <= 0:
+            return {"max_new_tokens": self.max_new_tokens, "do_sample": False}
+        return {"max_new_tokens": self.max_new_tokens, "do_sample": True, "temperature": self.temperature,
+                "top_p": self.top_p}  # fmt: skip
 
 
 def model_folder(checkpoint: Path) -> Path:
@@ -31,26 +54,100 @@ def load(checkpoint: Path):
     return AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
 
 
-def answer(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
-    import torch
+def with_system(messages: list[dict], system: str | None) -> list[dict]:
+    return ([{"role": "system", "content": system}] if system else []) + messages
 
-    messages = [{"role": "user", "content": prompt}]
+
+def reply(model, tokenizer, messages: list[dict], sampling: Sampling, stream: bool = False) -> str:
+    """The assistant's next turn after `messages`; with `stream`, its tokens are printed as they come."""
+    import torch
+    from transformers import TextStreamer
+
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     with torch.no_grad():
         output = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            **inputs, **sampling.generate_kwargs(), pad_token_id=tokenizer.pad_token_id, streamer=streamer
         )
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def answer(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """A greedy answer to one user prompt (what quickstart.sh prints before and after training)."""
+    return reply(model, tokenizer, [{"role": "user", "content": prompt}], Sampling(max_new_tokens=max_new_tokens))
+
+
+def chat(model, tokenizer, system: str | None, sampling: Sampling, lines=sys.stdin) -> None:
+    """A multi-turn chat on stdin/stdout: the whole conversation so far is the context of every answer."""
+    history: list[dict] = []
+    print("chat: type a message; /reset forgets the conversation, /exit quits", file=sys.stderr)
+    while True:
+        print("you> ", end="", flush=True)
+        line = lines.readline()
+        if not line or line.strip() == "/exit":
+            print()
+            return
+        text = line.strip()
+        if text == "/reset":
+            history = []
+            print("(conversation reset)")
+            continue
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        print("assistant> ", end="", flush=True)
+        history.append({"role": "assistant", "content": reply(model, tokenizer, with_system(history, system),
+                                                               sampling, stream=True)})  # fmt: skip
+
+
+def batch(model, tokenizer, source: Path, out, system: str | None, sampling: Sampling) -> int:
+    """Answer every row of a JSONL file ({"prompt": str} or {"messages": [...]}, optional "system"); write each row
+    with its "completion" added. Returns the number of rows."""
+    count = 0
+    for number, line in enumerate(source.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if "messages" in row:
+            messages = row["messages"]
+        elif "prompt" in row:
+            messages = [{"role": "user", "content": row["prompt"]}]
+        else:
+            raise SystemExit(f"{source} row {number}: give a 'prompt' string or a 'messages' list (found {list(row)})")
+        completion = reply(model, tokenizer, with_system(messages, row.get("system", system)), sampling)
+        out.write(json.dumps({**row, "completion": completion}) + "\n")
+        out.flush()
+        count += 1
+    return count
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path)
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--prompt", help="answer this one prompt and exit")
+    parser.add_argument("--batch", type=Path, help="answer every row of this JSONL file")
+    parser.add_argument("--out", type=Path, help="with --batch: write the answered rows here (default: stdout)")
+    parser.add_argument("--system", help="a system prompt for every conversation")
+    parser.add_argument("--max-new-tokens", type=int, default=Sampling.max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=Sampling.temperature, help="0: greedy (default)")
+    parser.add_argument("--top-p", type=float, default=Sampling.top_p, help="nucleus sampling, with --temperature")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     args = parser.parse_args()
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p)
+    from transformers import set_seed
+
+    set_seed(args.seed)
     model, tokenizer = load(args.checkpoint)
-    print(answer(model.eval(), tokenizer, args.prompt, args.max_new_tokens))
+    model.eval()
+    if args.prompt is not None:
+        messages = with_system([{"role": "user", "content": args.prompt}], args.system)
+        print(reply(model, tokenizer, messages, sampling))
+    elif args.batch is not None:
+        with args.out.open("w") if args.out else contextlib.nullcontext(sys.stdout) as out:
+            count = batch(model, tokenizer, args.batch, out, args.system, sampling)
+        print(f"answered {count} prompts" + (f" into {args.out}" if args.out else ""), file=sys.stderr)
+    else:
+        chat(model, tokenizer, args.system, sampling)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Plot the training curves of one or more runs, overlaid for comparison.
 
-Usage: python scripts/plot_metrics.py RUN_DIR [RUN_DIR ...] --out curves.png
+Usage: python scripts/plot_metrics.py RUN_DIR [RUN_DIR ...] [--out curves.png]
+Without --out the figure goes to RUN_DIR/metrics.png (one run), or curves.png in the working directory (several).
 
 Four panels against the optimizer step: loss (train solid, eval dashed), learning rate, gradient norm and
 throughput (real input tokens per second). Each run has its own color, labelled by its folder name.
@@ -63,10 +64,15 @@ def plot(run_dirs: list[Path], out: Path) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", type=Path, nargs="+")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, help="the PNG to write (default: RUN_DIR/metrics.png, or curves.png)")
     args = parser.parse_args()
-    plot(args.run_dirs, args.out)
-    print(args.out)
+    out = args.out or default_out(args.run_dirs)
+    plot(args.run_dirs, out)
+    print(out)
+
+
+def default_out(run_dirs: list[Path]) -> Path:
+    return run_dirs[0] / "metrics.png" if len(run_dirs) == 1 else Path("curves.png")
 
 
 if __name__ == "__main__":

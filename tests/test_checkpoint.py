@@ -159,6 +159,7 @@ def test_sigterm_kill_during_save_and_resume_match_an_uninterrupted_run(tiny_cac
 def test_lora_resume_with_dropout_is_exact_and_checkpoints_hold_only_the_adapter(tiny_cache):
     common = [
         "++model.use_peft=true",
+        "save_merged=both",
         "model.peft.lora_dropout=0.2",
         "max_steps=8",
         "save_every_steps=100",

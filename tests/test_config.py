@@ -210,3 +210,30 @@ def test_a_mismatched_trainer_and_settings_cannot_pass_validation():
 def test_a_trainer_that_cannot_be_imported_is_named_with_a_fix(trainer, expected):
     problems = problems_of(["model=tiny", "loss=dpo", f"loss.trainer={trainer}", f"datasets=[{DEMO_TRAIN}]"])
     assert len(problems) == 1 and expected in problems[0], problems
+
+
+def test_optimizer_and_schedule_settings_are_validated_with_the_rest(monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "bitsandbytes" else real_find_spec(n, *a)
+    )
+    common = ["model=tiny", f"datasets=[{DEMO_TRAIN}]"]
+    problems = problems_of([*common, "optimizer.name=adamw_8bit", "optimizer.betas=[0.9]", "optimizer.eps=0",
+                            "lr_scheduler=cosine_restarts", "min_lr_ratio=2", "warmup_steps=-1", "lr_decay_ratio=0"])  # fmt: skip
+    text = "\n".join(problems)
+    assert len(problems) == 7, text
+    assert "optimizer.name=adamw_8bit needs the bitsandbytes package, which is not installed" in text
+    assert "optimizer.betas=[0.9]: give two numbers in [0, 1)" in text
+    assert "optimizer.eps=0.0: must be > 0" in text
+    assert (
+        "lr_scheduler='cosine_restarts': must be one of ['cosine', 'linear', 'constant', 'warmup_stable_decay']" in text
+    )
+    assert "min_lr_ratio=2.0: must be in [0, 1]" in text
+    assert "optimizer.name='sgd': must be one of" in "\n".join(problems_of([*common, "optimizer.name=sgd"]))
+    assert problems_of([*common, "lr_scheduler=constant", "min_lr_ratio=0.1"]) == [
+        "min_lr_ratio=0.1: lr_scheduler=constant has no decay; set it to 0"
+    ]
+    cfg = launch.compose_config([*common, "optimizer.name=adafactor", "optimizer.betas=[0.8,0.99]", "warmup_steps=3"])
+    assert (cfg.optimizer.name, cfg.optimizer.betas, cfg.warmup_steps) == ("adafactor", [0.8, 0.99], 3)

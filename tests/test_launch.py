@@ -88,6 +88,17 @@ def test_run_dir_holds_config_metrics_and_a_loadable_final(full_run):
     assert not (full_run / "FINAL.partial").exists()
 
 
+def test_final_has_a_model_card_with_the_runs_settings_and_metrics(full_run):
+    import yaml
+
+    card = (full_run / "FINAL" / "README.md").read_text()
+    _, front, body = card.split("---\n", 2)
+    assert yaml.safe_load(front) == {"library_name": "transformers", "tags": ["halyard", "sft"]}  # local base, data
+    summary = json.loads((full_run / "summary.json").read_text())
+    assert f"| loss/eval | {summary['loss/eval']:.4f} |" in body and "| step | 45 |" in body
+    assert "- **Method:** `loss=sft`, full fine-tuning" in body and "| lr | 0.003 |" in body
+
+
 def test_final_reproduces_the_trained_models_eval_loss(full_run):
     logged = [m["loss/eval"] for m in read_metrics(full_run) if "loss/eval" in m][-1]
     assert final_eval_loss_by_the_models_own_loss(full_run / "FINAL") == pytest.approx(logged, rel=1e-5)
@@ -107,6 +118,7 @@ def test_lora_writes_merged_model_and_adapter(tiny_cache):
             f"cache_dir={tiny_cache}",
             "exp_name=lora",
             "++model.use_peft=true",
+            "save_merged=both",
             "model.peft.lora_r=8",
             "lr=1e-2",
             "n_epochs=2",
@@ -114,6 +126,8 @@ def test_lora_writes_merged_model_and_adapter(tiny_cache):
         ]
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    for noise in ("is_gradient_checkpointing", "Loading weights", "Writing model shards", "Warning"):
+        assert noise not in result.stderr  # library noise stays out (verbose=true lets it through)
     run = tiny_cache / "lora"
     evals = [m["loss/eval"] for m in read_metrics(run) if "loss/eval" in m]
     assert evals[-1] < 0.93 * evals[0]  # a random-init base with LoRA only learns slowly
@@ -223,11 +237,12 @@ def test_sequence_reduction_changes_the_loss(split_runs):
 
 def test_lora_under_fsdp_saves_a_correct_merged_model(tiny_cache):
     args = [*COMMON, f"cache_dir={tiny_cache}", "exp_name=fsdp_lora", "++model.use_peft=true", "max_steps=4", "lr=1e-2"]
+    args.append("save_merged=merged")
     result = run_cli(args, launcher=accelerate_launcher("fsdp_cpu_2proc.yaml"))
     assert result.returncode == 0, result.stderr[-3000:]
     run = tiny_cache / "fsdp_lora"
     assert summary_of(run)["parallelism"] == "fsdp2"
-    assert (run / "FINAL" / "adapter" / "adapter_model.safetensors").exists()
+    assert not (run / "FINAL" / "adapter").exists()  # save_merged=merged: the merged model only
     logged = [m["loss/eval"] for m in read_metrics(run) if "loss/eval" in m][-1]
     assert final_eval_loss_by_the_models_own_loss(run / "FINAL") == pytest.approx(logged, rel=1e-5)
 
@@ -279,10 +294,14 @@ def test_trackers_bfloat16_and_gradient_checkpointing(tiny_cache):
         "model.gradient_checkpointing=true",
     ]
     flags += ["model.dtype=bfloat16", "eval_samples=2", "eval_samples_max_new_tokens=8", "eval_every_steps=2"]
+    flags += ["optimizer.name=adafactor", "lr_scheduler=warmup_stable_decay", "warmup_steps=1", "lr_decay_ratio=0.5"]
     result = run_cli(args + flags)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "optimizer adafactor, lr 0.003, warmup_stable_decay schedule, 1 warmup step(s)" in result.stderr
     run = tiny_cache / "trackers"
     logged = [m for m in read_metrics(run) if "loss/train" in m]
+    # 4 steps: warmup to step 1, held at step 2, then the last 2 steps decay to 0 (lr is logged after each step).
+    assert [m["lr"] for m in logged] == pytest.approx([3e-3, 0.0])
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     scalars = events.Scalars("loss/train")

@@ -114,6 +114,12 @@ def test_packed_training_through_the_cli(tiny_cache):
     assert rows[-1]["loss/train"] < 0.7 * rows[0]["loss/train"]
     assert rows[-1]["padding_fraction"] < 0.15 and rows[-1]["examples"] == 3 * 123
     assert all(0 < row["mfu"] <= 1 for row in rows if "mfu" in row)  # a measured peak, not a noisy one
+    too_few = run_cli([*args, "exp_name=packed_few", "data.packing=true", "model.batch_size=64"])
+    assert too_few.returncode == 2 and "Traceback" not in too_few.stderr
+    assert (
+        "the training data packs into 38 rows (123 examples in rows of up to 128 tokens, from model.max_length=128), "
+        "fewer than model.batch_size=64 packed rows" in too_few.stderr
+    )
     # Packing with a loss that does not support it is refused at validation: tests/test_config.py.
 
 

@@ -32,7 +32,20 @@ def dpo_run(tiny_cache):
         ]
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    (tiny_cache / "dpo" / "stderr.txt").write_text(result.stderr)
     return tiny_cache / "dpo"
+
+
+def test_dpo_counts_pairs_and_names_the_frozen_reference(dpo_run):
+    """The units a user thinks in: 8 pairs a step (not 16 rows), the reference named as such."""
+    log = (dpo_run / "stderr.txt").read_text()
+    assert "of 8 pairs on 1 process(es)" in log and "train: 140 pairs from 140 rows" in log
+    assert "frozen reference: 0.2M parameters, none trained" in log and log.count("model: ") == 1
+    rows = [row for row in read_metrics(dpo_run) if "loss/train" in row]
+    assert [row["pairs"] for row in rows[:2]] == [8, 16] and "examples" not in rows[0]
+    summary = json.loads((dpo_run / "summary.json").read_text())
+    assert summary["pairs"] == rows[-1]["pairs"] == 8 * summary["step"]
+    assert f"done: {summary['step']} steps, {summary['pairs']} pairs" in log
 
 
 def test_dpo_starts_at_ln2_and_learns_the_preference(dpo_run):
@@ -113,6 +126,11 @@ def test_lora_dpo_uses_the_base_as_reference(tiny_cache):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("model: ") == 1  # no second copy
+    # By default a LoRA run's FINAL/ is the adapter (megabytes), with a note on how to merge it.
+    final = tiny_cache / "dpo_lora" / "FINAL"
+    assert (final / "adapter_model.safetensors").exists() and not (final / "model.safetensors").exists()
+    assert "FINAL/ holds the LoRA adapter" in result.stderr and "scripts/merge_lora.py" in result.stderr
+    assert "library_name: peft" in (final / "README.md").read_text()
     first, last = evals(tiny_cache / "dpo_lora")[0], evals(tiny_cache / "dpo_lora")[-1]
     assert first["loss/eval"] == pytest.approx(math.log(2), abs=1e-6) and last["loss/eval"] < first["loss/eval"]
 

@@ -49,7 +49,16 @@ def test_a_reward_model_learns_the_preference_and_scores_rows_as_it_trained(tiny
     model = AutoModelForSequenceClassification.from_pretrained(tiny_cache / "rm" / "FINAL")
     assert model.config.num_labels == 1
     # With LoRA the adapters and the whole new score head train; FINAL/ is merged and loads the same way.
-    lora = run_cli([*common, "exp_name=rm-lora", "max_steps=17", "eval_every_steps=17", "++model.use_peft=true"])
+    lora = run_cli(
+        [
+            *common,
+            "exp_name=rm-lora",
+            "max_steps=17",
+            "eval_every_steps=17",
+            "++model.use_peft=true",
+            "save_merged=merged",
+        ]
+    )
     assert lora.returncode == 0, lora.stderr[-3000:]
     assert [m for m in read_metrics(tiny_cache / "rm-lora") if "loss/eval" in m][-1]["rewards_eval/accuracies"] >= 0.9
     assert AutoModelForSequenceClassification.from_pretrained(tiny_cache / "rm-lora" / "FINAL").config.num_labels == 1

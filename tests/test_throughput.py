@@ -80,3 +80,10 @@ def test_the_peak_is_measured_once_per_machine_and_cached(tmp_path, monkeypatch)
     assert first.flops_per_second == again.flops_per_second == 5e10 and calls == [torch.float32]
     assert "measured" in again.source and "float32" in again.source and str(tmp_path) in again.source
     assert peak_flops_per_second(3e9, torch.device("cpu"), bf16=False).source == "config: peak_flops_per_second"
+
+
+def test_pairs_are_counted_once_under_their_own_name():
+    throughput = Throughput(unit="pairs", rows_per_example=2)  # chosen and rejected: two rows of a batch
+    throughput.add(torch.tensor([8.0, 5.0, 10.0, 34.0, 16.0]), seconds=1.0)
+    report = throughput.report()
+    assert report["pairs"] == 8 and "examples" not in report

@@ -3,7 +3,8 @@
 `${run_dir}/step-<N>/` holds:
 - `model/`: a Hugging Face folder (safetensors; with LoRA, the adapter only), written by the main process; under
   FSDP instead `model-rank<r>.safetensors`, each process's shard.
-- `optimizer-rank<r>.safetensors` + `optimizer.json`: AdamW moments (per shard under FSDP; rank 0's copy otherwise).
+- `optimizer-rank<r>.safetensors` + `optimizer.json`: the optimizer's state (AdamW moments, Adafactor's factored
+  second moments and step count) (per shard under FSDP; rank 0's copy otherwise).
 - `scheduler.json`, `trainer_state.json` (step, epoch, counters, tracker run id, world size), `rng-rank<r>.json`
   (every process's Python, NumPy and torch RNG states), and `config.yaml` (the resolved config).
 
@@ -31,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from train import files
@@ -48,6 +50,7 @@ SAMPLES_FILE = "samples.jsonl"
 SUMMARY_FILE = "summary.json"
 FINAL_DIR = "FINAL"  # the trained model as a Hugging Face folder
 FINAL_CONFIG_FILE = "halyard_config.yaml"
+MODEL_CARD_FILE = "README.md"  # in FINAL/: the model card, in the Hugging Face Hub's format (train/card.py)
 PREFIX = "step-"
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
@@ -125,7 +128,7 @@ NON_MATH_KEYS = {
     "exp_name", "cache_dir", "run_dir", "eval_datasets", "eval_every_steps", "log_every_steps", "save_every_steps",
     "save_total_limit", "resume_from_checkpoint", "resume_allow_config_change", "on_nonfinite",
     "model.eval_batch_size", "model.gradient_accumulation_steps", "model.gradient_checkpointing",
-    "model.attn_implementation", "model.name_or_path", "model.tokenizer_name_or_path",
+    "model.attn_implementation", "model.name_or_path", "model.tokenizer_name_or_path", "verbose", "save_merged",
 }  # fmt: skip
 NON_MATH_PREFIXES = ("wandb.", "tensorboard.")
 
@@ -196,7 +199,14 @@ def save_optimizer(optimizer, directory: Path, rank: int) -> None:
         for name, value in param_state.items()
         if torch.is_tensor(value)
     }
-    save_file(tensors, str(directory / f"optimizer-rank{rank}.safetensors"))
+    # Plain numbers in the state (Adafactor's step count) go in the file's metadata: they are per parameter too.
+    scalars = {
+        f"{index}.{name}": value
+        for index, param_state in state["state"].items()
+        for name, value in param_state.items()
+        if isinstance(value, int | float)
+    }
+    save_file(tensors, str(directory / f"optimizer-rank{rank}.safetensors"), metadata={"scalars": json.dumps(scalars)})
     if rank == 0:
         (directory / "optimizer.json").write_text(json.dumps({"param_groups": state["param_groups"]}))
 
@@ -206,7 +216,12 @@ def load_optimizer(optimizer, directory: Path, rank: int, sharded: bool) -> None
 
     source = directory / f"optimizer-rank{rank if sharded else 0}.safetensors"
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    state: dict[int, dict[str, torch.Tensor]] = {}
+    state: dict[int, dict[str, torch.Tensor | float]] = {}
+    with safe_open(str(source), framework="pt") as opened:
+        scalars = json.loads((opened.metadata() or {}).get("scalars", "{}"))
+    for key, value in scalars.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
     for key, tensor in load_file(str(source)).items():
         index, name = key.split(".", 1)
         param = params[int(index)]
@@ -389,10 +404,12 @@ def load_checkpoint(directory: Path, accelerator, parts: TrainingParts, data_fin
     return state
 
 
-def save_final(accelerator, model, tokenizer, run_dir: Path, config_text: str, use_peft: bool) -> Path | None:
-    """Write ${run_dir}/FINAL/: a Hugging Face model folder (merged, with FINAL/adapter/ under LoRA), tokenizer and
-    config, published atomically. Every process takes part (a sharded model is gathered); returns the folder on the
-    main process."""
+def save_final(accelerator, model, tokenizer, run_dir: Path, config_text: str, use_peft: bool,
+               save_merged: str = "adapter", card: str | None = None) -> Path | None:  # fmt: skip
+    """Write ${run_dir}/FINAL/: a Hugging Face folder with the tokenizer, the config and the model card, published
+    atomically. Under LoRA, `save_merged` chooses what it holds: `adapter` (the PEFT adapter, loadable with
+    peft's AutoPeftModelForCausalLM), `merged` (the merged model) or `both` (merged, and the adapter in
+    FINAL/adapter/). Every process takes part (a sharded model is gathered); returns the folder on the main process."""
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(model)
     if is_sharded(model):
@@ -403,14 +420,27 @@ def save_final(accelerator, model, tokenizer, run_dir: Path, config_text: str, u
     final = run_dir / FINAL_DIR
     partial = files.partial_of(final)
     shutil.rmtree(partial, ignore_errors=True)
-    if use_peft:
-        model.save_pretrained(partial / "adapter")
-        tokenizer.save_pretrained(partial / "adapter")
-        model = model.merge_and_unload()
-    model.config.use_cache = True  # for whoever generates with it
-    model.save_pretrained(partial, safe_serialization=True)
-    tokenizer.save_pretrained(partial)
+    adapter_only = use_peft and save_merged == "adapter"
+    if use_peft and save_merged in ("adapter", "both"):
+        adapter_dir = partial if adapter_only else partial / "adapter"
+        model.save_pretrained(adapter_dir)
+        tokenizer.save_pretrained(adapter_dir)
+    if not adapter_only:
+        if use_peft:
+            model = model.merge_and_unload()
+        model.config.use_cache = True  # for whoever generates with it
+        model.save_pretrained(partial, safe_serialization=True)
+        tokenizer.save_pretrained(partial)
     (partial / FINAL_CONFIG_FILE).write_text(config_text)
+    if card is not None:
+        (partial / MODEL_CARD_FILE).write_text(card)
     files.publish(partial, final)
     logger.info(f"saved {final.resolve()}")
+    if adapter_only:
+        size = sum(f.stat().st_size for f in final.iterdir() if f.is_file()) / 2**20
+        logger.info(
+            f"FINAL/ holds the LoRA adapter ({size:.1f} MB), not a merged model; load it with peft's "
+            f"AutoPeftModelForCausalLM (scripts/generate.py does), or write a merged model with "
+            f".venv/bin/python scripts/merge_lora.py BASE {final} OUT (or train with save_merged=merged or both)"
+        )
     return final

@@ -218,6 +218,17 @@ def builtin_losses() -> dict[str, str]:
 
 
 @dataclass
+class OptimizerConfig:
+    name: str = setting(
+        "adamw",
+        "adamw (torch) | adamw_fused (torch's fused kernel: CUDA, CPU) | adafactor (transformers; no first moment, "
+        "its own decay and epsilons: betas and eps do not apply) | adamw_8bit (needs bitsandbytes).",
+    )
+    betas: list[float] = setting([0.9, 0.999], "AdamW's decay rates of the first and second moment estimates.")
+    eps: float = setting(1e-8, "AdamW's epsilon, added to the square root of the second moment.")
+
+
+@dataclass
 class ReferenceConfig:
     precompute: bool = setting(
         False,
@@ -251,9 +262,18 @@ class Config:
     max_steps: int | None = setting(
         None, "Stop after this many optimizer steps (caps n_epochs); null runs every epoch."
     )
-    lr: float = setting(1e-5, "Peak learning rate of AdamW.")
-    warmup_ratio: float = setting(0.1, "Fraction of the optimizer steps spent in linear warmup, before cosine decay.")
-    weight_decay: float = setting(0.0, "AdamW weight decay, applied to matrices only (not to biases or norms).")
+    lr: float = setting(1e-5, "Peak learning rate (reached after warmup); see the README for values by method.")
+    lr_scheduler: str = setting(
+        "cosine",
+        "Decay after warmup: cosine | linear (to min_lr_ratio x lr at the last step) | constant | "
+        "warmup_stable_decay (lr held, then linear decay over the last lr_decay_ratio of the steps).",
+    )
+    min_lr_ratio: float = setting(0.0, "Floor of the schedule, as a fraction of lr (cosine, linear, WSD).")
+    lr_decay_ratio: float = setting(0.1, "warmup_stable_decay: fraction of the steps, at the end, spent decaying.")
+    warmup_ratio: float = setting(0.1, "Fraction of the optimizer steps spent in linear warmup (see warmup_steps).")
+    warmup_steps: int | None = setting(None, "Warmup length in optimizer steps; when set, replaces warmup_ratio.")
+    weight_decay: float = setting(0.0, "Decoupled weight decay, applied to matrices only (not to biases or norms).")
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig, metadata={"help": "The optimizer."})
     eval_every_steps: int = setting(
         100, "Evaluate every this many optimizer steps (and before the first, and at the end)."
     )
@@ -269,6 +289,11 @@ class Config:
         None, "Write a resumable checkpoint ${run_dir}/step-<N>/ every this many steps; null: none."
     )
     save_total_limit: int | None = setting(None, "Keep only the newest this many step checkpoints; null keeps all.")
+    save_merged: str = setting(
+        "adapter",
+        "LoRA runs, what FINAL/ holds: adapter (the PEFT adapter only, megabytes; merge later with "
+        "scripts/merge_lora.py) | merged (the merged model) | both (merged, and the adapter in FINAL/adapter/).",
+    )
     resume_from_checkpoint: str | None = setting(
         None,
         "auto: continue from this run's newest complete checkpoint (or start fresh if none); or a checkpoint path.",
@@ -278,6 +303,11 @@ class Config:
     )
     on_nonfinite: str = setting(
         "stop", "A step with a NaN/inf loss or gradient: stop (exit 2) or skip (no update, counted)."
+    )
+    verbose: bool = setting(
+        False,
+        "Print every metric in each progress line (not only step, loss, lr, tokens/s, time left), and let the "
+        "libraries' warnings, info logs and progress bars (loading, saving) through.",
     )
     loss: LossConfig = field(default_factory=LossConfig, metadata={"help": "The loss; chosen with loss=<name>."})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The model; chosen with model=<name>."})
@@ -301,6 +331,9 @@ ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 TRAIN_ON = ("assistant", "last_assistant", "all")
 TRUNCATIONS = ("truncate", "drop", "error")
 BAD_ROW_POLICIES = ("error", "skip")
+OPTIMIZERS = ("adamw", "adamw_fused", "adafactor", "adamw_8bit")  # built in train/optim.py
+SCHEDULERS = ("cosine", "linear", "constant", "warmup_stable_decay")
+SAVE_MERGED = ("adapter", "merged", "both")  # what FINAL/ holds after a LoRA run (train/checkpoint.py)
 
 
 def validate(raw: DictConfig, world_size: int | None = None) -> Config:
@@ -430,6 +463,7 @@ def check_values(cfg: Config, world_size: int) -> list[str]:
         problems.append(f"warmup_ratio={cfg.warmup_ratio}: must be in [0, 1)")
     if cfg.weight_decay < 0:
         problems.append(f"weight_decay={cfg.weight_decay}: must be >= 0")
+    problems += _check_optimizer(cfg)
     if not cfg.exp_name.strip():
         problems.append("exp_name is empty: name the run, e.g. exp_name=my-run")
     if cfg.wandb.mode not in WANDB_MODES:
@@ -438,11 +472,40 @@ def check_values(cfg: Config, world_size: int) -> list[str]:
         problems.append(
             f"eval_samples={cfg.eval_samples}, eval_samples_max_new_tokens={cfg.eval_samples_max_new_tokens}: must be >= 0 and > 0"
         )
+    if cfg.save_merged not in SAVE_MERGED:
+        problems.append(f"save_merged={cfg.save_merged!r}: must be one of {list(SAVE_MERGED)}")
     if cfg.on_nonfinite not in NONFINITE_POLICIES:
         problems.append(f"on_nonfinite={cfg.on_nonfinite!r}: must be one of {list(NONFINITE_POLICIES)}")
     problems += cfg.loss.problems()
     problems += _check_data_files(cfg)
     problems += _check_model(cfg.model, world_size)
+    return problems
+
+
+def _check_optimizer(cfg: Config) -> list[str]:
+    problems = []
+    opt = cfg.optimizer
+    if opt.name not in OPTIMIZERS:
+        problems.append(f"optimizer.name={opt.name!r}: must be one of {list(OPTIMIZERS)}")
+    elif opt.name == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append(
+            "optimizer.name=adamw_8bit needs the bitsandbytes package, which is not installed: "
+            "pip install -c constraints.txt bitsandbytes, or use optimizer.name=adamw"
+        )
+    if len(opt.betas) != 2 or not all(0 <= b < 1 for b in opt.betas):
+        problems.append(f"optimizer.betas={opt.betas}: give two numbers in [0, 1), e.g. [0.9,0.999]")
+    if opt.eps <= 0:
+        problems.append(f"optimizer.eps={opt.eps}: must be > 0")
+    if cfg.lr_scheduler not in SCHEDULERS:
+        problems.append(f"lr_scheduler={cfg.lr_scheduler!r}: must be one of {list(SCHEDULERS)}")
+    elif cfg.lr_scheduler == "constant" and cfg.min_lr_ratio:
+        problems.append(f"min_lr_ratio={cfg.min_lr_ratio}: lr_scheduler=constant has no decay; set it to 0")
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        problems.append(f"min_lr_ratio={cfg.min_lr_ratio}: must be in [0, 1]")
+    if not 0 < cfg.lr_decay_ratio <= 1:
+        problems.append(f"lr_decay_ratio={cfg.lr_decay_ratio}: must be in (0, 1]")
+    if cfg.warmup_steps is not None and cfg.warmup_steps < 0:
+        problems.append(f"warmup_steps={cfg.warmup_steps}: must be >= 0 (or null to use warmup_ratio)")
     return problems
 
 

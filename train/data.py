@@ -72,8 +72,8 @@ class DatasetStats:
     dropped_too_long: int = 0
     skipped_bad_rows: int = 0
 
-    def describe(self, split: str, max_length: int) -> str:
-        text = f"{split}: {self.examples} examples from {self.rows} rows"
+    def describe(self, split: str, max_length: int, unit: str = "examples") -> str:
+        text = f"{split}: {self.examples} {unit} from {self.rows} rows"
         if self.truncated:
             text += f"; {self.truncated} truncated to fit model.max_length={max_length}"
         if self.dropped_no_supervised_token:
@@ -541,7 +541,8 @@ def build_datasets(
         raise DataError(f"no training examples left: {train_stats.describe('train', cfg.model.max_length)}")
 
     train_stats.examples = len(train)
-    logger.info(train_stats.describe("train", cfg.model.max_length))
+    unit = "pairs" if kind == "paired" else "examples"
+    logger.info(train_stats.describe("train", cfg.model.max_length, unit))
     stats = {"train": dataclasses.asdict(train_stats)}
     if cfg.data.packing:
         with main_process_first():  # the main process computes and caches the plan; the others read it
@@ -555,7 +556,7 @@ def build_datasets(
         )
     if eval_stats is not None:
         eval_stats.examples = len(evaluation)
-        logger.info(eval_stats.describe("eval", cfg.model.max_length))
+        logger.info(eval_stats.describe("eval", cfg.model.max_length, unit))
         stats["eval"] = dataclasses.asdict(eval_stats)
     elif evaluation is not None:
         logger.info(f"eval: {len(evaluation)} examples held out of the training data (data.eval_split_ratio)")

@@ -33,7 +33,13 @@ def build_tokenizer(settings: ModelConfig):
     return tokenizer
 
 
-def build_model(settings: ModelConfig, seed: int, sharded: bool = False, score_pad_token_id: int | None = None):
+def build_model(
+    settings: ModelConfig,
+    seed: int,
+    sharded: bool = False,
+    score_pad_token_id: int | None = None,
+    role: str = "model",
+):
     """The causal LM to train, in float32; for LoRA without FSDP, the frozen base in the compute dtype.
 
     With `score_pad_token_id` set, a sequence classifier with one output (a reward model: the base model and a new,
@@ -63,7 +69,10 @@ def build_model(settings: ModelConfig, seed: int, sharded: bool = False, score_p
         model = add_lora(model, settings, task_type="CAUSAL_LM" if score_pad_token_id is None else "SEQ_CLS")
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
-    logger.info(f"model: {n_total / 1e6:.1f}M parameters, {n_trainable / 1e6:.2f}M trainable")
+    if role == "model":
+        logger.info(f"model: {n_total / 1e6:.1f}M parameters, {n_trainable / 1e6:.2f}M trainable")
+    else:  # `role` says what it is, e.g. "frozen reference" (it is frozen by its trainer)
+        logger.info(f"{role}: {n_total / 1e6:.1f}M parameters, none trained")
     return model
 
 

@@ -220,6 +220,9 @@ def collate_sequences(rows: list[list[Example]], order: list[int], pad_token_id:
 class PairedPreferenceTrainer(ReferenceMixin, BasicTrainer):
     """Chosen and rejected through the policy in one forward; the loss is the mean over all pairs of the step."""
 
+    example_unit = "pairs"
+    rows_per_example = 2
+
     data_kind = "paired"
     supports_reference_precompute = True  # a pair's reference log-probs do not change during training
     supports_packing = True  # whole pairs per packed row
@@ -490,6 +493,7 @@ class KTOTrainer(ReferenceMixin, BasicTrainer):
     data_kind = "unpaired"
     pairs_across_step = True
     supports_packing = True  # matched sequences packed; each packed row's mismatched sequences in a row of their own
+    rows_per_example = 2  # each example, and its prompt with its successor's completion (for the KL estimate)
 
     def __init__(self, cfg, *args, reference_model=None, **kwargs):
         super().__init__(cfg, *args, **kwargs)
@@ -622,7 +626,7 @@ def build_reference(cfg, accelerator, fsdp, train: TokenStore, evaluation: Token
     if cfg.model.use_peft:
         return None, cache  # the policy with its adapters disabled
     settings = dataclasses.replace(cfg.model, use_peft=False, gradient_checkpointing=False)
-    reference = build_model(settings, cfg.seed, sharded=fsdp is not None)
+    reference = build_model(settings, cfg.seed, sharded=fsdp is not None, role="frozen reference")
     if fsdp is not None:
         reference = shard_model(reference, fsdp, accelerator.device, bf16=cfg.model.dtype == "bfloat16")
     else:

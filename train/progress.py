@@ -1,8 +1,10 @@
-"""What the main process shows while training: a tqdm bar on a terminal, plain log lines elsewhere.
+"""What the main process shows while training: a tqdm bar on a terminal, short plain lines elsewhere.
 
-On a terminal the bar shows the step, loss, learning rate, tokens/s and time left, updating in place; evaluation
-results are printed above it. In a non-interactive log (CI, a cluster's job log) there is no bar: every logged
-step is one plain line, with the time left.
+Every metric goes to metrics.jsonl; the console gets what a person watches: the step, the loss, the learning rate,
+tokens/s and the time left (and, at evaluations, the eval loss and, for preference losses, the eval accuracy). On a
+terminal the bar shows them, updating in place, and evaluation results are printed above it. In a non-interactive
+log (CI, a cluster's job log) there is no bar: every logged step is one short line. `verbose=true` prints every
+metric instead, and lets the libraries' own warnings and progress bars through (see `quiet_libraries`).
 """
 
 from __future__ import annotations
@@ -10,15 +12,67 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import warnings
 
 from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
+# Warnings that libraries print on every run and that the user can do nothing about.
+KNOWN_LIBRARY_WARNINGS = (
+    (FutureWarning, r".*`is_gradient_checkpointing` is deprecated"),  # transformers 5, called by peft
+)
+QUIET_LOGGERS = ("transformers", "accelerate", "datasets", "huggingface_hub", "peft")
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Keep the libraries' known warnings, info logs and nested progress bars (loading weights, writing shards) out
+    of the run's output, unless `verbose`. Errors still show."""
+    if verbose:
+        return
+    for category, message in KNOWN_LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import datasets
+    import huggingface_hub.utils
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    huggingface_hub.utils.disable_progress_bars()
+
+
+def short_line(row: dict[str, float], total_steps: int, seconds_left: float | None) -> str:
+    """`step 5/45  loss 1.532  lr 3e-05  812 tok/s  eval loss 1.41  eval acc 0.75  0:01:02 left` (what is present)."""
+    parts = [f"step {row['step']}/{total_steps}"]
+    if "loss/train" in row:
+        parts.append(f"loss {row['loss/train']:.4g}")
+    if "lr" in row:
+        parts.append(f"lr {row['lr']:.3g}")
+    if "tokens_per_second" in row:
+        parts.append(f"{row['tokens_per_second']:,.0f} tok/s")
+    if "loss/eval" in row:
+        parts.append(f"eval loss {row['loss/eval']:.4g}")
+    if "rewards_eval/accuracies" in row:
+        parts.append(f"eval acc {row['rewards_eval/accuracies']:.3g}")
+    if seconds_left is not None:
+        parts.append(f"{format_seconds(seconds_left)} left")
+    return "  ".join(parts)
+
+
+def full_line(row: dict[str, float]) -> str:
+    return "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+
 
 class Progress:
-    def __init__(self, total_steps: int, start_step: int, is_main: bool, interactive: bool | None = None):
+    def __init__(
+        self, total_steps: int, start_step: int, is_main: bool, interactive: bool | None = None, verbose: bool = False
+    ):
         self.total_steps, self.start_step = total_steps, start_step
+        self.verbose = verbose
         self.started = time.perf_counter()
         self.interactive = sys.stderr.isatty() if interactive is None else interactive
         self.bar = None
@@ -39,14 +93,15 @@ class Progress:
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items() if v is not None}, refresh=False)
 
     def show(self, row: dict[str, float]) -> None:
-        """Print a logged row: above the bar on a terminal (evaluations only), as a plain line elsewhere."""
-        text = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+        """Print a logged row: above the bar on a terminal (evaluations only), as one line elsewhere."""
+        left = self.seconds_left(row["step"]) if row["step"] > self.start_step else None
+        text = full_line(row) if self.verbose else short_line(row, self.total_steps, left)
         if self.bar is not None:
             if any(k.endswith("/eval") for k in row):
                 self.bar.write(text, file=sys.stderr)
             return
-        if row["step"] > self.start_step:
-            text += f"  time_left={format_seconds(self.seconds_left(row['step']))}"
+        if self.verbose and left is not None:
+            text += f"  time_left={format_seconds(left)}"
         logger.info(text)
 
     def close(self) -> None:

@@ -7,13 +7,14 @@ import logging
 import time
 from pathlib import Path
 
-from train.checkpoint import CONFIG_FILE, SUMMARY_FILE, config_differences, read_state, resolve_resume
+from train.checkpoint import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, config_differences, read_state, resolve_resume
 from train.config import Config, flat_config, loss_spec
 from train.data import build_datasets
 from train.distributed import fsdp_settings_from_launcher
 from train.errors import HalyardError
 from train.models import build_model, build_tokenizer
 from train.preference import build_reference
+from train.progress import format_seconds, quiet_libraries
 from train.runtime import build_accelerator, prepare_run_dir
 
 logger = logging.getLogger(__name__)
@@ -22,6 +23,7 @@ logger = logging.getLogger(__name__)
 def run(cfg: Config) -> None:
     """Build everything from the validated config, train (or resume), and save FINAL/."""
     started = time.perf_counter()
+    quiet_libraries(cfg.verbose)
     spec = loss_spec(cfg)
     resume_dir = find_checkpoint_to_resume(cfg)
     wandb_run_id = read_state(resume_dir).wandb_run_id if resume_dir else None
@@ -72,15 +74,34 @@ def write_summary(run_dir: str, summary: dict) -> None:
     version of it in the log."""
     path = Path(run_dir) / SUMMARY_FILE
     path.write_text(json.dumps(summary, indent=2) + "\n")
-    rows = {split: stats for split, stats in summary.get("data", {}).items()}
+    logger.info(summary_text(summary, path))
+
+
+def summary_text(summary: dict, path: Path) -> str:
+    """The end-of-run summary: what was trained, the losses, what happened to the data, where the model is."""
+    unit = next((u for u in ("pairs", "examples") if u in summary), "examples")
+    lines = [
+        f"done: {summary.get('step')} steps, {summary.get(unit, 0):,} {unit}, {summary.get('tokens', 0):,} tokens in "
+        f"{format_seconds(summary.get('wall_seconds', 0))} ({summary.get('tokens_per_second', 0):,.0f} tokens/s "
+        f"while training)"
+    ]
+    losses = [f"{split} {summary[f'loss/{split}']:.4f}" for split in ("train", "eval") if f"loss/{split}" in summary]
+    if "loss/eval_before_training" in summary:
+        losses[-1] += f" (before training {summary['loss/eval_before_training']:.4f})"
+    if "rewards_eval/accuracies" in summary:
+        losses.append(f"eval accuracy {summary['rewards_eval/accuracies']:.3f}")
+    if losses:
+        lines.append("loss: " + ", ".join(losses))
     data = "; ".join(
-        f"{split}: {s['examples']} of {s['rows']} rows used, {s['truncated']} truncated, {s['dropped_no_supervised_token']} dropped"
-        for split, s in rows.items()
+        f"{split} {s['examples']} of {s['rows']} rows used ({s['truncated']} truncated, "
+        f"{s['dropped_no_supervised_token']} dropped)"
+        for split, s in summary.get("data", {}).items()
     )
-    losses = ", ".join(f"{k} {summary[k]:.4f}" for k in ("loss/train", "loss/eval") if k in summary)
-    logger.info(
-        f"run summary: {summary.get('step')} steps, {summary.get('examples')} examples, {summary.get('tokens')} tokens "
-        f"in {summary.get('wall_seconds', 0):.0f} s ({summary.get('tokens_per_second', 0):.0f} tokens/s while training); "
-        f"{losses}; {data}; skipped steps {summary.get('skipped_nonfinite_steps', 0)}; FINAL: {summary.get('final_dir')}; "
-        f"details: {path.resolve()}"
-    )
+    if data:
+        lines.append(f"data: {data}")
+    if summary.get("skipped_nonfinite_steps"):
+        lines.append(f"skipped steps (non-finite): {summary['skipped_nonfinite_steps']}")
+    if "final_dir" in summary:
+        lines.append(f"trained model in {summary['final_dir']}")
+    lines.append(f"details: {path.resolve()} (every logged metric: {path.parent.resolve() / METRICS_FILE})")
+    return "\n  ".join(lines)

@@ -142,7 +142,15 @@ def step_counts(batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
 class Throughput:
     """Running totals and windowed rates, from the all-reduced counts of each step."""
 
-    def __init__(self, flops: ModelFlops | None = None, peak_flops: float = 0.0, n_processes: int = 1):
+    def __init__(
+        self,
+        flops: ModelFlops | None = None,
+        peak_flops: float = 0.0,
+        n_processes: int = 1,
+        unit: str = "examples",
+        rows_per_example: int = 1,
+    ):
+        self.unit, self.rows_per_example = unit, rows_per_example  # a pair is 2 rows of a batch, counted once
         self.flops = flops or ModelFlops(0.0, 0.0, 0.0)
         self.peak = peak_flops * n_processes
         self.examples = self.tokens = self.supervised_tokens = 0
@@ -152,7 +160,7 @@ class Throughput:
 
     def add(self, counts: torch.Tensor, seconds: float) -> None:
         counts = counts.double().cpu()
-        self.examples += int(counts[4])
+        self.examples += int(counts[4]) // self.rows_per_example
         self.tokens += int(counts[0])
         self.supervised_tokens += int(counts[1])
         self.seconds += seconds
@@ -170,7 +178,7 @@ class Throughput:
         self.window.zero_()
         self.window_seconds = 0.0
         return {
-            "examples": self.examples,
+            self.unit: self.examples,
             "tokens": self.tokens,
             "supervised_tokens": self.supervised_tokens,
             "tokens_per_second": tokens / seconds,

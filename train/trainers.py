@@ -26,6 +26,8 @@ from accelerate import Accelerator
 
 from train import checkpoint
 from train.batches import BatchPlan, StepBatches, step_loader
+from train.card import CardInfo
+from train.card import render as render_card
 from train.config import Config, LossConfig, config_yaml, setting
 from train.data import collate, collate_packed
 from train.distributed import (
@@ -40,10 +42,10 @@ from train.errors import DataError, HalyardError
 from train.faults import StopRequest, TrainingStopped, fault_at
 from train.losses import LossSum, count_loss_units, selected_nll_sum, supervised_positions
 from train.models import verify_packing_isolation
-from train.optim import build_optimizer, build_scheduler
+from train.optim import build_optimizer, build_scheduler, warmup_steps_of
 from train.progress import Progress
 from train.samples import write_samples
-from train.store import PackedExample, PackedStore, TokenStore
+from train.store import PackedExample, PackedStore, TokenStore, packed_row_tokens
 from train.throughput import Throughput, model_flops, peak_flops_per_second, peak_memory, step_counts
 
 logger = logging.getLogger(__name__)
@@ -100,6 +102,8 @@ class BasicTrainer:
     supports_reference_precompute = False  # whether reference.precompute=true can replace that model
     model_head = "lm"  # "lm": a causal LM; "score": a sequence classifier with one output (a reward model)
     pairs_across_step = False  # collate(examples, successors): each example's successor in the global batch too
+    example_unit = "examples"  # what one item of the training data is called in the log, metrics and summary
+    rows_per_example = 1  # sequences a collated item holds in a micro-batch (a pair: chosen and rejected)
 
     def __init__(
         self,
@@ -135,6 +139,11 @@ class BasicTrainer:
         self.num_workers = cfg.data.num_workers
         self.eval_samples = cfg.eval_samples
         self.eval_samples_max_new_tokens = cfg.eval_samples_max_new_tokens
+        self.verbose = cfg.verbose
+        self.save_merged = cfg.save_merged
+        self.card_info = CardInfo.from_config(cfg)
+        packed = isinstance(train_data, PackedStore)
+        self.batch_unit = "packed rows" if packed else self.example_unit  # what model.batch_size counts
 
         self.batch_plan = BatchPlan(
             n_items=len(train_data),
@@ -148,8 +157,16 @@ class BasicTrainer:
         self.steps_per_epoch = self.batch_plan.steps_per_epoch
         logger.info(batching_choice(isinstance(train_data, PackedStore), cfg.data.group_by_length))
         if self.steps_per_epoch == 0:
+            what = f"has {len(train_data)} {self.example_unit}"
+            if packed:
+                slots = packed_row_tokens(train_data.kind, cfg.model.max_length)
+                what = (
+                    f"packs into {len(train_data)} rows ({len(train_data.members)} {self.example_unit} in rows of up "
+                    f"to {slots} tokens, from model.max_length={cfg.model.max_length})"
+                )
             raise DataError(
-                f"the training data has {len(train_data)} examples, fewer than model.batch_size={self.batch_size}; lower the batch size or add data"
+                f"the training data {what}, fewer than model.batch_size={self.batch_size} {self.batch_unit}; "
+                f"lower the batch size or add data"
             )
         self.total_steps = self.n_epochs * self.steps_per_epoch
         if cfg.max_steps is not None:
@@ -157,11 +174,26 @@ class BasicTrainer:
         unused = len(train_data) - self.steps_per_epoch * self.batch_size
         if unused:
             logger.info(
-                f"each epoch trains on {len(train_data) - unused} of {len(train_data)} examples: the last partial batch is left out (the order is reshuffled every epoch)"
+                f"each epoch trains on {len(train_data) - unused} of {len(train_data)} {self.batch_unit}: the last "
+                f"partial batch is left out (the order is reshuffled every epoch)"
             )
 
         self.model, self.optimizer = self.prepare_model(model, fsdp, cfg)
-        self.scheduler = build_scheduler(self.optimizer, cfg.warmup_ratio, self.total_steps)
+        self.warmup_steps = warmup_steps_of(
+            self.total_steps, warmup_steps=cfg.warmup_steps, warmup_ratio=cfg.warmup_ratio
+        )
+        self.scheduler = build_scheduler(
+            self.optimizer,
+            self.total_steps,
+            name=cfg.lr_scheduler,
+            warmup_steps=self.warmup_steps,
+            min_lr_ratio=cfg.min_lr_ratio,
+            decay_ratio=cfg.lr_decay_ratio,
+        )
+        logger.info(
+            f"optimizer {cfg.optimizer.name}, lr {cfg.lr:g}, {cfg.lr_scheduler} schedule, "
+            f"{self.warmup_steps} warmup step(s)"
+        )
         self.summary: dict[str, object] = {}
         self.throughput = self.build_throughput(cfg)
         if isinstance(train_data, PackedStore):
@@ -176,10 +208,12 @@ class BasicTrainer:
 
     def prepare_model(self, model, fsdp: FsdpSettings | None, cfg: Config):
         """The model wrapped for this process layout (DDP, or sharded with FSDP2), and its optimizer."""
+        opt = cfg.optimizer
+        settings = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, name=opt.name, betas=opt.betas, eps=opt.eps)
         if fsdp is not None:  # shard first: the optimizer must hold the sharded parameters
             model = shard_model(model, fsdp, self.accelerator.device, bf16=cfg.model.dtype == "bfloat16")
-            return model, build_optimizer(model, cfg.lr, cfg.weight_decay)
-        return self.accelerator.prepare(model, build_optimizer(model, cfg.lr, cfg.weight_decay))
+            return model, build_optimizer(model, **settings)
+        return self.accelerator.prepare(model, build_optimizer(model, **settings))
 
     def build_throughput(self, cfg: Config) -> Throughput:
         device = self.accelerator.device
@@ -187,7 +221,9 @@ class BasicTrainer:
         reference_forward = self.uses_reference and not cfg.reference.precompute
         flops = model_flops(self.accelerator.unwrap_model(self.model), self.model_head == "lm", reference_forward)
         self.summary.update(peak_flops_per_second=peak.flops_per_second, peak_flops_source=peak.source)
-        return Throughput(flops, peak.flops_per_second, self.accelerator.num_processes)
+        return Throughput(
+            flops, peak.flops_per_second, self.accelerator.num_processes, self.example_unit, self.rows_per_example
+        )
 
     # ---- hooks for subclasses ----
 
@@ -228,9 +264,9 @@ class BasicTrainer:
         Raises TrainingStopped after writing a checkpoint if SIGTERM or SIGINT arrived.
         """
         world = self.accelerator.num_processes
-        unit = "packed rows" if isinstance(self.train_data, PackedStore) else "examples"
         logger.info(
-            f"training for {self.total_steps} steps ({self.steps_per_epoch} per epoch) of {self.batch_size} {unit} "
+            f"training for {self.total_steps} steps ({self.steps_per_epoch} per epoch) of {self.batch_size} "
+            f"{self.batch_unit} "
             f"on {world} process(es), {self.accumulation_steps} micro-batch(es) of "
             f"{self.batch_plan.micro_batch_size} each" + (f", from step {self.step}" if self.step else "")
         )
@@ -241,7 +277,7 @@ class BasicTrainer:
             parallelism="fsdp2" if sharded else ("ddp" if world > 1 else "single"),
             local_parameter_fraction=local_parameter_fraction(self.model),
         )
-        self.progress = Progress(self.total_steps, self.step, self.accelerator.is_main_process)
+        self.progress = Progress(self.total_steps, self.step, self.accelerator.is_main_process, verbose=self.verbose)
         if self.step == 0:
             if self.accelerator.is_main_process:
                 self.metrics_path.write_text("")
@@ -390,6 +426,8 @@ class BasicTrainer:
             f.write(json.dumps(metrics) + "\n")
         self.accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
         self.summary.update({k: v for k, v in metrics.items() if k not in ("lr", "grad_norm", "epoch")})
+        if metrics["step"] == 0 and "loss/eval" in metrics:
+            self.summary["loss/eval_before_training"] = metrics["loss/eval"]
         self.progress.show(metrics)
 
     # ---- checkpoints (train/checkpoint.py writes and reads them) ----
@@ -426,10 +464,13 @@ class BasicTrainer:
         self.summary.update(state.summary)
 
     def save_final(self) -> None:
-        """Write FINAL/ (merged under LoRA, with FINAL/adapter/), never half-written; every process takes part."""
+        """Write FINAL/ (under LoRA: the adapter, the merged model or both, see save_merged) with its model card,
+        never half-written; every process takes part."""
+        card = render_card(self.card_info, self.summary, adapter_only=self.use_peft and self.save_merged == "adapter")
         final = checkpoint.save_final(
-            self.accelerator, self.model, self.tokenizer, self.run_dir, self.config_text, self.use_peft
-        )
+            self.accelerator, self.model, self.tokenizer, self.run_dir, self.config_text, self.use_peft,
+            save_merged=self.save_merged, card=card,
+        )  # fmt: skip
         if final is not None:
             self.summary["final_dir"] = str(final.resolve())
 
