@@ -89,6 +89,11 @@ class DataConfig:
     train_on: str = setting(
         "assistant", "Supervised tokens: assistant (every assistant turn) | last_assistant | all (every token)."
     )
+    train_on_reasoning: bool = setting(
+        True,
+        "Assistant reasoning (<think>...</think> opening the content, or a reasoning_content field): true trains "
+        "it where the chat template renders it; false keeps it as unsupervised context.",
+    )
     max_prompt_length: int | None = setting(
         None, "Cut prompts longer than this many tokens (from the left); null: no limit."
     )
