@@ -299,7 +299,8 @@ def _parse_sharegpt(row: dict, where: str, keys: DataConfig) -> Conversation:
                 f"{where}: {name}.from={_short(turn['from'])} is unknown; use one of {list(SHAREGPT_ROLES)}"
             )
         messages.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
-    return _parse_messages({"messages": messages}, where, dataclasses.replace(keys, messages_key="messages"))
+    # Checked as messages under the name of the field the row gives, so errors name conversations[i].
+    return _parse_messages({"conversations": messages}, where, dataclasses.replace(keys, messages_key="conversations"))
 
 
 def _parse_prompt_completion(row: dict, where: str, keys: DataConfig) -> Conversation:
