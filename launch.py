@@ -17,8 +17,9 @@ import sys
 EXIT_USER_ERROR = 2
 
 
-def compose_config(overrides: list[str]):
-    """Compose config/config.yaml with Hydra and the command-line overrides; return the typed, validated Config."""
+def compose_config(overrides: list[str], check_model_files: bool = False):
+    """Compose config/config.yaml with Hydra and the command-line overrides; return the typed, validated Config
+    (with `check_model_files`, the model and tokenizer it names are checked to exist too)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
@@ -34,7 +35,7 @@ def compose_config(overrides: list[str]):
             raw = compose(config_name="config", overrides=_as_forced_overrides(overrides))
     except (HydraException, OmegaConfBaseException) as error:
         raise ConfigError([str(error).strip()]) from None
-    return validate(raw)
+    return validate(raw, check_model_files=check_model_files)
 
 
 def _as_forced_overrides(overrides: list[str]) -> list[str]:
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from train.errors import HalyardError
 
     try:
-        cfg = compose_config(argv)
+        cfg = compose_config(argv, check_model_files=True)
         from train.run import run
 
         run(cfg)

@@ -306,12 +306,13 @@ TRUNCATIONS = ("truncate", "drop", "error")
 BAD_ROW_POLICIES = ("error", "skip")
 
 
-def validate(raw: DictConfig, world_size: int | None = None) -> Config:
+def validate(raw: DictConfig, world_size: int | None = None, check_model_files: bool = False) -> Config:
     """Check a composed config against the schema and the rules between keys; return it typed.
 
     Collects every problem (unknown keys with their closest valid name, wrong types, bad values, missing files, a
     loss that cannot be imported or does not support a setting) and raises one ConfigError listing them all. The
     loss's trainer is imported to read its settings schema and capabilities; no model or data is loaded.
+    With `check_model_files` (the CLI, before a run), the model and tokenizer folders or hub ids are checked too.
     """
     problems: list[str] = []
     raw_tree = OmegaConf.to_container(raw, resolve=False)
@@ -326,6 +327,10 @@ def validate(raw: DictConfig, world_size: int | None = None) -> Config:
     problems += check_values(cfg, world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
     if spec:
         problems += check_loss_capabilities(cfg, spec)
+    if check_model_files:
+        from train.models import model_path_problems  # imports torch; the trainer module above already did
+
+        problems += model_path_problems(cfg.model)
     if problems:
         raise ConfigError(problems)
     return cfg
