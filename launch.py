@@ -15,6 +15,7 @@ import os
 import sys
 
 EXIT_USER_ERROR = 2
+EXIT_STOPPED = 75  # train.faults.TrainingStopped: stopped by a signal, checkpoint written
 
 
 def compose_config(overrides: list[str], check_model_files: bool = False):
@@ -89,9 +90,14 @@ def main(argv: list[str] | None = None) -> int:
         run(cfg)
     except HalyardError as error:
         # A user error, or a stop on request: say what happened and what to do, without a traceback.
+        code = getattr(error, "exit_code", EXIT_USER_ERROR)
         if is_main_process():
             print(f"halyard: {error}", file=sys.stderr)
-        return getattr(error, "exit_code", EXIT_USER_ERROR)
+            if code == EXIT_STOPPED:
+                from train.supervise import record_stop
+
+                record_stop(str(error))  # under train.supervise, the command then exits with 75 too
+        return code
     finally:
         shut_down_processes()
     return 0
