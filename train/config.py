@@ -328,7 +328,7 @@ def validate(raw: DictConfig, world_size: int | None = None, check_model_files: 
     if spec:
         problems += check_loss_capabilities(cfg, spec)
     if check_model_files:
-        from train.models import model_path_problems  # imports torch; the trainer module above already did
+        from train.model_paths import model_path_problems
 
         problems += model_path_problems(cfg.model)
     if problems:

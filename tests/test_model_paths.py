@@ -5,7 +5,7 @@ import time
 import pytest
 
 from train.config import ModelConfig
-from train.models import model_path_problems
+from train.model_paths import model_path_problems
 
 
 def test_missing_folder_and_incomplete_folders_are_named(tmp_path, tiny_cache):
