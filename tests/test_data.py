@@ -406,6 +406,19 @@ def test_mixing_eval_split_and_cap(tmp_path, tiny_tokenizers):
     assert not any(tuple(e.input_ids) in held_out for e in train)
 
 
+def test_eval_split_is_taken_before_rows_are_repeated(tmp_path, tiny_tokenizers):
+    """dataset_samples repeating a source 3 times over and an eval split: no evaluation row is trained on."""
+    from train.data import build_datasets
+
+    cfg = demo_config(tmp_path, "data.dataset_samples=[369]", "data.eval_split_ratio=0.2")
+    train, evaluation, _ = build_datasets(cfg, tiny_tokenizers["chatml"])
+    assert (len(train), len(evaluation)) == (369, 25)
+    assert not set(train.rows.tolist()) & set(evaluation.rows.tolist())  # rows of the tokenized table
+    assert len(set(train.rows.tolist())) == 123 - 25  # every remaining row, repeated
+    held_out = {tuple(e.input_ids) for e in evaluation}
+    assert not any(tuple(e.input_ids) in held_out for e in train)
+
+
 def test_preview_script_marks_spans_and_dumps_rows(tmp_path, tiny_cache):
     import subprocess
     import sys

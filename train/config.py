@@ -119,7 +119,11 @@ class DataConfig:
     dataset_samples: list[float] = setting(
         [], "Per training dataset, in order: a count (>= 1, repeats data if larger) or a fraction (< 1); empty: all."
     )
-    eval_split_ratio: float = setting(0.0, "Without eval_datasets, hold out this fraction of the training examples.")
+    eval_split_ratio: float = setting(
+        0.0,
+        "Without eval_datasets, hold out this fraction of the training examples (before dataset_samples repeats or "
+        "samples the rest).",
+    )
     packing: bool = setting(
         False,
         "Pack training examples into rows of up to model.max_length tokens (best-fit decreasing); attention stays "

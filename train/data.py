@@ -680,12 +680,14 @@ def build_datasets(
     )
 
     train, train_stats = prepare(cfg.datasets)
-    train = mix(train, len(cfg.datasets), cfg.data.dataset_samples, cfg.seed)
     evaluation, eval_stats = None, None
     if cfg.eval_datasets:
         evaluation, eval_stats = prepare(cfg.eval_datasets)
     elif cfg.data.eval_split_ratio > 0:
+        # Held out before mixing: once rows are repeated (dataset_samples above a source's size), a split would put
+        # copies of one row on both sides.
         train, evaluation = split_off_eval(train, cfg.data.eval_split_ratio, cfg.seed)
+    train = mix(train, len(cfg.datasets), cfg.data.dataset_samples, cfg.seed)
     if cfg.data.n_examples is not None and cfg.data.n_examples < len(train):
         train = train.select(np.random.default_rng(cfg.seed).permutation(len(train))[: cfg.data.n_examples])
     if len(train) == 0:
