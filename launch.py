@@ -15,10 +15,12 @@ import os
 import sys
 
 EXIT_USER_ERROR = 2
+EXIT_STOPPED = 75  # train.faults.TrainingStopped: stopped by a signal, checkpoint written
 
 
-def compose_config(overrides: list[str]):
-    """Compose config/config.yaml with Hydra and the command-line overrides; return the typed, validated Config."""
+def compose_config(overrides: list[str], check_model_files: bool = False):
+    """Compose config/config.yaml with Hydra and the command-line overrides; return the typed, validated Config
+    (with `check_model_files`, the model and tokenizer it names are checked to exist too)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
@@ -34,7 +36,7 @@ def compose_config(overrides: list[str]):
             raw = compose(config_name="config", overrides=_as_forced_overrides(overrides))
     except (HydraException, OmegaConfBaseException) as error:
         raise ConfigError([str(error).strip()]) from None
-    return validate(raw)
+    return validate(raw, check_model_files=check_model_files)
 
 
 def _as_forced_overrides(overrides: list[str]) -> list[str]:
@@ -82,15 +84,20 @@ def main(argv: list[str] | None = None) -> int:
     from train.errors import HalyardError
 
     try:
-        cfg = compose_config(argv)
+        cfg = compose_config(argv, check_model_files=True)
         from train.run import run
 
         run(cfg)
     except HalyardError as error:
         # A user error, or a stop on request: say what happened and what to do, without a traceback.
+        code = getattr(error, "exit_code", EXIT_USER_ERROR)
         if is_main_process():
             print(f"halyard: {error}", file=sys.stderr)
-        return getattr(error, "exit_code", EXIT_USER_ERROR)
+            if code == EXIT_STOPPED:
+                from train.supervise import record_stop
+
+                record_stop(str(error))  # under train.supervise, the command then exits with 75 too
+        return code
     finally:
         shut_down_processes()
     return 0

@@ -131,10 +131,11 @@ def _leaf_paths_of_schema() -> list[str]:
 
 
 def test_config_errors_exit_2_without_traceback_or_heavy_imports():
-    result = run_cli(["model=tiny", "datasets=[nope.jsonl]", "model.lora_r=4"])
+    result = run_cli(["model=tiny", "datasets=[nope.jsonl]", "model.lora_r=4", "cache_dir=/nonexistent-halyard"])
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert "halyard: invalid configuration (2 problems)" in result.stderr
+    assert "halyard: invalid configuration (3 problems)" in result.stderr
+    assert "model.name_or_path=/nonexistent-halyard/tiny-llama: no such folder" in result.stderr
     assert "did you mean 'model.peft.lora_r'" in result.stderr
     # Errors come before any model loads: validation imports the loss's trainer module, never a model's code.
     probe = (

@@ -1,5 +1,6 @@
 """The data pipeline against exact tensors: rendering, label masks, truncation, padding and bad input."""
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -216,16 +217,132 @@ def test_tokenizer_without_chat_template_is_refused(tmp_path, tiny_tokenizers):
         tokenizer.chat_template = original
 
 
-def test_template_that_rewrites_earlier_turns_is_refused(tiny_tokenizers):
-    tokenizer = tiny_tokenizers["chatml"]
-    original = tokenizer.chat_template
-    # Renders the number of messages first, so every prefix differs: spans cannot be located.
-    tokenizer.chat_template = "{{ messages | length }}{% for m in messages %}|{{ m['content'] }}{% endfor %}"
+# Chat templates that break the naive "render each prefix" way of finding assistant turns. Each renders ChatML-like
+# text with the tiny ChatML tokenizer's special tokens.
+TURN = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+QWEN3_LIKE = (  # reasoning kept only for the turns after the last user turn, as Qwen3's template does
+    "{% set ns = namespace(last_user=-1) %}{% for m in messages %}{% if m.role == 'user' %}"
+    "{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}"
+    "{% for m in messages %}{% if m.role == 'assistant' %}{% set content = m.content %}{% set reasoning = '' %}"
+    "{% if m.reasoning_content is defined and m.reasoning_content %}{% set reasoning = m.reasoning_content %}"
+    "{% elif '</think>' in content %}{% set reasoning = content.split('</think>')[0].split('<think>')[-1] %}"
+    "{% set content = content.split('</think>')[-1].lstrip('\\n') %}{% endif %}"
+    "{% if loop.index0 > ns.last_user and reasoning %}"
+    "<|im_start|>assistant\n<think>\n{{ reasoning.strip('\\n') }}\n</think>\n\n{{ content }}<|im_end|>\n"
+    "{% else %}<|im_start|>assistant\n{{ content }}<|im_end|>\n{% endif %}"
+    "{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TEMPLATES = {
+    # No add_generation_prompt branch: the prompt before a turn never ends with its header.
+    "ignores_generation_prompt": TURN,
+    # A system prompt the data never gave.
+    "default_system_prompt": "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are helpful.<|im_end|>\n"
+    "{% endif %}" + TURN + "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    # Every earlier turn renders differently once a later one exists (the count comes first).
+    "rewrites_earlier_turns": "<|im_start|>{{ messages | length }}<|im_end|>" + TURN,
+    "strips_earlier_reasoning": QWEN3_LIKE,
+}
+THREE_TURNS = [
+    {"role": "user", "content": "What color is grass?"},
+    {"role": "assistant", "content": "Arr, grass be green!"},
+    {"role": "user", "content": "And 2 plus 2?"},
+    {"role": "assistant", "content": "Arr, 4!"},
+]
+REASONING = [
+    THREE_TURNS[0],
+    {"role": "assistant", "content": "<think>\nGrass has chlorophyll.\n</think>\n\nArr, grass be green!"},
+    THREE_TURNS[2],
+    {"role": "assistant", "content": "Arr, 4!", "reasoning_content": "Two and two."},
+]
+
+
+@contextlib.contextmanager
+def template(tokenizer, text: str):
+    original, tokenizer.chat_template = tokenizer.chat_template, text
     try:
-        with pytest.raises(DataError, match="growing prefixes"):
-            tokenize_conversation(CONVERSATION, tokenizer, "row 0")
+        yield tokenizer
     finally:
         tokenizer.chat_template = original
+
+
+def expected_example(tokenizer, segments: list[tuple[str, bool]]) -> Example:
+    """input_ids and labels from the rendered text in segments, each supervised or not (boundaries between
+    segments fall on token boundaries here: special tokens and newlines)."""
+    input_ids, labels = [], []
+    for text, supervised in segments:
+        piece = ids(tokenizer, text)
+        input_ids += piece
+        labels += piece if supervised else [IGNORE_INDEX] * len(piece)
+    assert input_ids == ids(tokenizer, "".join(text for text, _ in segments))
+    return Example(input_ids, labels)
+
+
+@pytest.mark.parametrize("style", sorted(TEMPLATES))
+def test_exact_labels_for_templates_that_break_prefix_rendering(tiny_tokenizers, style):
+    with template(tiny_tokenizers["chatml"], TEMPLATES[style]) as tokenizer:
+        example = tokenize_conversation(THREE_TURNS, tokenizer, "row 0")
+    head = {
+        "ignores_generation_prompt": "",
+        "default_system_prompt": "<|im_start|>system\nYou are helpful.<|im_end|>\n",
+        "rewrites_earlier_turns": "<|im_start|>4<|im_end|>",
+        "strips_earlier_reasoning": "",
+    }[style]
+    expected = expected_example(
+        tokenizer,
+        [
+            (f"{head}<|im_start|>user\nWhat color is grass?<|im_end|>\n<|im_start|>assistant\n", False),
+            ("Arr, grass be green!<|im_end|>", True),
+            ("\n<|im_start|>user\nAnd 2 plus 2?<|im_end|>\n<|im_start|>assistant\n", False),
+            ("Arr, 4!<|im_end|>", True),
+            ("\n", False),
+        ],
+    )
+    assert (example.input_ids, example.labels) == (expected.input_ids, expected.labels)
+
+
+@pytest.mark.parametrize(
+    ("train_on", "train_on_reasoning", "first_turn", "last_turn"),
+    [
+        ("last_assistant", True, None, ("<think>\nTwo and two.\n</think>\n\n", True)),
+        ("assistant", False, "Arr, grass be green!<|im_end|>", ("<think>\nTwo and two.\n</think>\n\n", False)),
+    ],
+)
+def test_reasoning_is_trained_or_masked_exactly(tiny_tokenizers, train_on, train_on_reasoning, first_turn, last_turn):
+    """Reasoning in <think> tags or in reasoning_content, under a template that drops it from earlier turns."""
+    with template(tiny_tokenizers["chatml"], QWEN3_LIKE) as tokenizer:
+        example = tokenize_conversation(REASONING, tokenizer, "row 0", train_on, train_on_reasoning)
+        expected = expected_example(
+            tokenizer,
+            [
+                ("<|im_start|>user\nWhat color is grass?<|im_end|>\n<|im_start|>assistant\n", False),
+                ("Arr, grass be green!<|im_end|>", first_turn is not None),
+                ("\n<|im_start|>user\nAnd 2 plus 2?<|im_end|>\n<|im_start|>assistant\n", False),
+                last_turn,
+                ("Arr, 4!<|im_end|>", True),
+                ("\n", False),
+            ],
+        )
+        assert (example.input_ids, example.labels) == (expected.input_ids, expected.labels)
+        # Trained on every assistant turn with its reasoning, the first turn would be learned without the reasoning
+        # it has at inference: refused, naming the ways out.
+        with pytest.raises(DataError, match="drops the reasoning of assistant turn 1.*data.train_on=last_assistant"):
+            tokenize_conversation(REASONING, tokenizer, "row 0", "assistant", True)
+
+
+def test_reasoning_in_a_template_that_keeps_it_verbatim(tiny_tokenizers):
+    tokenizer = tiny_tokenizers["chatml"]
+    example = tokenize_conversation(REASONING[:2], tokenizer, "row 0")
+    assert supervised_text(tokenizer, example) == REASONING[1]["content"] + "<|im_end|>"
+    masked = tokenize_conversation(REASONING[:2], tokenizer, "row 0", train_on_reasoning=False)
+    assert supervised_text(tokenizer, masked) == "Arr, grass be green!<|im_end|>"
+
+
+def test_template_that_changes_contents_is_refused(tiny_tokenizers):
+    with template(tiny_tokenizers["chatml"], TURN.replace("m['content']", "m['content'] | upper")) as tokenizer:
+        with pytest.raises(DataError, match=r"row 0: .*cannot be located exactly.*data.train_on=all"):
+            tokenize_conversation(THREE_TURNS, tokenizer, "row 0")
+        assert tokenize_conversation(THREE_TURNS, tokenizer, "row 0", "all").labels[0] != IGNORE_INDEX
 
 
 @pytest.mark.parametrize("style", ["chatml", "llama3", "inst"])
@@ -285,6 +402,19 @@ def test_mixing_eval_split_and_cap(tmp_path, tiny_tokenizers):
     cfg = demo_config(tmp_path, "data.eval_split_ratio=0.2", "data.n_examples=50")
     train, evaluation, _ = build_datasets(cfg, tokenizer)
     assert (len(train), len(evaluation)) == (50, 25)
+    held_out = {tuple(e.input_ids) for e in evaluation}
+    assert not any(tuple(e.input_ids) in held_out for e in train)
+
+
+def test_eval_split_is_taken_before_rows_are_repeated(tmp_path, tiny_tokenizers):
+    """dataset_samples repeating a source 3 times over and an eval split: no evaluation row is trained on."""
+    from train.data import build_datasets
+
+    cfg = demo_config(tmp_path, "data.dataset_samples=[369]", "data.eval_split_ratio=0.2")
+    train, evaluation, _ = build_datasets(cfg, tiny_tokenizers["chatml"])
+    assert (len(train), len(evaluation)) == (369, 25)
+    assert not set(train.rows.tolist()) & set(evaluation.rows.tolist())  # rows of the tokenized table
+    assert len(set(train.rows.tolist())) == 123 - 25  # every remaining row, repeated
     held_out = {tuple(e.input_ids) for e in evaluation}
     assert not any(tuple(e.input_ids) in held_out for e in train)
 

@@ -137,3 +137,50 @@ def test_bad_rows_can_be_skipped_and_are_counted(tiny_tokenizers, tmp_path):
     examples, stats = load_examples([str(path)], tiny_tokenizers["chatml"], DataConfig(on_bad_row="skip"), 128)
     assert (len(examples), stats.rows, stats.skipped_bad_rows) == (2, 5, 3)
     assert "3 malformed rows skipped" in stats.describe("train", 128)
+
+
+def test_fuzz_corpus_gives_named_errors_or_counted_skips_never_a_traceback(tiny_tokenizers, tmp_path):
+    """Every row of the fuzz corpus (tests/fuzz_corpus.py: 240 valid rows of every format, mutated) is used, or
+    refused with an error naming the file, the line and the mutated field; whole files skip and count them."""
+    import re
+
+    from fuzz_corpus import VALID, corpus
+
+    from train.data import tokenize_rows
+    from train.formats import read_source
+
+    entries = corpus(seed=0)
+    assert len(entries) >= 200 and {kind for kind, _ in VALID} == {e.kind for e in entries}
+    tokenizer = tiny_tokenizers["chatml"]
+    for kind in ("sft", "paired", "unpaired"):
+        mine = [e for e in entries if e.kind == kind]
+        valid = next(row for k, row in VALID if k == kind)  # first: the file's format check reads a good row
+        path = tmp_path / f"{kind}.jsonl"
+        path.write_bytes(json.dumps(valid).encode() + b"\n" + b"".join(e.line for e in mine))
+        rows = list(read_source(str(path)))
+        assert len(rows) == len(mine) + 1
+        bad = 0
+        for line, (entry, (where, row)) in enumerate(zip(mine, rows[1:], strict=True), start=2):
+            _, report = tokenize_rows([(where, row, 0)], tokenizer=tokenizer, settings=KEYS, max_length=64, kind=kind)
+            message = report["first_bad_row"]
+            if entry.mutation in ("bom", "crlf"):
+                assert report["examples"] >= 1, (entry.mutation, message)
+            if entry.mutation in ("invalid_utf8", "truncated", "not_an_object", "deep_nesting", "surrogate"):
+                assert message, (entry.mutation, entry.field)
+            if message:
+                bad += 1
+                assert message.startswith(f"{path} line {line}: "), (entry.mutation, message)
+                # A field made invalid is named (a message field by its list entry, e.g. messages[2]).
+                if entry.mutation in ("wrong_type", "null", "garbage", "surrogate"):
+                    assert re.match(r"[^.]*", entry.field)[0] in message, (entry.mutation, entry.field, message)
+        examples, stats = load_examples([str(path)], tokenizer, DataConfig(on_bad_row="skip"), max_length=64, kind=kind)
+        assert stats.skipped_bad_rows == bad and stats.rows == len(mine) + 1 and 0 < bad < len(mine)
+        with pytest.raises(DataError, match=f"{re.escape(str(path))} line \\d+: .*data.on_bad_row=skip would skip"):
+            load_examples([str(path)], tokenizer, KEYS, max_length=64, kind=kind)
+
+
+def test_empty_data_file_is_an_error_naming_it(tiny_tokenizers, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match=f"{empty}: no rows \\(the file is empty\\)"):
+        load_examples([str(empty)], tiny_tokenizers["chatml"], KEYS, max_length=64)

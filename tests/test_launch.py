@@ -316,3 +316,38 @@ def test_trackers_bfloat16_and_gradient_checkpointing(tiny_cache):
     assert samples[0]["prompt"].endswith("<|im_start|>assistant\n") and "France" in samples[0]["prompt"]
     assert samples[0]["reference"] == "Arr, the capital of France be Paris, matey!"
     assert all(m["loss/train"] < 7 for m in logged)  # finite, near ln(vocab) at the start
+
+
+def test_model_paths_are_checked_with_the_config_and_leave_no_run_directory(tmp_path):
+    """A hub id with no hub and HF_HUB_OFFLINE unset, a tokenizer folder that does not exist and a config typo:
+    reported together, in seconds, before a run directory is made."""
+    import os
+    import subprocess
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env |= {"HF_ENDPOINT": "http://127.0.0.1:9", "PYTHONPATH": str(REPO)}
+    args = [
+        f"cache_dir={tmp_path}", "exp_name=never", f"datasets=[{DEMO_TRAIN}]", "model=tiny", "lr_typo=1",
+        "++model.name_or_path=halyard-tests/no-such-model", f"++model.tokenizer_name_or_path={tmp_path / 'typo'}",
+    ]  # fmt: skip
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, str(REPO / "launch.py"), *args], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert time.perf_counter() - started < 40  # imports included; a hub download would retry for ~a minute
+    assert "invalid configuration (3 problems)" in result.stderr
+    assert "model.name_or_path=halyard-tests/no-such-model: no folder of that name here, and the hub" in result.stderr
+    assert f"model.tokenizer_name_or_path={tmp_path / 'typo'}: no such folder" in result.stderr
+    assert not (tmp_path / "never").exists()
+
+
+def test_empty_data_file_exits_2_naming_it_and_leaves_no_run_directory(tiny_cache, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    args = [f"cache_dir={tiny_cache}", "exp_name=empty_data", f"datasets=[{empty}]", "model=tiny"]
+    result = run_cli(args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"halyard: {empty}: no rows (the file is empty)" in result.stderr
+    assert not (tiny_cache / "empty_data").exists()

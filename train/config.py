@@ -89,6 +89,11 @@ class DataConfig:
     train_on: str = setting(
         "assistant", "Supervised tokens: assistant (every assistant turn) | last_assistant | all (every token)."
     )
+    train_on_reasoning: bool = setting(
+        True,
+        "Assistant reasoning (<think>...</think> opening the content, or a reasoning_content field): true trains "
+        "it where the chat template renders it; false keeps it as unsupervised context.",
+    )
     max_prompt_length: int | None = setting(
         None, "Cut prompts longer than this many tokens (from the left); null: no limit."
     )
@@ -114,7 +119,11 @@ class DataConfig:
     dataset_samples: list[float] = setting(
         [], "Per training dataset, in order: a count (>= 1, repeats data if larger) or a fraction (< 1); empty: all."
     )
-    eval_split_ratio: float = setting(0.0, "Without eval_datasets, hold out this fraction of the training examples.")
+    eval_split_ratio: float = setting(
+        0.0,
+        "Without eval_datasets, hold out this fraction of the training examples (before dataset_samples repeats or "
+        "samples the rest).",
+    )
     packing: bool = setting(
         False,
         "Pack training examples into rows of up to model.max_length tokens (best-fit decreasing); attention stays "
@@ -336,12 +345,13 @@ SCHEDULERS = ("cosine", "linear", "constant", "warmup_stable_decay")
 SAVE_MERGED = ("adapter", "merged", "both")  # what FINAL/ holds after a LoRA run (train/checkpoint.py)
 
 
-def validate(raw: DictConfig, world_size: int | None = None) -> Config:
+def validate(raw: DictConfig, world_size: int | None = None, check_model_files: bool = False) -> Config:
     """Check a composed config against the schema and the rules between keys; return it typed.
 
     Collects every problem (unknown keys with their closest valid name, wrong types, bad values, missing files, a
     loss that cannot be imported or does not support a setting) and raises one ConfigError listing them all. The
     loss's trainer is imported to read its settings schema and capabilities; no model or data is loaded.
+    With `check_model_files` (the CLI, before a run), the model and tokenizer folders or hub ids are checked too.
     """
     problems: list[str] = []
     raw_tree = OmegaConf.to_container(raw, resolve=False)
@@ -356,6 +366,10 @@ def validate(raw: DictConfig, world_size: int | None = None) -> Config:
     problems += check_values(cfg, world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
     if spec:
         problems += check_loss_capabilities(cfg, spec)
+    if check_model_files:
+        from train.model_paths import model_path_problems
+
+        problems += model_path_problems(cfg.model)
     if problems:
         raise ConfigError(problems)
     return cfg

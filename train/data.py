@@ -58,7 +58,7 @@ from train.store import (
 
 logger = logging.getLogger(__name__)
 
-PIPELINE_VERSION = 5  # bump when tokenization changes, to invalidate caches
+PIPELINE_VERSION = 6  # bump when tokenization changes, to invalidate caches
 
 
 @dataclass
@@ -90,39 +90,93 @@ class DatasetStats:
 
 # ---- rendering and masking ----
 
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+# Placeholders for the supervised contents: private-use characters and digits, which no template filter (trim,
+# upper, capitalize) changes and no real text contains.
+PLACEHOLDER = "\ue000{}\ue001"
 
-def special_token_ids(tokenizer) -> set[int]:
-    """Ids of every special token, including added ones such as Llama 3's <|eot_id|>."""
+
+@functools.lru_cache(maxsize=8)
+def special_token_ids(tokenizer) -> frozenset[int]:
+    """Ids of every special token, including added ones such as Llama 3's <|eot_id|> (computed once per tokenizer)."""
     added = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
-    return set(tokenizer.all_special_ids) | added
+    return frozenset(set(tokenizer.all_special_ids) | added)
+
+
+@dataclass
+class Piece:
+    """One supervised text of the conversation: an assistant turn's answer or its reasoning, and where the template
+    rendered it (character offsets into the rendered conversation)."""
+
+    turn: int  # message index
+    part: str  # "answer" or "reasoning"
+    text: str  # the value given to the template
+    start: int = -1
+    end: int = -1  # -1: the template did not render it
+
+
+def split_reasoning(message: dict[str, str]) -> tuple[str | None, str, str]:
+    """(reasoning, answer, form) of an assistant message: reasoning from its `reasoning_content` field ("field"), or
+    from a <think>...</think> block opening its content ("tags"); (None, content, "none") without reasoning."""
+    content = message["content"]
+    if message.get("reasoning_content"):
+        return message["reasoning_content"], content, "field"
+    opened = content.find(THINK_OPEN)
+    closed = content.find(THINK_CLOSE)
+    if opened >= 0 and closed > opened and not content[:opened].strip():
+        return content[opened + len(THINK_OPEN) : closed], content[closed + len(THINK_CLOSE) :], "tags"
+    return None, content, "none"
 
 
 def tokenize_conversation(
-    messages: list[dict[str, str]], tokenizer, where: str, train_on: str = "assistant"
+    messages: list[dict[str, str]],
+    tokenizer,
+    where: str,
+    train_on: str = "assistant",
+    train_on_reasoning: bool = True,
 ) -> Example:
     """Render with the chat template and supervise assistant turns through their end-of-turn token.
 
     train_on: "assistant" (every assistant turn), "last_assistant", "all" (every token), or "after:<n>" (assistant
     turns from message n on: the response of a preference pair). Turns after the last assistant turn are dropped.
-    """
-    last_assistant = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    messages = messages[: last_assistant + 1]
-    text = _render(tokenizer, messages, add_generation_prompt=False, where=where)
-    turns = _supervised_turns(messages, train_on)
-    spans = [_assistant_span(tokenizer, messages, i, text, where) for i in turns]
 
+    The conversation is rendered twice: as it is, and with each supervised content replaced by a unique placeholder.
+    The placeholder rendering says exactly where the template puts each content (whatever it adds around them: role
+    headers, a default system prompt, generation prompts it renders unasked, earlier turns rewritten); the real
+    rendering must be that text with the contents put back (trimmed at most), or the row is refused. The supervised
+    tokens of a turn are those of its content (and reasoning, per `train_on_reasoning`) and the end-of-turn token
+    that follows; they are then decoded and compared with that text, by equality.
+    """
+    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not assistant:
+        raise DataError(f"{where}: the conversation has no assistant turn, so there is nothing to train on")
+    messages = messages[: assistant[-1] + 1]
+    text = _render(tokenizer, messages, add_generation_prompt=False, where=where)
     encoded = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
     ids = np.asarray(encoded.ids, dtype=np.int64)
     if train_on == "all":
         supervised = np.ones(len(ids), dtype=bool)
+        turns = []
     else:
-        # A token overlapping an assistant span is supervised, also one that straddles its start (" Arr" after a
-        # template ending in "assistant:"): it is the token the model must produce there.
+        turns = _supervised_turns(messages, train_on)
+        pieces = _locate_pieces(tokenizer, messages, turns, text, where)
         flat = itertools.chain.from_iterable(encoded.offsets)  # (start, end) per token; fromiter: 2x asarray
         offsets = np.fromiter(flat, dtype=np.int64, count=2 * len(ids)).reshape(-1, 2)
         supervised = np.zeros(len(ids), dtype=bool)
-        for span_start, span_end in spans:
-            supervised |= (offsets[:, 0] < span_end) & (offsets[:, 1] > span_start)
+        expected = []
+        for turn in turns:
+            start, end = _turn_span(pieces, turn, text, train_on_reasoning, where)
+            # A token overlapping the span is supervised, also one that straddles its start (" Arr" after a
+            # template ending in "assistant:"): it is the token the model must produce there.
+            inside = np.flatnonzero((offsets[:, 0] < end) & (offsets[:, 1] > start))
+            if not len(inside):
+                raise DataError(
+                    f"{where}: assistant turn {turn} has no answer after its reasoning, so nothing of it is trained "
+                    f"with data.train_on_reasoning=false; give it an answer, or set data.train_on_reasoning=true"
+                )
+            first, last = int(inside[0]), _end_of_turn(tokenizer, ids, offsets, text, int(inside[-1]))
+            supervised[first : last + 1] = True
+            expected.append(text[start:end])
     if not supervised.any():
         raise DataError(f"{where}: no token of the assistant turns could be located in the rendered conversation")
     input_ids, labels = ids.tolist(), np.where(supervised, ids, IGNORE_INDEX).tolist()
@@ -131,7 +185,8 @@ def tokenize_conversation(
         # The template ends the last turn without an end-of-turn token: append EOS so the model learns to stop.
         input_ids = input_ids[: last + 1] + [tokenizer.eos_token_id]
         labels = labels[: last + 1] + [tokenizer.eos_token_id]
-    _verify_supervised_text(tokenizer, input_ids, labels, [messages[i] for i in turns], where)
+    if turns:
+        _verify_supervised_text(tokenizer, input_ids, labels, expected, where)
     return Example(input_ids=input_ids, labels=labels)
 
 
@@ -143,6 +198,132 @@ def _supervised_turns(messages: list[dict[str, str]], train_on: str) -> list[int
         first = int(train_on.split(":")[1])
         return [i for i in assistant if i >= first]
     return assistant
+
+
+def _locate_pieces(tokenizer, messages: list[dict], turns: list[int], text: str, where: str) -> dict:
+    """{(turn, part): Piece} located in `text`: render with placeholders, then put the real pieces back in order."""
+    pieces, placeheld = {}, list(messages)
+    for turn in turns:
+        reasoning, answer, form = split_reasoning(messages[turn])
+        marks = {part: PLACEHOLDER.format(2 * turn + (part == "reasoning")) for part in ("answer", "reasoning")}
+        pieces[turn, "answer"] = Piece(turn, "answer", answer)
+        placeheld[turn] = {**messages[turn], "content": marks["answer"]}
+        if reasoning is not None:
+            pieces[turn, "reasoning"] = Piece(turn, "reasoning", reasoning)
+            if form == "field":
+                placeheld[turn]["reasoning_content"] = marks["reasoning"]
+            else:
+                placeheld[turn]["content"] = f"{THINK_OPEN}{marks['reasoning']}{THINK_CLOSE}{marks['answer']}"
+    template = _render(tokenizer, placeheld, add_generation_prompt=False, where=where)
+    by_mark = {PLACEHOLDER.format(2 * p.turn + (p.part == "reasoning")): p for p in pieces.values()}
+    found = sorted((template.find(mark), mark) for mark in by_mark if mark in template)
+    for _, mark in found:
+        if template.count(mark) > 1:
+            raise DataError(
+                f"{where}: the chat template renders the content of assistant turn {by_mark[mark].turn} more than "
+                f"once, so which copy to train on is ambiguous; fix the template, or set data.train_on=all"
+            )
+    # Walk the template text: literal text must match exactly, each piece as given or as the template trimmed it.
+    position, cursor = 0, 0
+    for index, (at, mark) in enumerate(found):
+        literal = template[cursor:at]
+        if not text.startswith(literal, position):
+            break
+        position += len(literal)
+        following = template[at + len(mark) : found[index + 1][0] if index + 1 < len(found) else len(template)]
+        piece = by_mark[mark]
+        rendered = next((v for v in _trimmed(piece.text) if text.startswith(v + following, position)), None)
+        if rendered is None:
+            break
+        piece.start, piece.end = position, position + len(rendered)
+        position, cursor = piece.end, at + len(mark)
+    else:
+        if text[position:] == template[cursor:]:
+            return pieces
+    raise DataError(
+        f"{where}: the chat template renders this conversation in a way that depends on the content of its "
+        f"assistant turns (beyond trimming it), so their tokens cannot be located exactly; fix the template, or "
+        f"set data.train_on=all to train on every token"
+    )
+
+
+def _trimmed(value: str) -> list[str]:
+    """The forms a template commonly gives a content: as is, or trimmed (of newlines, or of all whitespace)."""
+    forms = [
+        value,
+        value.strip("\n"),
+        value.lstrip("\n"),
+        value.rstrip("\n"),
+        value.strip(),
+        value.lstrip(),
+        value.rstrip(),
+    ]
+    return list(dict.fromkeys(forms))
+
+
+def _turn_span(pieces: dict, turn: int, text: str, train_on_reasoning: bool, where: str) -> tuple[int, int]:
+    """Characters of `text` supervised for assistant turn `turn`: its answer, and its reasoning with the tags around
+    it when that is trained."""
+    answer, reasoning = pieces[turn, "answer"], pieces.get((turn, "reasoning"))
+    if answer.start < 0:
+        raise DataError(
+            f"{where}: the chat template does not render the content of assistant turn {turn}; fix the template, or "
+            f"set data.train_on=all"
+        )
+    if reasoning is None or not train_on_reasoning:
+        rendered = text[answer.start : answer.end]  # whitespace after "</think>" is part of the reasoning's end
+        return answer.start + len(rendered) - len(rendered.lstrip()) if reasoning else answer.start, answer.end
+    if reasoning.start < 0:
+        raise DataError(
+            f"{where}: the chat template drops the reasoning of assistant turn {turn} once later turns follow it, so "
+            f"that turn would be trained without the reasoning it has at inference; set data.train_on=last_assistant "
+            f"(or give one row per assistant turn), data.train_on_reasoning=false, or data.train_on=all"
+        )
+    opened = text.rfind(THINK_OPEN, 0, reasoning.start)  # the tag the model writes to open its reasoning
+    start = opened if opened >= 0 and not text[opened + len(THINK_OPEN) : reasoning.start].strip() else reasoning.start
+    return start, answer.end
+
+
+def _end_of_turn(tokenizer, ids: np.ndarray, offsets: np.ndarray, text: str, last: int) -> int:
+    """The index of the end-of-turn token after token `last` (a special token, after whitespace at most), else
+    `last`."""
+    specials = special_token_ids(tokenizer)
+    for index in range(last + 1, min(last + 4, len(ids))):
+        if int(ids[index]) in specials:
+            return index
+        if text[offsets[index, 0] : offsets[index, 1]].strip():
+            break
+    return last
+
+
+def _verify_supervised_text(
+    tokenizer, input_ids: list[int], labels: list[int], expected: list[str], where: str
+) -> None:
+    """Each run of supervised tokens, decoded, must be exactly its turn's text (which may start inside the run's first
+    token, one that straddles the boundary) followed by the end-of-turn token and nothing else: the mask is checked
+    by equality, not assumed."""
+    supervised = np.asarray(labels) != IGNORE_INDEX
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], supervised.astype(np.int8), [0]])))
+    runs = list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
+    decode = tokenizer.backend_tokenizer.decode  # the exact text of the tokens, no Python-side cleanup of spaces
+    specials = [tokenizer.convert_ids_to_tokens(i) for i in special_token_ids(tokenizer)]
+    problem = None if len(runs) == len(expected) else f"{len(runs)} supervised spans for {len(expected)} turns"
+    for (start, end), turn_text in zip(runs, expected, strict=False):
+        if problem:
+            break
+        decoded = decode(input_ids[start:end], skip_special_tokens=False)
+        head = len(decode(input_ids[start : start + 1], skip_special_tokens=False))
+        at = next((p for p in range(max(head, 1)) if decoded.startswith(turn_text, p)), -1)
+        tail = decoded[at + len(turn_text) :] if at >= 0 else ""
+        for special in specials:
+            tail = tail.replace(special, "")
+        if at < 0 or tail.strip():
+            problem = f"the supervised tokens {decoded[:60]!r} are not exactly the turn {turn_text[:40]!r} and its end"
+    if problem:
+        raise DataError(
+            f"{where}: label mask check failed: {problem}; the tokenizer's offsets do not match its chat template "
+            f"(set data.train_on=all, or use a tokenizer whose template renders contents verbatim)"
+        )
 
 
 def tokenize_text(text: str, tokenizer, max_length: int) -> list[Example]:
@@ -175,42 +356,6 @@ def _render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bo
         return rendered[0]
     except Exception as error:  # jinja raises template-defined errors, e.g. "roles must alternate"
         raise DataError(f"{where}: the tokenizer's chat template rejected this conversation: {error}") from None
-
-
-def _assistant_span(tokenizer, messages: list[dict[str, str]], index: int, text: str, where: str) -> tuple[int, int]:
-    """Character span of assistant turn `index` in `text`: its content and end-of-turn marker, no trailing whitespace."""
-    before = _render(tokenizer, messages[:index], add_generation_prompt=True, where=where)
-    last = index == len(messages) - 1  # `text` is the rendering of these very messages: no need to render it again
-    through = text if last else _render(tokenizer, messages[: index + 1], add_generation_prompt=False, where=where)
-    if not (text.startswith(through) and through.startswith(before)):
-        raise DataError(
-            f"{where}: the chat template does not render conversations as growing prefixes (it rewrites earlier "
-            f"turns), so assistant turn {index} cannot be located safely; use a template that renders each turn "
-            f"independently (set model.tokenizer_name_or_path to a tokenizer with such a template)"
-        )
-    start, end = len(before), len(through.rstrip())
-    if messages[index]["content"].strip() not in text[start:end]:
-        raise DataError(
-            f"{where}: the chat template changed the content of assistant turn {index}; cannot mask it safely"
-        )
-    return start, end
-
-
-def _verify_supervised_text(tokenizer, input_ids: list[int], labels: list[int], turns, where: str) -> None:
-    """The supervised tokens, decoded, must contain every supervised turn in order: the mask is checked, not assumed."""
-    # The backend's own decode: the exact text of the tokens, without Python-side cleanup of spaces.
-    supervised = tokenizer.backend_tokenizer.decode(
-        [t for t, label in zip(input_ids, labels, strict=True) if label != IGNORE_INDEX], skip_special_tokens=False
-    )
-    position = 0
-    for message in turns:
-        found = supervised.find(message["content"].strip(), position)
-        if found < 0:
-            raise DataError(
-                f"{where}: label mask check failed: the supervised tokens do not contain assistant content "
-                f"{message['content'][:40]!r}; the tokenizer's offsets do not match its chat template"
-            )
-        position = found + len(message["content"].strip())
 
 
 # ---- truncation ----
@@ -303,7 +448,7 @@ def _tokenize_record(record, tokenizer, settings: DataConfig, max_length: int, w
         ]
     if isinstance(record, Conversation):
         fitted = fit(
-            tokenize_conversation(record.messages, tokenizer, where, settings.train_on),
+            tokenize_conversation(record.messages, tokenizer, where, settings.train_on, settings.train_on_reasoning),
             max_length,
             settings,
             where,
@@ -313,7 +458,9 @@ def _tokenize_record(record, tokenizer, settings: DataConfig, max_length: int, w
     if isinstance(record, Unpaired):
         after = f"after:{len(record.prompt)}"
         fitted = fit(
-            tokenize_conversation(record.prompt + record.completion, tokenizer, where, after),
+            tokenize_conversation(
+                record.prompt + record.completion, tokenizer, where, after, settings.train_on_reasoning
+            ),
             max_length,
             settings,
             where,
@@ -330,8 +477,10 @@ def _tokenize_record(record, tokenizer, settings: DataConfig, max_length: int, w
 def _tokenize_pair(pair: Pair, tokenizer, settings: DataConfig, max_length: int, where: str, keep_first: int):
     """Both responses get the same prompt cut, so the policy compares them on the same context."""
     after = f"after:{len(pair.prompt)}"
-    chosen = tokenize_conversation(pair.prompt + pair.chosen, tokenizer, where, after)
-    rejected = tokenize_conversation(pair.prompt + pair.rejected, tokenizer, where, after)
+    chosen, rejected = (
+        tokenize_conversation(pair.prompt + response, tokenizer, where, after, settings.train_on_reasoning)
+        for response in (pair.chosen, pair.rejected)
+    )
     cut = max(prompt_cut_needed(e, max_length, settings.max_prompt_length, keep_first) for e in (chosen, rejected))
     fitted = [fit(e, max_length, settings, where, keep_first, cut) for e in (chosen, rejected)]
     if any(f.example is None for f in fitted):
@@ -364,13 +513,16 @@ def read_shards(sources: list[str], settings: DataConfig, kind: str) -> Iterator
     of each source is checked against the loss's kind first, so a wrong file is one clear error."""
     shard: list[tuple[str, object, int]] = []
     for index, source in enumerate(sources):
-        checked = False
+        checked, rows = False, 0
         for where, row in read_source(source):
             checked = checked or check_stage(where, row, settings, kind)
             shard.append((where, row, index))
+            rows += 1
             if len(shard) == SHARD_ROWS:
                 yield shard
                 shard = []
+        if not rows:
+            raise DataError(f"{source}: no rows (the file is empty); give data in it, or leave it out of the list")
     if shard:
         yield shard
 
@@ -529,12 +681,14 @@ def build_datasets(
     )
 
     train, train_stats = prepare(cfg.datasets)
-    train = mix(train, len(cfg.datasets), cfg.data.dataset_samples, cfg.seed)
     evaluation, eval_stats = None, None
     if cfg.eval_datasets:
         evaluation, eval_stats = prepare(cfg.eval_datasets)
     elif cfg.data.eval_split_ratio > 0:
+        # Held out before mixing: once rows are repeated (dataset_samples above a source's size), a split would put
+        # copies of one row on both sides.
         train, evaluation = split_off_eval(train, cfg.data.eval_split_ratio, cfg.seed)
+    train = mix(train, len(cfg.datasets), cfg.data.dataset_samples, cfg.seed)
     if cfg.data.n_examples is not None and cfg.data.n_examples < len(train):
         train = train.select(np.random.default_rng(cfg.seed).permutation(len(train))[: cfg.data.n_examples])
     if len(train) == 0:

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 
+from train import supervise
 from train.errors import HalyardError
 
 logger = logging.getLogger(__name__)
@@ -50,9 +51,11 @@ class StopRequest:
     @contextlib.contextmanager
     def installed(self):
         previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
+        supervise.register_process()  # under train.supervise, signals now come here rather than to the launcher
         try:
             yield
         finally:
+            supervise.unregister_process()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 

@@ -144,24 +144,38 @@ def load_row(where: str, row: object) -> dict:
             row = json.loads(row)
         except json.JSONDecodeError as error:
             raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
+        except (ValueError, RecursionError) as error:  # a number too long to convert, nesting too deep
+            raise DataError(f"{where}: not usable JSON ({str(error)[:120]})") from None
     if not isinstance(row, dict):
         raise DataError(f"{where}: each row must be a JSON object; found {type(row).__name__}")
     return row
 
 
-def _read_jsonl(path: str) -> Iterator[tuple[str, str]]:
-    with open(path, encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
+def _read_jsonl(path: str) -> Iterator[tuple[str, str | BadRow]]:
+    # Read as bytes and decode each line: one line that is not UTF-8 is a bad row, not the end of the file. A BOM
+    # (some editors write one) and CRLF line ends are accepted.
+    with open(path, "rb") as lines:
+        for line_number, raw in enumerate(lines, start=1):
+            where = f"{path} line {line_number}"
+            try:
+                line = raw.decode("utf-8").lstrip("\ufeff")
+            except UnicodeDecodeError as error:
+                yield where, BadRow(f"{where}: not valid UTF-8 (byte {error.start}); save the file as UTF-8")
+                continue
             if line.strip():
-                yield f"{path} line {line_number}", line
+                yield where, line
 
 
 def _read_json(path: str) -> Iterator[tuple[str, object]]:
     # A .json file is one JSON document, read whole; large data belongs in .jsonl or .parquet, which stream.
     try:
-        rows = json.loads(Path(path).read_text(encoding="utf-8"))
+        rows = json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as error:
         raise DataError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})") from None
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not valid UTF-8 (byte {error.start}); save the file as UTF-8") from None
+    except (ValueError, RecursionError) as error:
+        raise DataError(f"{path}: not usable JSON ({str(error)[:120]})") from None
     if not isinstance(rows, list):
         raise DataError(f"{path}: a .json file must hold a list of rows; found {type(rows).__name__}")
     for index, row in enumerate(rows):
@@ -280,16 +294,27 @@ def _parse_sharegpt(row: dict, where: str, keys: DataConfig) -> Conversation:
         name = f"conversations[{index}]"
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise DataError(f"{where}: {name} must be an object with 'from' and 'value'")
-        if turn["from"] not in SHAREGPT_ROLES:
-            raise DataError(f"{where}: {name}.from={turn['from']!r} is unknown; use one of {list(SHAREGPT_ROLES)}")
+        if not isinstance(turn["from"], str) or turn["from"] not in SHAREGPT_ROLES:
+            raise DataError(
+                f"{where}: {name}.from={_short(turn['from'])} is unknown; use one of {list(SHAREGPT_ROLES)}"
+            )
         messages.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
-    return _parse_messages({"messages": messages}, where, dataclasses.replace(keys, messages_key="messages"))
+    # Checked as messages under the name of the field the row gives, so errors name conversations[i].
+    return _parse_messages({"conversations": messages}, where, dataclasses.replace(keys, messages_key="conversations"))
 
 
 def _parse_prompt_completion(row: dict, where: str, keys: DataConfig) -> Conversation:
     prompt = as_messages(_field(row, "prompt", where), where, "prompt", "user")
-    completion = as_messages(_field(row, "completion", where), where, "completion", "assistant")
+    completion = _response(row, "completion", where)
     return Conversation(prompt + completion)
+
+
+def _response(row: dict, key: str, where: str) -> list[dict[str, str]]:
+    """The response field of a row, as messages: it must hold an assistant turn to train on."""
+    response = as_messages(_field(row, key, where), where, key, "assistant")
+    if not any(m["role"] == "assistant" for m in response):
+        raise DataError(f"{where}: field '{key}' has no assistant turn, so there is nothing to train on")
+    return response
 
 
 def _parse_text(row: dict, where: str, keys: DataConfig) -> Text:
@@ -317,16 +342,20 @@ def _optional_margin(row: dict, where: str) -> float | None:
     if margin is None:
         return None
     if isinstance(margin, bool) or not isinstance(margin, int | float) or not math.isfinite(margin):
-        raise DataError(f"{where}: field 'margin' must be a finite number (how much better chosen is), not {margin!r}")
+        raise DataError(
+            f"{where}: field 'margin' must be a finite number (how much better chosen is), not {_short(margin)}"
+        )
     return float(margin)
 
 
 def _parse_unpaired(row: dict, where: str, keys: DataConfig) -> Unpaired:
     prompt = as_messages(_field(row, "prompt", where), where, "prompt", "user")
-    completion = as_messages(_field(row, "completion", where), where, "completion", "assistant")
+    completion = _response(row, "completion", where)
     label = _field(row, "label", where)
     if not isinstance(label, bool):
-        raise DataError(f"{where}: field 'label' must be true (desirable) or false (undesirable); found {label!r}")
+        raise DataError(
+            f"{where}: field 'label' must be true (desirable) or false (undesirable); found {_short(label)}"
+        )
     return Unpaired(prompt, completion, label)
 
 
@@ -358,6 +387,7 @@ def _field(row: dict, key: str, where: str):
 def as_messages(value, where: str, key: str, role: str) -> list[dict[str, str]]:
     """A string becomes one message with `role`; a list is checked as messages."""
     if isinstance(value, str):
+        _check_text(value, where, key)
         if role == "assistant" and not value.strip():
             raise DataError(f"{where}: field '{key}' is empty; every example needs text to train on")
         return [{"role": role, "content": value}]
@@ -368,6 +398,7 @@ def _required_string(row: dict, key: str, where: str) -> str:
     value = row[key]
     if not isinstance(value, str):
         raise DataError(f"{where}: field '{key}' must be a string; found {type(value).__name__}")
+    _check_text(value, where, key)
     if not value.strip():
         raise DataError(f"{where}: field '{key}' is empty; every example needs text to train on")
     return value
@@ -379,6 +410,7 @@ def _optional_string(row: dict, key: str, where: str) -> str:
         return ""
     if not isinstance(value, str):
         raise DataError(f"{where}: field '{key}' must be a string; found {type(value).__name__}")
+    _check_text(value, where, key)
     return value.strip()
 
 
@@ -389,10 +421,41 @@ def check_messages(messages: object, where: str, key: str) -> list[dict[str, str
         name = f"{key}[{index}]"
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise DataError(f"{where}: {name} must be an object with 'role' and 'content'")
-        if message["role"] not in ROLES:
-            raise DataError(f"{where}: {name}.role={message['role']!r} is unknown; use one of {list(ROLES)}")
+        if not isinstance(message["role"], str) or message["role"] not in ROLES:
+            raise DataError(f"{where}: {name}.role={_short(message['role'])} is unknown; use one of {list(ROLES)}")
         if not isinstance(message["content"], str):
             raise DataError(f"{where}: {name}.content must be a string; found {type(message['content']).__name__}")
+        _check_text(message["content"], where, f"{name}.content")
         if message["role"] == "assistant" and not message["content"].strip():
             raise DataError(f"{where}: {name} is an empty assistant turn; remove it or give it content")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+        reasoning = message.get("reasoning_content")
+        if reasoning is not None and (message["role"] != "assistant" or not isinstance(reasoning, str)):
+            raise DataError(f"{where}: {name}.reasoning_content must be a string, on an assistant turn (or null)")
+        if reasoning is not None:
+            _check_text(reasoning, where, f"{name}.reasoning_content")
+    return [_message(m) for m in messages]
+
+
+def _message(message: dict) -> dict[str, str]:
+    """The fields of a message that preprocessing reads: role, content, and reasoning_content when given."""
+    kept = {"role": message["role"], "content": message["content"]}
+    if message.get("reasoning_content"):
+        kept["reasoning_content"] = message["reasoning_content"]
+    return kept
+
+
+def _check_text(value: str, where: str, name: str) -> None:
+    """A JSON string can hold a lone UTF-16 surrogate ("\\ud800"), which is no character and cannot be tokenized."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise DataError(
+            f"{where}: field '{name}' holds an invalid character ({value[error.start]!r} at position {error.start}, "
+            f"a lone surrogate); fix the \\u escape in the file"
+        ) from None
+
+
+def _short(value: object, limit: int = 60) -> str:
+    """repr of a value from a row, cut short: a bad field may hold megabytes."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

@@ -28,13 +28,13 @@ def run(cfg: Config) -> None:
     resume_dir = find_checkpoint_to_resume(cfg)
     wandb_run_id = read_state(resume_dir).wandb_run_id if resume_dir else None
     accelerator = build_accelerator(cfg, wandb_run_id=wandb_run_id)
-    prepare_run_dir(cfg, accelerator)
     tokenizer = build_tokenizer(cfg.model)
     train_data, eval_data, data_stats = build_datasets(cfg, tokenizer, spec.data_kind, accelerator.main_process_first)
     fsdp = fsdp_settings_from_launcher()
     pad_id = tokenizer.pad_token_id if spec.model_head == "score" else None  # a reward model scores sequences
     model = build_model(cfg.model, cfg.seed, sharded=fsdp is not None, score_pad_token_id=pad_id)
     reference, reference_cache = build_reference(cfg, accelerator, fsdp, train_data, eval_data, spec.trainer)
+    prepare_run_dir(cfg, accelerator)  # only now: a run that fails on its data or model leaves no folder behind
     extra = {"reference_model": reference} if spec.uses_reference else {}
     trainer = spec.trainer(cfg, accelerator, model, tokenizer, train_data, eval_data, fsdp=fsdp, **extra)
     try:
