@@ -484,6 +484,7 @@ def bench_shared_prompt(args) -> str:
     from train.store import IGNORE_INDEX
 
     tokenizer = AutoTokenizer.from_pretrained(args.smollm2)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model = AutoModelForCausalLM.from_pretrained(args.smollm2, attn_implementation="sdpa", dtype=torch.float32)
     model.config.use_cache = False
     work = Path(tempfile.mkdtemp(prefix="halyard-bench-shared-"))
@@ -503,7 +504,7 @@ def bench_shared_prompt(args) -> str:
 
     def separate(batch_pairs):
         sequences = [p.chosen for p in batch_pairs] + [p.rejected for p in batch_pairs]
-        batch = collate(sequences, tokenizer.pad_token_id)
+        batch = collate(sequences, pad)
         hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         positions, targets = [], []
         for s in sequences:
@@ -514,8 +515,28 @@ def bench_shared_prompt(args) -> str:
         n = len(batch_pairs)
         return torch.stack([values[:n], values[n:]], dim=1)
 
+    def packed(batch_pairs):
+        from train.preference import collate_sequences
+
+        n = len(batch_pairs)
+        batch = collate_sequences(
+            [[s for p in batch_pairs for s in (p.chosen, p.rejected)]],
+            [j + side * n for j in range(n) for side in (0, 1)],
+            pad,
+        )
+        hidden = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state
+        starts = np.cumsum([0, *batch["segment_lengths"].tolist()])
+        sequences = [s for p in batch_pairs for s in (p.chosen, p.rejected)]
+        positions, targets = [], []
+        for start, s in zip(starts, sequences, strict=False):
+            kept = [t for t in range(len(s.labels) - 1) if s.labels[t + 1] != IGNORE_INDEX]
+            positions.append([start + t for t in kept])
+            targets.append([s.labels[t + 1] for t in kept])
+        values = torch.stack([logp(hidden[:1], [p], [t])[0] for p, t in zip(positions, targets, strict=True)])
+        return values.view(n, 2)
+
     def shared(batch_pairs):
-        input_ids, position_ids, mask, positions, targets = shared_prompt_batch(batch_pairs, tokenizer.pad_token_id)
+        input_ids, position_ids, mask, positions, targets = shared_prompt_batch(batch_pairs, pad)
         hidden = model.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask).last_hidden_state
         chosen = logp(hidden, [p[0] for p in positions], [t[0] for t in targets])
         rejected = logp(hidden, [p[1] for p in positions], [t[1] for t in targets])
@@ -523,17 +544,24 @@ def bench_shared_prompt(args) -> str:
 
     batches = [pairs[i : i + args.batch] for i in range(0, len(pairs) - args.batch + 1, args.batch)][: args.repeats]
     with torch.no_grad():
-        difference = max((separate(b) - shared(b)).abs().max().item() for b in batches[:2])
-    timings = {"separate rows (prompt twice)": [], "shared prompt (one row per pair, 4D mask)": []}
+        difference = max(
+            max((separate(b) - shared(b)).abs().max().item(), (separate(b) - packed(b)).abs().max().item())
+            for b in batches[:2]
+        )
+    timings = {
+        "separate rows (prompt twice), padded": [],
+        "packed: the batch's pairs in one row (prompt twice, no padding)": [],
+        "shared prompt (one row per pair, 4D mask), padded": [],
+    }
     for batch_pairs in batches:
-        for name, run in zip(timings, (separate, shared), strict=True):
+        for name, run in zip(timings, (separate, packed, shared), strict=True):
             started = time.perf_counter()
             run(batch_pairs).sum().backward()
             model.zero_grad(set_to_none=True)
             timings[name].append(time.perf_counter() - started)
     prompt = statistics.mean(next(i for i, t in enumerate(p.chosen.labels) if t != IGNORE_INDEX) for p in pairs)
     tokens = statistics.mean(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in pairs)
-    base = statistics.median(timings["separate rows (prompt twice)"][1:])
+    base = statistics.median(timings["separate rows (prompt twice), padded"][1:])
     lines = [
         f"SmolLM2-135M real weights, float32, sdpa; {len(batches)} batches of {args.batch} pairs (first one a "
         f"warm-up), mean prompt {prompt:.0f} tokens of {tokens:.0f} per pair (both sequences); largest log-prob "

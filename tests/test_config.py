@@ -171,6 +171,11 @@ def test_a_loss_s_capabilities_are_checked_with_every_other_problem():
     text = "\n".join(problems)
     assert len(problems) == 2, text
     assert "data.packing=true: loss=rm (train.reward.RewardTrainer) does not support packing" in text
+    shared = ["model=tiny", "loss=rm", f"datasets=[{DEMO_TRAIN}]", "data.shared_prompt=true", "data.packing=true"]
+    text = "\n".join(problems_of([*shared, "model.attn_implementation=eager"]))
+    assert "data.shared_prompt=true: loss=rm (train.reward.RewardTrainer) does not support it" in text
+    assert "data.shared_prompt=true and data.packing=true: pick one" in text
+    assert "data.shared_prompt=true needs model.attn_implementation=sdpa" in text
     problems = problems_of(["model=tiny", "loss=kto", f"datasets=[{DEMO_TRAIN}]", "reference.precompute=true"])
     assert problems == [
         "reference.precompute=true: loss=kto (train.preference.KTOTrainer) cannot precompute them (its reference "

@@ -137,7 +137,7 @@ def _preference_trainer(trainer_class, model, reference):
     from accelerate import Accelerator
 
     trainer = SimpleNamespace(
-        pad_token_id=0, uses_reference=True, reference_model=reference, model=model,
+        pad_token_id=0, uses_reference=True, reference_model=reference, model=model, shared_prompt=False,
         settings=trainer_class.settings_class(beta=0.5), accelerator=Accelerator(cpu=True),
     )  # fmt: skip
     for name in ("collate", "_collate_packed", "batch_loss", "loss", "reference_logps", "before_step"):
@@ -221,3 +221,21 @@ def test_packed_kto_gives_the_loss_and_gradients_of_unpacked_kto(model_and_examp
     loss_packed = _loss_and_grads(trainer, model, packed, with_kl=True)
     assert packed["kl"].item() == pytest.approx(unpacked["kl"].item(), rel=1e-5)
     _assert_same(loss_packed, loss_unpacked)
+
+
+def test_shared_prompt_rows_give_the_dpo_loss_and_gradients_of_separate_rows(model_and_examples):
+    """data.shared_prompt=true: each pair as one row `prompt, chosen, rejected`, the rejected tokens masked from the
+    chosen ones; the same per-pair log-probs, loss and gradients as the prompt run twice (policy and reference)."""
+    from train.preference import DPOTrainer, collate_shared_prompt, n_sequences
+
+    model, reference, pairs = _pairs_and_models(model_and_examples)
+    trainer = _preference_trainer(DPOTrainer, model, reference)
+    separate = trainer.collate(pairs)
+    shared = collate_shared_prompt(pairs, pad_token_id=0)
+    prompt = sum(next(i for i, t in enumerate(p.chosen.labels) if t != IGNORE_INDEX) for p in pairs)
+    tokens = sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in pairs)
+    assert shared["segment_lengths"].sum().item() == tokens - prompt  # each prompt once
+    assert n_sequences(shared) == 12 and shared["attention_mask"].shape[:2] == (6, 1)
+    _assert_same(_loss_and_grads(trainer, model, shared), _loss_and_grads(trainer, model, separate))
+    trainer.shared_prompt = True  # the trainer's collate lays pairs out so when the setting is on
+    assert torch.equal(trainer.collate(pairs)["logit_rows"], shared["logit_rows"])

@@ -317,9 +317,10 @@ def test_the_reference_cache_is_reused_per_pair_and_checked_against_the_model(ti
     assert f"Delete {folders[0]}" in drifted.stderr
 
 
-def test_packed_pairs_and_packed_kto_train_through_the_cli(tiny_cache):
+def test_packed_pairs_shared_prompts_and_packed_kto_train_through_the_cli(tiny_cache):
     """data.packing=true with DPO (live reference, then precomputed) and with KTO: isolation verified on the model,
-    whole pairs per row, and the preference learned. Exactness against unpacked batches: tests/test_packing.py."""
+    whole pairs per row, and the preference learned; data.shared_prompt=true. Exactness of the layouts against
+    unpacked batches: tests/test_packing.py."""
     common = [*PREF, "loss=dpo", f"cache_dir={tiny_cache}", "data.packing=true", "model.batch_size=2", "lr=1e-3"]
     live = run_cli([*common, "exp_name=dpo-packed", "max_steps=10", "eval_every_steps=10"])
     assert live.returncode == 0, live.stderr[-3000:]
@@ -331,6 +332,16 @@ def test_packed_pairs_and_packed_kto_train_through_the_cli(tiny_cache):
     live_losses = [m["loss/train"] for m in read_metrics(tiny_cache / "dpo-packed") if "loss/train" in m]
     cached_losses = [m["loss/train"] for m in read_metrics(tiny_cache / "dpo-packed-cached") if "loss/train" in m]
     assert cached_losses == pytest.approx(live_losses, rel=1e-4)
+    # The prompt run once per pair (data.shared_prompt=true): the same losses as separate rows, step after step
+    args = [*PREF, "loss=dpo", f"cache_dir={tiny_cache}", "lr=1e-3", "max_steps=3", "log_every_steps=1"]
+    for name, extra in (("dpo-separate", []), ("dpo-shared", ["data.shared_prompt=true"])):
+        result = run_cli([*args, f"exp_name={name}", *extra])
+        assert result.returncode == 0, result.stderr[-3000:]
+    separate, shared = (
+        [m["loss/train"] for m in read_metrics(tiny_cache / name) if "loss/train" in m]
+        for name in ("dpo-separate", "dpo-shared")
+    )
+    assert len(shared) == 3 and shared == pytest.approx(separate, rel=1e-5)
     kto = run_cli(
         ["model=tiny", "loss=kto", f"cache_dir={tiny_cache}", "datasets=[data/demo/kto_train.jsonl]", "lr=1e-3"]
         + ["data.packing=true", "model.batch_size=2", "max_steps=6", "log_every_steps=1", "exp_name=kto-packed"]

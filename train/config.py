@@ -134,6 +134,11 @@ class DataConfig:
         "Batch examples of similar length together (sorted runs of 32 batches; the batches' order stays random): "
         "almost no padding, so unpacked training runs about as fast as packed. false: fully random batches.",
     )
+    shared_prompt: bool = setting(
+        False,
+        "Preference pairs: run each pair's prompt once, as one row `prompt, chosen, rejected` whose rejected tokens "
+        "see the prompt but not the chosen ones (a 4D mask; sdpa only, no packing). Fewer tokens when prompts are long.",
+    )
     n_examples: int | None = setting(None, "Cap on training examples after mixing (a seeded random subset); null: all.")
 
 
@@ -164,6 +169,7 @@ class LossSpec:
     settings: type[LossConfig]
     data_kind: str  # the rows it trains on: "sft", "text", "paired" or "unpaired" (train/formats.py)
     supports_packing: bool
+    supports_shared_prompt: bool
     uses_reference: bool  # holds a frozen reference model (or the policy with its LoRA adapters disabled)
     supports_reference_precompute: bool
     model_head: str  # "lm" (a causal LM) or "score" (a sequence classifier: a reward model)
@@ -208,6 +214,7 @@ def resolve_loss(name: str, trainer_path: str) -> tuple[LossSpec | None, list[st
         settings=settings,
         data_kind=trainer.data_kind,
         supports_packing=trainer.supports_packing,
+        supports_shared_prompt=trainer.supports_shared_prompt,
         uses_reference=trainer.uses_reference,
         supports_reference_precompute=trainer.supports_reference_precompute,
         model_head=trainer.model_head,
@@ -410,6 +417,16 @@ def check_loss_capabilities(cfg: Config, spec: LossSpec) -> list[str]:
         )
     if cfg.data.packing and not spec.supports_packing:
         problems.append(f"data.packing=true: {which} does not support packing; set data.packing=false")
+    if cfg.data.shared_prompt:
+        if not spec.supports_shared_prompt:
+            problems.append(f"data.shared_prompt=true: {which} does not support it (paired losses on a causal LM do)")
+        if cfg.data.packing:
+            problems.append("data.shared_prompt=true and data.packing=true: pick one (a pair's row is laid out by one)")
+        if cfg.model.attn_implementation != "sdpa":
+            problems.append(
+                f"data.shared_prompt=true needs model.attn_implementation=sdpa (its 4D attention mask), not "
+                f"{cfg.model.attn_implementation}"
+            )
     if cfg.reference.precompute and not spec.supports_reference_precompute:
         why = "it uses no reference model" if not spec.uses_reference else "its reference log-probs change every step"
         problems.append(f"reference.precompute=true: {which} cannot precompute them ({why}); set it to false")

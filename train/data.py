@@ -549,7 +549,7 @@ def cache_key(sources: list[str], tokenizer, settings: DataConfig, max_length: i
     digest = hashlib.sha256()
     relevant = dataclasses.asdict(settings)
     for key in ("num_proc", "num_workers", "cache_preprocessing", "dataset_samples", "eval_split_ratio", "n_examples",
-                "packing", "group_by_length"):  # fmt: skip
+                "packing", "group_by_length", "shared_prompt"):  # fmt: skip
         relevant.pop(key)  # these do not change how a row is tokenized (packing plans are cached apart)
     relevant.pop("on_bad_row")  # bad rows are counted in the shards either way; the policy is applied after
     digest.update(

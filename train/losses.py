@@ -77,7 +77,11 @@ def selected_token_logps(
     Returns (n_kept,) float32. The float32 log-softmax runs in chunks of `chunk_size` positions under activation
     checkpointing, so at most one chunk of float32 logits exists at a time, in the forward and the backward pass.
     """
-    targets = labels[:, 1:][keep[:, :-1]]
+    return token_logps(logits, labels[:, 1:][keep[:, :-1]], chunk_size)
+
+
+def token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
+    """(n,) float32 log-probability of `targets` (n,) under `logits` (n, vocab), in checkpointed float32 chunks."""
     if targets.numel() == 0:
         return logits.sum(dim=-1).float() * 0.0  # (0,), still connected to the graph
     return torch.cat([

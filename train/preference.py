@@ -38,6 +38,7 @@ from train.losses import (
     rpo_loss,
     selected_sequence_logps,
     simpo_loss,
+    token_logps,
 )
 from train.store import (
     IGNORE_INDEX,
@@ -184,27 +185,81 @@ class ReferenceMixin:
             return batch["reference_logps"]
         if self.reference_model is not None:
             with self.accelerator.autocast():
-                logits, keep = forward_supervised(self.reference_model, batch)
-        else:  # LoRA: the base model is the policy with its adapters switched off
-            policy = self.accelerator.unwrap_model(self.model)
-            if not hasattr(policy, "disable_adapter"):
-                raise HalyardError(
-                    "no reference model: this loss needs one (or ++model.use_peft=true, or reference.precompute)"
-                )
-            with policy.disable_adapter(), self.accelerator.autocast():
-                logits, keep = forward_supervised(policy, batch)
-        return sequence_logps(logits, batch, keep)[0]
+                return forward_sequence_logps(self.reference_model, batch)[0]
+        policy = self.accelerator.unwrap_model(self.model)  # LoRA: the policy with its adapters switched off
+        if not hasattr(policy, "disable_adapter"):
+            raise HalyardError(
+                "no reference model: this loss needs one (or ++model.use_peft=true, or reference.precompute)"
+            )
+        with policy.disable_adapter(), self.accelerator.autocast():
+            return forward_sequence_logps(policy, batch)[0]
 
 
-def sequence_logps(logits: torch.Tensor, batch: dict[str, torch.Tensor], keep: torch.Tensor):
-    """(sequences,) summed log-probs and token counts of the batch's sequences, in the order its `example_ids` give
-    (packed rows), else one per row."""
-    return selected_sequence_logps(logits, batch["labels"], keep, example_ids=batch.get("example_ids"))
+def forward_sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequences,) summed log-probs of the batch's responses under `model`, and their token counts, in the order of
+    its layout: one sequence per row, packed rows numbered by `example_ids`, or shared-prompt rows
+    (`collate_shared_prompt`). Logits exist only at the positions a supervised token follows."""
+    if "logit_rows" not in batch:
+        logits, keep = forward_supervised(model, batch)
+        return selected_sequence_logps(logits, batch["labels"], keep, example_ids=batch.get("example_ids"))
+    inputs = {key: batch[key] for key in ("input_ids", "position_ids", "attention_mask")}
+    logits = model(**inputs, logits_to_keep=batch["keep"]).logits
+    # the prompt's last position predicts both responses' first tokens: its logits row is used twice
+    logps = token_logps(logits[batch["logit_rows"]], batch["targets"])
+    n = 2 * batch["input_ids"].shape[0]
+    sums = torch.zeros(n, dtype=torch.float32, device=logps.device).index_add(0, batch["target_sequences"], logps)
+    return sums, torch.bincount(batch["target_sequences"], minlength=n)
 
 
 def n_sequences(batch: dict[str, torch.Tensor]) -> int:
-    """The sequences a batch holds: one per row, or as many as its packed rows' `example_ids` number."""
-    return int(batch["example_ids"].max()) + 1 if "example_ids" in batch else batch["input_ids"].shape[0]
+    """The sequences a batch holds: one per row, as many as its packed rows' `example_ids` number, or two per
+    shared-prompt row."""
+    if "example_ids" in batch:
+        return int(batch["example_ids"].max()) + 1
+    return batch["input_ids"].shape[0] * (2 if "logit_rows" in batch else 1)
+
+
+def collate_shared_prompt(pairs: list[PairExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Each pair as one row `prompt, chosen, rejected`, padded on the right: position_ids continue from the prompt
+    into each response, and attention_mask (pairs, 1, L, L) bool (True: may attend) is causal except that rejected
+    tokens do not see the chosen ones, so each response sees exactly what it would in its own sequence.
+
+    Also: labels (pairs, L), each response token where supervised (for counting); keep (pairs, L) bool, the
+    positions whose logits are needed; and per supervised token, flat (targets,): `logit_rows` (its row among the
+    kept logits), `targets` (its id) and `target_sequences` (pair j's chosen: j, its rejected: pairs + j);
+    segment_lengths (2 x pairs): prompt + chosen, and rejected, tokens."""
+    n = len(pairs)
+    longest = max(len(p.chosen.input_ids) + len(p.rejected.input_ids) - _prompt_length(p.chosen) for p in pairs)
+    input_ids = torch.full((n, longest), pad_token_id, dtype=torch.long)
+    labels = torch.full((n, longest), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((n, longest), dtype=torch.long)
+    mask = torch.eye(longest, dtype=torch.bool).repeat(n, 1, 1, 1)  # padding attends to itself only
+    predictions = []  # (row, position, target, sequence)
+    segments = [0] * (2 * n)
+    for row, pair in enumerate(pairs):
+        prompt, chosen, rejected = _prompt_length(pair.chosen), pair.chosen, pair.rejected
+        c, r = len(chosen.input_ids) - prompt, len(rejected.input_ids) - prompt
+        end = prompt + c + r
+        input_ids[row, :end] = torch.tensor(chosen.input_ids + rejected.input_ids[prompt:])
+        labels[row, : prompt + c] = torch.tensor(chosen.labels)
+        labels[row, prompt + c : end] = torch.tensor(rejected.labels[prompt:])
+        position_ids[row, :end] = torch.cat([torch.arange(prompt + c), torch.arange(prompt, prompt + r)])
+        mask[row, 0, :end, :end] = torch.ones(end, end, dtype=torch.bool).tril()
+        mask[row, 0, prompt + c : end, prompt : prompt + c] = False  # rejected does not see chosen
+        for sequence, example, shift in ((row, chosen, 0), (n + row, rejected, c)):
+            for t in range(len(example.labels) - 1):  # position t of the sequence predicts its token t + 1
+                if example.labels[t + 1] != IGNORE_INDEX:
+                    predictions.append((row, t if t < prompt else t + shift, example.labels[t + 1], sequence))
+        segments[row], segments[n + row] = prompt + c, r
+    keep = torch.zeros((n, longest), dtype=torch.bool)
+    rows, positions, targets, sequences = (torch.tensor(column) for column in zip(*predictions, strict=True))
+    keep[rows, positions] = True
+    kept_index = keep.flatten().cumsum(0) - 1  # row-major order of the kept positions, as the logits come
+    return {
+        "input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": mask,
+        "keep": keep, "logit_rows": kept_index[rows * longest + positions], "targets": targets,
+        "target_sequences": sequences, "segment_lengths": torch.tensor(segments),
+    }  # fmt: skip
 
 
 def collate_sequences(rows: list[list[Example]], order: list[int], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -226,10 +281,12 @@ class PairedPreferenceTrainer(ReferenceMixin, BasicTrainer):
     data_kind = "paired"
     supports_reference_precompute = True  # a pair's reference log-probs do not change during training
     supports_packing = True  # whole pairs per packed row
+    supports_shared_prompt = True
 
     def __init__(self, cfg, *args, reference_model=None, **kwargs):
         super().__init__(cfg, *args, **kwargs)
         self.setup_reference(reference_model if self.uses_reference else None)
+        self.shared_prompt = cfg.data.shared_prompt
 
     def loss(self, logps: PairLogps) -> PreferenceLoss:
         """The per-pair loss and implicit rewards: the one method a paired loss implements."""
@@ -243,6 +300,8 @@ class PairedPreferenceTrainer(ReferenceMixin, BasicTrainer):
             pairs = [p for row in pairs for p in row.items]
             n = len(pairs)
             batch = collate_sequences(rows, [j + side * n for j in range(n) for side in (0, 1)], self.pad_token_id)
+        elif self.shared_prompt:
+            batch = collate_shared_prompt(pairs, self.pad_token_id)
         else:
             batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], self.pad_token_id)
         if pairs[0].reference_chosen is not None:
@@ -256,9 +315,7 @@ class PairedPreferenceTrainer(ReferenceMixin, BasicTrainer):
         return torch.tensor(n_sequences(batch) // 2)
 
     def batch_loss(self, model, batch: dict[str, torch.Tensor]) -> LossSum:
-        logits, keep = forward_supervised(model, batch)
-        policy, tokens = sequence_logps(logits, batch, keep)
-        del logits  # free before the reference forward
+        policy, tokens = forward_sequence_logps(model, batch)  # its logits are freed before the reference forward
         reference = self.reference_logps(batch) if self.uses_reference else None
         n = policy.shape[0] // 2
         result = self.loss(
@@ -541,8 +598,7 @@ class KTOTrainer(ReferenceMixin, BasicTrainer):
         sums = torch.zeros(2, device=self.accelerator.device)
         for batch in batches:
             mismatched = _half(batch, mismatched=True)
-            logits, keep = forward_supervised(self.model, mismatched)
-            policy = sequence_logps(logits, mismatched, keep)[0]
+            policy = forward_sequence_logps(self.model, mismatched)[0]
             sums += torch.stack([(policy - self.reference_logps(mismatched)).sum(), torch.tensor(len(policy))])
         sums = self.accelerator.reduce(sums, reduction="sum")
         kl = (sums[0] / sums[1]).clamp(min=0)
@@ -553,9 +609,7 @@ class KTOTrainer(ReferenceMixin, BasicTrainer):
         n = batch["desirable"].shape[0]
         if "kl" in batch:  # training: the step's estimate; only the matched rows need a forward with gradients
             kl, batch = batch["kl"], _half(batch, mismatched=False)
-        logits, keep = forward_supervised(model, batch)
-        policy = sequence_logps(logits, batch, keep)[0]
-        del logits
+        policy = forward_sequence_logps(model, batch)[0]
         reference = self.reference_logps(batch)
         if policy.shape[0] > n:  # evaluation: estimate on this batch's mismatched rows, over every process
             kl_sums = torch.stack(

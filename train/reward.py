@@ -41,6 +41,7 @@ class RewardTrainer(PairedPreferenceTrainer):
     settings: RewardSettings
     model_head = "score"
     supports_packing = False  # the score is read at each row's last token: one sequence per row
+    supports_shared_prompt = False
     uses_reference = False
     supports_reference_precompute = False
 
