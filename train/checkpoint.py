@@ -41,16 +41,17 @@ from train.faults import fault_at
 
 logger = logging.getLogger(__name__)
 
-# The files of a run directory (${run_dir}); no other module spells these names.
-CONFIG_FILE = "config.yaml"  # the resolved config of the run (and of each checkpoint)
-METRICS_FILE = "metrics.jsonl"
-SAMPLES_FILE = "samples.jsonl"
-SUMMARY_FILE = "summary.json"
-FINAL_DIR = "FINAL"  # the trained model as a Hugging Face folder
-FINAL_CONFIG_FILE = "halyard_config.yaml"
-PREFIX = "step-"
-LATEST = "latest"
-STATE_FILE = "trainer_state.json"
+# The files of a run directory (${run_dir}) are named in train/layout.py (torch-free, read by the sweep's table).
+from train.layout import (  # noqa: E402
+    CONFIG_FILE,
+    FINAL_CONFIG_FILE,
+    FINAL_DIR,
+    LATEST,
+    METRICS_FILE,
+    PREFIX,
+    SAMPLES_FILE,
+    STATE_FILE,
+)
 
 
 @dataclass
