@@ -27,7 +27,7 @@ def compose_config(overrides: list[str], config_dir: str | None = None, config_n
     overrides; return the typed, validated Config."""
     from train.config import validate
 
-    return validate(compose_raw(overrides, config_dir, config_name))
+    return validate(_job_part(compose_raw(overrides, config_dir, config_name)))
 
 
 def compose_raw(overrides: list[str], config_dir: str | None, config_name: str, multirun: bool = False):

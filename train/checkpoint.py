@@ -39,10 +39,9 @@ from train.distributed import full_state_dict, is_sharded, unsharded_copy
 from train.errors import HalyardError
 from train.faults import fault_at
 
-logger = logging.getLogger(__name__)
-
-# The files of a run directory (${run_dir}) are named in train/layout.py (torch-free, read by the sweep's table).
-from train.layout import (  # noqa: E402
+# The files of a run directory, named in train/layout.py (torch-free: the sweep's table reads them too); the trainer
+# and the tests read them as checkpoint.<NAME>.
+from train.layout import (  # noqa: F401
     CONFIG_FILE,
     FINAL_CONFIG_FILE,
     FINAL_DIR,
@@ -51,7 +50,10 @@ from train.layout import (  # noqa: E402
     PREFIX,
     SAMPLES_FILE,
     STATE_FILE,
+    SUMMARY_FILE,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass

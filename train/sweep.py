@@ -24,7 +24,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from train.errors import ConfigError
-from train.layout import JOB_FILE, SUMMARY_FILE, TABLE_FILE, TABLE_JSON
+from train.layout import JOB_FILE, METRICS_FILE, SUMMARY_FILE, TABLE_FILE, TABLE_JSON
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 # Set by the sweep itself: one folder per sweep, one run directory per job.
@@ -148,7 +148,9 @@ def sweep_rows(sweep_dir: Path, since: float) -> list[dict]:
         if job_file.stat().st_mtime < since:
             continue  # a job of an earlier sweep in the same folder
         job = _read_json(job_file)
+        # A finished job's totals; for one that stopped or failed, its last logged values.
         summary = _read_json(job_file.parent / SUMMARY_FILE) if job.get("status") == "done" else {}
+        summary = summary or _last_metrics(job_file.parent / METRICS_FILE)
         rows.append(
             {
                 "job": job.get("num"),
@@ -159,6 +161,7 @@ def sweep_rows(sweep_dir: Path, since: float) -> list[dict]:
                 "tokens_per_second": summary.get("tokens_per_second"),
                 "wall_seconds": summary.get("wall_seconds", job.get("wall_seconds")),
                 "run_dir": job.get("run_dir"),
+                "error": job.get("error"),
             }
         )
     return sorted(rows, key=lambda row: row["job"] if row["job"] is not None else -1)
@@ -173,6 +176,22 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip() for line in cells
     )
+
+
+def _last_metrics(path: Path) -> dict:
+    """The last logged train and eval losses of metrics.jsonl (each from the last line that has it)."""
+    last: dict = {}
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return last
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut by a crash
+        last.update({key: row[key] for key in ("loss/train", "loss/eval") if key in row})
+    return last
 
 
 def _read_json(path: Path) -> dict:
@@ -201,7 +220,8 @@ class SweepSummary(Callback):
         counts = {status: sum(row["status"] == status for row in rows) for status in ("done", "failed", "stopped")}
         heading = f"sweep {sweep_dir}: {len(rows)} jobs, " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
         # The table is the sweep's result for the person at the terminal (like Hydra's --cfg output): stdout.
-        print(f"{heading}\n{table}\n(also in {sweep_dir / TABLE_FILE})", flush=True)
+        errors = "".join(f"\njob {row['job']}: {row['error']}" for row in rows if row["error"])
+        print(f"{heading}\n{table}\n(also in {sweep_dir / TABLE_FILE}){errors}", flush=True)
         from train.faults import TrainingStopped
 
         code = 1 if counts["failed"] or len(rows) == 0 else TrainingStopped.exit_code if counts["stopped"] else 0
