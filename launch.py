@@ -106,7 +106,6 @@ def main(argv: list[str] | None = None) -> int:
 
         print(help_text())
         return 0
-    setup_logging()
     from train.errors import HalyardError
 
     try:
@@ -129,15 +128,34 @@ def prepare(argv: list[str]) -> list[str]:
     from hydra._internal.utils import get_args_parser
 
     args = get_args_parser().parse_args(argv)
+    commands = [flag for flag in ("multirun", "cfg", "info", "shell_completion") if getattr(args, flag)]
+    if len(commands) > 1:
+        from train.errors import HalyardError
+
+        names = ", ".join("--" + flag.replace("_", "-") for flag in commands)
+        raise HalyardError(f"{names}: give only one of -m/--multirun, --cfg, --info and --shell-completion")
     if args.shell_completion or args.hydra_help:
         return argv
+    for override in args.overrides:
+        if override.lstrip("+").startswith("experiment="):
+            from train.errors import ConfigError
+
+            name = override.split("=", 1)[1]
+            raise ConfigError(
+                [
+                    f"{override}: an experiment file is a whole config; run it with --config-dir config/experiment "
+                    f"--config-name {name}"
+                ]
+            )
     overrides = _as_forced_overrides(args.overrides)
     extra = []
     if any(getattr(args, flag) for flag in NO_JOB_FLAGS):
         pass
     elif args.multirun:
+        setup_logging()
         extra = check_sweep(args, overrides)
     else:
+        setup_logging()
         check_run(args, overrides)
     if not is_main_process():
         extra.append("hydra.output_subdir=null")  # the main process writes .hydra/ into the run directory
@@ -272,7 +290,8 @@ def run_sweep_job(raw, hydra_cfg) -> float | None:
         run_dir=run_dir,
         error=error,
     )
-    record.write()
+    if os.environ.get("SLURM_PROCID", "0") == "0":  # a multi-node job runs this on every node; node 0 reports
+        record.write()
     return objective(run_dir) if code == 0 else None
 
 

@@ -13,6 +13,7 @@ from train.config import CONFIG_DIR, describe_schema
 from train.formats import FORMAT_EXAMPLES
 
 ACCELERATE_DIR = CONFIG_DIR.parent / "accelerate_config"
+LINE_WIDTH = 118
 
 USAGE = """\
 Halyard fine-tunes causal language models: supervised fine-tuning (SFT), preference optimization (DPO and its
@@ -46,7 +47,7 @@ def help_text() -> str:
         + _described(sorted(ACCELERATE_DIR.glob("*.yaml")), prefix="accelerate_config/"),
         "Data formats (data.format=auto detects each row's format from its columns):\n"
         + "\n".join(f"  {name:<18} {example}" for name, example in FORMAT_EXAMPLES.items()),
-        "Config keys (key=value; a key the YAML does not have needs no `+`):\n" + describe_schema(),
+        "Config keys (key=value; a loss's own settings as loss.<key>):\n" + describe_schema(width=LINE_WIDTH),
     ]
     return "\n\n".join(sections)
 
@@ -59,6 +60,10 @@ def _presets() -> str:
             lines.append("  experiments (--config-dir config/experiment --config-name <name>):")
         else:
             lines.append(f"  {group}=")
+        if group == "hydra/launcher":
+            lines.append(
+                "    basic (default: jobs one after another in this process) | submitit_local | submitit_slurm"
+            )
         lines.append(_described(files, indent=4))
     lines.append("  hydra/sweeper=basic (every combination of a -m sweep) | optuna (a search; see config/experiment)")
     return "\n".join(lines)
@@ -72,6 +77,7 @@ def _described(files: list[Path], indent: int = 2, prefix: str = "") -> str:
         name = prefix + (file.name if prefix else file.stem)
         first = next((line for line in file.read_text().splitlines() if line.strip()), "")
         about = first.lstrip("#").strip() if first.startswith("#") else ""
-        about = textwrap.shorten(about.split(". ")[0].rstrip("."), width=100, placeholder="...")
+        room = max(LINE_WIDTH - indent - width - 2, 30)
+        about = textwrap.shorten(about.split(". ")[0].rstrip("."), width=room, placeholder="...")
         lines.append(f"{' ' * indent}{name:<{width}}  {about}".rstrip())
     return "\n".join(lines)
