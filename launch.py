@@ -16,8 +16,6 @@ from pathlib import Path
 
 EXIT_USER_ERROR = 2
 LAUNCH_SCRIPT = str(Path(__file__).resolve())
-# Hydra flags that print something and exit without running a job: no validation before them.
-NO_JOB_FLAGS = ("cfg", "info")
 
 logger = logging.getLogger("launch")
 
@@ -136,30 +134,29 @@ def prepare(argv: list[str]) -> list[str]:
         raise HalyardError(f"{names}: give only one of -m/--multirun, --cfg, --info and --shell-completion")
     if args.shell_completion or args.hydra_help:
         return argv
-    for override in args.overrides:
-        if override.lstrip("+").startswith("experiment="):
-            from train.errors import ConfigError
-
-            name = override.split("=", 1)[1]
-            raise ConfigError(
-                [
-                    f"{override}: an experiment file is a whole config; run it with --config-dir config/experiment "
-                    f"--config-name {name}"
-                ]
-            )
+    _refuse_experiment_group(args.overrides)
     overrides = _as_forced_overrides(args.overrides)
     extra = []
-    if any(getattr(args, flag) for flag in NO_JOB_FLAGS):
-        pass
-    elif args.multirun:
+    if args.multirun:
         setup_logging()
         extra = check_sweep(args, overrides)
-    else:
+    elif not (args.cfg or args.info):  # those print and exit: any config can be shown
         setup_logging()
         check_run(args, overrides)
     if not is_main_process():
         extra.append("hydra.output_subdir=null")  # the main process writes .hydra/ into the run directory
     return _replace_overrides(argv, args.overrides, overrides) + extra
+
+
+def _refuse_experiment_group(overrides: list[str]) -> None:
+    """`+experiment=NAME` is how some Hydra projects pick an experiment; here an experiment file is a whole config."""
+    from train.errors import ConfigError
+
+    for override in overrides:
+        if override.lstrip("+").startswith("experiment="):
+            name = override.split("=", 1)[1]
+            hint = f"run it with --config-dir config/experiment --config-name {name}"
+            raise ConfigError([f"{override}: an experiment file is a whole config; {hint}"])
 
 
 def _replace_overrides(argv: list[str], before: list[str], after: list[str]) -> list[str]:

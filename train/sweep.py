@@ -46,33 +46,32 @@ def plan_jobs(sweeper: DictConfig, arguments: list[str]) -> PlannedJobs:
     (optuna) picks values as it goes, so each searched key is checked at each choice, or at both ends of its
     range, with the other keys at their first value."""
     params = sweeper.get("params") or {}
-    overrides = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()] + list(arguments))
-    values = {override.get_key_element(): _values_to_check(override) for override in overrides}
-    swept = [key for key, options in values.items() if len(options) > 1]
-    fixed = [_bare(key) for key, options in values.items() if len(options) == 1]
+    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()] + list(arguments))
+    options = {override.get_key_element(): _overrides_to_check(override) for override in parsed}
+    swept = [key for key, choices in options.items() if len(choices) > 1]
     if sweeper.get("_target_") == BASIC_SWEEPER:
         jobs = [[]]
-        for key, options in values.items():
-            jobs = [job + [f"{key}={option}"] for job in jobs for option in options]
+        for choices in options.values():
+            jobs = [job + [choice] for job in jobs for choice in choices]
     else:
-        first = {key: options[0] for key, options in values.items()}
-        jobs = [[f"{k}={v}" for k, v in first.items()]]
-        jobs += [
-            [f"{k}={option if k == key else first[k]}" for k in values] for key in swept for option in values[key][1:]
-        ]
+        first = {key: choices[0] for key, choices in options.items()}
+        jobs = [list(first.values())]
+        jobs += [[{**first, key: choice}[k] for k in options] for key in swept for choice in options[key][1:]]
     labels = [_label(number, job, swept) for number, job in enumerate(jobs)]
-    return PlannedJobs(jobs, labels, swept_keys=[_bare(k) for k in swept], fixed_keys=fixed)
+    fixed = [_bare(key) for key in options if key not in swept]
+    return PlannedJobs(jobs, labels, swept_keys=[_bare(key) for key in swept], fixed_keys=fixed)
 
 
-def _values_to_check(override: Override) -> list[str]:
+def _overrides_to_check(override: Override) -> list[str]:
+    """The override as each job to check gets it: one per choice, or the two ends of a range."""
     if not override.is_sweep_override():
-        return [override.get_value_element_as_str()]
-    value = override.value()
+        return [override.input_line]
+    key, value = override.get_key_element(), override.value()
     if isinstance(value, ChoiceSweep | RangeSweep):
-        return list(override.sweep_string_iterator())
+        return [f"{key}={choice}" for choice in override.sweep_string_iterator()]
     if isinstance(value, IntervalSweep):
-        return [str(value.start), str(value.end)]
-    return [override.get_value_element_as_str()]
+        return [f"{key}={value.start}", f"{key}={value.end}"]
+    return [override.input_line]
 
 
 def _bare(key: str) -> str:
