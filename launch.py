@@ -69,12 +69,12 @@ def _hydra(config_dir: str | None):
 
 
 def _as_forced_overrides(overrides: list[str]) -> list[str]:
-    """Rewrite `key=value` overrides of keys the schema does not know (a misspelling, a loss's own setting such as
-    loss.beta) as `++key=value`.
+    """Rewrite `key=value` overrides of keys the schema does not know (a misspelling) as `++key=value`.
 
     Hydra stops at the first key missing from the composed config. Forcing those overrides lets composition finish,
     so the schema check can report every unknown key at once and name the closest valid one. Keys of the schema,
-    config-group choices (`model=tiny`), `+`, `++`, `~` and `hydra.*` overrides pass through unchanged.
+    a loss's settings (`loss.beta`: the loss node takes new keys), config-group choices (`model=tiny`), `+`, `++`, `~`
+    and `hydra.*` overrides pass through unchanged.
     """
     from train.config import CONFIG_DIR, schema_keys
 
@@ -83,7 +83,8 @@ def _as_forced_overrides(overrides: list[str]) -> list[str]:
     for override in overrides:
         key = override.split("=", 1)[0]
         plain = "=" in override and not key.startswith(("+", "~", "hydra.", "hydra/")) and "/" not in key
-        rewritten.append(f"++{override}" if plain and key.split("@")[0] not in known else override)
+        known_key = key.split("@")[0] in known or key.startswith("loss.")  # the loss node takes new keys
+        rewritten.append(f"++{override}" if plain and not known_key else override)
     return rewritten
 
 

@@ -72,6 +72,17 @@ def test_cfg_job_prints_the_composed_config():
     assert "hydra" not in printed
 
 
+def test_the_slurm_preset_and_the_plugins_are_installed():
+    shown = run_cli(["--cfg", "hydra", "hydra/launcher=slurm_gpu", "hydra.launcher.partition=gpu"])
+    assert shown.returncode == 0, shown.stderr
+    hydra = OmegaConf.create(shown.stdout).hydra
+    assert hydra.launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (hydra.launcher.partition, hydra.launcher.gpus_per_node, hydra.launcher.tasks_per_node) == ("gpu", 8, 1)
+    assert OmegaConf.to_container(hydra.run)["dir"] == "${run_dir}"  # a run's Hydra files go to its run directory
+    info = run_cli(["--info", "plugins"])
+    assert info.returncode == 0 and "SlurmLauncher" in info.stdout and "OptunaSweeper" in info.stdout
+
+
 def test_a_sweep_with_a_bad_value_runs_nothing_and_names_the_job(tmp_path):
     result = run_cli(["-m", *SFT, f"cache_dir={tmp_path}", "exp_name=bad", "lr=1e-3,-1", "model.batch_sise=4"])
     assert result.returncode == 2

@@ -302,6 +302,8 @@ def register_defaults() -> None:
     from hydra.core.config_store import ConfigStore
 
     defaults = OmegaConf.create(OmegaConf.to_container(OmegaConf.structured(Config)))
+    # A loss's own settings (loss.beta...) depend on the loss chosen: `loss.<key>=value` may add them.
+    OmegaConf.set_struct(defaults.loss, False)
     ConfigStore.instance().store(name="halyard_defaults", node=defaults)
 
 
