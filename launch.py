@@ -270,6 +270,13 @@ def run_sweep_job(raw, hydra_cfg) -> float | None:
     run_dir = hydra_cfg.runtime.output_dir
     with open_dict(raw):
         raw.run_dir = run_dir  # the job's folder of the sweep
+    excluded = set(hydra_cfg.job.config.override_dirname.exclude_keys)
+    swept = [o.lstrip("+") for o in hydra_cfg.overrides.task if o.split("=", 1)[0].lstrip("+~") not in excluded]
+    record = JobRecord(num=hydra_cfg.job.num, overrides=swept, status="running", exit_code=-1, wall_seconds=0.0,
+                       run_dir=run_dir)  # fmt: skip
+    reports = os.environ.get("SLURM_PROCID", "0") == "0"  # a multi-node job runs this on every node; node 0 reports
+    if reports:
+        record.write()  # a job killed outright stays "running": the table reports it as failed
     try:
         code, error = run_job(raw, hydra_cfg)
     except Exception as failure:  # a bug or a crash: this job failed, the sweep goes on
@@ -277,18 +284,9 @@ def run_sweep_job(raw, hydra_cfg) -> float | None:
         code, error = 1, f"{type(failure).__name__}: {failure}"
     finally:
         _reset_accelerate()
-    excluded = set(hydra_cfg.job.config.override_dirname.exclude_keys)
-    swept = [o for o in hydra_cfg.overrides.task if o.split("=", 1)[0].lstrip("+~") not in excluded]
-    record = JobRecord(
-        num=hydra_cfg.job.num,
-        overrides=[o.lstrip("+") for o in swept],
-        status=status_of(code),
-        exit_code=code,
-        wall_seconds=time.perf_counter() - started,
-        run_dir=run_dir,
-        error=error,
-    )
-    if os.environ.get("SLURM_PROCID", "0") == "0":  # a multi-node job runs this on every node; node 0 reports
+    record.status, record.exit_code, record.error = status_of(code), code, error
+    record.wall_seconds = time.perf_counter() - started
+    if reports:
         record.write()
     return objective(run_dir) if code == 0 else None
 

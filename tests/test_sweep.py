@@ -11,7 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import DEMO_TRAIN, REPO, run_cli
-from train.sweep import BASIC_SWEEPER, format_table, merge_job_problems, plan_jobs
+from train.sweep import BASIC_SWEEPER, JobRecord, format_table, merge_job_problems, plan_jobs, sweep_rows
 
 SFT = ["loss=sft", "model=tiny", f"datasets=[{DEMO_TRAIN}]", "max_steps=2", "log_every_steps=1"]
 
@@ -60,6 +60,19 @@ def test_table_formats_missing_values_as_dashes():
     row = {"job": 0, "overrides": "lr=1", "status": "failed", "loss/train": None, "loss/eval": None}
     table = format_table([{**row, "tokens_per_second": None, "wall_seconds": 1.25, "run_dir": "r"}])
     assert table.splitlines()[1].split() == ["0", "lr=1", "failed", "-", "-", "-", "1.2", "r"]
+
+
+def test_table_rows_come_from_each_jobs_record_and_summary(tmp_path):
+    JobRecord(0, ["lr=1"], "done", 0, 3.0, str(tmp_path / "0_lr=1")).write()
+    totals = {"loss/train": 1.5, "loss/eval": 1.7, "tokens_per_second": 10.0, "wall_seconds": 2.5}
+    (tmp_path / "0_lr=1" / "summary.json").write_text(json.dumps(totals))
+    JobRecord(1, ["lr=2"], "running", -1, 0.0, str(tmp_path / "1_lr=2")).write()  # killed without reporting
+    rows = sweep_rows(tmp_path)
+    assert [(r["job"], r["status"], r["loss/eval"], r["wall_seconds"]) for r in rows] == [
+        (0, "done", 1.7, 2.5),
+        (1, "failed", None, 0.0),
+    ]
+    assert "ended without reporting" in rows[1]["error"]
 
 
 def test_cfg_job_prints_the_composed_config():

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -114,7 +113,7 @@ class JobRecord:
 
     num: int
     overrides: list[str]  # the swept values that name the job
-    status: str  # done | failed | stopped
+    status: str  # done | failed | stopped (running while the job runs)
     exit_code: int
     wall_seconds: float
     run_dir: str
@@ -140,13 +139,15 @@ def objective(run_dir: str) -> float | None:
     return float(value) if value is not None and math.isfinite(value) else None
 
 
-def sweep_rows(sweep_dir: Path, since: float) -> list[dict]:
-    """One row per job of this sweep (job.json written since it started), in job order."""
+def sweep_rows(sweep_dir: Path) -> list[dict]:
+    """One row per job of the sweep (each job.json under its folder), in job order."""
     rows = []
-    for job_file in sweep_dir.glob(f"*/{JOB_FILE}"):
-        if job_file.stat().st_mtime < since:
-            continue  # a job of an earlier sweep in the same folder
+    for job_file in _job_files(sweep_dir):
         job = _read_json(job_file)
+        if job.get("status") == "running":  # the sweep is over: the job died without reporting
+            job.update(
+                status="failed", error=job.get("error") or "ended without reporting (killed? see its launch.log)"
+            )
         # A finished job's totals; for one that stopped or failed, its last logged values.
         summary = _read_json(job_file.parent / SUMMARY_FILE) if job.get("status") == "done" else {}
         summary = summary or _last_metrics(job_file.parent / METRICS_FILE)
@@ -164,6 +165,11 @@ def sweep_rows(sweep_dir: Path, since: float) -> list[dict]:
             }
         )
     return sorted(rows, key=lambda row: row["job"] if row["job"] is not None else -1)
+
+
+def _job_files(sweep_dir: Path) -> list[Path]:
+    # rglob: a swept value with a '/' (a file path) nests the job's folder one level deeper.
+    return list(sweep_dir.rglob(JOB_FILE))
 
 
 def format_table(rows: list[dict]) -> str:
@@ -204,15 +210,15 @@ class SweepSummary(Callback):
     """A Hydra callback (config/config.yaml, hydra.callbacks): at the end of a sweep, writes and prints its table,
     and exits non-zero when a job did not finish (1 when one failed, else 75 when one was stopped)."""
 
-    def __init__(self) -> None:
-        self.started = time.time()
-
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        self.started = time.time() - 1  # file times may be rounded to the second
+        """Forget the job records of an earlier sweep in this folder: the table lists this sweep's jobs (a job that
+        is run again writes its record again). Not by file times: a cluster's clocks may disagree."""
+        for job_file in _job_files(Path(str(config.hydra.sweep.dir))):
+            job_file.unlink()
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        rows = sweep_rows(sweep_dir, self.started)
+        rows = sweep_rows(sweep_dir)
         table = format_table(rows)
         (sweep_dir / TABLE_FILE).write_text(table + "\n")
         (sweep_dir / TABLE_JSON).write_text(json.dumps(rows, indent=2) + "\n")
