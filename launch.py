@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
@@ -258,37 +257,9 @@ def train_job(raw) -> float | None:
         if code:
             raise SystemExit(code)
         return None
-    return run_sweep_job(raw, hydra_cfg)
+    from train.sweep import run_sweep_job
 
-
-def run_sweep_job(raw, hydra_cfg) -> float | None:
-    from omegaconf import open_dict
-
-    from train.sweep import JobRecord, objective, status_of
-
-    started = time.perf_counter()
-    run_dir = hydra_cfg.runtime.output_dir
-    with open_dict(raw):
-        raw.run_dir = run_dir  # the job's folder of the sweep
-    excluded = set(hydra_cfg.job.config.override_dirname.exclude_keys)
-    swept = [o.lstrip("+") for o in hydra_cfg.overrides.task if o.split("=", 1)[0].lstrip("+~") not in excluded]
-    record = JobRecord(num=hydra_cfg.job.num, overrides=swept, status="running", exit_code=-1, wall_seconds=0.0,
-                       run_dir=run_dir)  # fmt: skip
-    reports = os.environ.get("SLURM_PROCID", "0") == "0"  # a multi-node job runs this on every node; node 0 reports
-    if reports:
-        record.write()  # a job killed outright stays "running": the table reports it as failed
-    try:
-        code, error = run_job(raw, hydra_cfg)
-    except Exception as failure:  # a bug or a crash: this job failed, the sweep goes on
-        logger.exception(f"job {hydra_cfg.job.num} failed")
-        code, error = 1, f"{type(failure).__name__}: {failure}"
-    finally:
-        _reset_accelerate()
-    record.status, record.exit_code, record.error = status_of(code), code, error
-    record.wall_seconds = time.perf_counter() - started
-    if reports:
-        record.write()
-    return objective(run_dir) if code == 0 else None
+    return run_sweep_job(raw, hydra_cfg, run_job)
 
 
 def run_job(raw, hydra_cfg) -> tuple[int, str | None]:
@@ -332,16 +303,6 @@ def _child_overrides(cfg, hydra_cfg) -> list[str]:
 def _quoted(value: str) -> str:
     """A Hydra override value that keeps `=`, `,` and spaces (a sweep job's folder name has them)."""
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def _reset_accelerate() -> None:
-    """Forget Accelerate's process-wide state between the jobs of a sweep run in one process (the next job may
-    ask for another mixed precision)."""
-    if "accelerate" in sys.modules:
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
 
 
 def shut_down_processes() -> None:

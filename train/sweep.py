@@ -13,17 +13,24 @@ This module imports no torch: checking a sweep of many jobs takes seconds.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+import sys
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from train.errors import ConfigError
 from train.layout import JOB_FILE, METRICS_FILE, SUMMARY_FILE, TABLE_FILE, TABLE_JSON
+
+logger = logging.getLogger(__name__)
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 # Set by the sweep itself: one folder per sweep, one run directory per job.
@@ -122,6 +129,46 @@ class JobRecord:
     def write(self) -> None:
         Path(self.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(self.run_dir) / JOB_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+def run_sweep_job(raw: DictConfig, hydra_cfg: DictConfig, run_job: Callable) -> float | None:
+    """One job of a sweep (Hydra's task function in multirun mode): its run directory is its folder of the sweep;
+    `run_job(raw, hydra_cfg) -> (exit code, error message)` trains it. Records the outcome in job.json (first as
+    "running", so that a job killed outright is reported) and returns what a search minimizes (None when it did
+    not finish). Never raises: one job's failure does not stop the sweep."""
+    started = time.perf_counter()
+    run_dir = hydra_cfg.runtime.output_dir
+    with open_dict(raw):
+        raw.run_dir = run_dir
+    excluded = set(hydra_cfg.job.config.override_dirname.exclude_keys)
+    swept = [o.lstrip("+") for o in hydra_cfg.overrides.task if o.split("=", 1)[0].lstrip("+~") not in excluded]
+    record = JobRecord(num=hydra_cfg.job.num, overrides=swept, status="running", exit_code=-1, wall_seconds=0.0,
+                       run_dir=run_dir)  # fmt: skip
+    reports = os.environ.get("SLURM_PROCID", "0") == "0"  # a multi-node job runs this on every node; node 0 reports
+    if reports:
+        record.write()
+    try:
+        code, error = run_job(raw, hydra_cfg)
+    except Exception as failure:  # a bug or a crash: this job failed, the sweep goes on
+        logger.exception(f"job {hydra_cfg.job.num} failed")
+        code, error = 1, f"{type(failure).__name__}: {failure}"
+    finally:
+        _reset_accelerate()
+    record.status, record.exit_code, record.error = status_of(code), code, error
+    record.wall_seconds = time.perf_counter() - started
+    if reports:
+        record.write()
+    return objective(run_dir) if code == 0 else None
+
+
+def _reset_accelerate() -> None:
+    """Forget Accelerate's process-wide state between the jobs of a sweep run in one process (the next job may
+    ask for another mixed precision)."""
+    if "accelerate" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
 
 
 def status_of(exit_code: int) -> str:
