@@ -8,7 +8,16 @@ import pytest
 
 import launch
 from conftest import DEMO_TRAIN, REPO, run_cli
-from train.config import CONFIG_DIR, Config, _leaf_paths, builtin_losses, describe_schema, resolve_loss, validate
+from train.config import (
+    CONFIG_DIR,
+    Config,
+    _leaf_paths,
+    builtin_losses,
+    describe_schema,
+    register_defaults,
+    resolve_loss,
+    validate,
+)
 from train.errors import ConfigError
 
 MODELS = sorted(p.stem for p in (REPO / "config" / "model").glob("*.yaml"))
@@ -83,6 +92,7 @@ def test_unknown_loss_and_model_presets_list_the_valid_ones():
 def test_batch_must_split_over_processes_and_accumulation():
     from hydra import compose, initialize_config_dir
 
+    register_defaults()  # config.yaml starts from every key's default (`halyard_defaults`)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         composed = compose(
             "config",
@@ -150,6 +160,23 @@ def test_help_lists_keys_and_exits_0():
     result = run_cli(["--help"])
     assert result.returncode == 0
     assert "model.gradient_accumulation_steps" in result.stdout and "eval_every_steps" in result.stdout
+
+
+def test_help_is_for_users_presets_formats_and_readable_defaults():
+    text = run_cli(["--help"]).stdout
+    assert text.startswith("Halyard fine-tunes causal language models")  # what it does, not a note for developers
+    assert "This file keeps" not in text and "train/run.py" not in text
+    presets = [*LOSSES, *MODELS, *(p.stem for p in (REPO / "config" / "experiment").glob("*.yaml"))]
+    presets += [f"accelerate_config/{p.name}" for p in (REPO / "accelerate_config").glob("*.yaml")]
+    for name in presets:
+        assert re.search(rf"^ +{re.escape(name)}\b", text, re.MULTILINE), name
+    assert re.search(r"^  preference +\{\"prompt\": str\|messages, \"chosen\"", text, re.MULTILINE)
+    assert "default default" not in text and "a string;" not in text
+    assert re.search(r"^  lr +1e-05 +Peak learning rate of AdamW\.$", text, re.MULTILINE)
+    assert re.search(r"^  model\.name_or_path +null +", text, re.MULTILINE)
+    assert re.search(r"^  model\.peft\.target_modules +\[all-linear\] +", text, re.MULTILINE)
+    assert re.search(r"^  loss\.beta \([a-z_, ]*dpo[a-z_, ]*\) +0\.1 +", text, re.MULTILINE)
+    assert "-m" in text and "--config-dir" in text and "--cfg job" in text  # Hydra's usage
 
 
 def test_data_settings_are_checked_together():

@@ -41,19 +41,22 @@ from train.distributed import full_state_dict, is_sharded, unsharded_copy
 from train.errors import HalyardError
 from train.faults import fault_at
 
-logger = logging.getLogger(__name__)
+# The files of a run directory, named in train/layout.py (torch-free: the sweep's table reads them too); the trainer
+# and the tests read them as checkpoint.<NAME>.
+from train.layout import (  # noqa: F401
+    CONFIG_FILE,
+    FINAL_CONFIG_FILE,
+    FINAL_DIR,
+    LATEST,
+    METRICS_FILE,
+    MODEL_CARD_FILE,
+    PREFIX,
+    SAMPLES_FILE,
+    STATE_FILE,
+    SUMMARY_FILE,
+)
 
-# The files of a run directory (${run_dir}); no other module spells these names.
-CONFIG_FILE = "config.yaml"  # the resolved config of the run (and of each checkpoint)
-METRICS_FILE = "metrics.jsonl"
-SAMPLES_FILE = "samples.jsonl"
-SUMMARY_FILE = "summary.json"
-FINAL_DIR = "FINAL"  # the trained model as a Hugging Face folder
-FINAL_CONFIG_FILE = "halyard_config.yaml"
-MODEL_CARD_FILE = "README.md"  # in FINAL/: the model card, in the Hugging Face Hub's format (train/card.py)
-PREFIX = "step-"
-LATEST = "latest"
-STATE_FILE = "trainer_state.json"
+logger = logging.getLogger(__name__)
 
 
 @dataclass

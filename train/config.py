@@ -13,6 +13,7 @@ import difflib
 import importlib.util
 import os
 import sys
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from train.errors import ConfigError
+from train.launcher import accelerate_config_problem, planned_world_size
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"  # Hydra's presets: config.yaml, loss/, model/
 
@@ -325,6 +327,12 @@ class Config:
         "Print every metric in each progress line (not only step, loss, lr, tokens/s, time left), and let the "
         "libraries' warnings, info logs and progress bars (loading, saving) through.",
     )
+    accelerate_config: str | None = setting(
+        None,
+        "An accelerate config file (e.g. accelerate_config/fsdp_8gpu.yaml): `python launch.py` runs the job's "
+        "processes through `accelerate launch --config_file <this>` (each job of a sweep, on its SLURM node); null: "
+        "train in this process.",
+    )
     loss: LossConfig = field(default_factory=LossConfig, metadata={"help": "The loss; chosen with loss=<name>."})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The model; chosen with model=<name>."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "How rows of the data files are read."})
@@ -333,11 +341,23 @@ class Config:
     tensorboard: TensorboardConfig = field(default_factory=TensorboardConfig, metadata={"help": "TensorBoard logging."})
 
 
-def register_schema() -> None:
-    """Register the schema with Hydra's ConfigStore, so a config can be composed against it (`- halyard_schema`)."""
+def register_defaults() -> None:
+    """Register every key's default with Hydra's ConfigStore as `halyard_defaults`, the first entry of
+    config/config.yaml's defaults list: `--cfg job` shows every key, `key=value` overrides need no `+`, and
+    interpolations such as `hydra.run.dir: ${run_dir}` resolve.
+
+    The node is untyped on purpose: Hydra stops at the first type error, while `validate` reports them all."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="halyard_schema", node=Config)
+    defaults = OmegaConf.create(OmegaConf.to_container(OmegaConf.structured(Config)))
+    # A loss's own settings (loss.beta...) depend on the loss chosen: `loss.<key>=value` may add them.
+    OmegaConf.set_struct(defaults.loss, False)
+    ConfigStore.instance().store(name="halyard_defaults", node=defaults)
+
+
+def schema_keys() -> set[str]:
+    """Every dotted key of the schema but the loss's own settings (those depend on the loss chosen)."""
+    return set(_leaf_paths(OmegaConf.structured(Config)))
 
 
 DTYPES = ("float32", "bfloat16")
@@ -370,7 +390,7 @@ def validate(raw: DictConfig, world_size: int | None = None, check_model_files: 
     except OmegaConfBaseException as error:
         problems.append(f"could not resolve the configuration: {error}")
         raise ConfigError(problems) from None
-    problems += check_values(cfg, world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
+    problems += check_values(cfg, world_size if world_size is not None else planned_world_size(cfg.accelerate_config))
     if spec:
         problems += check_loss_capabilities(cfg, spec)
     if check_model_files:
@@ -509,6 +529,8 @@ def check_values(cfg: Config, world_size: int) -> list[str]:
         problems.append(f"on_nonfinite={cfg.on_nonfinite!r}: must be one of {list(NONFINITE_POLICIES)}")
     problems += cfg.loss.problems()
     problems += _check_data_files(cfg)
+    if cfg.accelerate_config:
+        problems += [p for p in [accelerate_config_problem(cfg.accelerate_config)] if p]
     problems += _check_model(cfg.model, world_size)
     return problems
 
@@ -634,8 +656,9 @@ def _check_model(model: ModelConfig, world_size: int) -> list[str]:
     return problems
 
 
-def describe_schema() -> str:
-    """A table of every key: path, type, default and documentation (for `launch.py --help`)."""
+def describe_schema(width: int = 120) -> str:
+    """A table of every key: its path, its default as you would write it on the command line, and what it means
+    (for `launch.py --help`). A loss's own settings follow, with the losses that have them."""
     rows = []
 
     def walk(cls: type, prefix: str) -> None:
@@ -646,9 +669,7 @@ def describe_schema() -> str:
                 walk(hints[f.name], path + ".")
                 continue
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            rows.append(
-                (path, _type_name(hints[f.name]), "null" if default is None else str(default), f.metadata["help"])
-            )
+            rows.append((path, _as_written(default), f.metadata["help"]))
 
     walk(Config, "")
     by_settings: dict[type, list[str]] = {}  # built-in losses that share a settings class are listed together
@@ -658,13 +679,34 @@ def describe_schema() -> str:
             by_settings.setdefault(spec.settings, []).append(name)
     base = {f.name for f in dataclasses.fields(LossConfig)}
     for settings, names in by_settings.items():
-        hints = typing.get_type_hints(settings)
         for f in dataclasses.fields(settings):
             if f.name not in base:
-                help, default = f.metadata["help"], str(f.default)
-                rows.append((f"loss.{f.name} ({', '.join(names)})", _type_name(hints[f.name]), default, help))
-    width = max(len(r[0]) for r in rows)
-    return "\n".join(f"  {path:<{width}}  {help}  [{type_}; default {default}]" for path, type_, default, help in rows)
+                rows.append((f"loss.{f.name} ({', '.join(names)})", _as_written(f.default), f.metadata["help"]))
+    key_width = max(len(r[0]) for r in rows)
+    default_width = min(max(len(r[1]) for r in rows), 24)
+    indent = 2 + key_width + 2 + default_width + 2
+    lines = [f"  {'key':<{key_width}}  {'default':<{default_width}}  meaning"]
+    for path, default, help in rows:
+        if len(default) > default_width:  # a long default gets a line of its own
+            lines.append(f"  {path:<{key_width}}  {default}")
+            lead = " " * indent
+        else:
+            lead = f"  {path:<{key_width}}  {default:<{default_width}}  "
+        wrapped = textwrap.wrap(help, width=max(width - indent, 40)) or [""]
+        lines.append(lead + wrapped[0])
+        lines += [" " * indent + line for line in wrapped[1:]]
+    return "\n".join(lines)
+
+
+def _as_written(value: Any) -> str:
+    """A default as it is written in an override: null, true, [a,b], 1e-05."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ",".join(_as_written(v) for v in value) + "]"
+    return str(value) if value != "" else "''"
 
 
 def config_yaml(cfg: Config) -> str:

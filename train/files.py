@@ -6,6 +6,8 @@ import os
 import shutil
 from pathlib import Path
 
+from train.errors import HalyardError
+
 PARTIAL = ".partial"
 
 
@@ -29,3 +31,17 @@ def write_text_atomically(path: Path, text: str) -> None:
     partial = partial_of(path)
     partial.write_text(text)
     publish(partial, path)
+
+
+def make_run_dir(path: Path) -> None:
+    """Create a run directory (or a sweep's folder), or say why it cannot be written."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise run_dir_error(path, error) from None
+
+
+def run_dir_error(path: Path, error: OSError) -> HalyardError:
+    return HalyardError(
+        f"cannot write the run directory '{path}' ({error.strerror}); set cache_dir to a writable folder"
+    )

@@ -1,15 +1,8 @@
 """Where rows come from (files, saved datasets, named hub datasets) and what they mean (the row formats).
 
 Every row becomes one record: a `Conversation` (SFT), `Text` (continued pretraining), `Pair` (preference pairs) or
-`Unpaired` (KTO). A row's format is detected from its columns unless `data.format` forces one:
-
-    messages        {"messages": [{"role": ..., "content": ...}, ...]}
-    sharegpt        {"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}
-    preference      {"prompt": str|messages, "chosen": str|messages, "rejected": str|messages}
-    unpaired        {"prompt": str|messages, "completion": str|messages, "label": bool}
-    prompt_completion {"prompt": str|messages, "completion": str|messages}
-    text            {"text": str}
-    instruction     {"instruction": str, "input": str?, "output": str, "system": str?}  (names set by data.*_key)
+`Unpaired` (KTO). A row's format is detected from its columns unless `data.format` forces one; FORMAT_EXAMPLES
+shows each (`python launch.py --help` prints them).
 
 Every problem raises DataError naming the file, the row and the field, and saying how to fix it.
 """
@@ -34,6 +27,16 @@ ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 FORMATS = ("auto", "instruction", "messages", "sharegpt", "prompt_completion", "text", "preference", "unpaired")
 FILE_EXTENSIONS = (".json", ".jsonl", ".parquet", ".csv")
+# What a row of each format looks like.
+FORMAT_EXAMPLES = {
+    "messages": '{"messages": [{"role": ..., "content": ...}, ...]}',
+    "sharegpt": '{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}',
+    "preference": '{"prompt": str|messages, "chosen": str|messages, "rejected": str|messages}',
+    "unpaired": '{"prompt": str|messages, "completion": str|messages, "label": bool}',
+    "prompt_completion": '{"prompt": str|messages, "completion": str|messages}',
+    "text": '{"text": str}',
+    "instruction": '{"instruction": str, "input": str?, "output": str, "system": str?}  (names set by data.*_key)',
+}
 
 # Named datasets: name -> (hub id, split). Loaded with `datasets.load_dataset`, which needs the hub.
 REGISTRY = {

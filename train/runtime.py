@@ -11,7 +11,7 @@ from accelerate.tracking import TensorBoardTracker, WandBTracker
 
 from train.checkpoint import CONFIG_FILE
 from train.config import Config, config_yaml, flat_config
-from train.errors import HalyardError
+from train.files import run_dir_error
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +45,7 @@ def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> None:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / CONFIG_FILE).write_text(config_yaml(cfg))
         except OSError as error:
-            raise HalyardError(
-                f"cannot write the run directory '{run_dir}' ({error.strerror}); set cache_dir to a writable folder"
-            ) from None
+            raise run_dir_error(run_dir, error) from None
         logger.info(f"run directory: {run_dir.resolve()}")
     accelerator.wait_for_everyone()
     if cfg.wandb.enabled or cfg.tensorboard.enabled:
