@@ -172,7 +172,7 @@ def test_help_is_for_users_presets_formats_and_readable_defaults():
         assert re.search(rf"^ +{re.escape(name)}\b", text, re.MULTILINE), name
     assert re.search(r"^  preference +\{\"prompt\": str\|messages, \"chosen\"", text, re.MULTILINE)
     assert "default default" not in text and "a string;" not in text
-    assert re.search(r"^  lr +1e-05 +Peak learning rate of AdamW\.$", text, re.MULTILINE)
+    assert re.search(r"^  lr +1e-05 +Peak learning rate \(reached after warmup\)", text, re.MULTILINE)
     assert re.search(r"^  model\.name_or_path +null +", text, re.MULTILINE)
     assert re.search(r"^  model\.peft\.target_modules +\[all-linear\] +", text, re.MULTILINE)
     assert re.search(r"^  loss\.beta \([a-z_, ]*dpo[a-z_, ]*\) +0\.1 +", text, re.MULTILINE)
