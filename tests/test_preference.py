@@ -334,9 +334,10 @@ def test_packed_pairs_shared_prompts_and_packed_kto_train_through_the_cli(tiny_c
     assert cached_losses == pytest.approx(live_losses, rel=1e-4)
     # The prompt run once per pair (data.shared_prompt=true): the same losses as separate rows, step after step
     args = [*PREF, "loss=dpo", f"cache_dir={tiny_cache}", "lr=1e-3", "max_steps=3", "log_every_steps=1"]
-    for name, extra in (("dpo-separate", []), ("dpo-shared", ["data.shared_prompt=true"])):
+    for name, extra in (("dpo-separate", ["data.shared_prompt=false"]), ("dpo-shared", [])):
         result = run_cli([*args, f"exp_name={name}", *extra])
         assert result.returncode == 0, result.stderr[-3000:]
+        assert ("each prompt runs once" in result.stderr) == (name == "dpo-shared")  # the default where it applies
     separate, shared = (
         [m["loss/train"] for m in read_metrics(tiny_cache / name) if "loss/train" in m]
         for name in ("dpo-separate", "dpo-shared")

@@ -136,10 +136,10 @@ class DataConfig:
         "Batch examples of similar length together (sorted runs of 32 batches; the batches' order stays random): "
         "almost no padding, so unpacked training runs about as fast as packed. false: fully random batches.",
     )
-    shared_prompt: bool = setting(
-        False,
+    shared_prompt: bool | None = setting(
+        None,
         "Preference pairs: run each pair's prompt once, as one row `prompt, chosen, rejected` whose rejected tokens "
-        "see the prompt but not the chosen ones (a 4D mask; sdpa only, no packing). Fewer tokens when prompts are long.",
+        "see the prompt but not the chosen ones (a 4D mask: sdpa, no packing); null: wherever that applies.",
     )
     n_examples: int | None = setting(None, "Cap on training examples after mixing (a seeded random subset); null: all.")
 

@@ -287,6 +287,11 @@ class PairedPreferenceTrainer(ReferenceMixin, BasicTrainer):
         super().__init__(cfg, *args, **kwargs)
         self.setup_reference(reference_model if self.uses_reference else None)
         self.shared_prompt = cfg.data.shared_prompt
+        if self.shared_prompt is None:  # on wherever it applies: the same log-probs, the prompt computed once
+            applies = not cfg.data.packing and cfg.model.attn_implementation == "sdpa"
+            self.shared_prompt = self.supports_shared_prompt and applies
+        if self.shared_prompt:
+            logger.info("pairs: each prompt runs once, in one row with both responses (data.shared_prompt)")
 
     def loss(self, logps: PairLogps) -> PreferenceLoss:
         """The per-pair loss and implicit rewards: the one method a paired loss implements."""
