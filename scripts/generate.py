@@ -21,6 +21,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parent.parent
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -134,8 +136,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     args = parser.parse_args()
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p)
+    sys.path.insert(0, str(REPO))
     from transformers import set_seed
 
+    from train.progress import quiet_libraries
+
+    quiet_libraries(verbose=False)  # the libraries' known warnings and loading bars would interleave with the chat
     set_seed(args.seed)
     model, tokenizer = load(args.checkpoint)
     model.eval()

@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 
 bash scripts/install.sh
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
+# What accelerate would pick on a CPU anyway; set here so that it does not print a note about choosing it.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 PY=.venv/bin/python
 RUN_DIR=runs/quickstart
 PROMPT="$(cat data/demo/heldout_prompt.txt)"
@@ -30,4 +32,4 @@ PY
 echo "== The held-out prompt \"$PROMPT\""
 echo "   before: $BEFORE"
 echo "   after:  $AFTER"
-echo "== The fine-tuned model is in $RUN_DIR/FINAL (chat with it: $PY scripts/generate.py $RUN_DIR/FINAL --prompt \"...\")"
+echo "== The fine-tuned model is in $RUN_DIR/FINAL; chat with it: $PY scripts/generate.py $RUN_DIR/FINAL"

@@ -270,3 +270,11 @@ def test_optimizer_and_schedule_settings_are_validated_with_the_rest(monkeypatch
     ]
     cfg = launch.compose_config([*common, "optimizer.name=adafactor", "optimizer.betas=[0.8,0.99]", "warmup_steps=3"])
     assert (cfg.optimizer.name, cfg.optimizer.betas, cfg.warmup_steps) == ("adafactor", [0.8, 0.99], 3)
+
+
+@pytest.mark.parametrize(("method", "use_peft", "lr"), [("lora", True, 2e-4), ("full", False, 1e-5)])
+def test_method_presets_set_the_adapters_and_a_learning_rate_to_match(method, use_peft, lr):
+    common = ["model=smollm2", f"datasets=[{DEMO_TRAIN}]", f"method={method}"]
+    cfg = launch.compose_config(common)
+    assert (cfg.model.use_peft, cfg.lr, cfg.model.max_length) == (use_peft, lr, 256)  # the model preset stays
+    assert launch.compose_config([*common, "lr=1e-3"]).lr == 1e-3  # a key given on the command line wins

@@ -72,7 +72,6 @@ def test_generate_answers_from_final_adapter_and_step_checkpoint(lora_run):
 def test_generate_chats_over_turns_batches_and_samples(lora_run, tmp_path):
     """One process each: a 3-turn chat with a reset (the model loaded once), a batch file, sampling settings."""
     final, prompt = lora_run / "FINAL", "What is the capital of France?"
-    greedy = script("generate.py", final, "--prompt", prompt, "--max-new-tokens", "8")
     chat = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "generate.py"), str(final), "--max-new-tokens", "8", "--system", "Be brief."],
         input=f"{prompt}\nAnd of Spain?\n/reset\n{prompt}\n", capture_output=True, text=True, cwd=REPO,
@@ -89,7 +88,8 @@ def test_generate_chats_over_turns_batches_and_samples(lora_run, tmp_path):
     )
     script("generate.py", final, "--batch", rows, "--out", tmp_path / "out.jsonl", "--max-new-tokens", "8")
     answered = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
-    assert [row["completion"] for row in answered] == [greedy, greedy]  # greedy by default, like --prompt
+    greedy = answered[0]["completion"]
+    assert greedy and answered[1]["completion"] == greedy  # the same conversation, greedy by default
     sampled = script(
         "generate.py", final, "--prompt", prompt, "--max-new-tokens", "8", "--temperature", "1.5", "--top-p", "0.95"
     )

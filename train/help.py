@@ -54,7 +54,7 @@ def help_text() -> str:
 
 def _presets() -> str:
     lines = []
-    for group in ("loss", "model", "experiment", "hydra/launcher"):
+    for group in ("loss", "model", "method", "experiment", "hydra/launcher"):
         files = sorted((CONFIG_DIR / group).glob("*.yaml"))
         if group == "experiment":
             lines.append("  experiments (--config-dir config/experiment --config-name <name>):")
