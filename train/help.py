@@ -75,7 +75,8 @@ def _described(files: list[Path], indent: int = 2, prefix: str = "") -> str:
     lines = []
     for file in files:
         name = prefix + (file.name if prefix else file.stem)
-        first = next((line for line in file.read_text().splitlines() if line.strip()), "")
+        lines_of = [line for line in file.read_text().splitlines() if line.strip() and "@package" not in line]
+        first = lines_of[0] if lines_of else ""  # a Hydra package directive is not a description
         about = first.lstrip("#").strip() if first.startswith("#") else ""
         room = max(LINE_WIDTH - indent - width - 2, 30)
         about = textwrap.shorten(about.split(". ")[0].rstrip("."), width=room, placeholder="...")
