@@ -170,6 +170,11 @@ def special_token_ids(tokenizer) -> frozenset[int]:
     return frozenset(set(tokenizer.all_special_ids) | added)
 
 
+@functools.lru_cache(maxsize=8)
+def special_token_texts(tokenizer) -> tuple[str, ...]:
+    return tuple(tokenizer.convert_ids_to_tokens(i) for i in special_token_ids(tokenizer))
+
+
 @dataclass
 class Piece:
     """One text of the conversation: a supervised assistant turn's answer or its reasoning, or another message's
@@ -280,10 +285,11 @@ def _count(audit: MaskAudit, messages, pieces: dict, attributed: bool, offsets, 
         if end is not None:
             roles[end] = AUDIT_ROLES.index("end_of_turn")
     supervised = np.concatenate([supervised, [True] * appended_eos]) if appended_eos else supervised
+    tokens = np.bincount(roles, minlength=len(AUDIT_ROLES)).tolist()
+    trained = np.bincount(roles[supervised], minlength=len(AUDIT_ROLES)).tolist()
     for index, role in enumerate(AUDIT_ROLES):
-        mine = roles == index
-        audit.tokens[role] += int(mine.sum())
-        audit.supervised[role] += int((mine & supervised).sum())
+        audit.tokens[role] += tokens[index]
+        audit.supervised[role] += trained[index]
     audit.conversations += 1
     audit.all_supervised += bool(supervised[1:].all())
     audit.unattributed += not attributed
@@ -431,7 +437,7 @@ def _verify_supervised_text(
     edges = np.flatnonzero(np.diff(np.concatenate([[0], supervised.astype(np.int8), [0]])))
     runs = list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
     decode = tokenizer.backend_tokenizer.decode  # the exact text of the tokens, no Python-side cleanup of spaces
-    specials = [tokenizer.convert_ids_to_tokens(i) for i in special_token_ids(tokenizer)]
+    specials = special_token_texts(tokenizer)
     problem = None if len(runs) == len(expected) else f"{len(runs)} supervised spans for {len(expected)} turns"
     for (start, end), turn_text in zip(runs, expected, strict=False):
         if problem:
