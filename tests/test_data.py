@@ -330,12 +330,17 @@ def test_reasoning_is_trained_or_masked_exactly(tiny_tokenizers, train_on, train
             tokenize_conversation(REASONING, tokenizer, "row 0", "assistant", True)
 
 
-def test_reasoning_in_a_template_that_keeps_it_verbatim(tiny_tokenizers):
+def test_reasoning_in_a_template_that_keeps_it_verbatim(tiny_tokenizers, tmp_path):
     tokenizer = tiny_tokenizers["chatml"]
     example = tokenize_conversation(REASONING[:2], tokenizer, "row 0")
     assert supervised_text(tokenizer, example) == REASONING[1]["content"] + "<|im_end|>"
     masked = tokenize_conversation(REASONING[:2], tokenizer, "row 0", train_on_reasoning=False)
     assert supervised_text(tokenizer, masked) == "Arr, grass be green!<|im_end|>"
+    # The setting reaches preprocessing (and its cache key: each value gets its own cache entry).
+    path = write(tmp_path, "d.jsonl", json.dumps({"messages": REASONING[:2]}) + "\n")
+    for train_on_reasoning, expected in ((True, example), (False, masked)):
+        [loaded], _ = load_examples([path], tokenizer, DataConfig(train_on_reasoning=train_on_reasoning), 256)
+        assert loaded.labels == expected.labels
 
 
 def test_mask_audit_counts_tokens_by_role_exactly(tiny_tokenizers, tmp_path, caplog):
