@@ -5,7 +5,9 @@ Takes the same config overrides as launch.py (the data keys, the model or tokeni
     python scripts/preview_data.py model=smollm2 datasets=[data/demo/train.jsonl] --n 3
     python scripts/preview_data.py model=tiny datasets=[data/demo/train.jsonl] --dump rows.jsonl --n 20
 
-Supervised text is shown between [[ and ]] (in green on a terminal). --dump FILE writes the first N tokenized rows
+Supervised text is shown between [[ and ]] (in green on a terminal). It ends with the label mask audit: per role,
+the share of its tokens that are supervised; the assistant turns whose end-of-turn token is supervised; the
+conversations with every token, or none, supervised. --dump FILE writes the first N tokenized rows
 ({"input_ids": [...], "labels": [...]}) as JSONL. Nothing is cached or trained.
 """
 
@@ -65,7 +67,7 @@ def main() -> int:
 
     try:
         cfg = launch.compose_config(overrides)
-        from train.data import load_examples
+        from train.data import MaskAudit, load_examples
         from train.models import build_tokenizer
 
         tokenizer = build_tokenizer(cfg.model)
@@ -89,6 +91,11 @@ def main() -> int:
     )
     print("length histogram (tokens per example):")
     print(histogram(lengths))
+    audit = MaskAudit.merged([stats.mask_audit])
+    if audit.conversations:
+        print(audit.describe("data", stats))
+        for problem in audit.problems(cfg.data.train_on):
+            print(f"warning: {problem}")
     if args.dump:
         args.dump.write_text(
             "".join(json.dumps({"input_ids": e.input_ids, "labels": e.labels}) + "\n" for e in examples[: args.n])

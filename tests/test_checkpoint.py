@@ -258,11 +258,12 @@ def test_save_total_limit_and_second_signal(tiny_cache):
     assert not list((tiny_cache / "twice").glob("step-*"))
 
 
-def test_unwritable_run_directory_is_refused_before_training(tmp_path):
+def test_unwritable_run_directory_is_refused_before_training(tmp_path, tiny_cache):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
+    model = tiny_cache / "tiny-llama"  # a real model: model paths are checked before the run directory
     result = run_cli(
-        ["model=tiny", f"datasets=[{DEMO_TRAIN}]", f"cache_dir={blocker}", f"++model.name_or_path={tmp_path}"]
+        ["model=tiny", f"datasets=[{DEMO_TRAIN}]", f"cache_dir={blocker}", f"++model.name_or_path={model}"]
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "cannot write the run directory" in result.stderr and "set cache_dir to a writable folder" in result.stderr

@@ -62,7 +62,12 @@ def test_summary_matches_the_metrics(full_run):
     last = read_metrics(full_run)[-1]
     for key in ("step", "loss/train", "loss/eval", "examples", "tokens"):
         assert summary[key] == last[key], key
-    assert summary["data"]["train"] == {
+    train = dict(summary["data"]["train"])
+    audit = train.pop("mask_audit")  # the label mask audit, through the real CLI
+    assert audit["turns_ending_supervised"] == audit["assistant_turns"] == 140
+    assert audit["supervised"]["user"] == audit["supervised"]["template"] == 0
+    assert audit["supervised"]["assistant"] == audit["tokens"]["assistant"] > 0
+    assert train == {
         "rows": 123,
         "examples": 123,
         "truncated": 0,

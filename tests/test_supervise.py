@@ -1,9 +1,10 @@
-"""A stop by signal through the launchers: `python -m train.supervise accelerate launch ...` ends with the documented
-message and exit code 75, with no traceback, for one and for two processes."""
+"""A stop by signal through the launchers: `python -m train.supervise accelerate launch ...` (one and two processes)
+and `... torchrun ...` end with the documented message and exit code 75, with no traceback."""
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,16 +23,28 @@ def last_step(run_dir) -> int:
     return max((json.loads(line).get("step", 0) for line in lines if line.strip()), default=-1)
 
 
+def torchrun_launcher(_config: str) -> list[str]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+
+
 @pytest.mark.parametrize(
-    ("config", "sig"), [("cpu_single_process.yaml", signal.SIGINT), ("cpu_2proc.yaml", signal.SIGTERM)]
+    ("launcher", "config", "sig"),
+    [
+        (accelerate_launcher, "cpu_single_process.yaml", signal.SIGINT),
+        (accelerate_launcher, "cpu_2proc.yaml", signal.SIGTERM),
+        (torchrun_launcher, "torchrun_2proc", signal.SIGINT),
+    ],
 )
-def test_signal_under_accelerate_launch_exits_75_without_traceback(tiny_cache, config, sig):
+def test_signal_under_a_launcher_exits_75_without_traceback(tiny_cache, launcher, config, sig):
     exp = f"supervised_{config.split('.')[0]}"
     args = [
         "loss=sft", "model=tiny", f"cache_dir={tiny_cache}", f"exp_name={exp}", f"datasets=[{DEMO_TRAIN}]",
         "n_epochs=1000", "log_every_steps=1", "model.batch_size=2",
     ]  # fmt: skip
-    command = [sys.executable, "-m", "train.supervise", *accelerate_launcher(config), str(REPO / "launch.py"), *args]
+    command = [sys.executable, "-m", "train.supervise", *launcher(config), str(REPO / "launch.py"), *args]
     env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(REPO)}
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120

@@ -71,6 +71,7 @@ class DatasetStats:
     dropped_no_supervised_token: int = 0
     dropped_too_long: int = 0
     skipped_bad_rows: int = 0
+    mask_audit: dict = dataclasses.field(default_factory=dict)  # MaskAudit's fields, summed over the rows
 
     def describe(self, split: str, max_length: int, unit: str = "examples") -> str:
         text = f"{split}: {self.examples} {unit} from {self.rows} rows"
@@ -88,6 +89,73 @@ class DatasetStats:
         return text
 
 
+AUDIT_ROLES = ("system", "user", "assistant", "end_of_turn", "template")  # template: headers and other added text
+
+
+@dataclass
+class MaskAudit:
+    """Which tokens the label masks supervise, by role, over the conversations of a split (measured on each rendered
+    conversation before truncation). Under data.train_on=assistant, system, user and template tokens should be 0%
+    supervised, assistant content and end-of-turn tokens 100%."""
+
+    tokens: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(AUDIT_ROLES, 0))
+    supervised: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(AUDIT_ROLES, 0))
+    conversations: int = 0
+    all_supervised: int = 0  # conversations with every token supervised
+    unattributed: int = 0  # conversations whose prompt the template rewrites: its tokens are counted as template
+    assistant_turns: int = 0  # supervised assistant turns
+    turns_ending_supervised: int = 0  # of those, the ones whose end-of-turn token is supervised
+
+    @classmethod
+    def merged(cls, audits: list[dict]) -> MaskAudit:
+        total = cls()
+        for audit in audits:
+            if not audit:
+                continue
+            for role in AUDIT_ROLES:
+                total.tokens[role] += audit["tokens"][role]
+                total.supervised[role] += audit["supervised"][role]
+            for name in (
+                "conversations",
+                "all_supervised",
+                "unattributed",
+                "assistant_turns",
+                "turns_ending_supervised",
+            ):
+                setattr(total, name, getattr(total, name) + audit[name])
+        return total
+
+    def describe(self, split: str, stats: DatasetStats) -> str:
+        shares = ", ".join(
+            f"{role} {self.supervised[role] / self.tokens[role]:.1%} of {self.tokens[role]:,}"
+            for role in AUDIT_ROLES
+            if self.tokens[role]
+        )
+        ending = self.turns_ending_supervised / max(self.assistant_turns, 1)
+        text = (
+            f"label mask audit ({split}, {self.conversations} conversations): supervised share of tokens by role: "
+            f"{shares}; assistant turns whose end-of-turn token is supervised: {self.turns_ending_supervised} of "
+            f"{self.assistant_turns} ({ending:.1%}); conversations with every token supervised: {self.all_supervised}; "
+            f"with no supervised token left: {stats.dropped_no_supervised_token}"
+        )
+        if self.unattributed:
+            text += f"; {self.unattributed} with prompt tokens counted as template (the template rewrites prompts)"
+        return text
+
+    def problems(self, train_on: str) -> list[str]:
+        """What a careful user would want to know: end-of-turn tokens not learned, conversations trained whole."""
+        found = []
+        if self.turns_ending_supervised < self.assistant_turns:
+            found.append(
+                f"{self.assistant_turns - self.turns_ending_supervised} assistant turns end without a supervised "
+                f"end-of-turn token (the chat template closes them with no special token): the model may not learn "
+                f"to stop there"
+            )
+        if train_on != "all" and self.all_supervised:
+            found.append(f"{self.all_supervised} conversations have every token supervised under train_on={train_on}")
+        return found
+
+
 # ---- rendering and masking ----
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -103,13 +171,18 @@ def special_token_ids(tokenizer) -> frozenset[int]:
     return frozenset(set(tokenizer.all_special_ids) | added)
 
 
+@functools.lru_cache(maxsize=8)
+def special_token_texts(tokenizer) -> tuple[str, ...]:
+    return tuple(tokenizer.convert_ids_to_tokens(i) for i in special_token_ids(tokenizer))
+
+
 @dataclass
 class Piece:
-    """One supervised text of the conversation: an assistant turn's answer or its reasoning, and where the template
-    rendered it (character offsets into the rendered conversation)."""
+    """One text of the conversation: a supervised assistant turn's answer or its reasoning, or another message's
+    content, and where the template rendered it (character offsets into the rendered conversation)."""
 
     turn: int  # message index
-    part: str  # "answer" or "reasoning"
+    part: str  # one of PARTS
     text: str  # the value given to the template
     start: int = -1
     end: int = -1  # -1: the template did not render it
@@ -134,6 +207,7 @@ def tokenize_conversation(
     where: str,
     train_on: str = "assistant",
     train_on_reasoning: bool = True,
+    audit: MaskAudit | None = None,
 ) -> Example:
     """Render with the chat template and supervise assistant turns through their end-of-turn token.
 
@@ -145,7 +219,8 @@ def tokenize_conversation(
     headers, a default system prompt, generation prompts it renders unasked, earlier turns rewritten); the real
     rendering must be that text with the contents put back (trimmed at most), or the row is refused. The supervised
     tokens of a turn are those of its content (and reasoning, per `train_on_reasoning`) and the end-of-turn token
-    that follows; they are then decoded and compared with that text, by equality.
+    that follows; they are then decoded and compared with that text, by equality. `audit`, if given, counts the
+    supervised tokens by role.
     """
     assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not assistant:
@@ -154,16 +229,17 @@ def tokenize_conversation(
     text = _render(tokenizer, messages, add_generation_prompt=False, where=where)
     encoded = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
     ids = np.asarray(encoded.ids, dtype=np.int64)
+    flat = itertools.chain.from_iterable(encoded.offsets)  # (start, end) per token; fromiter: 2x asarray
+    offsets = np.fromiter(flat, dtype=np.int64, count=2 * len(ids)).reshape(-1, 2)
+    turns = [] if train_on == "all" else _supervised_turns(messages, train_on)
+    pieces, attributed = {}, False
+    if turns or audit is not None:
+        pieces, attributed = _locate_pieces(tokenizer, messages, turns, text, where)
+    ends, expected = [], []
     if train_on == "all":
         supervised = np.ones(len(ids), dtype=bool)
-        turns = []
     else:
-        turns = _supervised_turns(messages, train_on)
-        pieces = _locate_pieces(tokenizer, messages, turns, text, where)
-        flat = itertools.chain.from_iterable(encoded.offsets)  # (start, end) per token; fromiter: 2x asarray
-        offsets = np.fromiter(flat, dtype=np.int64, count=2 * len(ids)).reshape(-1, 2)
         supervised = np.zeros(len(ids), dtype=bool)
-        expected = []
         for turn in turns:
             start, end = _turn_span(pieces, turn, text, train_on_reasoning, where)
             # A token overlapping the span is supervised, also one that straddles its start (" Arr" after a
@@ -177,17 +253,49 @@ def tokenize_conversation(
             first, last = int(inside[0]), _end_of_turn(tokenizer, ids, offsets, text, int(inside[-1]))
             supervised[first : last + 1] = True
             expected.append(text[start:end])
+            ends.append(last if last > inside[-1] else None)
     if not supervised.any():
         raise DataError(f"{where}: no token of the assistant turns could be located in the rendered conversation")
     input_ids, labels = ids.tolist(), np.where(supervised, ids, IGNORE_INDEX).tolist()
     last = int(np.flatnonzero(supervised)[-1])
-    if input_ids[last] not in special_token_ids(tokenizer):
+    appended_eos = input_ids[last] not in special_token_ids(tokenizer)
+    if appended_eos:
         # The template ends the last turn without an end-of-turn token: append EOS so the model learns to stop.
         input_ids = input_ids[: last + 1] + [tokenizer.eos_token_id]
         labels = labels[: last + 1] + [tokenizer.eos_token_id]
     if turns:
         _verify_supervised_text(tokenizer, input_ids, labels, expected, where)
+    if audit is not None:
+        if ends and appended_eos:
+            ends[-1] = len(input_ids) - 1
+        kept = supervised[: last + 1] if appended_eos else supervised
+        _count(audit, messages, pieces, attributed, offsets, kept, ends, appended_eos)
     return Example(input_ids=input_ids, labels=labels)
+
+
+def _count(audit: MaskAudit, messages, pieces: dict, attributed: bool, offsets, supervised, ends, appended_eos) -> None:
+    """Add one conversation's tokens to `audit`, by role: each located content's tokens get its message's role, the
+    end-of-turn tokens theirs, the rest (headers, added text) count as template."""
+    n = len(supervised)
+    roles = np.full(n + appended_eos, AUDIT_ROLES.index("template"), dtype=np.int8)
+    for piece in pieces.values():
+        if piece.start >= 0:
+            overlap = (offsets[:n, 0] < piece.end) & (offsets[:n, 1] > piece.start)
+            roles[:n][overlap] = AUDIT_ROLES.index(messages[piece.turn]["role"])
+    for end in ends:
+        if end is not None:
+            roles[end] = AUDIT_ROLES.index("end_of_turn")
+    supervised = np.concatenate([supervised, [True] * appended_eos]) if appended_eos else supervised
+    tokens = np.bincount(roles, minlength=len(AUDIT_ROLES)).tolist()
+    trained = np.bincount(roles[supervised], minlength=len(AUDIT_ROLES)).tolist()
+    for index, role in enumerate(AUDIT_ROLES):
+        audit.tokens[role] += tokens[index]
+        audit.supervised[role] += trained[index]
+    audit.conversations += 1
+    audit.all_supervised += bool(supervised[1:].all())
+    audit.unattributed += not attributed
+    audit.assistant_turns += len(ends)
+    audit.turns_ending_supervised += sum(end is not None for end in ends)
 
 
 def _supervised_turns(messages: list[dict[str, str]], train_on: str) -> list[int]:
@@ -200,25 +308,56 @@ def _supervised_turns(messages: list[dict[str, str]], train_on: str) -> list[int
     return assistant
 
 
-def _locate_pieces(tokenizer, messages: list[dict], turns: list[int], text: str, where: str) -> dict:
-    """{(turn, part): Piece} located in `text`: render with placeholders, then put the real pieces back in order."""
+PARTS = ("answer", "reasoning", "content")  # an assistant turn's answer and reasoning; any other message's content
+
+
+def _mark(piece: Piece) -> str:
+    return PLACEHOLDER.format(len(PARTS) * piece.turn + PARTS.index(piece.part))
+
+
+def _locate_pieces(tokenizer, messages: list[dict], turns: list[int], text: str, where: str) -> tuple[dict, bool]:
+    """{(turn, part): Piece} located in `text`, and whether every other message's content was located too (for the
+    mask audit's roles; a template may rewrite a prompt in ways that only make that fail)."""
+    pieces = _locate(tokenizer, messages, turns, text, where, every_message=True)
+    if pieces is not None:
+        return pieces, True
+    pieces = _locate(tokenizer, messages, turns, text, where, every_message=False)
+    if pieces is not None:
+        return pieces, False
+    raise DataError(
+        f"{where}: the chat template renders this conversation in a way that depends on the content of its "
+        f"assistant turns (beyond trimming it), so their tokens cannot be located exactly; fix the template, or "
+        f"set data.train_on=all to train on every token"
+    )
+
+
+def _locate(tokenizer, messages: list[dict], turns: list[int], text: str, where: str, every_message: bool):
+    """Render with placeholders for the supervised turns' pieces (and, with `every_message`, for every other
+    non-empty content), then put the real pieces back in order; None if the real rendering is not that."""
     pieces, placeheld = {}, list(messages)
-    for turn in turns:
-        reasoning, answer, form = split_reasoning(messages[turn])
-        marks = {part: PLACEHOLDER.format(2 * turn + (part == "reasoning")) for part in ("answer", "reasoning")}
-        pieces[turn, "answer"] = Piece(turn, "answer", answer)
-        placeheld[turn] = {**messages[turn], "content": marks["answer"]}
-        if reasoning is not None:
-            pieces[turn, "reasoning"] = Piece(turn, "reasoning", reasoning)
-            if form == "field":
-                placeheld[turn]["reasoning_content"] = marks["reasoning"]
-            else:
-                placeheld[turn]["content"] = f"{THINK_OPEN}{marks['reasoning']}{THINK_CLOSE}{marks['answer']}"
+    for turn, message in enumerate(messages):
+        if turn in turns:
+            reasoning, answer, form = split_reasoning(message)
+            pieces[turn, "answer"] = answer_piece = Piece(turn, "answer", answer)
+            placeheld[turn] = {**message, "content": _mark(answer_piece)}
+            if reasoning is not None:
+                pieces[turn, "reasoning"] = reasoning_piece = Piece(turn, "reasoning", reasoning)
+                if form == "field":
+                    placeheld[turn]["reasoning_content"] = _mark(reasoning_piece)
+                else:
+                    placeheld[turn]["content"] = (
+                        f"{THINK_OPEN}{_mark(reasoning_piece)}{THINK_CLOSE}{_mark(answer_piece)}"
+                    )
+        elif every_message and message["content"]:
+            pieces[turn, "content"] = piece = Piece(turn, "content", message["content"])
+            placeheld[turn] = {**message, "content": _mark(piece)}
     template = _render(tokenizer, placeheld, add_generation_prompt=False, where=where)
-    by_mark = {PLACEHOLDER.format(2 * p.turn + (p.part == "reasoning")): p for p in pieces.values()}
+    by_mark = {_mark(p): p for p in pieces.values()}
     found = sorted((template.find(mark), mark) for mark in by_mark if mark in template)
     for _, mark in found:
         if template.count(mark) > 1:
+            if by_mark[mark].part == "content":
+                return None
             raise DataError(
                 f"{where}: the chat template renders the content of assistant turn {by_mark[mark].turn} more than "
                 f"once, so which copy to train on is ambiguous; fix the template, or set data.train_on=all"
@@ -228,23 +367,16 @@ def _locate_pieces(tokenizer, messages: list[dict], turns: list[int], text: str,
     for index, (at, mark) in enumerate(found):
         literal = template[cursor:at]
         if not text.startswith(literal, position):
-            break
+            return None
         position += len(literal)
         following = template[at + len(mark) : found[index + 1][0] if index + 1 < len(found) else len(template)]
         piece = by_mark[mark]
         rendered = next((v for v in _trimmed(piece.text) if text.startswith(v + following, position)), None)
         if rendered is None:
-            break
+            return None
         piece.start, piece.end = position, position + len(rendered)
         position, cursor = piece.end, at + len(mark)
-    else:
-        if text[position:] == template[cursor:]:
-            return pieces
-    raise DataError(
-        f"{where}: the chat template renders this conversation in a way that depends on the content of its "
-        f"assistant turns (beyond trimming it), so their tokens cannot be located exactly; fix the template, or "
-        f"set data.train_on=all to train on every token"
-    )
+    return pieces if text[position:] == template[cursor:] else None
 
 
 def _trimmed(value: str) -> list[str]:
@@ -306,7 +438,7 @@ def _verify_supervised_text(
     edges = np.flatnonzero(np.diff(np.concatenate([[0], supervised.astype(np.int8), [0]])))
     runs = list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
     decode = tokenizer.backend_tokenizer.decode  # the exact text of the tokens, no Python-side cleanup of spaces
-    specials = [tokenizer.convert_ids_to_tokens(i) for i in special_token_ids(tokenizer)]
+    specials = special_token_texts(tokenizer)
     problem = None if len(runs) == len(expected) else f"{len(runs)} supervised spans for {len(expected)} turns"
     for (start, end), turn_text in zip(runs, expected, strict=False):
         if problem:
@@ -415,6 +547,7 @@ def tokenize_rows(
     columns: dict[str, list] = {name: [] for name in schema(kind).names}
     report = {**dataclasses.asdict(DatasetStats(rows=len(rows))), "first_bad_row": ""}
     keep_first = 1 if tokenizer.bos_token_id is not None else 0
+    audit = MaskAudit()
     for where, row, source in rows:
         try:
             record = parse_row(load_row(where, row), where, settings)
@@ -423,7 +556,7 @@ def tokenize_rows(
                     f"{where}: this loss trains on {KIND_COLUMNS[kind]} rows, but this row is "
                     f"{type(record).__name__.lower()} data; give data in the format the loss expects"
                 )
-            outcomes = _tokenize_record(record, tokenizer, settings, max_length, where, keep_first)
+            outcomes = _tokenize_record(record, tokenizer, settings, max_length, where, keep_first, audit)
         except DataError as error:
             report["skipped_bad_rows"] += 1
             report["first_bad_row"] = report["first_bad_row"] or str(error)
@@ -436,10 +569,13 @@ def tokenize_rows(
                 for name in columns:
                     columns[name].append(source if name == "source" else values[name])
                 report["examples"] += 1
+    report["mask_audit"] = dataclasses.asdict(audit)
     return columns, report
 
 
-def _tokenize_record(record, tokenizer, settings: DataConfig, max_length: int, where: str, keep_first: int) -> list:
+def _tokenize_record(
+    record, tokenizer, settings: DataConfig, max_length: int, where: str, keep_first: int, audit: MaskAudit
+) -> list:
     """[(column values, status)] for one record; text records may give several chunks."""
     if isinstance(record, Text):
         return [
@@ -448,7 +584,9 @@ def _tokenize_record(record, tokenizer, settings: DataConfig, max_length: int, w
         ]
     if isinstance(record, Conversation):
         fitted = fit(
-            tokenize_conversation(record.messages, tokenizer, where, settings.train_on, settings.train_on_reasoning),
+            tokenize_conversation(
+                record.messages, tokenizer, where, settings.train_on, settings.train_on_reasoning, audit
+            ),
             max_length,
             settings,
             where,
@@ -459,7 +597,7 @@ def _tokenize_record(record, tokenizer, settings: DataConfig, max_length: int, w
         after = f"after:{len(record.prompt)}"
         fitted = fit(
             tokenize_conversation(
-                record.prompt + record.completion, tokenizer, where, after, settings.train_on_reasoning
+                record.prompt + record.completion, tokenizer, where, after, settings.train_on_reasoning, audit
             ),
             max_length,
             settings,
@@ -471,14 +609,16 @@ def _tokenize_record(record, tokenizer, settings: DataConfig, max_length: int, w
                 fitted, lambda e: {"input_ids": e.input_ids, "labels": e.labels, "desirable": record.desirable}
             )
         ]
-    return [_tokenize_pair(record, tokenizer, settings, max_length, where, keep_first)]
+    return [_tokenize_pair(record, tokenizer, settings, max_length, where, keep_first, audit)]
 
 
-def _tokenize_pair(pair: Pair, tokenizer, settings: DataConfig, max_length: int, where: str, keep_first: int):
+def _tokenize_pair(
+    pair: Pair, tokenizer, settings: DataConfig, max_length: int, where: str, keep_first: int, audit: MaskAudit
+):
     """Both responses get the same prompt cut, so the policy compares them on the same context."""
     after = f"after:{len(pair.prompt)}"
     chosen, rejected = (
-        tokenize_conversation(pair.prompt + response, tokenizer, where, after, settings.train_on_reasoning)
+        tokenize_conversation(pair.prompt + response, tokenizer, where, after, settings.train_on_reasoning, audit)
         for response in (pair.chosen, pair.rejected)
     )
     cut = max(prompt_cut_needed(e, max_length, settings.max_prompt_length, keep_first) for e in (chosen, rejected))
@@ -614,7 +754,11 @@ def preprocess(
             settings.num_proc,
             must_stop=lambda report: stop_at_bad_row and report["skipped_bad_rows"] > 0,
         )
-        stats = DatasetStats(**{f.name: sum(r[f.name] for r in reports) for f in dataclasses.fields(DatasetStats)})
+        counts = [f.name for f in dataclasses.fields(DatasetStats) if f.name != "mask_audit"]
+        audit = MaskAudit.merged([r.get("mask_audit", {}) for r in reports])
+        stats = DatasetStats(
+            **{name: sum(r[name] for r in reports) for name in counts}, mask_audit=dataclasses.asdict(audit)
+        )
         bad_rows = [r["first_bad_row"] for r in reports if r["first_bad_row"]]
         if bad_rows and stop_at_bad_row:
             more = stats.skipped_bad_rows - 1
@@ -697,6 +841,7 @@ def build_datasets(
     train_stats.examples = len(train)
     unit = "pairs" if kind == "paired" else "examples"
     logger.info(train_stats.describe("train", cfg.model.max_length, unit))
+    log_mask_audit(train_stats, "train", cfg.data.train_on)
     stats = {"train": dataclasses.asdict(train_stats)}
     if cfg.data.packing:
         with main_process_first():  # the main process computes and caches the plan; the others read it
@@ -715,6 +860,16 @@ def build_datasets(
     elif evaluation is not None:
         logger.info(f"eval: {len(evaluation)} examples held out of the training data (data.eval_split_ratio)")
     return train, evaluation, stats
+
+
+def log_mask_audit(stats: DatasetStats, split: str, train_on: str) -> MaskAudit:
+    """Log the label mask audit of a split (and warn about what looks wrong); return it."""
+    audit = MaskAudit.merged([stats.mask_audit])
+    if audit.conversations:
+        logger.info(audit.describe(split, stats))
+        for problem in audit.problems(train_on):
+            logger.warning(f"label mask audit ({split}): {problem}")
+    return audit
 
 
 def pack_examples(examples: list[Example], max_length: int) -> list[PackedExample]:

@@ -13,6 +13,7 @@ MODEL_CARD_FILE = "README.md"  # in FINAL/: the model card, in the Hugging Face 
 PREFIX = "step-"
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
+HYDRA_FILES = (".hydra", "launch.log")  # what Hydra writes into a run directory (hydra.run.dir) before the run
 JOB_FILE = "job.json"  # a job of a sweep: its overrides, status and wall time
 
 # A sweep's folder (hydra.sweep.dir).

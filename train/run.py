@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from train.config import Config, flat_config, loss_spec
 from train.data import build_datasets
 from train.distributed import fsdp_settings_from_launcher
 from train.errors import HalyardError
+from train.layout import HYDRA_FILES
 from train.models import build_model, build_tokenizer
 from train.preference import build_reference
 from train.progress import format_seconds, quiet_libraries
@@ -28,15 +31,18 @@ def run(cfg: Config) -> None:
     resume_dir = find_checkpoint_to_resume(cfg)
     wandb_run_id = read_state(resume_dir).wandb_run_id if resume_dir else None
     accelerator = build_accelerator(cfg, wandb_run_id=wandb_run_id)
-    tokenizer = build_tokenizer(cfg.model)
-    train_data, eval_data, data_stats = build_datasets(cfg, tokenizer, spec.data_kind, accelerator.main_process_first)
-    fsdp = fsdp_settings_from_launcher()
-    pad_id = tokenizer.pad_token_id if spec.model_head == "score" else None  # a reward model scores sequences
-    model = build_model(cfg.model, cfg.seed, sharded=fsdp is not None, score_pad_token_id=pad_id)
-    reference, reference_cache = build_reference(cfg, accelerator, fsdp, train_data, eval_data, spec.trainer)
-    prepare_run_dir(cfg, accelerator)  # only now: a run that fails on its data or model leaves no folder behind
-    extra = {"reference_model": reference} if spec.uses_reference else {}
-    trainer = spec.trainer(cfg, accelerator, model, tokenizer, train_data, eval_data, fsdp=fsdp, **extra)
+    with removed_unless_started(Path(cfg.run_dir), accelerator):
+        prepare_run_dir(cfg, accelerator)
+        tokenizer = build_tokenizer(cfg.model)
+        train_data, eval_data, data_stats = build_datasets(
+            cfg, tokenizer, spec.data_kind, accelerator.main_process_first
+        )
+        fsdp = fsdp_settings_from_launcher()
+        pad_id = tokenizer.pad_token_id if spec.model_head == "score" else None  # a reward model scores sequences
+        model = build_model(cfg.model, cfg.seed, sharded=fsdp is not None, score_pad_token_id=pad_id)
+        reference, reference_cache = build_reference(cfg, accelerator, fsdp, train_data, eval_data, spec.trainer)
+        extra = {"reference_model": reference} if spec.uses_reference else {}
+        trainer = spec.trainer(cfg, accelerator, model, tokenizer, train_data, eval_data, fsdp=fsdp, **extra)
     try:
         if reference_cache is not None:
             trainer.precompute_reference(reference_cache)
@@ -50,6 +56,20 @@ def run(cfg: Config) -> None:
         accelerator.wait_for_everyone()  # every process leaves together
     finally:
         accelerator.end_training()  # closes the trackers (a stopped run's too) and the process group
+
+
+@contextlib.contextmanager
+def removed_unless_started(run_dir: Path, accelerator):
+    """A run directory this run creates is removed again if the run fails before training starts (bad data, a model
+    that does not load): it would hold nothing but a config, and look like a run. Hydra's own files (written into it
+    just before the run) do not make it a run's."""
+    fresh = not run_dir.exists() or {path.name for path in run_dir.iterdir()} <= set(HYDRA_FILES)
+    try:
+        yield
+    except BaseException:
+        if fresh and accelerator.is_main_process:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def find_checkpoint_to_resume(cfg: Config) -> Path | None:

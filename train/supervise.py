@@ -83,7 +83,7 @@ def supervise(command: list[str]) -> int:
         previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             code = launcher.wait()
-            relay.join()
+            relay.join(timeout=10)  # a leftover descendant may hold the pipe open: do not wait for it forever
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
