@@ -194,7 +194,10 @@ elif mode.startswith("trl-dpo"):
     n = settings["pairs"]
     per_step = [n] * (len(pairs) // n)
 else:  # bare: a plain loop over Halyard's packed batches, the model's own loss
-    batches = torch.load(work + "/packed_batches.pt")[:steps]
+    from safetensors.torch import load_file
+    saved = load_file(work + "/packed_batches.safetensors")
+    batches = [{key: saved[f"{i}.{key}"] for key in ("input_ids", "position_ids", "labels")}
+               for i in range(len({k.split(".")[0] for k in saved}))][:steps]
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"])
     for batch in batches:
         started = time.perf_counter()
@@ -284,7 +287,6 @@ def model_for(args, work: Path, tokenizer) -> tuple[Path, str]:
 def bench_sft(args) -> str:
     """Halyard (unpacked, grouped by length, packed), TRL (padded, padding-free) and a bare loop, each in its own
     process, on the same model, tokens and labels, at equal tokens per optimizer step."""
-    import torch
     from transformers import AutoTokenizer
 
     from train.config import DataConfig
@@ -305,8 +307,11 @@ def bench_sft(args) -> str:
     rows = pack_examples(examples, args.max_length)
     efficiency = sum(lengths) / (len(rows) * args.max_length)
     rows_per_step = max(1, round(8 * statistics.mean(lengths) / (args.max_length * efficiency)))
-    torch.save([collate_packed(rows[i : i + rows_per_step], 0) for i in range(0, len(rows), rows_per_step)],
-               work / "packed_batches.pt")  # fmt: skip
+    from safetensors.torch import save_file
+
+    batches = [collate_packed(rows[i : i + rows_per_step], 0) for i in range(0, len(rows), rows_per_step)]
+    save_file({f"{i}.{key}": batch[key].contiguous() for i, batch in enumerate(batches)
+               for key in ("input_ids", "position_ids", "labels")}, work / "packed_batches.safetensors")  # fmt: skip
     base = ["model=smollm2", f"++model.name_or_path={model_dir}", f"datasets=[{data}]", f"model.dtype={args.dtype}",
             f"model.max_length={args.max_length}", f"max_steps={steps}", "lr=1e-5"]  # fmt: skip
     results = {
