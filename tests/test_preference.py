@@ -44,7 +44,7 @@ def test_dpo_counts_pairs_and_names_the_frozen_reference(dpo_run):
     rows = [row for row in read_metrics(dpo_run) if "loss/train" in row]
     assert [row["pairs"] for row in rows[:2]] == [8, 16] and "examples" not in rows[0]
     summary = json.loads((dpo_run / "summary.json").read_text())
-    assert summary["pairs"] == rows[-1]["pairs"] == 8 * summary["step"]
+    assert summary["pairs"] == rows[-1]["pairs"] == 8 * summary["step"] and summary["data"]["train"]["pairs"] == 140
     assert f"done: {summary['step']} steps, {summary['pairs']} pairs" in log
 
 

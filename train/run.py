@@ -52,7 +52,8 @@ def run(cfg: Config) -> None:
         trainer.save_final()
         if accelerator.is_main_process:
             wall_seconds = time.perf_counter() - started
-            write_summary(cfg.run_dir, {**trainer.summary, "wall_seconds": wall_seconds, "data": data_stats})
+            data = in_units(data_stats, spec.trainer.example_unit)
+            write_summary(cfg.run_dir, {**trainer.summary, "wall_seconds": wall_seconds, "data": data})
         accelerator.wait_for_everyone()  # every process leaves together
     finally:
         accelerator.end_training()  # closes the trackers (a stopped run's too) and the process group
@@ -89,6 +90,11 @@ def find_checkpoint_to_resume(cfg: Config) -> Path | None:
     return resume_dir
 
 
+def in_units(data_stats: dict[str, dict], unit: str) -> dict[str, dict]:
+    """Each split's statistics with its example count named by the loss's unit ("pairs" for paired losses)."""
+    return {split: {(unit if k == "examples" else k): v for k, v in s.items()} for split, s in data_stats.items()}
+
+
 def write_summary(run_dir: str, summary: dict) -> None:
     """summary.json in the run directory (totals, final losses, data statistics, where FINAL/ is), and a readable
     version of it in the log."""
@@ -113,7 +119,7 @@ def summary_text(summary: dict, path: Path) -> str:
     if losses:
         lines.append("loss: " + ", ".join(losses))
     data = "; ".join(
-        f"{split} {s['examples']} of {s['rows']} rows used ({s['truncated']} truncated, "
+        f"{split} {s.get(unit, s.get('examples'))} {unit} from {s['rows']} rows ({s['truncated']} truncated, "
         f"{s['dropped_no_supervised_token']} dropped)"
         for split, s in summary.get("data", {}).items()
     )
