@@ -376,8 +376,9 @@ def synthetic_pair_rows(n_rows: int, seed: int = 0) -> list[dict]:
 
 
 def bench_dpo(args) -> str:
-    """DPO: Halyard (padded, packed, precomputed reference) against TRL's DPOTrainer (padded, precomputed
-    reference; its padding_free is disabled in 1.16), each in its own process, same model, pairs and batch."""
+    """DPO: Halyard (each prompt once, the default; two rows per pair; packed; a precomputed reference) against
+    TRL's DPOTrainer (padded, with and without precomputed reference; its padding_free is disabled in 1.16), each
+    in its own process, on the same model, pairs and pairs per step."""
     from transformers import AutoTokenizer
 
     from train.config import DataConfig
@@ -404,20 +405,16 @@ def bench_dpo(args) -> str:
     base = ["loss=dpo", "model=smollm2", f"++model.name_or_path={model_dir}", f"datasets=[{data}]",
             f"model.dtype={args.dtype}", f"model.max_length={args.max_length}", f"max_steps={steps}", "lr=1e-6"]  # fmt: skip
     batch = [f"model.batch_size={args.pairs}"]
-    results = {
-        "Halyard, padded, live reference": run_halyard(work, "padded", [*base, *batch], args.warmup_steps, "examples"),
-        f"Halyard, packed ({rows_per_step} rows of {2 * args.max_length} per step), live reference": run_halyard(
-            work, "packed", [*base, f"model.batch_size={rows_per_step}", "data.packing=true"], args.warmup_steps,
-            "examples"),
-        "Halyard, padded, precomputed reference": run_halyard(
-            work, "padded-pre", [*base, *batch, "reference.precompute=true"], args.warmup_steps, "examples"),
-        "Halyard, packed, precomputed reference": run_halyard(
-            work, "packed-pre", [*base, f"model.batch_size={rows_per_step}", "data.packing=true",
-                                 "reference.precompute=true"], args.warmup_steps, "examples"),
-    }  # fmt: skip
-    for result in results.values():  # Halyard counts sequences: two per pair
-        result["units_per_step"] /= 2
-        result["rate"] /= 2
+    packed = [f"model.batch_size={rows_per_step}", "data.packing=true"]
+    separate = [*batch, "data.shared_prompt=false"]
+    runs = {
+        "Halyard, prompt once per pair (the default), live reference": ("shared", batch),
+        "Halyard, prompt twice (two padded rows per pair), live reference": ("separate", separate),
+        f"Halyard, packed ({rows_per_step} rows of {2 * args.max_length} per step), live reference": ("packed", packed),
+        "Halyard, prompt once per pair, precomputed reference": ("shared-pre", [*batch, "reference.precompute=true"]),
+    }
+    results = {label: run_halyard(work, name, [*base, *extra], args.warmup_steps, "pairs")
+               for label, (name, extra) in runs.items()}  # fmt: skip
     settings = {"model": str(model_dir), "dtype": args.dtype, "lr": 1e-6, "steps": steps, "pairs": args.pairs,
                 "warmup_steps": args.warmup_steps}  # fmt: skip
     results["TRL 1.16 DPOTrainer, padded, live reference"] = run_child("trl-dpo", work, settings)
