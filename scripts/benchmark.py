@@ -439,50 +439,16 @@ def bench_dpo(args) -> str:
     return "\n".join(lines)
 
 
-def shared_prompt_batch(pairs, pad_token_id: int):
-    """Each pair as one row `prompt, chosen, rejected`: position_ids continue from the prompt into both responses,
-    and a (pairs, 1, L, L) bool mask (True: attend) lets the rejected tokens see the prompt but not the chosen ones.
-    Also returns, per row, the positions whose next token is a response token and those tokens, the rejected
-    response's first token predicted from the prompt's last position (the position the chosen one's uses too)."""
-    import torch
-
-    from train.store import IGNORE_INDEX
-
-    rows, positions, targets = [], [], []
-    for pair in pairs:
-        prompt = next(i for i, label in enumerate(pair.chosen.labels) if label != IGNORE_INDEX)
-        chosen, rejected = pair.chosen.input_ids[prompt:], pair.rejected.input_ids[prompt:]
-        rows.append((pair.chosen.input_ids[:prompt], chosen, rejected))
-        # position t of a sequence predicts its token t + 1 where that is supervised; the rejected response sits
-        # len(chosen) further along the row than in its own sequence
-        chosen_at = [t for t in range(len(pair.chosen.labels) - 1) if pair.chosen.labels[t + 1] != IGNORE_INDEX]
-        rejected_at = [t for t in range(len(pair.rejected.labels) - 1) if pair.rejected.labels[t + 1] != IGNORE_INDEX]
-        positions.append((chosen_at, [t if t < prompt else t + len(chosen) for t in rejected_at]))
-        targets.append(
-            ([pair.chosen.labels[t + 1] for t in chosen_at], [pair.rejected.labels[t + 1] for t in rejected_at])
-        )
-    longest = max(len(p) + len(c) + len(r) for p, c, r in rows)
-    input_ids = torch.full((len(rows), longest), pad_token_id)
-    position_ids = torch.zeros((len(rows), longest), dtype=torch.long)
-    mask = torch.zeros((len(rows), 1, longest, longest), dtype=torch.bool)
-    for i, (p, c, r) in enumerate(rows):
-        n = len(p) + len(c) + len(r)
-        input_ids[i, :n] = torch.tensor(p + c + r)
-        position_ids[i, :n] = torch.tensor(list(range(len(p) + len(c))) + list(range(len(p), len(p) + len(r))))
-        mask[i, 0, :n, :n] = torch.tril(torch.ones(n, n, dtype=torch.bool))
-        mask[i, 0, len(p) + len(c) : n, len(p) : len(p) + len(c)] = False  # rejected does not see chosen
-        mask[i, 0, n:, :] = torch.eye(longest, dtype=torch.bool)[n:]  # padding rows attend to themselves only
-    return input_ids, position_ids, mask, positions, targets
-
-
 def bench_shared_prompt(args) -> str:
-    """A pair's prompt run once (`prompt, chosen, rejected` in one row) vs twice (two rows): the same summed
+    """The three layouts of DPO pairs through the trainer's own code (`forward_sequence_logps`): two padded rows
+    per pair, the batch's pairs packed in one row, and each pair's prompt once (`collate_shared_prompt`); the same
     log-probs (checked), and the policy's forward + backward time on the same pairs, median over repeats."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from train.config import DataConfig
-    from train.data import collate
+    from train.data import collate, load_examples
+    from train.preference import collate_sequences, collate_shared_prompt, forward_sequence_logps
     from train.store import IGNORE_INDEX
 
     tokenizer = AutoTokenizer.from_pretrained(args.smollm2)
@@ -492,84 +458,47 @@ def bench_shared_prompt(args) -> str:
     work = Path(tempfile.mkdtemp(prefix="halyard-bench-shared-"))
     data = work / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_pair_rows(args.pairs * 4, seed=3)))
-    from train.data import load_examples
-
     pairs = list(load_examples([str(data)], tokenizer, DataConfig(), 512, kind="paired")[0])
     pairs = sorted(pairs, key=lambda p: len(p.chosen.input_ids))[-args.pairs :] if args.long_prompts else pairs
 
-    def logp(hidden, rows_positions, rows_targets):
-        sums = []
-        for row, (positions, targets) in enumerate(zip(rows_positions, rows_targets, strict=True)):
-            logits = model.lm_head(hidden[row, positions]).float()
-            sums.append(torch.log_softmax(logits, -1).gather(1, torch.tensor(targets)[:, None]).sum())
-        return torch.stack(sums)
-
     def separate(batch_pairs):
-        sequences = [p.chosen for p in batch_pairs] + [p.rejected for p in batch_pairs]
-        batch = collate(sequences, pad)
-        hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        positions, targets = [], []
-        for s in sequences:
-            kept = [t for t in range(len(s.labels) - 1) if s.labels[t + 1] != IGNORE_INDEX]
-            positions.append(kept)
-            targets.append([s.labels[t + 1] for t in kept])
-        values = logp(hidden, positions, targets)
-        n = len(batch_pairs)
-        return torch.stack([values[:n], values[n:]], dim=1)
+        return collate([p.chosen for p in batch_pairs] + [p.rejected for p in batch_pairs], pad)
 
     def packed(batch_pairs):
-        from train.preference import collate_sequences
-
         n = len(batch_pairs)
-        batch = collate_sequences(
-            [[s for p in batch_pairs for s in (p.chosen, p.rejected)]],
-            [j + side * n for j in range(n) for side in (0, 1)],
-            pad,
-        )
-        hidden = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state
-        starts = np.cumsum([0, *batch["segment_lengths"].tolist()])
-        sequences = [s for p in batch_pairs for s in (p.chosen, p.rejected)]
-        positions, targets = [], []
-        for start, s in zip(starts, sequences, strict=False):
-            kept = [t for t in range(len(s.labels) - 1) if s.labels[t + 1] != IGNORE_INDEX]
-            positions.append([start + t for t in kept])
-            targets.append([s.labels[t + 1] for t in kept])
-        values = torch.stack([logp(hidden[:1], [p], [t])[0] for p, t in zip(positions, targets, strict=True)])
-        return values.view(n, 2)
+        sequences = [[s for p in batch_pairs for s in (p.chosen, p.rejected)]]
+        return collate_sequences(sequences, [j + side * n for j in range(n) for side in (0, 1)], pad)
 
-    def shared(batch_pairs):
-        input_ids, position_ids, mask, positions, targets = shared_prompt_batch(batch_pairs, pad)
-        hidden = model.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask).last_hidden_state
-        chosen = logp(hidden, [p[0] for p in positions], [t[0] for t in targets])
-        rejected = logp(hidden, [p[1] for p in positions], [t[1] for t in targets])
-        return torch.stack([chosen, rejected], dim=1)
-
+    layouts = {
+        "two padded rows per pair (prompt twice)": separate,
+        "packed: the batch's pairs in one row (prompt twice, no padding)": packed,
+        "prompt once: one row per pair, 4D mask (the default)": lambda b: collate_shared_prompt(b, pad),
+    }
     batches = [pairs[i : i + args.batch] for i in range(0, len(pairs) - args.batch + 1, args.batch)][: args.repeats]
     with torch.no_grad():
+        reference = [forward_sequence_logps(model, separate(b))[0] for b in batches[:2]]
         difference = max(
-            max((separate(b) - shared(b)).abs().max().item(), (separate(b) - packed(b)).abs().max().item())
-            for b in batches[:2]
+            (forward_sequence_logps(model, layout(b))[0] - expected).abs().max().item()
+            for layout in layouts.values()
+            for b, expected in zip(batches[:2], reference, strict=True)
         )
-    timings = {
-        "separate rows (prompt twice), padded": [],
-        "packed: the batch's pairs in one row (prompt twice, no padding)": [],
-        "shared prompt (one row per pair, 4D mask), padded": [],
-    }
+    timings = {name: [] for name in layouts}
     for batch_pairs in batches:
-        for name, run in zip(timings, (separate, packed, shared), strict=True):
+        for name, layout in layouts.items():
+            batch = layout(batch_pairs)
             started = time.perf_counter()
-            run(batch_pairs).sum().backward()
+            forward_sequence_logps(model, batch)[0].sum().backward()
             model.zero_grad(set_to_none=True)
             timings[name].append(time.perf_counter() - started)
     prompt = statistics.mean(next(i for i, t in enumerate(p.chosen.labels) if t != IGNORE_INDEX) for p in pairs)
     tokens = statistics.mean(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in pairs)
-    base = statistics.median(timings["separate rows (prompt twice), padded"][1:])
+    base = statistics.median(timings["two padded rows per pair (prompt twice)"][1:])
     lines = [
-        f"SmolLM2-135M real weights, float32, sdpa; {len(batches)} batches of {args.batch} pairs (first one a "
+        f"{Path(args.smollm2).name}, float32, sdpa; {len(batches)} batches of {args.batch} pairs (the first a "
         f"warm-up), mean prompt {prompt:.0f} tokens of {tokens:.0f} per pair (both sequences); largest log-prob "
         f"difference between the layouts {difference:.1e}.",
         "",
-        "| layout | policy forward + backward, median (s) | vs separate |",
+        "| layout | policy forward + backward, median (s) | vs two rows |",
         "|---|---|---|",
         *(
             f"| {name} | {statistics.median(t[1:]):.3f} | {statistics.median(t[1:]) / base:.2f}x |"

@@ -32,12 +32,18 @@ def size_of(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
 
 
+def is_run(path: Path) -> bool:
+    """A run directory (or a sweep's folder): what launch.py writes, nothing else is ever removed as a run."""
+    from train.layout import CONFIG_FILE, METRICS_FILE, TABLE_JSON
+
+    return path.is_dir() and any((path / name).exists() for name in (CONFIG_FILE, METRICS_FILE, TABLE_JSON))
+
+
 def runs_in(cache_dir: Path) -> list[Path]:
-    """Run directories: folders of cache_dir with a config.yaml or metrics.jsonl."""
+    """Run directories (and sweeps' folders) in cache_dir."""
     if not cache_dir.is_dir():
         return []
-    found = [p for p in cache_dir.iterdir() if p.is_dir() and p.name not in CACHES]
-    return sorted(p for p in found if (p / "config.yaml").exists() or (p / "metrics.jsonl").exists())
+    return sorted(p for p in cache_dir.iterdir() if p.name not in CACHES and is_run(p))
 
 
 def selected(args) -> list[Path]:
@@ -45,9 +51,9 @@ def selected(args) -> list[Path]:
     runs = []
     for run in args.runs:
         path = Path(run) if Path(run).exists() else cache_dir / run
-        if not path.is_dir():
-            raise SystemExit(f"clean: no run '{run}' (not a folder, nor in {cache_dir}); runs there: "
-                             f"{[p.name for p in runs_in(cache_dir)]}")  # fmt: skip
+        if not is_run(path):
+            raise SystemExit(f"clean: '{run}' is not a run directory (no config.yaml or metrics.jsonl in {path}); "
+                             f"runs in {cache_dir}: {[p.name for p in runs_in(cache_dir)]}")  # fmt: skip
         runs.append(path)
     if args.all_runs:
         runs += runs_in(cache_dir)

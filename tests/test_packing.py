@@ -227,15 +227,23 @@ def test_shared_prompt_rows_give_the_dpo_loss_and_gradients_of_separate_rows(mod
     """data.shared_prompt=true: each pair as one row `prompt, chosen, rejected`, the rejected tokens masked from the
     chosen ones; the same per-pair log-probs, loss and gradients as the prompt run twice (policy and reference)."""
     from train.preference import DPOTrainer, collate_shared_prompt, n_sequences
+    from train.store import PairExample
 
     model, reference, pairs = _pairs_and_models(model_and_examples)
+    prompt = sum(next(i for i, t in enumerate(p.chosen.labels) if t != IGNORE_INDEX) for p in pairs)
+    tokens = sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in pairs)
+    # Responses that do not start where the prompt ends: unsupervised tokens (reasoning left out of the loss) open
+    # the chosen one, longer than the whole rejected sequence; the rows share only what both start with.
+    head, chosen_tail, rejected_tail = [5, 6, 7], [20, 21, 22, 23, 24, 25], [30, 31]
+    chosen = Example(head + chosen_tail + [40, 41], [IGNORE_INDEX] * 9 + [40, 41])
+    rejected = Example(head + rejected_tail, [IGNORE_INDEX] * 4 + rejected_tail[1:])
+    pairs.append(PairExample(chosen, rejected))
     trainer = _preference_trainer(DPOTrainer, model, reference)
     separate = trainer.collate(pairs)
     shared = collate_shared_prompt(pairs, pad_token_id=0)
-    prompt = sum(next(i for i, t in enumerate(p.chosen.labels) if t != IGNORE_INDEX) for p in pairs)
-    tokens = sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in pairs)
-    assert shared["segment_lengths"].sum().item() == tokens - prompt  # each prompt once
-    assert n_sequences(shared) == 12 and shared["attention_mask"].shape[:2] == (6, 1)
+    assert shared["segment_lengths"].sum().item() == tokens - prompt + 11 + 5 - 3  # each prompt once
+    assert n_sequences(shared) == 14 and shared["attention_mask"].shape[:2] == (7, 1)
+    assert shared["input_ids"][6, :13].tolist() == chosen.input_ids + rejected_tail
     _assert_same(_loss_and_grads(trainer, model, shared), _loss_and_grads(trainer, model, separate))
     trainer.shared_prompt = True  # the trainer's collate lays pairs out so when the setting is on
     assert torch.equal(trainer.collate(pairs)["logit_rows"], shared["logit_rows"])

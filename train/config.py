@@ -58,7 +58,8 @@ class ModelConfig:
     )
     attn_implementation: str = setting("sdpa", "Attention kernel: eager | sdpa | flash_attention_2 (CUDA only).")
     batch_size: int = setting(
-        8, "Global batch per optimizer step, in examples, summed over processes and accumulation."
+        8,
+        "Global batch per optimizer step, in examples (pairs for paired losses, packed rows with data.packing), summed over processes and accumulation.",
     )
     eval_batch_size: int = setting(8, "Global batch for evaluation, in examples.")
     gradient_accumulation_steps: int = setting(1, "Micro-batches accumulated per optimizer step on each process.")

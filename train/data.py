@@ -849,7 +849,7 @@ def build_datasets(
         efficiency = train.efficiency(cfg.model.max_length)
         stats["train"]["packed_rows"], stats["train"]["packing_efficiency"] = len(train), efficiency
         logger.info(
-            f"packed {train_stats.examples} examples into {len(train)} rows of up to "
+            f"packed {train_stats.examples} {unit} into {len(train)} rows of up to "
             f"{packed_row_tokens(kind, cfg.model.max_length)} tokens: "
             f"efficiency {efficiency:.1%} (real tokens / slots)"
         )
@@ -858,7 +858,7 @@ def build_datasets(
         logger.info(eval_stats.describe("eval", cfg.model.max_length, unit))
         stats["eval"] = dataclasses.asdict(eval_stats)
     elif evaluation is not None:
-        logger.info(f"eval: {len(evaluation)} examples held out of the training data (data.eval_split_ratio)")
+        logger.info(f"eval: {len(evaluation)} {unit} held out of the training data (data.eval_split_ratio)")
     return train, evaluation, stats
 
 

@@ -220,37 +220,40 @@ def n_sequences(batch: dict[str, torch.Tensor]) -> int:
 
 
 def collate_shared_prompt(pairs: list[PairExample], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Each pair as one row `prompt, chosen, rejected`, padded on the right: position_ids continue from the prompt
-    into each response, and attention_mask (pairs, 1, L, L) bool (True: may attend) is causal except that rejected
-    tokens do not see the chosen ones, so each response sees exactly what it would in its own sequence.
+    """Each pair as one row `shared prefix, chosen rest, rejected rest`, padded on the right. The shared prefix is
+    the tokens both sequences start with, up to the first supervised token of either (the prompt, as a rule; less
+    when, say, unsupervised reasoning opens one response). position_ids continue from the prefix into each rest,
+    and attention_mask (pairs, 1, L, L) bool (True: may attend) is causal except that the rejected rest does not
+    see the chosen one, so each sequence sees exactly what it would alone.
 
-    Also: labels (pairs, L), each response token where supervised (for counting); keep (pairs, L) bool, the
-    positions whose logits are needed; and per supervised token, flat (targets,): `logit_rows` (its row among the
-    kept logits), `targets` (its id) and `target_sequences` (pair j's chosen: j, its rejected: pairs + j);
-    segment_lengths (2 x pairs): prompt + chosen, and rejected, tokens."""
+    Also: labels (pairs, L), each token where supervised (for counting); keep (pairs, L) bool, the positions whose
+    logits are needed; and per supervised token, flat (targets,): `logit_rows` (its row among the kept logits; the
+    prefix's last position serves both sequences), `targets` (its id) and `target_sequences` (pair j's chosen: j,
+    its rejected: pairs + j); segment_lengths (2 x pairs): the tokens of the chosen sequence and of the rejected
+    rest."""
     n = len(pairs)
-    longest = max(len(p.chosen.input_ids) + len(p.rejected.input_ids) - _prompt_length(p.chosen) for p in pairs)
+    shared = [_shared_prefix_length(p) for p in pairs]
+    longest = max(len(p.chosen.input_ids) + len(p.rejected.input_ids) - k for p, k in zip(pairs, shared, strict=True))
     input_ids = torch.full((n, longest), pad_token_id, dtype=torch.long)
     labels = torch.full((n, longest), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((n, longest), dtype=torch.long)
     mask = torch.eye(longest, dtype=torch.bool).repeat(n, 1, 1, 1)  # padding attends to itself only
     predictions = []  # (row, position, target, sequence)
     segments = [0] * (2 * n)
-    for row, pair in enumerate(pairs):
-        prompt, chosen, rejected = _prompt_length(pair.chosen), pair.chosen, pair.rejected
-        c, r = len(chosen.input_ids) - prompt, len(rejected.input_ids) - prompt
-        end = prompt + c + r
-        input_ids[row, :end] = torch.tensor(chosen.input_ids + rejected.input_ids[prompt:])
-        labels[row, : prompt + c] = torch.tensor(chosen.labels)
-        labels[row, prompt + c : end] = torch.tensor(rejected.labels[prompt:])
-        position_ids[row, :end] = torch.cat([torch.arange(prompt + c), torch.arange(prompt, prompt + r)])
-        mask[row, 0, :end, :end] = torch.ones(end, end, dtype=torch.bool).tril()
-        mask[row, 0, prompt + c : end, prompt : prompt + c] = False  # rejected does not see chosen
-        for sequence, example, shift in ((row, chosen, 0), (n + row, rejected, c)):
+    for row, (pair, prefix) in enumerate(zip(pairs, shared, strict=True)):
+        chosen, rejected = pair.chosen, pair.rejected
+        c, r = len(chosen.input_ids), len(rejected.input_ids) - prefix  # the chosen sequence, the rejected rest
+        input_ids[row, : c + r] = torch.tensor(chosen.input_ids + rejected.input_ids[prefix:])
+        labels[row, :c] = torch.tensor(chosen.labels)
+        labels[row, c : c + r] = torch.tensor(rejected.labels[prefix:])
+        position_ids[row, : c + r] = torch.cat([torch.arange(c), torch.arange(prefix, prefix + r)])
+        mask[row, 0, : c + r, : c + r] = torch.ones(c + r, c + r, dtype=torch.bool).tril()
+        mask[row, 0, c : c + r, prefix:c] = False  # the rejected rest does not see the chosen rest
+        for sequence, example, shift in ((row, chosen, 0), (n + row, rejected, c - prefix)):
             for t in range(len(example.labels) - 1):  # position t of the sequence predicts its token t + 1
                 if example.labels[t + 1] != IGNORE_INDEX:
-                    predictions.append((row, t if t < prompt else t + shift, example.labels[t + 1], sequence))
-        segments[row], segments[n + row] = prompt + c, r
+                    predictions.append((row, t if t < prefix else t + shift, example.labels[t + 1], sequence))
+        segments[row], segments[n + row] = c, r
     keep = torch.zeros((n, longest), dtype=torch.bool)
     rows, positions, targets, sequences = (torch.tensor(column) for column in zip(*predictions, strict=True))
     keep[rows, positions] = True
@@ -260,6 +263,13 @@ def collate_shared_prompt(pairs: list[PairExample], pad_token_id: int) -> dict[s
         "keep": keep, "logit_rows": kept_index[rows * longest + positions], "targets": targets,
         "target_sequences": sequences, "segment_lengths": torch.tensor(segments),
     }  # fmt: skip
+
+
+def _shared_prefix_length(pair: PairExample) -> int:
+    """Tokens both sequences of a pair start with, before the first supervised token of either."""
+    limit = min(_prompt_length(pair.chosen), _prompt_length(pair.rejected))
+    chosen, rejected = pair.chosen.input_ids, pair.rejected.input_ids
+    return next((i for i in range(limit) if chosen[i] != rejected[i]), limit)
 
 
 def collate_sequences(rows: list[list[Example]], order: list[int], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -289,7 +299,9 @@ class PairedPreferenceTrainer(ReferenceMixin, BasicTrainer):
         self.shared_prompt = cfg.data.shared_prompt
         if self.shared_prompt is None:  # on wherever it applies: the same log-probs, the prompt computed once
             applies = not cfg.data.packing and cfg.model.attn_implementation == "sdpa"
-            self.shared_prompt = self.supports_shared_prompt and applies
+            # a subclass with its own batch_loss may expect two rows per pair: it opts in with data.shared_prompt=true
+            own_loop = type(self).batch_loss is not PairedPreferenceTrainer.batch_loss
+            self.shared_prompt = self.supports_shared_prompt and applies and not own_loop
         if self.shared_prompt:
             logger.info("pairs: each prompt runs once, in one row with both responses (data.shared_prompt)")
 
@@ -604,7 +616,12 @@ class KTOTrainer(ReferenceMixin, BasicTrainer):
         for batch in batches:
             mismatched = _half(batch, mismatched=True)
             policy = forward_sequence_logps(self.model, mismatched)[0]
-            sums += torch.stack([(policy - self.reference_logps(mismatched)).sum(), torch.tensor(len(policy))])
+            sums += torch.stack(
+                [
+                    (policy - self.reference_logps(mismatched)).sum(),
+                    torch.tensor(float(len(policy)), device=policy.device),
+                ]
+            )
         sums = self.accelerator.reduce(sums, reduction="sum")
         kl = (sums[0] / sums[1]).clamp(min=0)
         for batch in batches:

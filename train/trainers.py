@@ -50,7 +50,11 @@ from train.throughput import Throughput, model_flops, peak_flops_per_second, pea
 
 logger = logging.getLogger(__name__)
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")  # the batch keys the model's forward takes
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+UNSHARDABLE_OPTIMIZERS = (
+    "adafactor",
+    "adamw_8bit",
+)  # factored or quantized state: not sharded like the weights  # the batch keys the model's forward takes
 
 
 @dataclass
@@ -142,6 +146,8 @@ class BasicTrainer:
         self.eval_samples_max_new_tokens = cfg.eval_samples_max_new_tokens
         self.verbose = cfg.verbose
         self.save_merged = cfg.save_merged
+        if self.model_head == "score" and self.use_peft and self.save_merged == "adapter":
+            self.save_merged = "both"  # a reward model is used merged (scripts/score.py, AutoModelFor...Classification)
         self.card_info = CardInfo.from_config(cfg)
         packed = isinstance(train_data, PackedStore)
         self.batch_unit = "packed rows" if packed else self.example_unit  # what model.batch_size counts
@@ -212,6 +218,11 @@ class BasicTrainer:
         opt = cfg.optimizer
         settings = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, name=opt.name, betas=opt.betas, eps=opt.eps)
         if fsdp is not None:  # shard first: the optimizer must hold the sharded parameters
+            if opt.name in UNSHARDABLE_OPTIMIZERS:
+                raise HalyardError(
+                    f"optimizer.name={opt.name} under FSDP: its state is not shaped like the parameters, so its "
+                    f"checkpoints cannot be sharded; use adamw or adamw_fused with FSDP, or DDP with {opt.name}"
+                )
             model = shard_model(model, fsdp, self.accelerator.device, bf16=cfg.model.dtype == "bfloat16")
             return model, build_optimizer(model, **settings)
         return self.accelerator.prepare(model, build_optimizer(model, **settings))
