@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 
 from train import supervise
 from train.errors import HalyardError
@@ -37,12 +38,18 @@ class TrainingStopped(HalyardError):
 
 
 class StopRequest:
-    """Turns SIGTERM and SIGINT into a request to stop after the current step; a second signal exits at once."""
+    """Turns SIGTERM and SIGINT into a request to stop after the current step; a second signal exits at once.
+
+    A second signal within SAME_REQUEST_SECONDS of the first is the same request, not an order to exit: launchers
+    and schedulers deliver one stop more than once (SLURM signals every process of a job, and `accelerate launch`
+    or torchrun, signalled too, pass it on to the training processes)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SAME_REQUEST_SECONDS = 5.0
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
+        self.first_signal_at = 0.0
 
     @property
     def requested(self) -> bool:
@@ -62,11 +69,14 @@ class StopRequest:
     def handle(self, signum: int, _frame) -> None:
         name = signal.Signals(signum).name
         if self.requested:
+            if time.monotonic() - self.first_signal_at < self.SAME_REQUEST_SECONDS:
+                return  # the same stop, delivered again
             logger.error(f"second signal ({name}): exiting at once, without a checkpoint")
             os._exit(128 + signum)
-        self.signal_name = name
+        self.signal_name, self.first_signal_at = name, time.monotonic()
         logger.warning(
-            f"{name} received: finishing this step, then writing a checkpoint (send it again to exit at once)"
+            f"{name} received: finishing this step, then writing a checkpoint (a second signal, 5 s or more "
+            f"later, exits at once)"
         )
 
     def inject_faults(self, step: int) -> None:
@@ -76,4 +86,5 @@ class StopRequest:
         if fault_at("sigterm", step) or fault_at("double_sigterm", step):
             os.kill(os.getpid(), signal.SIGTERM)
         if fault_at("double_sigterm", step):
+            self.first_signal_at -= self.SAME_REQUEST_SECONDS  # the second arrives as if the user sent it later
             os.kill(os.getpid(), signal.SIGTERM)

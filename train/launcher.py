@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -92,22 +91,12 @@ def _free_port() -> int:
 
 
 def run_through_accelerate(command: list[str]) -> int:
-    """Run the job's processes and wait; return their exit code (75 when stopped by a signal, as in one process).
+    """Run the job's processes under `train.supervise` and wait; return their exit code, 75 when a signal stopped
+    them with their checkpoint written (accelerate itself would report that as a failure, exit code 1).
 
-    SIGTERM and SIGINT sent to this process are passed on once, so that the training processes write their
-    checkpoint. Under SLURM they are not: SLURM signals every process of the job itself, and a second signal would
-    make the training processes exit without a checkpoint."""
+    SIGTERM and SIGINT sent to this process go to the training processes only, once. Under SLURM, which signals
+    every process of the job itself, they are not passed on (and a stop delivered twice counts once anyway)."""
+    from train.supervise import supervise
+
     logger.info("starting the job's processes: " + " ".join(command))
-    child = subprocess.Popen(command)
-    forward = "SLURM_JOB_ID" not in os.environ
-
-    def pass_on(signum: int, _frame) -> None:
-        if forward and child.poll() is None:
-            child.send_signal(signum)
-
-    previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        return child.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    return supervise(command, forward_signals="SLURM_JOB_ID" not in os.environ)

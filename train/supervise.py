@@ -60,9 +60,10 @@ def record_stop(message: str) -> None:
 # ---- the supervising command ----
 
 
-def supervise(command: list[str]) -> int:
-    """Run `command`, forwarding SIGINT/SIGTERM to the training processes; return its exit code, or 75 if the run
-    stopped by signal with its checkpoint written."""
+def supervise(command: list[str], forward_signals: bool = True) -> int:
+    """Run `command`, forwarding SIGINT/SIGTERM to the training processes (unless not `forward_signals`: a
+    scheduler that signals them itself); return its exit code, or 75 if the run stopped by signal with its
+    checkpoint written."""
     with tempfile.TemporaryDirectory(prefix="halyard-supervisor-") as folder:
         env = {**os.environ, SUPERVISOR_DIR: folder}
         launcher = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, start_new_session=True)
@@ -72,6 +73,8 @@ def supervise(command: list[str]) -> int:
         relay.start()
 
         def forward(signum: int, _frame) -> None:
+            if not forward_signals:
+                return
             pids = [int(p.name) for p in (Path(folder) / "pids").glob("*")] if (Path(folder) / "pids").exists() else []
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
