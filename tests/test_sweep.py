@@ -96,11 +96,12 @@ def test_the_slurm_preset_and_the_plugins_are_installed():
     assert info.returncode == 0 and "SlurmLauncher" in info.stdout and "OptunaSweeper" in info.stdout
 
 
-def test_a_sweep_with_a_bad_value_runs_nothing_and_names_the_job(tmp_path):
-    result = run_cli(["-m", *SFT, f"cache_dir={tmp_path}", "exp_name=bad", "lr=1e-3,-1", "model.batch_sise=4"])
+def test_a_sweep_with_a_bad_value_runs_nothing_and_names_the_job(tmp_path, tiny_cache):
+    model = f"++model.name_or_path={tiny_cache / 'tiny-llama'}"  # every job's model is checked too: a real one here
+    result = run_cli(["-m", *SFT, f"cache_dir={tmp_path}", "exp_name=bad", "lr=1e-3,-1", "model.batch_sise=4", model])
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert "invalid configuration (2 problems)" in result.stderr
+    assert "invalid configuration (2 problems)" in result.stderr, result.stderr
     assert "unknown key 'model.batch_sise' (did you mean 'model.batch_size'?)" in result.stderr  # every job: once
     assert "job 1 (lr=-1): lr=-1.0: must be > 0" in result.stderr
     assert not (tmp_path / "bad").exists()

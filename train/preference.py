@@ -292,6 +292,7 @@ class PairedPreferenceTrainer(ReferenceMixin, BasicTrainer):
     supports_reference_precompute = True  # a pair's reference log-probs do not change during training
     supports_packing = True  # whole pairs per packed row
     supports_shared_prompt = True
+    shared_prompt = False  # set per run in __init__ (data.shared_prompt)
 
     def __init__(self, cfg, *args, reference_model=None, **kwargs):
         super().__init__(cfg, *args, **kwargs)
