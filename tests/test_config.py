@@ -76,7 +76,7 @@ def test_every_problem_is_reported_at_once_with_fixes():
     assert "unknown key 'model.batch_sise' (did you mean 'model.batch_size'?)" in text
     assert "unknown key 'batch_size' (did you mean 'model.batch_size'?)" in text
     assert "lr='fast': expected a number" in text
-    assert "model.dtype='fp16': must be one of ['float32', 'bfloat16']" in text
+    assert "model.dtype='fp16': must be one of ['auto', 'float32', 'bfloat16']" in text
     assert "warmup_ratio=1.5: must be in [0, 1)" in text
     assert "model.max_grad_norm=-1.0: must be > 0" in text
     assert "'missing.jsonl' is neither a file, a saved dataset folder, nor a named dataset" in text

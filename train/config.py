@@ -52,9 +52,11 @@ class ModelConfig:
     name_or_path: str | None = setting(None, "Local folder (or hub id, when online) of the model to fine-tune.")
     tokenizer_name_or_path: str | None = setting(None, "Tokenizer folder or hub id; defaults to model.name_or_path.")
     dtype: str = setting(
-        "float32",
-        "Compute dtype: float32 | bfloat16. bfloat16 autocasts the forward pass; trained weights and optimizer "
-        "state stay float32, and with use_peft the frozen base weights are loaded in bfloat16.",
+        "auto",
+        "Compute dtype: auto | float32 | bfloat16. bfloat16 autocasts the forward pass; trained weights and "
+        "optimizer state stay float32, and with use_peft the frozen base weights are loaded in bfloat16. auto: "
+        "bfloat16 where the hardware computes it fast (a CUDA GPU with bf16, a CPU with AMX or AVX512-BF16), else "
+        "float32; the run logs and records which.",
     )
     attn_implementation: str = setting("sdpa", "Attention kernel: eager | sdpa | flash_attention_2 (CUDA only).")
     batch_size: int = setting(
@@ -361,7 +363,7 @@ def schema_keys() -> set[str]:
     return set(_leaf_paths(OmegaConf.structured(Config)))
 
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16")
 NONFINITE_POLICIES = ("stop", "skip")
 WANDB_MODES = (None, "online", "offline", "disabled")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")

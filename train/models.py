@@ -17,6 +17,23 @@ logger = logging.getLogger(__name__)
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def resolve_dtype(dtype: str) -> tuple[str, str]:
+    """model.dtype with `auto` decided for this machine, and why: bfloat16 where it is fast (autocast on a CUDA GPU
+    that supports it, or a CPU with bf16 matrix instructions: 2.3x float32's speed for a SmolLM2 step on an AMX
+    Xeon, docs/BENCHMARKS.md), float32 elsewhere (bf16 emulated on older CPUs is slower than float32)."""
+    if dtype != "auto":
+        return dtype, "set"
+    if torch.cuda.is_available():
+        fast = torch.cuda.is_bf16_supported()
+        return ("bfloat16" if fast else "float32"), f"CUDA {'with' if fast else 'without'} bf16"
+    cpu = torch.cpu
+    amx = getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+    avx512_bf16 = getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+    if amx or avx512_bf16:
+        return "bfloat16", "this CPU has " + ("AMX" if amx else "AVX512-BF16") + " bf16 instructions"
+    return "float32", "this CPU has no bf16 matrix instructions"
+
+
 def build_tokenizer(settings: ModelConfig):
     """The tokenizer, with a pad token (EOS when it has none: padding is masked out of the labels, not matched by id)."""
     source = settings.tokenizer_name_or_path or settings.name_or_path

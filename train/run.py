@@ -15,7 +15,7 @@ from train.data import build_datasets
 from train.distributed import fsdp_settings_from_launcher
 from train.errors import HalyardError
 from train.layout import HYDRA_FILES
-from train.models import build_model, build_tokenizer
+from train.models import build_model, build_tokenizer, resolve_dtype
 from train.preference import build_reference
 from train.progress import format_seconds, quiet_libraries
 from train.runtime import build_accelerator, prepare_run_dir
@@ -27,6 +27,9 @@ def run(cfg: Config) -> None:
     """Build everything from the validated config, train (or resume), and save FINAL/."""
     started = time.perf_counter()
     quiet_libraries(cfg.verbose)
+    cfg.model.dtype, why = resolve_dtype(cfg.model.dtype)  # before anything reads it, the saved config included
+    if why != "set":
+        logger.info(f"model.dtype=auto: {cfg.model.dtype} ({why})")
     spec = loss_spec(cfg)
     resume_dir = find_checkpoint_to_resume(cfg)
     wandb_run_id = read_state(resume_dir).wandb_run_id if resume_dir else None
