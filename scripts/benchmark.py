@@ -13,8 +13,8 @@ grouped by length (the default) and packed (rows sized to the same tokens per st
 and padding-free (its padding-free step-1 loss is compared with the padded one on the same batch: equal means the
 examples stayed apart), and a bare PyTorch loop over Halyard's packed batches with the model's own loss. The model is
 SmolLM2-135M's real weights, or Qwen2.5-0.5B's layer shape at reduced depth; the data synthetic multi-turn chat with
-skewed lengths; the same tokens and labels for every run. Rates: supervised tokens per step over the median step
-time after the warm-up steps.
+skewed lengths; the same tokens and labels for every run. Rates: the timed steps' supervised tokens over their
+seconds (steps differ in size, grouped by length most); the median step time is shown beside them.
 
 dpo: DPO pairs/s and peak RSS, Halyard padded and packed, each with a live and a precomputed reference, against TRL's
 DPOTrainer (padded, with and without precompute_ref_log_probs), on the same tokenized pairs (TRL is handed Halyard's
@@ -208,7 +208,9 @@ else:  # bare: a plain loop over Halyard's packed batches, the model's own loss
         losses.append(loss.item())
     per_step = [(b["labels"][:, 1:] != -100).sum().item() for b in batches]
 warm = settings["warmup_steps"]
-print(json.dumps({"step_seconds": statistics.median(times[warm:]), "units_per_step": statistics.mean(per_step[warm:]),
+n = min(len(times), len(per_step))
+print(json.dumps({"step_seconds": statistics.median(times[warm:n]), "units_per_step": statistics.mean(per_step[warm:n]),
+                  "rate": sum(per_step[warm:n]) / sum(times[warm:n]),
                   "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "losses": losses[:2]}))
 """
 
@@ -223,7 +225,6 @@ def run_child(mode: str, work: Path, settings: dict) -> dict:
     if output.returncode != 0:
         raise RuntimeError(f"{mode} failed:\n{output.stderr[-3000:]}")
     result = json.loads(output.stdout.strip().splitlines()[-1])
-    result["rate"] = result["units_per_step"] / result["step_seconds"]
     return result
 
 
@@ -252,7 +253,7 @@ def run_halyard(work: Path, name: str, overrides: list[str], warmup_steps: int, 
     summary = json.loads((work / name / "summary.json").read_text())
     step_seconds = statistics.median(seconds)
     return {"step_seconds": step_seconds, "units_per_step": statistics.mean(units),
-            "rate": statistics.mean(units) / step_seconds, "peak_mb": summary["peak_memory_mb"],
+            "rate": sum(units) / sum(seconds), "peak_mb": summary["peak_memory_mb"],
             "losses": [r["loss/train"] for r in rows[:2]], "mfu": statistics.median(r["mfu"] for r in rows[warmup_steps:])}  # fmt: skip
 
 
@@ -343,7 +344,7 @@ def bench_sft(args) -> str:
         f"{min(lengths)}-{max(lengths)} tokens (median {statistics.median(lengths):.0f}, mean "
         f"{statistics.mean(lengths):.0f}); 8 examples per step (packed: {rows_per_step} rows of {args.max_length}, "
         f"efficiency {efficiency:.0%}); AdamW lr 1e-5, no clipping, no gradient checkpointing; "
-        f"{args.warmup_steps} warm-up + {args.steps} timed steps per run; median step time.",
+        f"{args.warmup_steps} warm-up + {args.steps} timed steps per run; rate = their tokens / their seconds.",
         "",
         "| run | supervised tokens/s | vs best TRL | median step (s) | supervised tokens per step | peak RSS (MB) |",
         "|---|---|---|---|---|---|",
@@ -425,7 +426,8 @@ def bench_dpo(args) -> str:
         f"Model: {model_text}, {args.dtype}. Data: {len(pairs)} synthetic chat preference pairs, prompt + chosen + "
         f"prompt + rejected {lengths.min()}-{lengths.max()} tokens (mean {mean_pair:.0f}); {args.pairs} pairs per "
         f"step (packed: {rows_per_step} rows, ~{args.pairs} pairs); AdamW lr 1e-6, no clipping, no gradient "
-        f"checkpointing; {args.warmup_steps} warm-up + {args.steps} timed steps per run; median step time. TRL 1.16 "
+        f"checkpointing; {args.warmup_steps} warm-up + {args.steps} timed steps per run; rate = their pairs / their "
+        "seconds. TRL 1.16 "
         'disables DPO padding_free ("temporarily unavailable"), so padded is its best configuration here.',
         "",
         "| run | pairs/s | vs best TRL | median step (s) | pairs per step | peak RSS (MB) |",
