@@ -183,9 +183,8 @@ elif mode.startswith("trl-dpo"):
     pairs = [json.loads(l) for l in open(work + "/pairs.jsonl")][: steps * settings["pairs"]]
     class Pretokenized(DPOTrainer):  # the same token ids as Halyard's runs: no re-tokenization
         def _prepare_dataset(self, dataset, *args, **kwargs): return dataset
-    config = DPOConfig(per_device_train_batch_size=settings["pairs"], beta=0.1, precompute_ref_log_probs=mode.endswith("-pre"),
-                       shuffle_dataset=False, **common) if "shuffle_dataset" in DPOConfig.__dataclass_fields__ else \
-             DPOConfig(per_device_train_batch_size=settings["pairs"], beta=0.1, precompute_ref_log_probs=mode.endswith("-pre"), **common)
+    config = DPOConfig(per_device_train_batch_size=settings["pairs"], beta=0.1,
+                       precompute_ref_log_probs=mode.endswith("-pre"), **common)
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(settings["model"])
     trainer = Pretokenized(model=model, args=config, processing_class=tokenizer, train_dataset=Dataset.from_list(pairs), callbacks=[Clock()])
@@ -450,7 +449,7 @@ def bench_shared_prompt(args) -> str:
 
     from train.config import DataConfig
     from train.data import collate, load_examples
-    from train.preference import collate_sequences, collate_shared_prompt, forward_sequence_logps
+    from train.sequences import collate_sequences, collate_shared_prompt, forward_sequence_logps
     from train.store import IGNORE_INDEX
 
     tokenizer = AutoTokenizer.from_pretrained(args.smollm2)

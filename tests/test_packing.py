@@ -186,7 +186,8 @@ def _assert_same(packed, unpacked):
 def test_packed_pairs_give_the_dpo_loss_and_gradients_of_unpacked_pairs(model_and_examples):
     """Whole pairs packed two and three to a row: the same per-pair log-probs, loss and gradients as one sequence
     per row, with the live reference model packed the same way."""
-    from train.preference import DPOTrainer, n_sequences
+    from train.preference import DPOTrainer
+    from train.sequences import n_sequences
     from train.store import PackedItems
 
     model, reference, pairs = _pairs_and_models(model_and_examples)
@@ -226,7 +227,8 @@ def test_packed_kto_gives_the_loss_and_gradients_of_unpacked_kto(model_and_examp
 def test_shared_prompt_rows_give_the_dpo_loss_and_gradients_of_separate_rows(model_and_examples):
     """data.shared_prompt=true: each pair as one row `prompt, chosen, rejected`, the rejected tokens masked from the
     chosen ones; the same per-pair log-probs, loss and gradients as the prompt run twice (policy and reference)."""
-    from train.preference import DPOTrainer, collate_shared_prompt, n_sequences
+    from train.preference import DPOTrainer
+    from train.sequences import collate_shared_prompt, n_sequences
     from train.store import PairExample
 
     model, reference, pairs = _pairs_and_models(model_and_examples)

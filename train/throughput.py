@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from train.files import write_text_atomically
+
 logger = logging.getLogger(__name__)
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, FLOP/s.
@@ -85,7 +87,7 @@ def peak_flops_per_second(
         known[key] = {"flops_per_second": measure_matmul_flops(device, dtype), "measured_at": time.strftime("%F %T")}
         if path:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(known, indent=1))
+            write_text_atomically(path, json.dumps(known, indent=1))  # every process may measure and write it
     entry = known[key]
     return PeakFlops(
         entry["flops_per_second"],
