@@ -81,11 +81,42 @@ def test_optimizer_state_round_trips_without_pickle(tmp_path):
     assert fresh.param_groups[0]["lr"] == 0.1
 
 
-def test_truncate_metrics(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(6)))
-    checkpoint.truncate_metrics(path, 3)
-    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2, 3]
+def logged_steps(path: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()]
+
+
+def test_continue_logs_truncates_its_own_run_and_copies_another_without_touching_it(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    (first / checkpoint.METRICS_FILE).write_text("".join(json.dumps({"step": s}) + "\n" for s in range(6)))
+    (first / checkpoint.SAMPLES_FILE).write_text("".join(json.dumps({"step": s}) + "\n" for s in (0, 5)))
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+    checkpoint.continue_logs(first, second, 3)  # resumed into a new folder
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before
+    assert logged_steps(second / checkpoint.METRICS_FILE) == [0, 1, 2, 3]
+    assert logged_steps(second / checkpoint.SAMPLES_FILE) == [0]
+    checkpoint.continue_logs(first, first, 3)  # resumed in its own folder
+    assert logged_steps(first / checkpoint.METRICS_FILE) == [0, 1, 2, 3]
+
+
+def test_a_run_never_overwrites_another(tmp_path):
+    run_dir = tmp_path / "run"
+    checkpoint.refuse_to_overwrite(run_dir, None, None)  # nothing there yet
+    run_dir.mkdir()
+    (run_dir / ".hydra").mkdir()
+    checkpoint.refuse_to_overwrite(run_dir, None, None)  # only Hydra's files of this launch
+    make_checkpoint(run_dir, 3)
+    (run_dir / checkpoint.METRICS_FILE).write_text("")
+    with pytest.raises(checkpoint.HalyardError, match=r"already holds a run \(metrics.jsonl, step-3/\).*"
+                       r"continue it from step-3 with resume_from_checkpoint=auto.*overwrite_run=true"):  # fmt: skip
+        checkpoint.refuse_to_overwrite(run_dir, None, None)
+    other = tmp_path / "other" / "step-2"
+    with pytest.raises(checkpoint.HalyardError):  # resuming another run's checkpoint into this one
+        checkpoint.refuse_to_overwrite(run_dir, other, str(other))
+    checkpoint.refuse_to_overwrite(run_dir, run_dir / "step-3", "auto")
+    checkpoint.refuse_to_overwrite(run_dir, run_dir / "step-3", str(run_dir / "step-3"))
+    checkpoint.remove_earlier_run(run_dir)
+    assert [p.name for p in run_dir.iterdir()] == [".hydra"]
 
 
 def test_nothing_is_ever_unpickled():
@@ -256,6 +287,70 @@ def test_save_total_limit_and_second_signal(tiny_cache):
     assert twice.returncode == 128 + 15
     assert "exiting at once, without a checkpoint" in twice.stderr
     assert not list((tiny_cache / "twice").glob("step-*"))
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_resuming_another_runs_checkpoint_leaves_that_run_untouched(tiny_cache):
+    common = ["max_steps=6", "save_every_steps=3"]
+    assert run(tiny_cache, "first_run", common).returncode == 0
+    first = tiny_cache / "first_run"
+    before = folder_bytes(first)
+    resumed = run(tiny_cache, "second_run", [*common, f"resume_from_checkpoint={first / 'step-3'}"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert folder_bytes(first) == before  # byte for byte: steps 4-6 of the first run are still logged
+    assert "metrics and samples up to step 3 copied from" in resumed.stderr
+    assert_same_run(first, tiny_cache / "second_run")  # whole curves: steps 0-3 copied, 4-6 trained again
+
+
+@pytest.mark.slow
+def test_reusing_a_run_name_is_refused_unless_resuming_or_overwriting(tiny_cache):
+    common = ["max_steps=4", "save_every_steps=2"]
+    assert run(tiny_cache, "reused", common, faults="sigterm@3").returncode == 75
+    run_dir = tiny_cache / "reused"
+    before = folder_bytes(run_dir)
+    refused = run(tiny_cache, "reused", common)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "already holds a run" in refused.stderr and "resume_from_checkpoint=auto" in refused.stderr
+    after = folder_bytes(run_dir)
+    assert {k: v for k, v in after.items() if k != "launch.log"} == {
+        k: v for k, v in before.items() if k != "launch.log"
+    }
+    again = run(tiny_cache, "reused", [*common, "overwrite_run=true", "save_every_steps=100"])
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert not list(run_dir.glob("step-*")) and not (run_dir / "latest").exists()  # the earlier run is gone, not mixed
+    assert logged_steps(run_dir / checkpoint.METRICS_FILE) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_final_is_saved_in_the_stored_dtype_or_the_one_asked_for(tiny_cache):
+    assert run(tiny_cache, "dtype_auto", ["max_steps=1"]).returncode == 0  # the tiny model is stored in float32
+    assert {w.dtype for w in load_file(tiny_cache / "dtype_auto" / "FINAL" / "model.safetensors").values()} == {
+        torch.float32
+    }
+    assert run(tiny_cache, "dtype_bf16", ["max_steps=1", "save_dtype=bfloat16"]).returncode == 0
+    final = tiny_cache / "dtype_bf16" / "FINAL"
+    assert {w.dtype for w in load_file(final / "model.safetensors").values()} == {torch.bfloat16}
+    assert json.loads((final / "config.json").read_text())["dtype"] == "bfloat16"
+    assert "| weights saved in (save_dtype) | bfloat16 |" in (final / "README.md").read_text()
+
+
+def test_save_dtype_auto_reads_the_stored_dtype_from_config_json(tmp_path, tiny_cache):
+    from train.config import ModelConfig
+    from train.models import resolve_save_dtype
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    config = json.loads((tiny_cache / "tiny-llama" / "config.json").read_text())
+    for stored, expected in (("bfloat16", "bfloat16"), ("float16", "float16"), (None, "float32")):
+        config.pop("torch_dtype", None)
+        config["dtype"] = stored
+        (folder / "config.json").write_text(json.dumps(config))
+        assert resolve_save_dtype("auto", ModelConfig(name_or_path=str(folder)))[0] == expected
+    assert resolve_save_dtype("float16", ModelConfig(name_or_path=str(folder))) == ("float16", "set")
 
 
 def test_unwritable_run_directory_is_refused_before_training(tmp_path, tiny_cache):

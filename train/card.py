@@ -38,6 +38,7 @@ class CardInfo:
             "max_steps": cfg.max_steps,
             "max_length": cfg.model.max_length,
             "dtype": cfg.model.dtype,
+            "weights saved in (save_dtype)": cfg.save_dtype,
             "seed": cfg.seed,
         }
         return cls(cfg.model.name_or_path, cfg.loss.name, list(cfg.datasets), list(cfg.eval_datasets), lora, settings)
@@ -79,7 +80,9 @@ def render(info: CardInfo, summary: dict, adapter_only: bool) -> str:
     if info.eval_datasets:
         lines.append(f"- **Evaluation data:** {', '.join(f'`{d}`' for d in info.eval_datasets)}")
     if adapter_only:
-        lines.append("- **Files:** a PEFT LoRA adapter; `scripts/merge_lora.py BASE FINAL OUT` writes a merged model")
+        lines.append(
+            "- **Files:** a PEFT LoRA adapter (float32); `scripts/merge_lora.py BASE FINAL OUT` writes a merged model"
+        )
     lines += ["", "## Settings", "", "| setting | value |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in info.settings.items() if value is not None]
     lines += ["", "The full resolved configuration is `halyard_config.yaml` beside this file.", ""]

@@ -47,6 +47,7 @@ from train.layout import (  # noqa: F401
     CONFIG_FILE,
     FINAL_CONFIG_FILE,
     FINAL_DIR,
+    HYDRA_FILES,
     LATEST,
     METRICS_FILE,
     MODEL_CARD_FILE,
@@ -122,6 +123,36 @@ def resolve_resume(setting: str | None, run_dir: Path) -> Path | None:
     return path
 
 
+def earlier_run_files(run_dir: Path) -> list[Path]:
+    """What an earlier run left in `run_dir` (checkpoints, metrics, FINAL/...); Hydra's files of this launch aside."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(p for p in run_dir.iterdir() if p.name not in HYDRA_FILES)
+
+
+def refuse_to_overwrite(run_dir: Path, resume_dir: Path | None, resume_setting: str | None) -> None:
+    """A run never overwrites another run's results: starting fresh (or from another run's checkpoint) in a folder
+    that holds a run is refused with the ways out. `auto` declares the folder this run's own."""
+    continuing = resume_setting == "auto" or (
+        resume_dir is not None and resume_dir.resolve().parent == run_dir.resolve()
+    )
+    found = earlier_run_files(run_dir)
+    if continuing or not found:
+        return
+    names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in found[:6]) + (", ..." if len(found) > 6 else "")
+    latest = find_latest(run_dir)
+    ways = [f"continue it from {latest.name} with resume_from_checkpoint=auto"] if latest else []
+    ways += ["name this run differently (exp_name=...)", "start over on purpose with overwrite_run=true (deletes them)"]
+    raise HalyardError(f"{run_dir} already holds a run ({names}); this run would overwrite it. " + "; or ".join(ways))
+
+
+def remove_earlier_run(run_dir: Path) -> None:
+    """overwrite_run=true: delete what an earlier run left in `run_dir` (main process only)."""
+    for path in earlier_run_files(run_dir):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    logger.info(f"overwrite_run=true: removed the earlier run's files from {run_dir}")
+
+
 def read_state(checkpoint: Path) -> TrainerState:
     return TrainerState(**json.loads((checkpoint / STATE_FILE).read_text()))
 
@@ -132,6 +163,7 @@ NON_MATH_KEYS = {
     "save_total_limit", "resume_from_checkpoint", "resume_allow_config_change", "on_nonfinite",
     "model.eval_batch_size", "model.gradient_accumulation_steps", "model.gradient_checkpointing",
     "model.attn_implementation", "model.name_or_path", "model.tokenizer_name_or_path", "verbose", "save_merged",
+    "save_dtype", "overwrite_run",
 }  # fmt: skip
 NON_MATH_PREFIXES = ("wandb.", "tensorboard.")
 
@@ -308,13 +340,6 @@ def remove_partials(run_dir: Path) -> None:
         shutil.rmtree(partial, ignore_errors=True)
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines after `step`, which a resumed run is about to write again."""
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
-
-
 # ---- saving and loading, on every process ----
 
 
@@ -374,9 +399,10 @@ def _write_checkpoint_files(directory: Path, accelerator, parts: TrainingParts, 
         (directory / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state)))  # written last
 
 
-def load_checkpoint(directory: Path, accelerator, parts: TrainingParts, data_fingerprint: str,
+def load_checkpoint(directory: Path, run_dir: Path, accelerator, parts: TrainingParts, data_fingerprint: str,
                     allow_data_change: bool) -> TrainerState:  # fmt: skip
     """Restore model, optimizer, scheduler and RNG from a step checkpoint on every process; return its state.
+    `run_dir` is the run being written: its logged metrics and samples continue from the checkpoint's step.
 
     Refuses a checkpoint written with another process layout under FSDP, or on other training data."""
     state = read_state(directory)
@@ -400,19 +426,40 @@ def load_checkpoint(directory: Path, accelerator, parts: TrainingParts, data_fin
     parts.scheduler.load_state_dict(json.loads((directory / "scheduler.json").read_text()))
     load_rng_state(directory, rank % state.world_size)
     if accelerator.is_main_process:
-        run_dir = directory.parent
-        for logged in (run_dir / METRICS_FILE, run_dir / SAMPLES_FILE):
-            truncate_metrics(logged, state.step)
+        continue_logs(directory.parent, run_dir, state.step)
     logger.info(f"resumed from {directory} at step {state.step}")
     return state
 
 
+def continue_logs(source_run: Path, run_dir: Path, step: int) -> None:
+    """The logged metrics and samples of `run_dir` up to `step`, where a resumed run continues them. Resumed in its
+    own folder, the lines after `step` are dropped (they are about to be written again); resumed into a new folder,
+    the checkpoint's run's lines up to `step` are copied, so the new run's curves and summary are whole. The
+    checkpoint's run is only read: nothing a run does changes another run's folder."""
+    same_run = source_run.resolve() == run_dir.resolve()
+    for name in (METRICS_FILE, SAMPLES_FILE):
+        if (source_run / name).exists():
+            kept = logged_until(source_run / name, step)
+            files.write_text_atomically(run_dir / name, "".join(line + "\n" for line in kept))
+    if not same_run:
+        logger.info(f"resumed into a new folder: metrics and samples up to step {step} copied from {source_run}")
+
+
+def logged_until(path: Path, step: int) -> list[str]:
+    """The JSON lines of a metrics or samples file logged at or before `step`."""
+    return [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+
+
 def save_final(accelerator, model, tokenizer, run_dir: Path, config_text: str, use_peft: bool,
-               save_merged: str = "adapter", card: str | None = None) -> Path | None:  # fmt: skip
+               save_merged: str = "adapter", card: str | None = None,
+               dtype: torch.dtype = torch.float32) -> Path | None:  # fmt: skip
     """Write ${run_dir}/FINAL/: a Hugging Face folder with the tokenizer, the config and the model card, published
     atomically. Under LoRA, `save_merged` chooses what it holds: `adapter` (the PEFT adapter, loadable with
     peft's AutoPeftModelForCausalLM), `merged` (the merged model) or `both` (merged, and the adapter in
-    FINAL/adapter/). Every process takes part (a sharded model is gathered); returns the folder on the main process."""
+    FINAL/adapter/). A full or merged model is written in `dtype` (an adapter in float32, as trained). Every process
+    takes part (a sharded model is gathered); returns the folder on the main process.
+
+    The model is cast (and merged) in place: saving FINAL/ is the last use of the trained model."""
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(model)
     if is_sharded(model):
@@ -431,6 +478,7 @@ def save_final(accelerator, model, tokenizer, run_dir: Path, config_text: str, u
     if not adapter_only:
         if use_peft:
             model = model.merge_and_unload()
+        model.to(dtype)  # in place, not a copy: a second copy of a large model would not fit where the first did
         model.config.use_cache = True  # for whoever generates with it
         model.save_pretrained(partial, safe_serialization=True)
         tokenizer.save_pretrained(partial)

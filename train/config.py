@@ -315,9 +315,20 @@ class Config:
         "LoRA runs, what FINAL/ holds: adapter (the PEFT adapter only, megabytes; merge later with "
         "scripts/merge_lora.py) | merged (the merged model) | both (merged, and the adapter in FINAL/adapter/).",
     )
+    save_dtype: str = setting(
+        "auto",
+        "Dtype of FINAL/'s weights (a full or merged model; a LoRA adapter stays float32): auto (the dtype "
+        "model.name_or_path's config.json says its weights are stored in, as transformers saves; float32 if it "
+        "says none) | float32 | bfloat16 | float16.",
+    )
     resume_from_checkpoint: str | None = setting(
         None,
         "auto: continue from this run's newest complete checkpoint (or start fresh if none); or a checkpoint path.",
+    )
+    overwrite_run: bool = setting(
+        False,
+        "Start over in a run directory that already holds a run (its checkpoints, metrics and FINAL/ are deleted "
+        "first). false: such a run is refused, saying how to continue it (resume_from_checkpoint=auto).",
     )
     resume_allow_config_change: bool = setting(
         False, "Resume even if settings that change the math (lr, batch, data...) differ."
@@ -373,6 +384,7 @@ BAD_ROW_POLICIES = ("error", "skip")
 OPTIMIZERS = ("adamw", "adamw_fused", "adafactor", "adamw_8bit")  # built in train/optim.py
 SCHEDULERS = ("cosine", "linear", "constant", "warmup_stable_decay")
 SAVE_MERGED = ("adapter", "merged", "both")  # what FINAL/ holds after a LoRA run (train/checkpoint.py)
+SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")  # FINAL/'s weights
 
 
 def validate(raw: DictConfig, world_size: int | None = None, check_model_files: bool = False) -> Config:
@@ -528,6 +540,8 @@ def check_values(cfg: Config, world_size: int) -> list[str]:
         )
     if cfg.save_merged not in SAVE_MERGED:
         problems.append(f"save_merged={cfg.save_merged!r}: must be one of {list(SAVE_MERGED)}")
+    if cfg.save_dtype not in SAVE_DTYPES:
+        problems.append(f"save_dtype={cfg.save_dtype!r}: must be one of {list(SAVE_DTYPES)}")
     if cfg.on_nonfinite not in NONFINITE_POLICIES:
         problems.append(f"on_nonfinite={cfg.on_nonfinite!r}: must be one of {list(NONFINITE_POLICIES)}")
     problems += cfg.loss.problems()

@@ -14,7 +14,7 @@ from train.errors import HalyardError
 
 logger = logging.getLogger(__name__)
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_dtype(dtype: str) -> tuple[str, str]:
@@ -32,6 +32,21 @@ def resolve_dtype(dtype: str) -> tuple[str, str]:
     if amx or avx512_bf16:
         return "bfloat16", "this CPU has " + ("AMX" if amx else "AVX512-BF16") + " bf16 instructions"
     return "float32", "this CPU has no bf16 matrix instructions"
+
+
+def resolve_save_dtype(save_dtype: str, settings: ModelConfig) -> tuple[str, str]:
+    """save_dtype with `auto` decided: the dtype model.name_or_path's config.json says its weights are stored in
+    (read without loading a weight), float32 where it says none; and why."""
+    if save_dtype != "auto":
+        return save_dtype, "set"
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(settings.name_or_path, trust_remote_code=settings.trust_remote_code)
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    name = str(stored).removeprefix("torch.") if stored is not None else None
+    if name in ("float32", "bfloat16", "float16"):
+        return name, f"the dtype {settings.name_or_path} is stored in"
+    return "float32", f"{settings.name_or_path} names no stored dtype"
 
 
 def build_tokenizer(settings: ModelConfig):

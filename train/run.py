@@ -9,13 +9,22 @@ import shutil
 import time
 from pathlib import Path
 
-from train.checkpoint import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, config_differences, read_state, resolve_resume
+from train.checkpoint import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    config_differences,
+    read_state,
+    refuse_to_overwrite,
+    remove_earlier_run,
+    resolve_resume,
+)
 from train.config import Config, flat_config, loss_spec
 from train.data import build_datasets
 from train.distributed import fsdp_settings_from_launcher
 from train.errors import HalyardError
 from train.layout import HYDRA_FILES
-from train.models import build_model, build_tokenizer, resolve_dtype
+from train.models import build_model, build_tokenizer, resolve_dtype, resolve_save_dtype
 from train.preference import build_reference
 from train.progress import format_seconds, quiet_libraries
 from train.runtime import build_accelerator, prepare_run_dir
@@ -31,10 +40,16 @@ def run(cfg: Config) -> None:
     if why != "set":
         logger.info(f"model.dtype=auto: {cfg.model.dtype} ({why})")
     spec = loss_spec(cfg)
+    cfg.save_dtype, why = resolve_save_dtype(cfg.save_dtype, cfg.model)
+    if why != "set":
+        logger.info(f"save_dtype=auto: FINAL/ in {cfg.save_dtype} ({why})")
     resume_dir = find_checkpoint_to_resume(cfg)
     wandb_run_id = read_state(resume_dir).wandb_run_id if resume_dir else None
     accelerator = build_accelerator(cfg, wandb_run_id=wandb_run_id)
     with removed_unless_started(Path(cfg.run_dir), accelerator):
+        resuming_here = resume_dir is not None and resume_dir.resolve().parent == Path(cfg.run_dir).resolve()
+        if cfg.overwrite_run and not resuming_here and accelerator.is_main_process:
+            remove_earlier_run(Path(cfg.run_dir))
         prepare_run_dir(cfg, accelerator)
         tokenizer = build_tokenizer(cfg.model)
         train_data, eval_data, data_stats = build_datasets(
@@ -79,6 +94,8 @@ def removed_unless_started(run_dir: Path, accelerator):
 def find_checkpoint_to_resume(cfg: Config) -> Path | None:
     """The checkpoint to resume from, or None; refuses one whose config differs in what changes the math."""
     resume_dir = resolve_resume(cfg.resume_from_checkpoint, Path(cfg.run_dir))
+    if not cfg.overwrite_run:
+        refuse_to_overwrite(Path(cfg.run_dir), resume_dir, cfg.resume_from_checkpoint)
     if resume_dir is None:
         if cfg.resume_from_checkpoint == "auto":
             logger.info(f"resume_from_checkpoint=auto: no checkpoint in {cfg.run_dir} yet, starting fresh")

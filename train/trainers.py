@@ -41,12 +41,12 @@ from train.distributed import (
 from train.errors import DataError, HalyardError
 from train.faults import StopRequest, TrainingStopped, fault_at
 from train.losses import LossSum, count_loss_units, selected_nll_sum, supervised_positions
-from train.models import verify_packing_isolation
+from train.models import TORCH_DTYPES, resolve_save_dtype, verify_packing_isolation
 from train.optim import build_optimizer, build_scheduler, warmup_steps_of
 from train.progress import Progress
 from train.samples import write_samples
 from train.store import PackedExample, PackedStore, TokenStore, packed_row_tokens
-from train.throughput import Throughput, model_flops, peak_flops_per_second, peak_memory, step_counts
+from train.throughput import Throughput, Work, model_flops, peak_flops_per_second, peak_memory, trained_work
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class StepResult:
     loss: float  # the step's exact loss: the sum of its unit losses over the number of units
     grad_norm: float  # before clipping
     metrics: dict[str, float]  # the loss's own metrics, e.g. "rewards_train/chosen"
-    counts: torch.Tensor  # (5,) float64 for Throughput: tokens, supervised tokens, slots, squared lengths, examples
+    work: Work  # what the step's passes ran on, for Throughput
     stop_requested: bool  # a process got SIGTERM or SIGINT
 
 
@@ -149,6 +149,7 @@ class BasicTrainer:
         if self.model_head == "score" and self.use_peft and self.save_merged == "adapter":
             self.save_merged = "both"  # a reward model is used merged (scripts/score.py, AutoModelFor...Classification)
         self.card_info = CardInfo.from_config(cfg)
+        self.save_dtype = TORCH_DTYPES[resolve_save_dtype(cfg.save_dtype, cfg.model)[0]]  # FINAL/'s weights
         packed = isinstance(train_data, PackedStore)
         self.batch_unit = "packed rows" if packed else self.example_unit  # what model.batch_size counts
 
@@ -230,8 +231,7 @@ class BasicTrainer:
     def build_throughput(self, cfg: Config) -> Throughput:
         device = self.accelerator.device
         peak = peak_flops_per_second(cfg.peak_flops_per_second, device, cfg.model.dtype == "bfloat16", cfg.cache_dir)
-        reference_forward = self.uses_reference and not cfg.reference.precompute
-        flops = model_flops(self.accelerator.unwrap_model(self.model), self.model_head == "lm", reference_forward)
+        flops = model_flops(self.accelerator.unwrap_model(self.model), self.model_head == "lm")
         self.summary.update(peak_flops_per_second=peak.flops_per_second, peak_flops_source=peak.source)
         return Throughput(
             flops, peak.flops_per_second, self.accelerator.num_processes, self.example_unit, self.rows_per_example
@@ -256,6 +256,12 @@ class BasicTrainer:
         """Forward `batch` through `model`; return the loss summed (not averaged) over its units, their count, and
         metric sums: name -> (sum, count), averaged over the whole step."""
         raise NotImplementedError
+
+    def batch_work(self, batch: dict[str, torch.Tensor]) -> Work:
+        """What a training step's passes over `batch` (collated, on the CPU) run on, for MFU: here the policy's forward
+        and backward over every sequence. A trainer that runs other passes (a reference model, a forward without
+        gradients) says so by overriding this."""
+        return trained_work(batch)
 
     def before_step(self, batches: list[dict[str, torch.Tensor]]) -> None:
         """Called with all of this process's micro-batches of a step before any of their losses: a loss whose
@@ -320,7 +326,7 @@ class BasicTrainer:
         """Run one optimizer step, then log and evaluate when due. Returns whether any process was asked to stop."""
         started = time.perf_counter()
         result = self.train_step(micro_batches)
-        self.throughput.add(result.counts, time.perf_counter() - started)
+        self.throughput.add(result.work, time.perf_counter() - started)
         stop = result.stop_requested
         is_last = self.step == self.total_steps
         row: dict[str, float] = {"step": self.step}
@@ -349,7 +355,7 @@ class BasicTrainer:
         Returns the step's exact loss, gradient norm, real token count and whether any process must stop. A step
         whose loss or gradient is not finite is never applied (on_nonfinite=stop raises, skip counts it).
         """
-        counts = step_counts(on_cpu)  # counted before the copy to the device: no device syncs in the hot path
+        work = sum(map(self.batch_work, on_cpu), Work())  # counted before the copy to the device: no device syncs
         batches = [self.to_device(batch) for batch in on_cpu]
         self.before_step(batches)
         local_units = sum(self.loss_units(batch) for batch in batches)
@@ -368,7 +374,7 @@ class BasicTrainer:
             loss_total += loss_sum.total.detach()
             metric_sums.add(loss_sum.metrics)
         self.stop_request.inject_faults(self.step)
-        counts = counts.to(loss_total)
+        counts = work.as_tensor().to(loss_total)
         stop_flag = torch.tensor(float(self.stop_request.requested), device=loss_total.device)
         totals = self.accelerator.reduce(torch.cat([torch.stack([loss_total, stop_flag]), counts]), reduction="sum")
         loss = (totals[0] / global_units).item()
@@ -380,7 +386,8 @@ class BasicTrainer:
             self.handle_nonfinite(loss, grad_norm)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss, grad_norm, metrics, counts=totals[2:], stop_requested=bool(totals[1] > 0))
+        work = Work.from_tensor(totals[2:])
+        return StepResult(loss, grad_norm, metrics, work=work, stop_requested=bool(totals[1] > 0))
 
     def handle_nonfinite(self, loss: float, grad_norm: float) -> None:
         what = f"step {self.step}: the loss ({loss}) or the gradient norm ({grad_norm}) is not finite"
@@ -469,7 +476,12 @@ class BasicTrainer:
     def load_checkpoint(self, directory: Path) -> None:
         """Continue from a step checkpoint: weights, optimizer, schedule, RNG and counters, on every process."""
         state = checkpoint.load_checkpoint(
-            directory, self.accelerator, self.parts(), self.data_fingerprint, self.resume_allow_config_change
+            directory,
+            self.run_dir,
+            self.accelerator,
+            self.parts(),
+            self.data_fingerprint,
+            self.resume_allow_config_change,
         )
         self.step, self.skipped_steps = state.step, state.skipped_steps
         self.throughput.restore(state.throughput)
@@ -481,7 +493,7 @@ class BasicTrainer:
         card = render_card(self.card_info, self.summary, adapter_only=self.use_peft and self.save_merged == "adapter")
         final = checkpoint.save_final(
             self.accelerator, self.model, self.tokenizer, self.run_dir, self.config_text, self.use_peft,
-            save_merged=self.save_merged, card=card,
+            save_merged=self.save_merged, card=card, dtype=self.save_dtype,
         )  # fmt: skip
         if final is not None:
             self.summary["final_dir"] = str(final.resolve())
