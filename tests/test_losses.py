@@ -249,3 +249,36 @@ def test_robust_dpo_is_dpo_in_expectation_over_flipped_labels():
     robust = lambda m: robust_dpo_loss(m, zero, zero, zero, beta=0.5, label_flip_rate=e).losses  # noqa: E731
     clean = dpo_loss(h, zero, zero, zero, beta=0.5).losses
     assert ((1 - e) * robust(h) + e * robust(-h)).item() == pytest.approx(clean.item(), rel=1e-12)
+
+
+def _orpo_float64(chosen: float, rejected: float, lam: float) -> tuple[float, float, float]:
+    """ORPO's loss of one pair and its derivatives in the mean token log-probs (chosen, rejected), by hand in float64
+    with the exact log(1 - e^x)."""
+
+    def log1mexp(x: float) -> float:
+        return math.log(-math.expm1(x)) if x > -math.log(2) else math.log1p(-math.exp(x))
+
+    log_odds = (chosen - log1mexp(chosen)) - (rejected - log1mexp(rejected))
+    # d log_odds / d chosen = 1 / (1 - e^chosen), d log_odds / d rejected = -1 / (1 - e^rejected)
+    weight = lam * sigmoid(-log_odds)  # -d softplus(-log_odds) / d log_odds, times lambda
+    return -chosen + lam * softplus(-log_odds), -1 - weight / -math.expm1(chosen), weight / -math.expm1(rejected)
+
+
+@pytest.mark.parametrize("x", [-1e-3, -1e-4, -1e-6, -1e-8, -2.0])
+def test_orpo_float32_keeps_precision_when_a_response_is_nearly_certain(x):
+    """Mean token log-prob x near 0 (p = e^x near 1), where 1 - p must not cancel: float32 loss and gradients against
+    the float64 formula. log1p(-exp(x)) put errors of 1.3e-2 into both at x = -1e-6; at x = -1e-8, where exp(x)
+    rounds to 1, it gave an infinite loss and NaN gradients."""
+    lam, tokens = 1.0, torch.tensor([4, 4])
+    # pair 0: x on the chosen side, pair 1: on the rejected side; the other response at a mean log-prob of -2
+    policy_chosen = torch.tensor([4 * x, 4 * -2.0], requires_grad=True)  # float32: times and over 4 tokens are exact
+    policy_rejected = torch.tensor([4 * -2.0, 4 * x], requires_grad=True)
+    result = orpo_loss(policy_chosen, policy_rejected, tokens, tokens, odds_ratio_weight=lam)
+    result.losses.sum().backward()
+    x32 = torch.tensor(x).item()  # the float32 value the loss sees
+    for i, (chosen, rejected) in enumerate([(x32, -2.0), (-2.0, x32)]):
+        loss, d_chosen, d_rejected = _orpo_float64(chosen, rejected, lam)
+        assert result.losses[i].item() == pytest.approx(loss, rel=5e-7)  # float32: a few ulp
+        # the inputs are summed log-probs: d / d sum = (d / d mean) / tokens
+        assert policy_chosen.grad[i].item() == pytest.approx(d_chosen / 4, rel=5e-6)
+        assert policy_rejected.grad[i].item() == pytest.approx(d_rejected / 4, rel=5e-6)

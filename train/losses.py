@@ -6,6 +6,7 @@ can divide by the number of units in the whole optimizer step, over every micro-
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -294,6 +295,20 @@ def cpo_loss(
     return PreferenceLoss(losses, (beta * policy_chosen).detach(), (beta * policy_rejected).detach())
 
 
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, accurate over its whole range (Maechler 2012, "Accurately Computing log(1 - exp(-|a|))
+    Assessed by the Rmpfr package").
+
+    Near 0, 1 - exp(x) cancels: in float32, log1p(-exp(x)) is off by 1.3e-2 at x = -1e-6 and is -inf once exp(x)
+    rounds to 1 (x > -3e-8), while log(-expm1(x)) stays accurate; below -ln 2, log1p(-exp(x)) is the accurate one. The
+    branch torch.where does not pick sees -1 in place of x, so it cannot put an inf into the gradient (0 * inf is NaN).
+    """
+    near_zero = x > -math.log(2)
+    safe_near = torch.where(near_zero, x, -1.0)
+    safe_far = torch.where(near_zero, -1.0, x)
+    return torch.where(near_zero, torch.log(-torch.expm1(safe_near)), torch.log1p(-torch.exp(safe_far)))
+
+
 def orpo_loss(
     policy_chosen: torch.Tensor,
     policy_rejected: torch.Tensor,
@@ -306,8 +321,8 @@ def orpo_loss(
     response's per-token NLL plus lambda times -log sigmoid(log odds(chosen) - log odds(rejected)), where
     odds(y) = p / (1 - p) and p = exp(mean token log-prob of y). Rewards are lambda times the mean token log-probs."""
     chosen, rejected = -mean_nll(policy_chosen, chosen_tokens), -mean_nll(policy_rejected, rejected_tokens)
-    # log(p / (1 - p)) = log p - log(1 - exp(log p)); log1p(-exp(x)) is exact for x < 0 (a mean log-prob always is)
-    log_odds = (chosen - torch.log1p(-torch.exp(chosen))) - (rejected - torch.log1p(-torch.exp(rejected)))
+    # log(p / (1 - p)) = log p - log(1 - p); log1mexp keeps 1 - p accurate when the response is nearly certain (p ~ 1)
+    log_odds = (chosen - log1mexp(chosen)) - (rejected - log1mexp(rejected))
     losses = -chosen - odds_ratio_weight * F.logsigmoid(log_odds)
     lam = odds_ratio_weight
     return PreferenceLoss(losses, (lam * chosen).detach(), (lam * rejected).detach())
