@@ -49,6 +49,7 @@ from train.store import (
     TokenTable,
     UnpairedExample,
 )
+from train.throughput import Work, pass_counts
 from train.trainers import BasicTrainer
 
 logger = logging.getLogger(__name__)
@@ -175,6 +176,14 @@ class ReferenceMixin:
         if reference_model is not None:
             reference_model.eval()
             reference_model.requires_grad_(False)
+
+    def batch_work(self, batch: dict[str, torch.Tensor]) -> Work:
+        """The policy's passes (see BasicTrainer), and the reference's forward over every sequence of the batch when
+        it runs: not when reference-free, nor when the batch holds precomputed log-probs."""
+        work = super().batch_work(batch)
+        if self.uses_reference and "reference_logps" not in batch:
+            work = dataclasses.replace(work, reference=pass_counts(batch))
+        return work
 
     @torch.no_grad()
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -519,6 +528,13 @@ class KTOTrainer(ReferenceMixin, BasicTrainer):
 
     def loss_units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.tensor(batch["desirable"].shape[0])
+
+    def batch_work(self, batch: dict[str, torch.Tensor]) -> Work:
+        """Only the matched sequences train; the mismatched ones get forwards alone (policy and reference, in
+        `before_step`) for the KL estimate."""
+        work = super().batch_work(batch)  # the reference's forward over every sequence
+        trained, forward_only = (pass_counts(_half(batch, mismatched=side)) for side in (False, True))
+        return dataclasses.replace(work, trained=trained, forward_only=forward_only)
 
     @torch.no_grad()
     def before_step(self, batches: list[dict[str, torch.Tensor]]) -> None:

@@ -1,17 +1,22 @@
 """Honest throughput: what was computed, what was useful, and how close to the hardware's peak.
 
 Definitions (per logged window, over all processes, over the seconds spent in training steps only):
-- tokens_per_second: real input tokens (prompt and response; padding excluded).
+- tokens_per_second: real input tokens (prompt and response; padding excluded) the policy ran on.
 - supervised_tokens_per_second: tokens that carry a label (the ones the loss learns from).
 - padding_fraction: padded slots / all slots of the micro-batches (0 when packed without padding).
-- mfu: model FLOPs / (seconds x peak FLOP/s x processes), the useful work (`ModelFlops`): per real token, 6 FLOPs per
-  trained weight of the body (forward, input and weight gradients; the PaLM convention) and 4 per frozen one (LoRA's
-  base: no weight gradient); the output head only at supervised positions (6 or 4 x vocabulary x hidden); causal
-  attention, 6 x layers x hidden size x the sum over examples of length^2; plus a frozen reference model's forward
-  (2 per weight, 2 x layers x hidden x length^2) for preference losses that run one live. Embeddings (a lookup),
-  padding, recomputation and the head at unsupervised positions are not counted. The peak is `peak_flops_per_second`,
-  or the GPU's datasheet dense bf16 rate, or on CPU the best rate of warmed-up matmuls of several sizes in the
-  training dtype and thread count, measured once per machine and cached (`PeakFlops.source` says which).
+- mfu: model FLOPs / (seconds x peak FLOP/s x processes), the useful work that ran. A trainer says, per micro-batch,
+  which sequences went through which pass (`Work`, from `BasicTrainer.batch_work`): the policy's forward and backward
+  (trained), the policy's forward alone (KTO's mismatched sequences, for its KL estimate), and a frozen reference
+  model's forward. Each pass costs (`PassFlops`), per real token, 2 FLOPs per weight of the body in a forward, and
+  in a backward 4 more per trained weight (input and weight gradients; the PaLM convention) or 2 more per frozen one
+  (LoRA's base: input gradients only); the output head the same per position where it runs (the supervised ones);
+  attention 4 x layers x hidden FLOPs per attended (query, key) pair in a forward (QK^T and the weighted sum of V),
+  12 with its backward. Attended pairs are counted from what each token sees: in a causal sequence of length T,
+  T (T + 1) / 2; a shared-prompt row's rejected response sees the prompt and itself, not the chosen response.
+  Embeddings (a lookup), padding, recomputation and the head at unsupervised positions are not counted. The peak is
+  `peak_flops_per_second`, or the GPU's datasheet dense bf16 rate, or on CPU the best rate of warmed-up matmuls of
+  several sizes in the training dtype and thread count, measured once per machine and cached (`PeakFlops.source`
+  says which).
 """
 
 from __future__ import annotations
@@ -20,12 +25,14 @@ import json
 import logging
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from train.files import write_text_atomically
+from train.losses import supervised_positions
+from train.store import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
@@ -40,32 +47,139 @@ class PeakFlops:
     source: str  # how it was obtained, for summary.json
 
 
-@dataclass
+@dataclass(frozen=True)
+class PassCounts:
+    """What one kind of pass (a forward, or a forward and backward) ran on, summed over its sequences."""
+
+    tokens: int = 0  # real tokens: the body runs once on each
+    head_positions: int = 0  # positions where the output head runs: those whose next token is supervised
+    attended_pairs: int = 0  # (query, key) pairs attention computes: each real token with itself and all it sees
+
+    def __add__(self, other: PassCounts) -> PassCounts:
+        return PassCounts(*(a + b for a, b in zip(_values(self), _values(other), strict=True)))
+
+
+@dataclass(frozen=True)
+class Work:
+    """What the passes of some micro-batches ran on: one micro-batch's (`BasicTrainer.batch_work`), a step's, or a
+    logged window's over all processes."""
+
+    trained: PassCounts = field(default_factory=PassCounts)  # the policy's forward and backward
+    forward_only: PassCounts = field(default_factory=PassCounts)  # the policy's forward without gradients
+    reference: PassCounts = field(default_factory=PassCounts)  # a frozen reference model's forward
+    supervised_tokens: int = 0  # tokens that carry a label, in every sequence the policy ran on
+    slots: int = 0  # positions of the micro-batches' rows, padding included
+    sequences: int = 0  # sequences the policy ran on (a pair is two; KTO's example and its mismatched one are two)
+
+    @property
+    def tokens(self) -> int:
+        """Real tokens the policy ran on (the input tokens of tokens_per_second)."""
+        return self.trained.tokens + self.forward_only.tokens
+
+    def __add__(self, other: Work) -> Work:
+        return Work.from_tensor(self.as_tensor() + other.as_tensor())
+
+    def as_tensor(self) -> torch.Tensor:
+        """(12,) float64, to all-reduce over processes: each pass's three counts, then the three others."""
+        passes = (self.trained, self.forward_only, self.reference)
+        return torch.tensor(
+            [value for counts in passes for value in _values(counts)]
+            + [self.supervised_tokens, self.slots, self.sequences],
+            dtype=torch.float64,
+        )
+
+    @classmethod
+    def from_tensor(cls, values: torch.Tensor) -> Work:
+        v = [round(x) for x in values.double().cpu().tolist()]  # all-reduced in float32: exact below 2^24 per step
+        return cls(PassCounts(*v[0:3]), PassCounts(*v[3:6]), PassCounts(*v[6:9]), *v[9:12])
+
+
+def _values(counts: PassCounts) -> tuple[int, int, int]:
+    return counts.tokens, counts.head_positions, counts.attended_pairs
+
+
+def pass_counts(batch: dict[str, torch.Tensor]) -> PassCounts:
+    """What a pass over every sequence of a collated micro-batch runs on, in any of its layouts: one sequence per row
+    (a 2D attention_mask, right padding), packed rows (`example_ids`, -1 on padding; `position_ids` restart per
+    sequence), or shared-prompt rows (a 4D attention_mask, `train.sequences.collate_shared_prompt`)."""
+    mask = batch.get("attention_mask")
+    if mask is not None and mask.dim() == 4:  # (rows, 1, L, L) bool: count what the mask lets each real token see
+        rows, length = mask.shape[0], mask.shape[-1]
+        sides = batch["segment_lengths"].view(2, rows)  # each row's chosen sequence and rejected rest, in tokens
+        real = torch.arange(length) < sides.sum(dim=0, keepdim=True).T  # (rows, L) real tokens, before the padding
+        tokens, pairs = real.sum(), (mask[:, 0] & real[:, :, None]).sum()
+        heads = batch["keep"].sum()  # the prompt's last position runs the head once for both responses' first token
+    elif "example_ids" in batch:  # packed: a token at position p of its sequence sees p + 1 tokens
+        real = batch["example_ids"] >= 0
+        tokens, pairs = real.sum(), ((batch["position_ids"] + 1) * real).sum()
+        heads = supervised_positions(batch["labels"]).sum()
+    else:  # one causal sequence of length T per row: T (T + 1) / 2 pairs
+        lengths = batch["attention_mask"].sum(dim=1)
+        tokens, pairs = lengths.sum(), (lengths * (lengths + 1) // 2).sum()
+        heads = supervised_positions(batch["labels"]).sum()
+    return PassCounts(int(tokens), int(heads), int(pairs))
+
+
+def trained_work(batch: dict[str, torch.Tensor]) -> Work:
+    """The work of the policy's forward and backward over every sequence of `batch` (see `pass_counts`)."""
+    lengths = batch.get("segment_lengths")
+    sequences = len(lengths) if lengths is not None else batch["input_ids"].shape[0]
+    return Work(
+        trained=pass_counts(batch),
+        supervised_tokens=int((batch["labels"][..., 1:] != IGNORE_INDEX).sum()),
+        slots=batch["input_ids"].numel(),
+        sequences=sequences,
+    )
+
+
+@dataclass(frozen=True)
+class PassFlops:
+    """FLOPs of one kind of pass, per unit of what `PassCounts` counts."""
+
+    per_token: float  # the body's weights
+    per_head_position: float  # the output head (vocabulary x hidden weights)
+    per_attended_pair: float  # attention
+
+    def of(self, counts: PassCounts) -> float:
+        return (
+            self.per_token * counts.tokens
+            + self.per_head_position * counts.head_positions
+            + self.per_attended_pair * counts.attended_pairs
+        )
+
+
+@dataclass(frozen=True)
 class ModelFlops:
-    """FLOPs of the useful work of a training step, per unit of what `step_counts` counts."""
+    """The FLOP coefficients of each kind of pass of one model (see the module docstring)."""
 
-    per_token: float  # body weights, per real token
-    per_supervised_token: float  # the output head, per supervised token
-    per_length_squared: float  # causal attention, per squared example length
+    trained: PassFlops  # the policy's forward and backward
+    forward_only: PassFlops  # the policy's forward without gradients
+    reference: PassFlops  # the frozen reference's forward: the same model, or with LoRA the policy's base
+
+    def of(self, work: Work) -> float:
+        return (
+            self.trained.of(work.trained) + self.forward_only.of(work.forward_only) + self.reference.of(work.reference)
+        )
 
 
-def model_flops(model, lm_head: bool, reference_forward: bool) -> ModelFlops:
+def model_flops(model, lm_head: bool) -> ModelFlops:
     """The FLOP coefficients of `model` (see the module docstring): trained and frozen weights told apart by
-    requires_grad, the head only for a causal LM (a score head is one output: ~0 FLOPs), plus a live frozen
-    reference model's forward when `reference_forward`."""
+    requires_grad, the head only for a causal LM (a score head is one output: ~0 FLOPs). The reference is a frozen
+    copy of the model, or, for a LoRA model, the model with its adapters switched off (its frozen weights)."""
     config = model.config
     embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
     head = [p for p in model.get_output_embeddings().parameters()] if lm_head else []
     skip = embeddings | {id(p) for p in head}
     trained = sum(p.numel() for p in model.parameters() if id(p) not in skip and p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if id(p) not in skip and not p.requires_grad)
+    reference = frozen if hasattr(model, "disable_adapter") else trained + frozen
     head_size = config.vocab_size * config.hidden_size if lm_head else 0
     head_factor = 6 if any(p.requires_grad for p in head) else 4
-    reference = 2 if reference_forward else 0
+    attention = 4 * config.num_hidden_layers * config.hidden_size  # a forward's FLOPs per attended pair
     return ModelFlops(
-        per_token=6 * trained + 4 * frozen + reference * (trained + frozen),
-        per_supervised_token=(head_factor + reference) * head_size,
-        per_length_squared=(6 + reference) * config.num_hidden_layers * config.hidden_size,
+        trained=PassFlops(6 * trained + 4 * frozen, head_factor * head_size, 3 * attention),
+        forward_only=PassFlops(2 * (trained + frozen), 2 * head_size, attention),
+        reference=PassFlops(2 * reference, 2 * head_size, attention),
     )
 
 
@@ -123,26 +237,8 @@ def peak_memory() -> dict[str, object]:
     return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_memory_kind": "cpu_rss"}
 
 
-def example_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(examples,) lengths of the examples in a micro-batch, padded or packed (position_ids restart per example)."""
-    if "segment_lengths" in batch:
-        return batch["segment_lengths"]
-    return batch["attention_mask"].sum(dim=1)
-
-
-def step_counts(batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-    """(5,) float: real tokens, supervised tokens, slots, the sum of squared example lengths, and examples."""
-    totals = torch.zeros(5, dtype=torch.float64)
-    for batch in batches:
-        lengths = example_lengths(batch).double().cpu()
-        supervised = (batch["labels"][..., 1:] != -100).sum().item()
-        squares = (lengths**2).sum().item()
-        totals += torch.tensor([lengths.sum().item(), supervised, batch["input_ids"].numel(), squares, len(lengths)])
-    return totals
-
-
 class Throughput:
-    """Running totals and windowed rates, from the all-reduced counts of each step."""
+    """Running totals and windowed rates, from each step's `Work`, all-reduced over processes."""
 
     def __init__(
         self,
@@ -153,39 +249,32 @@ class Throughput:
         rows_per_example: int = 1,
     ):
         self.unit, self.rows_per_example = unit, rows_per_example  # a pair is 2 rows of a batch, counted once
-        self.flops = flops or ModelFlops(0.0, 0.0, 0.0)
+        self.flops = flops  # None: no MFU
         self.peak = peak_flops * n_processes
         self.examples = self.tokens = self.supervised_tokens = 0
         self.seconds = 0.0
-        self.window = torch.zeros(5, dtype=torch.float64)
+        self.window = Work()
         self.window_seconds = 0.0
 
-    def add(self, counts: torch.Tensor, seconds: float) -> None:
-        counts = counts.double().cpu()
-        self.examples += int(counts[4]) // self.rows_per_example
-        self.tokens += int(counts[0])
-        self.supervised_tokens += int(counts[1])
+    def add(self, work: Work, seconds: float) -> None:
+        self.examples += work.sequences // self.rows_per_example
+        self.tokens += work.tokens
+        self.supervised_tokens += work.supervised_tokens
         self.seconds += seconds
-        self.window += counts
+        self.window += work
         self.window_seconds += seconds
 
     def report(self) -> dict[str, float]:
-        tokens, supervised, slots, lengths_squared, _examples = self.window.tolist()
-        seconds = self.window_seconds or float("inf")
-        flops = (
-            self.flops.per_token * tokens
-            + self.flops.per_supervised_token * supervised
-            + self.flops.per_length_squared * lengths_squared
-        )
-        self.window.zero_()
-        self.window_seconds = 0.0
+        window, seconds = self.window, self.window_seconds or float("inf")
+        flops = self.flops.of(window) if self.flops else 0.0
+        self.window, self.window_seconds = Work(), 0.0
         return {
             self.unit: self.examples,
             "tokens": self.tokens,
             "supervised_tokens": self.supervised_tokens,
-            "tokens_per_second": tokens / seconds,
-            "supervised_tokens_per_second": supervised / seconds,
-            "padding_fraction": 1 - tokens / slots if slots else 0.0,
+            "tokens_per_second": window.tokens / seconds,
+            "supervised_tokens_per_second": window.supervised_tokens / seconds,
+            "padding_fraction": 1 - window.tokens / window.slots if window.slots else 0.0,
             "mfu": flops / seconds / self.peak if self.peak else 0.0,
             "train_seconds": self.seconds,
         }
