@@ -1,7 +1,7 @@
 """Halyard's command line: a Hydra application (`python launch.py --help` for users).
 
 This file keeps the command line (argv, logging, exit codes) and Hydra's task function; the run itself is
-train/run.py, sweeps are train/sweep.py. Before Hydra starts, every job is composed and validated (all of a sweep's
+train/app/run.py, sweeps are train/app/sweep.py. Before Hydra starts, every job is composed and validated (all of a sweep's
 jobs, before the first starts): every problem is reported at once, exit code 2 and no traceback, and the answer comes
 before torch is imported.
 """
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
-EXIT_STOPPED = 75  # train.faults.TrainingStopped: stopped by a signal, checkpoint written
+EXIT_STOPPED = 75  # train.loop.faults.TrainingStopped: stopped by a signal, checkpoint written
 LAUNCH_SCRIPT = str(Path(__file__).resolve())
 
 logger = logging.getLogger("launch")
@@ -26,7 +26,7 @@ def compose_config(
     """Compose the config (config/config.yaml, or `config_name` found in `config_dir` first) with command-line
     overrides; return the typed, validated Config (with `check_model_files`, the model and tokenizer it names are
     checked to exist too)."""
-    from train.config import validate
+    from train.app.config import validate
 
     return validate(_job_part(compose_raw(overrides, config_dir, config_name)), check_model_files=check_model_files)
 
@@ -58,7 +58,7 @@ def _hydra(config_dir: str | None):
     from hydra.core.config_search_path import SearchPathQuery
     from hydra.core.global_hydra import GlobalHydra
 
-    from train.config import CONFIG_DIR, register_defaults
+    from train.app.config import CONFIG_DIR, register_defaults
     from train.errors import ConfigError
 
     register_defaults()
@@ -79,7 +79,7 @@ def _as_forced_overrides(overrides: list[str]) -> list[str]:
     a loss's settings (`loss.beta`: the loss node takes new keys), config-group choices (`model=tiny`), `+`, `++`, `~`
     and `hydra.*` overrides pass through unchanged.
     """
-    from train.config import CONFIG_DIR, schema_keys
+    from train.app.config import CONFIG_DIR, schema_keys
 
     known = schema_keys() | {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()}
     rewritten = []
@@ -104,7 +104,7 @@ def setup_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
-        from train.help import help_text
+        from train.app.help import help_text
 
         print(help_text())
         return 0
@@ -176,7 +176,7 @@ def _replace_overrides(argv: list[str], before: list[str], after: list[str]) -> 
 
 
 def check_run(args, overrides: list[str]) -> None:
-    from train.config import validate
+    from train.app.config import validate
     from train.files import make_run_dir
 
     raw = compose_raw(overrides, args.config_dir, args.config_name or "config")
@@ -187,10 +187,10 @@ def check_run(args, overrides: list[str]) -> None:
 
 def check_sweep(args, overrides: list[str]) -> list[str]:
     """Validate every job of the sweep; return the extra Hydra overrides that name its jobs' run directories."""
-    from train.config import validate
+    from train.app.config import validate
+    from train.app.sweep import merge_job_problems, plan_jobs, sweep_problems, sweeper_config
     from train.errors import ConfigError, HalyardError
     from train.files import make_run_dir
-    from train.sweep import merge_job_problems, plan_jobs, sweep_problems, sweeper_config
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise HalyardError(
@@ -235,7 +235,7 @@ def run_hydra(argv: list[str]) -> int:
     """Hand the command to Hydra (`@hydra.main`); return the exit code."""
     import hydra
 
-    from train.config import CONFIG_DIR, register_defaults
+    from train.app.config import CONFIG_DIR, register_defaults
 
     register_defaults()
     app = hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")(train_job)
@@ -261,7 +261,7 @@ def train_job(raw) -> float | None:
         if code:
             raise SystemExit(code)
         return None
-    from train.sweep import run_sweep_job
+    from train.app.sweep import run_sweep_job
 
     return run_sweep_job(raw, hydra_cfg, run_job)
 
@@ -269,9 +269,9 @@ def train_job(raw) -> float | None:
 def run_job(raw, hydra_cfg) -> tuple[int, str | None]:
     """Validate and train, in this process or through `accelerate launch` (accelerate_config); return the exit
     code and, for a user error, its message."""
-    from train.config import validate
+    from train.app.config import validate
+    from train.app.launcher import accelerate_command, launched_by_accelerate, run_through_accelerate
     from train.errors import HalyardError
-    from train.launcher import accelerate_command, launched_by_accelerate, run_through_accelerate
 
     try:
         cfg = validate(raw)
@@ -279,7 +279,7 @@ def run_job(raw, hydra_cfg) -> tuple[int, str | None]:
             command = accelerate_command(cfg.accelerate_config, LAUNCH_SCRIPT, _child_overrides(cfg, hydra_cfg))
             code = run_through_accelerate(command)
             return code, None if code == 0 else f"the job's processes exited with code {code} (see the log above)"
-        from train.run import run
+        from train.app.run import run
 
         run(cfg)
     except HalyardError as error:

@@ -84,9 +84,9 @@ def bench_preprocess(args) -> str:
     import contextlib
     import logging
 
-    from train.config import DataConfig, ModelConfig
-    from train.data import preprocess
-    from train.models import build_tokenizer
+    from train.app.config import DataConfig, ModelConfig
+    from train.app.models import build_tokenizer
+    from train.data.pipeline import preprocess
 
     logging.disable(logging.INFO)
     tokenizer = build_tokenizer(ModelConfig(name_or_path=args.tokenizer))
@@ -289,8 +289,8 @@ def bench_sft(args) -> str:
     process, on the same model, tokens and labels, at equal tokens per optimizer step."""
     from transformers import AutoTokenizer
 
-    from train.config import DataConfig
-    from train.data import collate_packed, load_examples, pack_examples
+    from train.app.config import DataConfig
+    from train.data.pipeline import collate_packed, load_examples, pack_examples
 
     work = Path(tempfile.mkdtemp(prefix="halyard-bench-sft-"))
     tokenizer = AutoTokenizer.from_pretrained(args.smollm2)
@@ -381,9 +381,9 @@ def bench_dpo(args) -> str:
     in its own process, on the same model, pairs and pairs per step."""
     from transformers import AutoTokenizer
 
-    from train.config import DataConfig
-    from train.data import load_examples
-    from train.store import IGNORE_INDEX, pack_plan, packed_row_tokens
+    from train.app.config import DataConfig
+    from train.data.pipeline import load_examples
+    from train.data.store import IGNORE_INDEX, pack_plan, packed_row_tokens
 
     work = Path(tempfile.mkdtemp(prefix="halyard-bench-dpo-"))
     tokenizer = AutoTokenizer.from_pretrained(args.smollm2)
@@ -447,10 +447,10 @@ def bench_shared_prompt(args) -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from train.config import DataConfig
-    from train.data import collate, load_examples
-    from train.sequences import collate_sequences, collate_shared_prompt, forward_sequence_logps
-    from train.store import IGNORE_INDEX
+    from train.app.config import DataConfig
+    from train.batching.sequences import collate_sequences, collate_shared_prompt, forward_sequence_logps
+    from train.data.pipeline import collate, load_examples
+    from train.data.store import IGNORE_INDEX
 
     tokenizer = AutoTokenizer.from_pretrained(args.smollm2)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -515,9 +515,9 @@ def bench_cpu_options(args) -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from train.config import DataConfig
-    from train.data import collate, load_examples
-    from train.losses import selected_nll_sum, supervised_positions
+    from train.app.config import DataConfig
+    from train.data.pipeline import collate, load_examples
+    from train.objectives.losses import selected_nll_sum, supervised_positions
 
     tokenizer = AutoTokenizer.from_pretrained(args.smollm2)
     work = Path(tempfile.mkdtemp(prefix="halyard-bench-cpu-"))
@@ -656,7 +656,7 @@ def timed_run(command: list[str]) -> dict:
 def bench_scale(args) -> str:
     """Start-up to the end of step 1 and peak memory at 10k, 100k and 1M rows, through the real CLI."""
     import make_tiny_model
-    from train.store import TokenTable, pack_plan
+    from train.data.store import TokenTable, pack_plan
 
     work = Path(args.work or tempfile.mkdtemp(prefix="halyard-bench-scale-"))
     work.mkdir(parents=True, exist_ok=True)

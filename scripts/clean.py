@@ -34,7 +34,7 @@ def size_of(path: Path) -> int:
 
 def is_run(path: Path) -> bool:
     """A run directory (or a sweep's folder): what launch.py writes, nothing else is ever removed as a run."""
-    from train.layout import CONFIG_FILE, METRICS_FILE, TABLE_JSON
+    from train.loop.run_files import CONFIG_FILE, METRICS_FILE, TABLE_JSON
 
     return path.is_dir() and any((path / name).exists() for name in (CONFIG_FILE, METRICS_FILE, TABLE_JSON))
 

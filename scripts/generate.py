@@ -139,7 +139,7 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     from transformers import set_seed
 
-    from train.progress import quiet_libraries
+    from train.loop.progress import quiet_libraries
 
     quiet_libraries(verbose=False)  # the libraries' known warnings and loading bars would interleave with the chat
     set_seed(args.seed)

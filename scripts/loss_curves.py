@@ -1,5 +1,5 @@
 """Stored 10-step loss curves of every built-in loss on the tiny model (float32, CPU), so that a silent numerical
-change fails a test (tests/test_curves.py runs the same runs and compares them to 1e-5).
+change fails a test (tests/objectives/test_curves.py runs the same runs and compares them to 1e-5).
 
     python scripts/loss_curves.py [LOSS ...]   # regenerate tests/curves/<loss>.json, after a deliberate change
 

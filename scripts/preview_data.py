@@ -67,8 +67,8 @@ def main() -> int:
 
     try:
         cfg = launch.compose_config(overrides)
-        from train.data import MaskAudit, load_examples
-        from train.models import build_tokenizer
+        from train.app.models import build_tokenizer
+        from train.data.pipeline import MaskAudit, load_examples
 
         tokenizer = build_tokenizer(cfg.model)
         sources = cfg.eval_datasets if args.eval else cfg.datasets

@@ -20,9 +20,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 def tokenized(row: dict, where: str, tokenizer, max_length: int):
     """The row's prompt and completion as training tokenizes a pair's prompt and one of its responses."""
-    from train.config import DataConfig
-    from train.data import fit, tokenize_conversation
-    from train.formats import as_messages
+    from train.app.config import DataConfig
+    from train.data.formats import as_messages
+    from train.data.pipeline import fit, tokenize_conversation
 
     prompt = as_messages(row["prompt"], where, "prompt", "user")
     completion = as_messages(row["completion"], where, "completion", "assistant")
@@ -43,7 +43,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from train.data import collate
+    from train.data.pipeline import collate
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForSequenceClassification.from_pretrained(args.model).eval()

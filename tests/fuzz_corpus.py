@@ -23,7 +23,7 @@ CHAT = [
     {"role": "user", "content": "And grass?"},
     {"role": "assistant", "content": "Green, matey!"},
 ]
-# Valid rows of every format, and the kind of trainer data (train/formats.py KINDS) each one is.
+# Valid rows of every format, and the kind of trainer data (train/data/formats.py KINDS) each one is.
 VALID = [
     ("sft", {"instruction": "Name a color.", "input": "Be brief.", "output": "Blue.", "system": "Be a pirate."}),
     ("sft", {"messages": CHAT}),

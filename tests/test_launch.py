@@ -27,8 +27,8 @@ def final_eval_loss_by_the_models_own_loss(final_dir) -> float:
     """Reload FINAL/ with plain transformers and compute the eval loss with the model's own loss (one batch)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from train.config import DataConfig
-    from train.data import collate, load_examples
+    from train.app.config import DataConfig
+    from train.data.pipeline import collate, load_examples
 
     model = AutoModelForCausalLM.from_pretrained(final_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(final_dir)

@@ -26,8 +26,13 @@ def imports_of(path) -> set[str]:
     return found
 
 
+def module_name(path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
 def test_train_has_no_import_cycles():
-    graph = {f"train.{p.stem}": imports_of(p) for p in (REPO / "train").glob("*.py")}
+    graph = {module_name(p): imports_of(p) for p in (REPO / "train").rglob("*.py")}
     cycles = []
 
     def visit(module: str, path: list[str]) -> None:

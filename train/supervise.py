@@ -4,7 +4,7 @@
     python -m train.supervise torchrun --nproc_per_node 2 launch.py loss=sft ...
 
 Why: a training process stopped by SIGINT or SIGTERM finishes its step, writes a checkpoint and exits with 75
-(`train.faults.TrainingStopped`), but launchers do not pass that on. `accelerate launch` turns a child's exit code
+(`train.loop.faults.TrainingStopped`), but launchers do not pass that on. `accelerate launch` turns a child's exit code
 into a `CalledProcessError` traceback and exit code 1; torchrun into a `ChildFailedError` and 1. And Ctrl-C reaches
 the launcher as well as its children: the launcher then terminates them, a second signal that makes them exit at
 once, without the checkpoint.
@@ -30,7 +30,7 @@ from pathlib import Path
 
 SUPERVISOR_DIR = "HALYARD_SUPERVISOR_DIR"
 STOPPED_FILE = "stopped"  # the stop message, written by the main process once its checkpoint is written
-EXIT_STOPPED = 75  # train.faults.TrainingStopped.exit_code (not imported: this command imports nothing heavy)
+EXIT_STOPPED = 75  # train.loop.faults.TrainingStopped.exit_code (not imported: this command imports nothing heavy)
 
 
 # ---- in the training processes ----

@@ -1,0 +1,186 @@
+"""Row formats and sources: each format parsed and tokenized to exact tensors, each source read, bad rows named."""
+
+import json
+
+import datasets
+import pytest
+
+from train.app.config import DataConfig
+from train.data.formats import Conversation, Pair, Text, Unpaired, parse_row, source_problem
+from train.data.pipeline import IGNORE_INDEX, load_examples, tokenize_conversation
+from train.errors import DataError
+
+KEYS = DataConfig()
+QA = [{"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "Arr, 4, matey!"}]
+
+
+def write_jsonl(tmp_path, rows, name="d.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def supervised(tokenizer, ids, labels) -> str:
+    return tokenizer.decode([t for t, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX])
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"instruction": "What is 2 plus 2?", "output": "Arr, 4, matey!"},
+        {"messages": QA},
+        {
+            "conversations": [
+                {"from": "human", "value": "What is 2 plus 2?"},
+                {"from": "gpt", "value": "Arr, 4, matey!"},
+            ]
+        },
+        {"prompt": "What is 2 plus 2?", "completion": "Arr, 4, matey!"},
+        {"prompt": QA[:1], "completion": QA[1:]},
+    ],
+    ids=["instruction", "messages", "sharegpt", "prompt_completion_strings", "prompt_completion_messages"],
+)
+def test_every_sft_format_gives_the_same_tensors(row, tiny_tokenizers, tmp_path):
+    tokenizer = tiny_tokenizers["chatml"]
+    assert parse_row(row, "r", KEYS) == Conversation(QA)
+    [example], stats = load_examples([write_jsonl(tmp_path, [row])], tokenizer, KEYS, max_length=128)
+    expected = tokenize_conversation(QA, tokenizer, "r")
+    assert (example.input_ids, example.labels) == (expected.input_ids, expected.labels)
+    assert supervised(tokenizer, example.input_ids, example.labels) == "Arr, 4, matey!<|im_end|>"
+
+
+def test_text_rows_supervise_every_token_and_are_chunked(tiny_tokenizers, tmp_path):
+    tokenizer = tiny_tokenizers["llama3"]  # has a BOS token
+    text = "The quick brown fox jumps over the lazy dog. " * 8
+    assert parse_row({"text": text}, "r", KEYS) == Text(text)
+    examples, _ = load_examples([write_jsonl(tmp_path, [{"text": text}])], tokenizer, KEYS, max_length=32)
+    ids = [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+    assert [t for e in examples for t in e.input_ids] == ids
+    assert all(e.labels == e.input_ids and len(e.input_ids) <= 32 for e in examples)
+    assert len(examples) == -(-len(ids) // 32)
+
+
+def test_train_on_last_assistant_and_all(tiny_tokenizers):
+    tokenizer = tiny_tokenizers["chatml"]
+    two_turns = QA + [{"role": "user", "content": "And 3 plus 3?"}, {"role": "assistant", "content": "Arr, 6!"}]
+    last = tokenize_conversation(two_turns, tokenizer, "r", train_on="last_assistant")
+    assert supervised(tokenizer, last.input_ids, last.labels) == "Arr, 6!<|im_end|>"
+    every = tokenize_conversation(two_turns, tokenizer, "r", train_on="all")
+    assert every.labels == every.input_ids
+
+
+def test_preference_rows_share_the_prompt(tiny_tokenizers, tmp_path):
+    tokenizer = tiny_tokenizers["chatml"]
+    row = {"prompt": "What is 2 plus 2?", "chosen": "Arr, 4, matey!", "rejected": "Five."}
+    assert parse_row(row, "r", KEYS) == Pair(QA[:1], QA[1:], [{"role": "assistant", "content": "Five."}])
+    # hh-style rows repeat the conversation in both responses: the shared turns move to the prompt.
+    hh = {"prompt": [], "chosen": QA, "rejected": [QA[0], {"role": "assistant", "content": "Five."}]}
+    assert parse_row(hh, "r", KEYS) == parse_row(row, "r", KEYS)
+    [pair], _ = load_examples([write_jsonl(tmp_path, [row])], tokenizer, KEYS, 128, kind="paired")
+    assert supervised(tokenizer, pair.chosen.input_ids, pair.chosen.labels) == "Arr, 4, matey!<|im_end|>"
+    assert supervised(tokenizer, pair.rejected.input_ids, pair.rejected.labels) == "Five.<|im_end|>"
+    prompt_length = pair.chosen.labels.index(next(x for x in pair.chosen.labels if x != IGNORE_INDEX))
+    assert pair.chosen.input_ids[:prompt_length] == pair.rejected.input_ids[:prompt_length]
+
+
+def test_unpaired_rows(tiny_tokenizers, tmp_path):
+    row = {"prompt": "What is 2 plus 2?", "completion": "Five.", "label": False}
+    assert parse_row(row, "r", KEYS) == Unpaired(QA[:1], [{"role": "assistant", "content": "Five."}], False)
+    [example], _ = load_examples([write_jsonl(tmp_path, [row])], tiny_tokenizers["chatml"], KEYS, 128, kind="unpaired")
+    assert example.desirable is False
+    with pytest.raises(DataError, match="field 'label' must be true"):
+        parse_row({**row, "label": "no"}, "r", KEYS)
+
+
+def test_forced_format_and_stage_mismatch(tiny_tokenizers, tmp_path):
+    with pytest.raises(DataError, match="field 'conversations' is missing"):
+        parse_row({"messages": QA}, "r", DataConfig(format="sharegpt"))
+    path = write_jsonl(tmp_path, [{"instruction": "q", "output": "a"}])
+    with pytest.raises(DataError, match="trains on prompt/chosen/rejected rows, but this file holds conversation rows"):
+        load_examples([path], tiny_tokenizers["chatml"], KEYS, 128, kind="paired")
+
+
+@pytest.mark.parametrize("kind", ["parquet", "csv", "saved"])
+def test_parquet_csv_and_saved_datasets(kind, tiny_tokenizers, tmp_path):
+    rows = [{"instruction": "What is 2 plus 2?", "output": "Arr, 4, matey!"}, {"instruction": "Hi", "output": "Ahoy"}]
+    table = datasets.Dataset.from_list(rows)
+    source = str(tmp_path / {"parquet": "d.parquet", "csv": "d.csv", "saved": "saved"}[kind])
+    {"parquet": table.to_parquet, "csv": table.to_csv, "saved": table.save_to_disk}[kind](source)
+    assert source_problem(source) is None
+    examples, stats = load_examples([source], tiny_tokenizers["chatml"], KEYS, 128)
+    assert stats.rows == 2
+    expected = tokenize_conversation(QA, tiny_tokenizers["chatml"], "r")
+    assert examples[0].input_ids == expected.input_ids
+
+
+def test_source_problems_are_named(tmp_path):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "d.txt").write_text("")
+    assert "neither a file, a saved dataset folder, nor a named dataset" in source_problem(str(tmp_path / "nope.jsonl"))
+    assert "not a dataset saved with datasets' save_to_disk" in source_problem(str(tmp_path / "folder"))
+    assert "unsupported extension" in source_problem(str(tmp_path / "d.txt"))
+    assert source_problem("ultrachat") is None
+
+
+def test_named_dataset_offline_fails_fast_with_a_fix(tiny_tokenizers):
+    with pytest.raises(DataError, match=r"'ultrachat' \(HuggingFaceH4/ultrachat_200k.*offline.*pass the file instead"):
+        load_examples(["ultrachat"], tiny_tokenizers["chatml"], KEYS, 128)
+
+
+def test_bad_rows_can_be_skipped_and_are_counted(tiny_tokenizers, tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(
+        '{"instruction": "q", "output": "a"}\n{not json\n{"instruction": "q"}\n[1]\n{"instruction": "q2", "output": "b"}\n'
+    )
+    with pytest.raises(DataError, match=r"line 2: not valid JSON .*\(2 more bad rows; data.on_bad_row=skip"):
+        load_examples([str(path)], tiny_tokenizers["chatml"], KEYS, 128)
+    examples, stats = load_examples([str(path)], tiny_tokenizers["chatml"], DataConfig(on_bad_row="skip"), 128)
+    assert (len(examples), stats.rows, stats.skipped_bad_rows) == (2, 5, 3)
+    assert "3 malformed rows skipped" in stats.describe("train", 128)
+
+
+def test_fuzz_corpus_gives_named_errors_or_counted_skips_never_a_traceback(tiny_tokenizers, tmp_path):
+    """Every row of the fuzz corpus (tests/fuzz_corpus.py: 240 valid rows of every format, mutated) is used, or
+    refused with an error naming the file, the line and the mutated field; whole files skip and count them."""
+    import re
+
+    from fuzz_corpus import VALID, corpus
+
+    from train.data.formats import read_source
+    from train.data.pipeline import tokenize_rows
+
+    entries = corpus(seed=0)
+    assert len(entries) >= 200 and {kind for kind, _ in VALID} == {e.kind for e in entries}
+    tokenizer = tiny_tokenizers["chatml"]
+    for kind in ("sft", "paired", "unpaired"):
+        mine = [e for e in entries if e.kind == kind]
+        valid = next(row for k, row in VALID if k == kind)  # first: the file's format check reads a good row
+        path = tmp_path / f"{kind}.jsonl"
+        path.write_bytes(json.dumps(valid).encode() + b"\n" + b"".join(e.line for e in mine))
+        rows = list(read_source(str(path)))
+        assert len(rows) == len(mine) + 1
+        bad = 0
+        for line, (entry, (where, row)) in enumerate(zip(mine, rows[1:], strict=True), start=2):
+            _, report = tokenize_rows([(where, row, 0)], tokenizer=tokenizer, settings=KEYS, max_length=64, kind=kind)
+            message = report["first_bad_row"]
+            if entry.mutation in ("bom", "crlf"):
+                assert report["examples"] >= 1, (entry.mutation, message)
+            if entry.mutation in ("invalid_utf8", "truncated", "not_an_object", "deep_nesting", "surrogate"):
+                assert message, (entry.mutation, entry.field)
+            if message:
+                bad += 1
+                assert message.startswith(f"{path} line {line}: "), (entry.mutation, message)
+                # A field made invalid is named (a message field by its list entry, e.g. messages[2]).
+                if entry.mutation in ("wrong_type", "null", "garbage", "surrogate"):
+                    assert re.match(r"[^.]*", entry.field)[0] in message, (entry.mutation, entry.field, message)
+        examples, stats = load_examples([str(path)], tokenizer, DataConfig(on_bad_row="skip"), max_length=64, kind=kind)
+        assert stats.skipped_bad_rows == bad and stats.rows == len(mine) + 1 and 0 < bad < len(mine)
+        with pytest.raises(DataError, match=f"{re.escape(str(path))} line \\d+: .*data.on_bad_row=skip would skip"):
+            load_examples([str(path)], tokenizer, KEYS, max_length=64, kind=kind)
+
+
+def test_empty_data_file_is_an_error_naming_it(tiny_tokenizers, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match=f"{empty}: no rows \\(the file is empty\\)"):
+        load_examples([str(empty)], tiny_tokenizers["chatml"], KEYS, max_length=64)

@@ -1,0 +1,1 @@
+"""The application: the config schema and its validation, help, one run from config to FINAL/, sweeps, launchers."""

@@ -1,0 +1,524 @@
+"""Trainers. `BasicTrainer` owns the loop: accumulation, the optimizer step, clipping, evaluation and logging.
+A loss is a subclass that implements two hooks, `loss_units` and `batch_loss`; see `SFTTrainer`, and the paired
+preference trainers in train/objectives/preference.py, where a loss implements only `loss`.
+
+Normalization is exact: a step's loss is the sum of per-unit losses (tokens for SFT) over all its micro-batches on
+all processes, divided by the number of units in that whole step. So the gradients do not depend on how the global
+batch is split into micro-batches or processes.
+
+What is not the loop lives beside it: which examples each step trains on (train/batching/plan.py), checkpoints and the
+run directory's files (train/loop/checkpoint.py), the optimizer and schedule (train/loop/optim.py), generated samples
+(train/loop/samples.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from train.app.config import Config, LossConfig, config_yaml
+from train.app.models import TORCH_DTYPES, resolve_save_dtype, verify_packing_isolation
+from train.batching.plan import BatchPlan, StepBatches, step_loader
+from train.data.pipeline import collate, collate_packed
+from train.data.store import PackedExample, PackedStore, TokenStore, packed_row_tokens
+from train.errors import DataError, HalyardError
+from train.loop import checkpoint
+from train.loop.card import CardInfo
+from train.loop.card import render as render_card
+from train.loop.distributed import (
+    FsdpSettings,
+    clip_gradients,
+    is_sharded,
+    local_parameter_fraction,
+    no_gradient_sync,
+    shard_model,
+)
+from train.loop.faults import StopRequest, TrainingStopped, fault_at
+from train.loop.optim import build_optimizer, build_scheduler, warmup_steps_of
+from train.loop.progress import Progress
+from train.loop.samples import write_samples
+from train.loop.throughput import Throughput, Work, model_flops, peak_flops_per_second, peak_memory, trained_work
+from train.objectives.losses import LossSum, supervised_positions
+
+logger = logging.getLogger(__name__)
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+UNSHARDABLE_OPTIMIZERS = (
+    "adafactor",
+    "adamw_8bit",
+)  # factored or quantized state: not sharded like the weights  # the batch keys the model's forward takes
+
+
+@dataclass
+class StepResult:
+    """One optimizer step, all-reduced over processes."""
+
+    loss: float  # the step's exact loss: the sum of its unit losses over the number of units
+    grad_norm: float  # before clipping
+    metrics: dict[str, float]  # the loss's own metrics, e.g. "rewards_train/chosen"
+    work: Work  # what the step's passes ran on, for Throughput
+    stop_requested: bool  # a process got SIGTERM or SIGINT
+
+
+def forward_supervised(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logits at the positions whose next token is supervised, and those positions.
+
+    Returns (n_kept, vocab) logits in the model's dtype and the (batch, seq) bool mask `keep`. The output
+    projection runs only there (logits_to_keep): full-vocabulary logits of prompt and padding positions are never
+    computed, let alone upcast to float32. Feed both to `selected_nll_sum` or `selected_sequence_logps`.
+    """
+    keep = supervised_positions(batch["labels"])
+    inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
+    return model(**inputs, logits_to_keep=keep).logits, keep
+
+
+def batching_choice(packed: bool, grouped: bool) -> str:
+    """What the log says about how batches are formed: the biggest lever on speed, so a user sees it."""
+    if packed:
+        return "batches: packed rows (data.packing=true), no padding"
+    if grouped:
+        return (
+            "batches: examples of similar length together, batches in random order (data.group_by_length=true, the "
+            "default: little padding); data.group_by_length=false for fully random batches"
+        )
+    return "batches: random examples padded to each micro-batch's longest (data.group_by_length=true pads less)"
+
+
+class BasicTrainer:
+    """The training loop. Subclasses define what a loss unit is and how a micro-batch's loss sum is computed.
+
+    A subclass is a loss: `loss.trainer` in its config/loss/<name>.yaml names it by import path, and these class
+    attributes say what validation needs to know before anything loads.
+    """
+
+    settings_class: type[LossConfig] = LossConfig  # the dataclass of its `loss.*` settings; `self.settings` is one
+    data_kind = "sft"  # its rows: "sft" (conversations, text), "text", "paired" or "unpaired" (train/data/formats.py)
+    supports_packing = False  # whether its batches may be packed rows (data.packing=true)
+    supports_shared_prompt = False  # whether a pair's prompt may run once (data.shared_prompt=true)
+    uses_reference = False  # whether it holds a frozen reference model (train/objectives/preference.py)
+    supports_reference_precompute = False  # whether reference.precompute=true can replace that model
+    model_head = "lm"  # "lm": a causal LM; "score": a sequence classifier with one output (a reward model)
+    pairs_across_step = False  # collate(examples, successors): each example's successor in the global batch too
+    example_unit = "examples"  # what one item of the training data is called in the log, metrics and summary
+    rows_per_example = 1  # sequences a collated item holds in a micro-batch (a pair: chosen and rejected)
+
+    def __init__(
+        self,
+        cfg: Config,
+        accelerator: Accelerator,
+        model,
+        tokenizer,
+        train_data: TokenStore | PackedStore,
+        eval_data: TokenStore | None,
+        fsdp: FsdpSettings | None = None,
+    ):
+        # Read the config once into typed attributes; the loop never looks at the config again.
+        self.settings = cfg.loss  # an instance of settings_class, validated
+        self.accelerator = accelerator
+        self.tokenizer = tokenizer
+        self.train_data, self.eval_data = train_data, eval_data
+        self.run_dir = Path(cfg.run_dir)
+        self.config_text = config_yaml(cfg)
+        self.seed = cfg.seed
+        self.n_epochs = cfg.n_epochs
+        self.batch_size = cfg.model.batch_size
+        self.eval_batch_size = cfg.model.eval_batch_size
+        self.accumulation_steps = cfg.model.gradient_accumulation_steps
+        self.max_grad_norm = cfg.model.max_grad_norm
+        self.eval_every_steps = cfg.eval_every_steps
+        self.log_every_steps = cfg.log_every_steps
+        self.use_peft = cfg.model.use_peft
+        self.pad_token_id = tokenizer.pad_token_id
+        self.save_every_steps = cfg.save_every_steps
+        self.save_total_limit = cfg.save_total_limit
+        self.on_nonfinite = cfg.on_nonfinite
+        self.resume_allow_config_change = cfg.resume_allow_config_change
+        self.num_workers = cfg.data.num_workers
+        self.eval_samples = cfg.eval_samples
+        self.eval_samples_max_new_tokens = cfg.eval_samples_max_new_tokens
+        self.verbose = cfg.verbose
+        self.save_merged = cfg.save_merged
+        if self.model_head == "score" and self.use_peft and self.save_merged == "adapter":
+            self.save_merged = "both"  # a reward model is used merged (scripts/score.py, AutoModelFor...Classification)
+        self.card_info = CardInfo.from_config(cfg)
+        self.save_dtype = TORCH_DTYPES[resolve_save_dtype(cfg.save_dtype, cfg.model)[0]]  # FINAL/'s weights
+        packed = isinstance(train_data, PackedStore)
+        self.batch_unit = "packed rows" if packed else self.example_unit  # what model.batch_size counts
+
+        self.batch_plan = BatchPlan(
+            n_items=len(train_data),
+            batch_size=self.batch_size,
+            n_processes=accelerator.num_processes,
+            rank=accelerator.process_index,
+            accumulation_steps=self.accumulation_steps,
+            seed=self.seed,
+            lengths=train_data.lengths() if cfg.data.group_by_length else None,
+        )
+        self.steps_per_epoch = self.batch_plan.steps_per_epoch
+        logger.info(batching_choice(isinstance(train_data, PackedStore), cfg.data.group_by_length))
+        if self.steps_per_epoch == 0:
+            what = f"has {len(train_data)} {self.example_unit}"
+            if packed:
+                slots = packed_row_tokens(train_data.kind, cfg.model.max_length)
+                what = (
+                    f"packs into {len(train_data)} rows ({len(train_data.members)} {self.example_unit} in rows of up "
+                    f"to {slots} tokens, from model.max_length={cfg.model.max_length})"
+                )
+            raise DataError(
+                f"the training data {what}, fewer than model.batch_size={self.batch_size} {self.batch_unit}; "
+                f"lower the batch size or add data"
+            )
+        self.total_steps = self.n_epochs * self.steps_per_epoch
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        unused = len(train_data) - self.steps_per_epoch * self.batch_size
+        if unused:
+            logger.info(
+                f"each epoch trains on {len(train_data) - unused} of {len(train_data)} {self.batch_unit}: the last "
+                f"partial batch is left out (the order is reshuffled every epoch)"
+            )
+
+        self.model, self.optimizer = self.prepare_model(model, fsdp, cfg)
+        self.warmup_steps = warmup_steps_of(
+            self.total_steps, warmup_steps=cfg.warmup_steps, warmup_ratio=cfg.warmup_ratio
+        )
+        self.scheduler = build_scheduler(
+            self.optimizer,
+            self.total_steps,
+            name=cfg.lr_scheduler,
+            warmup_steps=self.warmup_steps,
+            min_lr_ratio=cfg.min_lr_ratio,
+            decay_ratio=cfg.lr_decay_ratio,
+        )
+        logger.info(
+            f"optimizer {cfg.optimizer.name}, lr {cfg.lr:g}, {cfg.lr_scheduler} schedule, "
+            f"{self.warmup_steps} warmup step(s)"
+        )
+        self.summary: dict[str, object] = {}
+        self.throughput = self.build_throughput(cfg)
+        if isinstance(train_data, PackedStore):
+            verify_packing_isolation(self.accelerator.unwrap_model(self.model), cfg.model.attn_implementation)
+        self.metrics_path = self.run_dir / checkpoint.METRICS_FILE
+        self.step = 0  # optimizer steps completed
+        self.skipped_steps = 0
+        self.stop_request = StopRequest()
+        self.data_fingerprint = train_data.fingerprint()  # from cache keys and the selection: no token is read
+        if self.save_every_steps and accelerator.is_main_process:
+            checkpoint.check_disk_space(self.run_dir, self.model)
+
+    def prepare_model(self, model, fsdp: FsdpSettings | None, cfg: Config):
+        """The model wrapped for this process layout (DDP, or sharded with FSDP2), and its optimizer."""
+        opt = cfg.optimizer
+        settings = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, name=opt.name, betas=opt.betas, eps=opt.eps)
+        if fsdp is not None:  # shard first: the optimizer must hold the sharded parameters
+            if opt.name in UNSHARDABLE_OPTIMIZERS:
+                raise HalyardError(
+                    f"optimizer.name={opt.name} under FSDP: its state is not shaped like the parameters, so its "
+                    f"checkpoints cannot be sharded; use adamw or adamw_fused with FSDP, or DDP with {opt.name}"
+                )
+            model = shard_model(model, fsdp, self.accelerator.device, bf16=cfg.model.dtype == "bfloat16")
+            return model, build_optimizer(model, **settings)
+        return self.accelerator.prepare(model, build_optimizer(model, **settings))
+
+    def build_throughput(self, cfg: Config) -> Throughput:
+        device = self.accelerator.device
+        peak = peak_flops_per_second(cfg.peak_flops_per_second, device, cfg.model.dtype == "bfloat16", cfg.cache_dir)
+        flops = model_flops(self.accelerator.unwrap_model(self.model), self.model_head == "lm")
+        self.summary.update(peak_flops_per_second=peak.flops_per_second, peak_flops_source=peak.source)
+        return Throughput(
+            flops, peak.flops_per_second, self.accelerator.num_processes, self.example_unit, self.rows_per_example
+        )
+
+    # ---- hooks for subclasses ----
+
+    # A micro-batch, as `collate` makes it and the hooks receive it (on the training device):
+    #   input_ids       (rows, seq) int64, padded with the tokenizer's pad token
+    #   labels          (rows, seq) int64: the token id where supervised, -100 elsewhere (prompt, padding)
+    #   attention_mask  (rows, seq) int64, 1 on real tokens (absent from packed rows)
+    #   position_ids    (rows, seq) int64, restarting at 0 for each example (packed rows only)
+    #   example_ids     (rows, seq) int64, which example of the micro-batch each token belongs to (packed rows only)
+    # Preference trainers add their own keys (train/objectives/preference.py).
+
+    def loss_units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """() int64: how many units (tokens, examples, pairs) the loss of this micro-batch sums over. The step's loss
+        is divided by the sum of this over every micro-batch of every process."""
+        raise NotImplementedError
+
+    def batch_loss(self, model, batch: dict[str, torch.Tensor]) -> LossSum:
+        """Forward `batch` through `model`; return the loss summed (not averaged) over its units, their count, and
+        metric sums: name -> (sum, count), averaged over the whole step."""
+        raise NotImplementedError
+
+    def batch_work(self, batch: dict[str, torch.Tensor]) -> Work:
+        """What a training step's passes over `batch` (collated, on the CPU) run on, for MFU: here the policy's forward
+        and backward over every sequence. A trainer that runs other passes (a reference model, a forward without
+        gradients) says so by overriding this."""
+        return trained_work(batch)
+
+    def before_step(self, batches: list[dict[str, torch.Tensor]]) -> None:
+        """Called with all of this process's micro-batches of a step before any of their losses: a loss whose
+        terms depend on the whole step (KTO's KL reference point) computes that here, on every process."""
+
+    def collate(self, examples: list) -> dict[str, torch.Tensor]:
+        """Tensors of one micro-batch (padded to its longest example or packed row), on the CPU. Runs in a data
+        loader worker."""
+        if isinstance(examples[0], PackedExample):
+            return collate_packed(examples, self.pad_token_id)
+        return collate(examples, self.pad_token_id)
+
+    # ---- the loop ----
+
+    def train(self) -> None:
+        """Train from `self.step` (0, or where a checkpoint left off) to `total_steps`.
+
+        Raises TrainingStopped after writing a checkpoint if SIGTERM or SIGINT arrived.
+        """
+        world = self.accelerator.num_processes
+        logger.info(
+            f"training for {self.total_steps} steps ({self.steps_per_epoch} per epoch) of {self.batch_size} "
+            f"{self.batch_unit} "
+            f"on {world} process(es), {self.accumulation_steps} micro-batch(es) of "
+            f"{self.batch_plan.micro_batch_size} each" + (f", from step {self.step}" if self.step else "")
+        )
+        sharded = is_sharded(self.accelerator.unwrap_model(self.model))
+        self.summary.update(
+            num_processes=world,
+            total_steps=self.total_steps,
+            parallelism="fsdp2" if sharded else ("ddp" if world > 1 else "single"),
+            local_parameter_fraction=local_parameter_fraction(self.model),
+        )
+        self.progress = Progress(self.total_steps, self.step, self.accelerator.is_main_process, verbose=self.verbose)
+        if self.step == 0:
+            if self.accelerator.is_main_process:
+                self.metrics_path.write_text("")
+                (self.run_dir / checkpoint.SAMPLES_FILE).unlink(missing_ok=True)
+            if self.eval_data:
+                self.log({"step": 0, **self.run_evaluation()})
+        self.model.train()
+        with self.stop_request.installed(), contextlib.closing(self.progress):
+            for epoch, micro_batches in self.step_batches(start_step=self.step):
+                self.step += 1
+                stop = self.train_and_log_step(epoch, micro_batches)
+                if stop or self.checkpoint_due():
+                    self.save_checkpoint()
+                if stop:
+                    raise TrainingStopped(self.stop_request.signal_name or "a signal", self.step)
+        seconds = max(self.throughput.seconds, 1e-9)
+        self.summary["tokens_per_second"] = self.throughput.tokens / seconds
+        self.summary["supervised_tokens_per_second"] = self.throughput.supervised_tokens / seconds
+        self.summary["skipped_nonfinite_steps"] = self.skipped_steps
+        self.summary.update(peak_memory())
+
+    def checkpoint_due(self) -> bool:
+        # The last step needs none: FINAL/ follows it.
+        every = self.save_every_steps
+        return bool(every) and self.step % every == 0 and self.step < self.total_steps
+
+    def train_and_log_step(self, epoch: int, micro_batches: list[dict[str, torch.Tensor]]) -> bool:
+        """Run one optimizer step, then log and evaluate when due. Returns whether any process was asked to stop."""
+        started = time.perf_counter()
+        result = self.train_step(micro_batches)
+        self.throughput.add(result.work, time.perf_counter() - started)
+        stop = result.stop_requested
+        is_last = self.step == self.total_steps
+        row: dict[str, float] = {"step": self.step}
+        if self.step % self.log_every_steps == 0 or is_last or stop:
+            epoch_progress = epoch + (self.step - epoch * self.steps_per_epoch) / self.steps_per_epoch
+            row.update({"loss/train": result.loss, **result.metrics, "grad_norm": result.grad_norm})
+            row.update(epoch=epoch_progress, lr=self.scheduler.get_last_lr()[0], **self.throughput.report())
+        if self.eval_data and (self.step % self.eval_every_steps == 0 or is_last):
+            row.update(self.run_evaluation())
+        if len(row) > 1:
+            self.log(row)
+        self.progress.advance(self.step, row)
+        return stop
+
+    def step_batches(self, start_step: int = 0):
+        """(epoch, this process's collated micro-batches) for each optimizer step after `start_step`, prepared ahead
+        by data loader workers; which examples they hold is `self.batch_plan`'s (see train/batching/plan.py)."""
+        batches = StepBatches(
+            self.batch_plan, self.train_data, self.collate, start_step, self.total_steps, self.pairs_across_step
+        )
+        return step_loader(batches, self.num_workers, pin_memory=self.accelerator.device.type == "cuda")
+
+    def train_step(self, on_cpu: list[dict[str, torch.Tensor]]) -> StepResult:
+        """One optimizer step over this process's micro-batches.
+
+        Returns the step's exact loss, gradient norm, real token count and whether any process must stop. A step
+        whose loss or gradient is not finite is never applied (on_nonfinite=stop raises, skip counts it).
+        """
+        work = sum(map(self.batch_work, on_cpu), Work())  # counted before the copy to the device: no device syncs
+        batches = [self.to_device(batch) for batch in on_cpu]
+        self.before_step(batches)
+        local_units = sum(self.loss_units(batch) for batch in batches)
+        global_units = self.accelerator.reduce(local_units.to(self.accelerator.device), reduction="sum").clamp(min=1)
+        loss_total = torch.zeros((), device=self.accelerator.device)
+        metric_sums = MetricSums()
+        for index, batch in enumerate(batches):
+            # Gradients are all-reduced (averaged over processes) only on the last micro-batch.
+            sync = index == len(batches) - 1
+            with contextlib.nullcontext() if sync else no_gradient_sync(self.accelerator, self.model):
+                loss_sum = self.batch_loss(self.model, batch)
+                if fault_at("nan_loss", self.step):
+                    loss_sum.total = loss_sum.total * float("nan")
+                # DDP averages gradients over processes, so scale by their number to get sum / global_units.
+                self.accelerator.backward(loss_sum.total * self.accelerator.num_processes / global_units)
+            loss_total += loss_sum.total.detach()
+            metric_sums.add(loss_sum.metrics)
+        self.stop_request.inject_faults(self.step)
+        counts = work.as_tensor().to(loss_total)
+        stop_flag = torch.tensor(float(self.stop_request.requested), device=loss_total.device)
+        totals = self.accelerator.reduce(torch.cat([torch.stack([loss_total, stop_flag]), counts]), reduction="sum")
+        loss = (totals[0] / global_units).item()
+        metrics = metric_sums.reduce(self.accelerator, "train")
+        grad_norm = clip_gradients(self.accelerator, self.model, self.max_grad_norm or math.inf)
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.optimizer.step()
+        else:
+            self.handle_nonfinite(loss, grad_norm)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        work = Work.from_tensor(totals[2:])
+        return StepResult(loss, grad_norm, metrics, work=work, stop_requested=bool(totals[1] > 0))
+
+    def handle_nonfinite(self, loss: float, grad_norm: float) -> None:
+        what = f"step {self.step}: the loss ({loss}) or the gradient norm ({grad_norm}) is not finite"
+        if self.on_nonfinite == "stop":
+            latest = checkpoint.find_latest(self.run_dir)
+            kept = f"the newest checkpoint ({latest.name}) is untouched" if latest else "no checkpoint was written"
+            raise HalyardError(
+                f"{what}; stopped without applying it, and {kept}. Lower lr or max_grad_norm, inspect this step's "
+                f"data, or set on_nonfinite=skip to skip such steps."
+            )
+        self.skipped_steps += 1
+        logger.warning(f"{what}; skipped (no update). {self.skipped_steps} step(s) skipped so far.")
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {key: value.to(self.accelerator.device) for key, value in batch.items()}
+
+    def run_evaluation(self) -> dict[str, float]:
+        """The evaluation metrics, and generated samples when eval_samples > 0."""
+        metrics = self.evaluate()
+        if self.eval_samples:
+            write_samples(
+                self.accelerator, self.model, self.tokenizer, self.eval_data, self.eval_samples,
+                self.eval_samples_max_new_tokens, self.step, self.run_dir / checkpoint.SAMPLES_FILE,
+            )  # fmt: skip
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss over every evaluation example, exact over processes.
+
+        Each global eval batch is split over the processes; all processes run the same number of forward passes
+        (one with no examples left runs a discarded one), because a sharded model communicates in its forward.
+        """
+        model = self.accelerator.unwrap_model(self.model)
+        model.eval()
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        micro = self.eval_batch_size // world
+        sums = torch.zeros(2, device=self.accelerator.device)
+        metric_sums = MetricSums()
+        for start in range(0, len(self.eval_data), self.eval_batch_size):
+            mine = self.eval_data[start + rank * micro : start + (rank + 1) * micro]
+            loss_sum = self.batch_loss(model, self.to_device(self.collate(mine or self.eval_data[:1])))
+            if mine:
+                sums += torch.stack([loss_sum.total.float(), loss_sum.count.float()])
+                metric_sums.add(loss_sum.metrics)
+        self.model.train()
+        sums = self.accelerator.reduce(sums, reduction="sum")
+        return {"loss/eval": (sums[0] / sums[1].clamp(min=1)).item(), **metric_sums.reduce(self.accelerator, "eval")}
+
+    def log(self, metrics: dict[str, float]) -> None:
+        """Append to metrics.jsonl, send to the enabled trackers, and print a line (main process only)."""
+        if not self.accelerator.is_main_process:
+            return
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        self.accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
+        self.summary.update({k: v for k, v in metrics.items() if k not in ("lr", "grad_norm", "epoch")})
+        if metrics["step"] == 0 and "loss/eval" in metrics:
+            self.summary["loss/eval_before_training"] = metrics["loss/eval"]
+        self.progress.show(metrics)
+
+    # ---- checkpoints (train/loop/checkpoint.py writes and reads them) ----
+
+    def parts(self) -> checkpoint.TrainingParts:
+        return checkpoint.TrainingParts(self.model, self.optimizer, self.scheduler, self.tokenizer)
+
+    def save_checkpoint(self) -> None:
+        """Write ${run_dir}/step-<N>/ atomically; every process takes part."""
+        tracker = self.accelerator.get_tracker("wandb", unwrap=True) if self.accelerator.trackers else None
+        state = checkpoint.TrainerState(
+            step=self.step,
+            epoch=self.step // self.steps_per_epoch,
+            world_size=self.accelerator.num_processes,
+            sharded=is_sharded(self.accelerator.unwrap_model(self.model)),
+            use_peft=self.use_peft,
+            skipped_steps=self.skipped_steps,
+            throughput=self.throughput.state(),
+            summary=self.summary,
+            data_fingerprint=self.data_fingerprint,
+            wandb_run_id=getattr(tracker, "id", None),
+        )
+        checkpoint.save_checkpoint(
+            self.accelerator, self.parts(), state, self.run_dir, self.config_text, self.save_total_limit
+        )
+
+    def load_checkpoint(self, directory: Path) -> None:
+        """Continue from a step checkpoint: weights, optimizer, schedule, RNG and counters, on every process."""
+        state = checkpoint.load_checkpoint(
+            directory,
+            self.run_dir,
+            self.accelerator,
+            self.parts(),
+            self.data_fingerprint,
+            self.resume_allow_config_change,
+        )
+        self.step, self.skipped_steps = state.step, state.skipped_steps
+        self.throughput.restore(state.throughput)
+        self.summary.update(state.summary)
+
+    def save_final(self) -> None:
+        """Write FINAL/ (under LoRA: the adapter, the merged model or both, see save_merged) with its model card,
+        never half-written; every process takes part."""
+        card = render_card(self.card_info, self.summary, adapter_only=self.use_peft and self.save_merged == "adapter")
+        final = checkpoint.save_final(
+            self.accelerator, self.model, self.tokenizer, self.run_dir, self.config_text, self.use_peft,
+            save_merged=self.save_merged, card=card, dtype=self.save_dtype,
+        )  # fmt: skip
+        if final is not None:
+            self.summary["final_dir"] = str(final.resolve())
+
+
+class MetricSums:
+    """Sums and counts of a step's (or an evaluation's) metrics, over micro-batches, then over processes."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, metrics: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for name, (total, count) in metrics.items():
+            pair = torch.stack([total.detach().float().sum(), torch.as_tensor(count).float().sum().to(total.device)])
+            self.sums[name] = [self.sums[name][0] + pair] if name in self.sums else [pair]
+
+    def reduce(self, accelerator: Accelerator, split: str) -> dict[str, float]:
+        """Means over every process, named for the split: "rewards/chosen" -> "rewards_train/chosen"."""
+        if not self.sums:
+            return {}
+        names = sorted(self.sums)
+        totals = accelerator.reduce(torch.stack([self.sums[n][0] for n in names]), reduction="sum")
+        return {_split_name(n, split): (t[0] / t[1].clamp(min=1)).item() for n, t in zip(names, totals, strict=True)}
+
+
+def _split_name(name: str, split: str) -> str:
+    group, _, metric = name.partition("/")
+    return f"{group}_{split}/{metric}" if metric else f"{group}_{split}"

@@ -1,0 +1,1 @@
+"""Objectives: the pure loss functions and the trainer subclass of each loss."""

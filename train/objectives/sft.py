@@ -1,0 +1,51 @@
+"""Supervised fine-tuning and continued pretraining: the masked NLL of the supervised tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from train.app.config import LossConfig, setting
+from train.loop.trainer import BasicTrainer, forward_supervised
+from train.objectives.losses import LossSum, count_loss_units, selected_nll_sum
+
+SFT_REDUCTIONS = ("token", "sequence")
+
+
+@dataclass
+class SFTSettings(LossConfig):
+    reduction: str = setting(
+        "token",
+        "token: every supervised token of the step weighs the same (long answers weigh more); sequence: every "
+        "example weighs the same (the mean over examples of each one's mean token loss).",
+    )
+
+    def problems(self) -> list[str]:
+        if self.reduction not in SFT_REDUCTIONS:
+            return [f"loss.reduction={self.reduction!r}: must be one of {list(SFT_REDUCTIONS)}"]
+        return []
+
+
+class SFTTrainer(BasicTrainer):
+    """Supervised fine-tuning: mean NLL of the supervised (response) tokens over the whole optimizer step
+    (`loss.reduction=token`), or mean over its examples of each example's mean token NLL (`sequence`)."""
+
+    settings_class = SFTSettings
+    supports_packing = True
+    settings: SFTSettings
+
+    def loss_units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return count_loss_units(batch["labels"], self.settings.reduction, batch.get("example_ids"))
+
+    def batch_loss(self, model, batch: dict[str, torch.Tensor]) -> LossSum:
+        logits, keep = forward_supervised(model, batch)
+        return selected_nll_sum(
+            logits, batch["labels"], keep, self.settings.reduction, example_ids=batch.get("example_ids")
+        )
+
+
+class PretrainTrainer(SFTTrainer):
+    """Continued pretraining: the SFT loss on plain text rows, every token supervised."""
+
+    data_kind = "text"
