@@ -290,7 +290,8 @@ def bench_sft(args) -> str:
     from transformers import AutoTokenizer
 
     from train.app.config import DataConfig
-    from train.data.pipeline import collate_packed, load_examples, pack_examples
+    from train.batching.collate import collate_packed
+    from train.data.pipeline import load_examples, pack_examples
 
     work = Path(tempfile.mkdtemp(prefix="halyard-bench-sft-"))
     tokenizer = AutoTokenizer.from_pretrained(args.smollm2)
@@ -448,8 +449,9 @@ def bench_shared_prompt(args) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from train.app.config import DataConfig
-    from train.batching.sequences import collate_sequences, collate_shared_prompt, forward_sequence_logps
-    from train.data.pipeline import collate, load_examples
+    from train.batching.collate import collate, collate_sequences, collate_shared_prompt
+    from train.batching.sequences import forward_sequence_logps
+    from train.data.pipeline import load_examples
     from train.data.store import IGNORE_INDEX
 
     tokenizer = AutoTokenizer.from_pretrained(args.smollm2)
@@ -516,7 +518,8 @@ def bench_cpu_options(args) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from train.app.config import DataConfig
-    from train.data.pipeline import collate, load_examples
+    from train.batching.collate import collate
+    from train.data.pipeline import load_examples
     from train.objectives.losses import selected_nll_sum, supervised_positions
 
     tokenizer = AutoTokenizer.from_pretrained(args.smollm2)

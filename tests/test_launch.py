@@ -28,7 +28,8 @@ def final_eval_loss_by_the_models_own_loss(final_dir) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from train.app.config import DataConfig
-    from train.data.pipeline import collate, load_examples
+    from train.batching.collate import collate
+    from train.data.pipeline import load_examples
 
     model = AutoModelForCausalLM.from_pretrained(final_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(final_dir)

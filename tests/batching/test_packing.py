@@ -7,15 +7,8 @@ import torch
 
 from conftest import DEMO_TRAIN, read_metrics, run_cli
 from train.app.models import verify_packing_isolation
-from train.data.pipeline import (
-    IGNORE_INDEX,
-    Example,
-    PackedExample,
-    collate,
-    collate_packed,
-    pack_examples,
-    packing_efficiency,
-)
+from train.batching.collate import collate, collate_packed
+from train.data.pipeline import IGNORE_INDEX, Example, PackedExample, pack_examples, packing_efficiency
 from train.errors import HalyardError
 from train.objectives.losses import count_loss_units, selected_nll_sum, supervised_positions
 
@@ -235,7 +228,8 @@ def test_packed_kto_gives_the_loss_and_gradients_of_unpacked_kto(model_and_examp
 def test_shared_prompt_rows_give_the_dpo_loss_and_gradients_of_separate_rows(model_and_examples):
     """data.shared_prompt=true: each pair as one row `prompt, chosen, rejected`, the rejected tokens masked from the
     chosen ones; the same per-pair log-probs, loss and gradients as the prompt run twice (policy and reference)."""
-    from train.batching.sequences import collate_shared_prompt, n_sequences
+    from train.batching.collate import collate_shared_prompt
+    from train.batching.sequences import n_sequences
     from train.data.store import PairExample
     from train.objectives.preference import DPOTrainer
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from train.batching.collate import collate
 from train.batching.plan import GROUP_BATCHES, BatchPlan, StepBatches, step_loader
-from train.data.pipeline import collate
 from train.data.store import Example
 
 

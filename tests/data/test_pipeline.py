@@ -9,8 +9,9 @@ import torch
 
 from conftest import DEMO_EVAL, DEMO_TRAIN, REPO
 from train.app.config import DataConfig
+from train.batching.collate import collate
 from train.data.formats import parse_row
-from train.data.pipeline import IGNORE_INDEX, Example, collate, load_examples, tokenize_conversation
+from train.data.pipeline import IGNORE_INDEX, Example, load_examples, tokenize_conversation
 from train.errors import DataError
 
 KEYS = DataConfig()

@@ -137,7 +137,7 @@ MEMORY_CHILD = textwrap.dedent(
     import pyarrow as pa
     sys.path.insert(0, REPO)
     from train.batching.plan import BatchPlan
-    from train.data.pipeline import collate_packed
+    from train.batching.collate import collate_packed
     from train.data.store import TokenStore, TokenTable, pack
 
     def private_mb():

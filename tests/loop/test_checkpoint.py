@@ -120,7 +120,9 @@ def test_a_run_never_overwrites_another(tmp_path):
 
 
 def test_nothing_is_ever_unpickled():
-    code = "\n".join(p.read_text() for p in [*REPO.glob("train/**/*.py"), *REPO.glob("scripts/*.py"), REPO / "launch.py"])
+    code = "\n".join(
+        p.read_text() for p in [*REPO.glob("train/**/*.py"), *REPO.glob("scripts/*.py"), REPO / "launch.py"]
+    )
     assert not re.search(r"\btorch\.load\(|import pickle|pickle\.loads?\(", code)
 
 

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from train.data.pipeline import collate, collate_packed
+from train.batching.collate import collate, collate_packed
 from train.data.store import IGNORE_INDEX, Example, PackedExample, PackedItems, PairExample, UnpairedExample
 from train.loop.throughput import (
     ModelFlops,

@@ -9,7 +9,8 @@ from accelerate.utils import set_seed
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from train.app.config import ModelConfig
-from train.data.pipeline import IGNORE_INDEX, PackedExample, collate_packed
+from train.batching.collate import collate_packed
+from train.data.pipeline import IGNORE_INDEX, PackedExample
 from train.errors import HalyardError
 
 logger = logging.getLogger(__name__)

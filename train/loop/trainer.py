@@ -26,8 +26,8 @@ from accelerate import Accelerator
 
 from train.app.config import Config, LossConfig, config_yaml
 from train.app.models import TORCH_DTYPES, resolve_save_dtype, verify_packing_isolation
+from train.batching.collate import collate, collate_packed
 from train.batching.plan import BatchPlan, StepBatches, step_loader
-from train.data.pipeline import collate, collate_packed
 from train.data.store import PackedExample, PackedStore, TokenStore, packed_row_tokens
 from train.errors import DataError, HalyardError
 from train.loop import checkpoint

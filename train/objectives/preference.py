@@ -21,14 +21,8 @@ import numpy as np
 import torch
 
 from train.app.config import LossConfig, setting
-from train.batching.sequences import (
-    collate_sequences,
-    collate_shared_prompt,
-    forward_sequence_logps,
-    n_sequences,
-    prompt_length,
-)
-from train.data.pipeline import collate
+from train.batching.collate import collate, collate_sequences, collate_shared_prompt, prompt_length
+from train.batching.sequences import forward_sequence_logps, n_sequences
 from train.data.store import (
     IGNORE_INDEX,
     Example,
