@@ -1,13 +1,17 @@
-"""The module graph of train/: no import cycles, counting imports inside functions (TYPE_CHECKING ones aside)."""
+"""The module graph of train/ and its sub-packages: no import cycles, counting imports inside functions (TYPE_CHECKING
+ones aside)."""
 
 import ast
 
 from conftest import REPO
 
+PACKAGES = {"train", *(f"train.{p.parent.name}" for p in (REPO / "train").glob("*/__init__.py"))}
+
 
 def imports_of(path) -> set[str]:
-    """The train.* modules a file imports anywhere but under `if TYPE_CHECKING:`."""
+    """The train.* modules a file imports anywhere but under `if TYPE_CHECKING:` (relative imports resolved)."""
     tree = ast.parse(path.read_text())
+    package = module_name(path).split(".") if path.name == "__init__.py" else module_name(path).split(".")[:-1]
     skipped = {
         id(node)
         for branch in ast.walk(tree)
@@ -18,8 +22,11 @@ def imports_of(path) -> set[str]:
     for node in ast.walk(tree):
         if id(node) in skipped:
             continue
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("train"):
-            names = [f"train.{a.name}" for a in node.names] if node.module == "train" else [node.module]
+        if isinstance(node, ast.ImportFrom) and node.level:  # from . import x, from ..data import store
+            base = ".".join([*package[: len(package) - node.level + 1], *([node.module] if node.module else [])])
+            found |= {f"{base}.{a.name}" for a in node.names} if not node.module else {base}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("train"):
+            names = [f"train.{a.name}" for a in node.names] if node.module in PACKAGES else [node.module]
             found |= set(names)
         elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith("train.")}
