@@ -1,11 +1,14 @@
 """The batch plan: the global batch is a pure function of (seed, epoch, step), however it is split; the loader's
 workers prepare exactly the batches the main process would."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
 
-from train.batching.collate import collate
+from train.batching.collate import collate_batch
+from train.batching.layout import Layout
 from train.batching.plan import GROUP_BATCHES, BatchPlan, StepBatches, step_loader
 from train.data.store import Example
 
@@ -76,6 +79,8 @@ def test_grouped_order_equals_the_plain_computation_and_cuts_padding():
 class ListData:
     """Examples held in memory, with the store's gather protocol."""
 
+    layout = Layout.PADDED
+
     def __init__(self, examples):
         self.examples = examples
 
@@ -86,7 +91,7 @@ class ListData:
 def test_loader_workers_prepare_the_same_batches_in_order():
     examples = [Example(list(range(1, 2 + i % 7)), [-100] + list(range(2, 2 + i % 7))) for i in range(40)]
     plan = BatchPlan(n_items=40, batch_size=8, n_processes=2, rank=1, accumulation_steps=2, seed=0)
-    batches = StepBatches(plan, ListData(examples), lambda items: collate(items, 0), start_step=3, total_steps=12)
+    batches = StepBatches(plan, ListData(examples), functools.partial(collate_batch, pad_token_id=0), 3, 12)
     inline = list(step_loader(batches, num_workers=0, pin_memory=False))
     ahead = list(step_loader(batches, num_workers=2, pin_memory=False))
     assert len(inline) == len(ahead) == 9
@@ -94,6 +99,7 @@ def test_loader_workers_prepare_the_same_batches_in_order():
         assert epoch_a == epoch_b and len(steps_a) == len(steps_b) == 2
         for a, b in zip(steps_a, steps_b, strict=True):
             assert all(torch.equal(a[key], b[key]) for key in a)
+            assert a.layout is b.layout is Layout.PADDED  # the layout survives the worker processes
     before = torch.get_rng_state()
     list(step_loader(batches, num_workers=1, pin_memory=False))
     assert torch.equal(torch.get_rng_state(), before)  # the global RNG (dropout) is untouched: resume stays exact

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pytest
 
 from conftest import REPO
+from train.batching.layout import Layout
 from train.data import store
 from train.data.store import IGNORE_INDEX, Example, PackedStore, TokenStore, TokenTable
 
@@ -53,7 +54,7 @@ def write_table(folder, kind, columns: dict[str, list], shard_rows: int) -> Toke
         part = {name: values[start : start + shard_rows] for name, values in columns.items()}
         table = pa.Table.from_pydict(part, schema=store.schema(kind))
         store.write_shard(directory, index, table, {"rows": table.num_rows})
-    store.publish(folder, {"rows": n})
+    store.finish_folder(folder, {"rows": n})
     return TokenTable(folder, kind)
 
 
@@ -66,7 +67,13 @@ def test_gather_select_and_pack_return_exact_rows(tmp_path):
     assert data.gather([7, 2, 7]) == [Example(ids[i], labels[i]) for i in (7, 2, 7)]
     view = data.select(np.array([22, 0, 5]))
     assert [e.input_ids for e in view] == [ids[22], ids[0], ids[5]] and view[-1].input_ids == ids[5]
+    # every store carries the layout its batches are collated in; a view keeps it
+    shared = data.with_layout(Layout.SHARED_PROMPT)
+    assert data.layout is Layout.PADDED and shared.select(np.array([1])).layout is Layout.SHARED_PROMPT
+    with pytest.raises(ValueError, match="pack it"):
+        data.with_layout(Layout.PACKED)
     packed = store.pack(data, max_length=12)
+    assert packed.layout is Layout.PACKED and packed.examples is data
     assert isinstance(packed, PackedStore) and packed.lengths().sum() == sum(map(len, ids))
     for row, members in zip(packed[:], np.split(packed.members, packed.row_starts[1:-1]), strict=True):
         assert row.input_ids == [t for m in members for t in ids[m]]
@@ -125,7 +132,7 @@ def test_an_interrupted_build_restarts_from_its_finished_shards(tmp_path):
     assert not store.is_complete(folder)
     reports, read_all = store.build_folder(folder, iter(shards), tokenize, "sft", 1, lambda report: False)
     assert read_all and len(reports) == 5 and tokenized == [0, 4, 8, 12, 12, 16]  # shards 0-2 were not redone
-    store.publish(folder, {})
+    store.finish_folder(folder, {})
     assert [e.input_ids for e in TokenStore(TokenTable(folder, "sft"))] == [row for s in shards for row in s]
 
 
@@ -176,7 +183,7 @@ def test_memory_stays_flat_however_large_the_data(tmp_path):
         column = pa.ListArray.from_arrays(offsets, tokens, type=list_type)
         sources = pa.array(np.zeros(50_000, dtype=np.int32))
         store.write_shard(directory, index, pa.table([column, column, sources], schema=store.schema("sft")), {})
-    store.publish(folder, {"rows": n_rows})
+    store.finish_folder(folder, {"rows": n_rows})
     child = MEMORY_CHILD.replace("REPO", repr(str(REPO)))
     result = subprocess.run([sys.executable, "-c", child, str(folder)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,5 +1,6 @@
-"""Collation: the tensors of one micro-batch, for every batch layout (padded rows, packed rows, shared-prompt rows),
-on the CPU, in a data loader worker. The only module that builds a batch."""
+"""Collation: the tensors of one micro-batch, for every batch layout (train/batching/layout.py: padded rows, packed
+rows, shared-prompt rows), on the CPU, in a data loader worker. The only module that builds a batch: each function
+returns a `Batch` that names its layout."""
 
 from __future__ import annotations
 
@@ -7,14 +8,53 @@ import itertools
 
 import torch
 
+from train.batching.layout import Layout
 from train.data.store import IGNORE_INDEX, Example, PackedExample, PairExample, concatenate
 
+ROW_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "example_ids")  # (rows, seq): padded, packed
 
-def collate_packed(rows: list[PackedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+
+class Batch(dict):
+    """One collated micro-batch: name -> tensor (each layout's keys are listed by its collate function below), and the
+    layout it was collated in, which the code that reads it goes by (never by which keys are present)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], layout: Layout) -> None:
+        super().__init__(tensors)
+        self.layout = layout
+
+    def to(self, device: torch.device | str) -> Batch:
+        """The same batch on `device` (a dict comprehension would lose the layout)."""
+        return Batch({key: value.to(device) for key, value in self.items()}, self.layout)
+
+    def rows(self, rows: slice) -> Batch:
+        """The padded or packed batch cut to `rows`: its (rows, seq) tensors sliced, its other tensors as they are."""
+        return Batch({key: value[rows] if key in ROW_KEYS else value for key, value in self.items()}, self.layout)
+
+    @property
+    def example_ids(self) -> torch.Tensor | None:
+        """(rows, seq) int64, the sequence each token of a packed batch belongs to (-1: padding); None when each row is
+        one sequence (padded). Shared-prompt rows number theirs by `target_sequences`."""
+        return self["example_ids"] if self.layout is Layout.PACKED else None
+
+
+def collate_batch(items: list, layout: Layout, pad_token_id: int) -> Batch:
+    """The micro-batch of `items` in `layout`: examples padded to the longest (Example), packed rows (PackedExample),
+    or pairs with each prompt once (PairExample)."""
+    match layout:
+        case Layout.PADDED:
+            return collate(items, pad_token_id)
+        case Layout.PACKED:
+            return collate_packed(items, pad_token_id)
+        case Layout.SHARED_PROMPT:
+            return collate_shared_prompt(items, pad_token_id)
+
+
+def collate_packed(rows: list[PackedExample], pad_token_id: int) -> Batch:
     """Packed rows padded to the longest, with position_ids restarting at 0 for every example and no attention mask:
     transformers then builds a block-diagonal causal mask (eager, sdpa) or varlen indices (flash-attention).
-    The padding tail forms a segment of its own with label -100. `segment_lengths` lists the real examples."""
-    batch = collate(rows, pad_token_id)
+    The padding tail forms a segment of its own with label -100. `example_ids` (rows, longest) numbers the examples
+    of the micro-batch in order (-1: padding); `segment_lengths` lists the real examples' lengths."""
+    batch = Batch(collate(rows, pad_token_id), Layout.PACKED)
     del batch["attention_mask"]  # restarting position_ids without a mask is what keeps the examples apart
     longest = batch["input_ids"].shape[1]
     batch["position_ids"] = torch.zeros_like(batch["input_ids"])
@@ -30,7 +70,7 @@ def collate_packed(rows: list[PackedExample], pad_token_id: int) -> dict[str, to
     return batch
 
 
-def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate(examples: list[Example], pad_token_id: int) -> Batch:
     """Pad to the longest example of this micro-batch (never to max_length), on the right.
 
     Returns input_ids, attention_mask and labels, each (batch, longest) int64; padding has label -100, so an EOS
@@ -45,10 +85,10 @@ def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tenso
         input_ids[row, :n] = torch.tensor(example.input_ids)
         labels[row, :n] = torch.tensor(example.labels)
         attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return Batch({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}, Layout.PADDED)
 
 
-def collate_shared_prompt(pairs: list[PairExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate_shared_prompt(pairs: list[PairExample], pad_token_id: int) -> Batch:
     """Each pair as one row `shared prefix, chosen rest, rejected rest`, padded on the right. The shared prefix is
     the tokens both sequences start with, up to the first supervised token of either (the prompt, as a rule; less
     when, say, unsupervised reasoning opens one response). position_ids continue from the prefix into each rest,
@@ -87,11 +127,11 @@ def collate_shared_prompt(pairs: list[PairExample], pad_token_id: int) -> dict[s
     rows, positions, targets, sequences = (torch.tensor(column) for column in zip(*predictions, strict=True))
     keep[rows, positions] = True
     kept_index = keep.flatten().cumsum(0) - 1  # row-major order of the kept positions, as the logits come
-    return {
+    return Batch({
         "input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": mask,
         "keep": keep, "logit_rows": kept_index[rows * longest + positions], "targets": targets,
         "target_sequences": sequences, "segment_lengths": torch.tensor(segments),
-    }  # fmt: skip
+    }, Layout.SHARED_PROMPT)  # fmt: skip
 
 
 def _shared_prefix_length(pair: PairExample) -> int:
@@ -101,7 +141,7 @@ def _shared_prefix_length(pair: PairExample) -> int:
     return next((i for i in range(limit) if chosen[i] != rejected[i]), limit)
 
 
-def collate_sequences(rows: list[list[Example]], order: list[int], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate_sequences(rows: list[list[Example]], order: list[int], pad_token_id: int) -> Batch:
     """Sequences packed row by row (position_ids restarting per sequence, see `collate_packed`), numbered in
     `example_ids` so that the sequence at flat position k of `rows` is sequence `order[k]`: the numbering an unpacked
     batch of the same sequences would give its rows."""

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from train.batching.collate import Batch
+
 logger = logging.getLogger(__name__)
 
 GROUP_BATCHES = 32  # data.group_by_length sorts runs of this many global batches by length
@@ -81,8 +83,9 @@ class BatchPlan:
 class StepBatches(torch.utils.data.Dataset):
     """Item k: (epoch, this process's collated micro-batches) of optimizer step `start_step + k`.
 
-    With `with_successors`, `collate` also receives each example's successor in the global batch (KTO pairs each
-    prompt with the next example's completion across the whole step)."""
+    `collate(items, layout)` receives each micro-batch's items and the data's batch layout; with `with_successors`,
+    also each item's successor in the global batch (KTO pairs each prompt with the next example's completion across
+    the whole step)."""
 
     def __init__(
         self, plan: BatchPlan, data, collate: Callable, start_step: int, total_steps: int, with_successors: bool = False
@@ -94,14 +97,15 @@ class StepBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return max(self.total_steps - self.start_step, 0)
 
-    def __getitem__(self, index: int) -> tuple[int, list[dict[str, torch.Tensor]]]:
+    def __getitem__(self, index: int) -> tuple[int, list[Batch]]:
         step = self.start_step + index
         epoch, micro_batches = self.plan.micro_batches(step)
+        layout = self.data.layout
         if not self.with_successors:
-            return epoch, [self.collate(self.data.gather(positions)) for positions in micro_batches]
+            return epoch, [self.collate(self.data.gather(positions), layout) for positions in micro_batches]
         successors = self.plan.successors(step)
         return epoch, [
-            self.collate(self.data.gather(positions), self.data.gather(after))
+            self.collate(self.data.gather(positions), layout, self.data.gather(after))
             for positions, after in zip(micro_batches, successors, strict=True)
         ]
 

@@ -12,7 +12,8 @@ It is built as `<key>.partial/` and renamed when complete; an interrupted build 
 Every process memory-maps the same shard files, so a machine's page cache holds one copy of the data however many
 processes read it. A `TokenStore` is a view of those files through a selection (an int64 array of row numbers: the
 mix, the eval split, the cap); a `PackedStore` adds a packing plan (which examples form each row). Both gather the
-rows of one micro-batch into small Python objects when asked, and never convert a whole column.
+rows of one micro-batch into small Python objects when asked, and never convert a whole column. Each carries the
+batch layout its micro-batches are collated in (`layout`, train/batching/layout.py): a packed store's is PACKED.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from train import files
+from train.batching.layout import Layout
 from train.files import partial_of
 
 logger = logging.getLogger(__name__)
@@ -157,7 +159,7 @@ def build_folder(
     writes shards while this process reads ahead; at most num_proc + 1 shards are in flight, so memory does not
     grow with the input. Stops early once `must_stop(report)` is true for a shard.
 
-    Returns the reports in shard order and whether every input row was read (the caller then calls `publish`).
+    Returns the reports in shard order and whether every input row was read (the caller then calls `finish_folder`).
     """
     directory = shards_directory(folder)
     directory.mkdir(parents=True, exist_ok=True)
@@ -202,8 +204,8 @@ def build_folder(
     return [reports[i] for i in sorted(reports)], read_all
 
 
-def publish(folder: Path, stats: dict) -> None:
-    """Write stats.json into the partial folder and rename it into place: the cache folder is complete."""
+def finish_folder(folder: Path, stats: dict) -> None:
+    """Write stats.json into the partial folder and publish it (train/files.py): the cache folder is complete."""
     partial = partial_of(folder)
     (partial / STATS_FILE).write_text(json.dumps(stats))
     files.publish(partial, folder)
@@ -322,21 +324,40 @@ def _allow_open_files(needed: int) -> None:
 
 
 class TokenStore:
-    """A selection of a TokenTable's examples: `rows[i]` is the table row of example i. Gathers items on demand."""
+    """A selection of a TokenTable's examples: `rows[i]` is the table row of example i. Gathers items on demand;
+    its micro-batches are collated in `layout` (PADDED or SHARED_PROMPT: a packed view is a PackedStore)."""
 
-    def __init__(self, table: TokenTable, rows: np.ndarray | None = None, reference: np.ndarray | None = None):
+    def __init__(
+        self,
+        table: TokenTable,
+        rows: np.ndarray | None = None,
+        reference: np.ndarray | None = None,
+        layout: Layout = Layout.PADDED,
+    ):
+        if layout is Layout.PACKED:
+            raise ValueError("a TokenStore holds examples one by one: pack it (`pack`) for the packed layout")
         self.table = table
         self.kind = table.kind
         self.rows = np.arange(table.table.num_rows, dtype=np.int64) if rows is None else rows.astype(np.int64)
         self.reference = reference  # (len, 2) float32 reference log-probs of pairs, when precomputed
+        self.layout = layout
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    @property
+    def examples(self) -> TokenStore:
+        """The examples behind this view: itself (a PackedStore's are those it packs)."""
+        return self
+
     def select(self, positions: np.ndarray) -> TokenStore:
-        """A view of the examples at `positions` of this one (repeats allowed)."""
+        """A view of the examples at `positions` of this one (repeats allowed), in the same layout."""
         reference = self.reference[positions] if self.reference is not None else None
-        return TokenStore(self.table, self.rows[positions], reference)
+        return TokenStore(self.table, self.rows[positions], reference, self.layout)
+
+    def with_layout(self, layout: Layout) -> TokenStore:
+        """The same examples, collated in `layout` (PADDED or SHARED_PROMPT)."""
+        return TokenStore(self.table, self.rows, self.reference, layout)
 
     def lengths(self) -> np.ndarray:
         return self.table.lengths()[self.rows]
@@ -384,6 +405,8 @@ class TokenStore:
 
 class PackedStore:
     """Examples packed into rows: row r holds examples `members[row_starts[r]:row_starts[r + 1]]`, in order."""
+
+    layout = Layout.PACKED
 
     def __init__(self, examples: TokenStore, members: np.ndarray, row_starts: np.ndarray) -> None:
         self.examples, self.members, self.row_starts = examples, members, row_starts

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from train.batching.collate import Batch
+from train.batching.layout import Layout
 from train.data.store import IGNORE_INDEX
 from train.files import write_text_atomically
 from train.objectives.losses import supervised_positions
@@ -98,18 +100,18 @@ def _values(counts: PassCounts) -> tuple[int, int, int]:
     return counts.tokens, counts.head_positions, counts.attended_pairs
 
 
-def pass_counts(batch: dict[str, torch.Tensor]) -> PassCounts:
+def pass_counts(batch: Batch) -> PassCounts:
     """What a pass over every sequence of a collated micro-batch runs on, in any of its layouts: one sequence per row
     (a 2D attention_mask, right padding), packed rows (`example_ids`, -1 on padding; `position_ids` restart per
-    sequence), or shared-prompt rows (a 4D attention_mask, `train.batching.sequences.collate_shared_prompt`)."""
-    mask = batch.get("attention_mask")
-    if mask is not None and mask.dim() == 4:  # (rows, 1, L, L) bool: count what the mask lets each real token see
+    sequence), or shared-prompt rows (a 4D attention_mask, `train.batching.collate.collate_shared_prompt`)."""
+    if batch.layout is Layout.SHARED_PROMPT:  # (rows, 1, L, L) bool: count what the mask lets each real token see
+        mask = batch["attention_mask"]
         rows, length = mask.shape[0], mask.shape[-1]
         sides = batch["segment_lengths"].view(2, rows)  # each row's chosen sequence and rejected rest, in tokens
         real = torch.arange(length) < sides.sum(dim=0, keepdim=True).T  # (rows, L) real tokens, before the padding
         tokens, pairs = real.sum(), (mask[:, 0] & real[:, :, None]).sum()
         heads = batch["keep"].sum()  # the prompt's last position runs the head once for both responses' first token
-    elif "example_ids" in batch:  # packed: a token at position p of its sequence sees p + 1 tokens
+    elif batch.layout is Layout.PACKED:  # a token at position p of its sequence sees p + 1 tokens
         real = batch["example_ids"] >= 0
         tokens, pairs = real.sum(), ((batch["position_ids"] + 1) * real).sum()
         heads = supervised_positions(batch["labels"]).sum()
@@ -120,10 +122,10 @@ def pass_counts(batch: dict[str, torch.Tensor]) -> PassCounts:
     return PassCounts(int(tokens), int(heads), int(pairs))
 
 
-def trained_work(batch: dict[str, torch.Tensor]) -> Work:
+def trained_work(batch: Batch) -> Work:
     """The work of the policy's forward and backward over every sequence of `batch` (see `pass_counts`)."""
-    lengths = batch.get("segment_lengths")
-    sequences = len(lengths) if lengths is not None else batch["input_ids"].shape[0]
+    one_per_row = batch.layout is Layout.PADDED  # the other layouts list their sequences' lengths
+    sequences = batch["input_ids"].shape[0] if one_per_row else len(batch["segment_lengths"])
     return Work(
         trained=pass_counts(batch),
         supervised_tokens=int((batch["labels"][..., 1:] != IGNORE_INDEX).sum()),

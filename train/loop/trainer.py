@@ -26,9 +26,10 @@ from accelerate import Accelerator
 
 from train.app.config import Config, LossConfig, config_yaml
 from train.app.models import TORCH_DTYPES, resolve_save_dtype, verify_packing_isolation
-from train.batching.collate import collate, collate_packed
+from train.batching.collate import Batch, collate_batch
+from train.batching.layout import Layout
 from train.batching.plan import BatchPlan, StepBatches, step_loader
-from train.data.store import PackedExample, PackedStore, TokenStore, packed_row_tokens
+from train.data.store import PackedStore, TokenStore, packed_row_tokens
 from train.errors import DataError, HalyardError
 from train.loop import checkpoint
 from train.loop.card import CardInfo
@@ -150,7 +151,7 @@ class BasicTrainer:
             self.save_merged = "both"  # a reward model is used merged (scripts/score.py, AutoModelFor...Classification)
         self.card_info = CardInfo.from_config(cfg)
         self.save_dtype = TORCH_DTYPES[resolve_save_dtype(cfg.save_dtype, cfg.model)[0]]  # FINAL/'s weights
-        packed = isinstance(train_data, PackedStore)
+        packed = train_data.layout is Layout.PACKED
         self.batch_unit = "packed rows" if packed else self.example_unit  # what model.batch_size counts
 
         self.batch_plan = BatchPlan(
@@ -163,7 +164,7 @@ class BasicTrainer:
             lengths=train_data.lengths() if cfg.data.group_by_length else None,
         )
         self.steps_per_epoch = self.batch_plan.steps_per_epoch
-        logger.info(batching_choice(isinstance(train_data, PackedStore), cfg.data.group_by_length))
+        logger.info(batching_choice(train_data.layout is Layout.PACKED, cfg.data.group_by_length))
         if self.steps_per_epoch == 0:
             what = f"has {len(train_data)} {self.example_unit}"
             if packed:
@@ -204,7 +205,7 @@ class BasicTrainer:
         )
         self.summary: dict[str, object] = {}
         self.throughput = self.build_throughput(cfg)
-        if isinstance(train_data, PackedStore):
+        if train_data.layout is Layout.PACKED:
             verify_packing_isolation(self.accelerator.unwrap_model(self.model), cfg.model.attn_implementation)
         self.metrics_path = self.run_dir / checkpoint.METRICS_FILE
         self.step = 0  # optimizer steps completed
@@ -267,12 +268,10 @@ class BasicTrainer:
         """Called with all of this process's micro-batches of a step before any of their losses: a loss whose
         terms depend on the whole step (KTO's KL reference point) computes that here, on every process."""
 
-    def collate(self, examples: list) -> dict[str, torch.Tensor]:
-        """Tensors of one micro-batch (padded to its longest example or packed row), on the CPU. Runs in a data
-        loader worker."""
-        if isinstance(examples[0], PackedExample):
-            return collate_packed(examples, self.pad_token_id)
-        return collate(examples, self.pad_token_id)
+    def collate(self, examples: list, layout: Layout) -> Batch:
+        """Tensors of one micro-batch in the batch layout of the data the examples come from (padded to its longest
+        example, or packed rows), on the CPU. Runs in a data loader worker."""
+        return collate_batch(examples, layout, self.pad_token_id)
 
     # ---- the loop ----
 
@@ -401,8 +400,8 @@ class BasicTrainer:
         self.skipped_steps += 1
         logger.warning(f"{what}; skipped (no update). {self.skipped_steps} step(s) skipped so far.")
 
-    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {key: value.to(self.accelerator.device) for key, value in batch.items()}
+    def to_device(self, batch: Batch) -> Batch:
+        return batch.to(self.accelerator.device)
 
     def run_evaluation(self) -> dict[str, float]:
         """The evaluation metrics, and generated samples when eval_samples > 0."""
@@ -429,7 +428,8 @@ class BasicTrainer:
         metric_sums = MetricSums()
         for start in range(0, len(self.eval_data), self.eval_batch_size):
             mine = self.eval_data[start + rank * micro : start + (rank + 1) * micro]
-            loss_sum = self.batch_loss(model, self.to_device(self.collate(mine or self.eval_data[:1])))
+            batch = self.collate(mine or self.eval_data[:1], self.eval_data.layout)
+            loss_sum = self.batch_loss(model, self.to_device(batch))
             if mine:
                 sums += torch.stack([loss_sum.total.float(), loss_sum.count.float()])
                 metric_sums.add(loss_sum.metrics)

@@ -36,12 +36,12 @@ class SFTTrainer(BasicTrainer):
     settings: SFTSettings
 
     def loss_units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return count_loss_units(batch["labels"], self.settings.reduction, batch.get("example_ids"))
+        return count_loss_units(batch["labels"], self.settings.reduction, batch.example_ids)
 
     def batch_loss(self, model, batch: dict[str, torch.Tensor]) -> LossSum:
         logits, keep = forward_supervised(model, batch)
         return selected_nll_sum(
-            logits, batch["labels"], keep, self.settings.reduction, example_ids=batch.get("example_ids")
+            logits, batch["labels"], keep, self.settings.reduction, example_ids=batch.example_ids
         )
 
 
