@@ -205,7 +205,7 @@ def test_a_loss_s_capabilities_are_checked_with_every_other_problem():
     assert "data.shared_prompt=true needs model.attn_implementation=sdpa" in text
     problems = problems_of(["model=tiny", "loss=kto", f"datasets=[{DEMO_TRAIN}]", "reference.precompute=true"])
     assert problems == [
-        "reference.precompute=true: loss=kto (train.objectives.preference.KTOTrainer) cannot precompute them (its reference "
+        "reference.precompute=true: loss=kto (train.objectives.kto.KTOTrainer) cannot precompute them (its reference "
         "log-probs change every step); set it to false"
     ]
     problems = problems_of(["model=tiny", "loss=simpo", f"datasets=[{DEMO_TRAIN}]", "reference.precompute=true"])

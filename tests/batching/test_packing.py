@@ -8,6 +8,7 @@ import torch
 from conftest import DEMO_TRAIN, read_metrics, run_cli
 from train.app.models import verify_packing_isolation
 from train.batching.collate import collate, collate_packed
+from train.batching.layout import Layout
 from train.data.pipeline import IGNORE_INDEX, Example, PackedExample, pack_examples, packing_efficiency
 from train.errors import HalyardError
 from train.objectives.losses import count_loss_units, selected_nll_sum, supervised_positions
@@ -70,9 +71,9 @@ def test_packed_loss_and_gradients_equal_unpacked(model_and_examples, reduction,
             batch["labels"],
             keep,
             reduction,
-            example_ids=batch.get("example_ids"),
+            example_ids=batch.example_ids,
         )
-        units = count_loss_units(batch["labels"], reduction, batch.get("example_ids"))
+        units = count_loss_units(batch["labels"], reduction, batch.example_ids)
         assert units == result.count
         (result.total / result.count).backward()
         return (result.total / result.count).item(), {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -138,10 +139,11 @@ def _preference_trainer(trainer_class, model, reference):
     from accelerate import Accelerator
 
     trainer = SimpleNamespace(
-        pad_token_id=0, uses_reference=True, reference_model=reference, model=model, shared_prompt=False,
+        pad_token_id=0, uses_reference=True, reference_model=reference, model=model,
         settings=trainer_class.settings_class(beta=0.5), accelerator=Accelerator(cpu=True),
+        pair_loss=getattr(trainer_class, "pair_loss", None),
     )  # fmt: skip
-    for name in ("collate", "_collate_packed", "batch_loss", "loss", "reference_logps", "before_step"):
+    for name in ("collate", "_collate_packed", "batch_loss", "loss", "reference_logps", "before_step", "kl_estimate"):
         if hasattr(trainer_class, name):
             setattr(trainer, name, getattr(trainer_class, name).__get__(trainer))
     return trainer
@@ -193,8 +195,8 @@ def test_packed_pairs_give_the_dpo_loss_and_gradients_of_unpacked_pairs(model_an
 
     model, reference, pairs = _pairs_and_models(model_and_examples)
     trainer = _preference_trainer(DPOTrainer, model, reference)
-    unpacked = trainer.collate(pairs)
-    packed = trainer.collate([PackedItems(pairs[:3]), PackedItems(pairs[3:5]), PackedItems(pairs[5:])])
+    unpacked = trainer.collate(pairs, Layout.PADDED)
+    packed = trainer.collate([PackedItems(pairs[:3]), PackedItems(pairs[3:5]), PackedItems(pairs[5:])], Layout.PACKED)
     assert packed["input_ids"].shape[0] == 3 and n_sequences(packed) == 12 and "attention_mask" not in packed
     # sequence j is pair j's chosen response, 6 + j its rejected one, as in the unpacked rows
     first = packed["example_ids"][0]
@@ -209,14 +211,14 @@ def test_packed_kto_gives_the_loss_and_gradients_of_unpacked_kto(model_and_examp
     example's completion, the next row's first for the last) in a row of their own; the same KL estimate, loss
     and gradients as one sequence per row with the same successors."""
     from train.data.store import PackedItems, UnpairedExample
-    from train.objectives.preference import KTOTrainer
+    from train.objectives.kto import KTOTrainer
 
     reference, model, pairs = _pairs_and_models(model_and_examples)  # this way round the KL estimate is above 0
     items = [UnpairedExample(p.chosen if i % 3 else p.rejected, desirable=bool(i % 3)) for i, p in enumerate(pairs)]
     trainer = _preference_trainer(KTOTrainer, model, reference)
-    unpacked = trainer.collate(items, items[1:] + items[:1])
+    unpacked = trainer.collate(items, Layout.PADDED, items[1:] + items[:1])
     rows = [PackedItems(items[:2]), PackedItems(items[2:5]), PackedItems(items[5:])]
-    packed = trainer.collate(rows, rows[1:] + rows[:1])
+    packed = trainer.collate(rows, Layout.PACKED, rows[1:] + rows[:1])
     assert packed["input_ids"].shape[0] == 6
     loss_unpacked = _loss_and_grads(trainer, model, unpacked, with_kl=True)
     assert unpacked["kl"].item() > 0
@@ -243,11 +245,11 @@ def test_shared_prompt_rows_give_the_dpo_loss_and_gradients_of_separate_rows(mod
     rejected = Example(head + rejected_tail, [IGNORE_INDEX] * 4 + rejected_tail[1:])
     pairs.append(PairExample(chosen, rejected))
     trainer = _preference_trainer(DPOTrainer, model, reference)
-    separate = trainer.collate(pairs)
+    separate = trainer.collate(pairs, Layout.PADDED)
     shared = collate_shared_prompt(pairs, pad_token_id=0)
     assert shared["segment_lengths"].sum().item() == tokens - prompt + 11 + 5 - 3  # each prompt once
     assert n_sequences(shared) == 14 and shared["attention_mask"].shape[:2] == (7, 1)
     assert shared["input_ids"][6, :13].tolist() == chosen.input_ids + rejected_tail
     _assert_same(_loss_and_grads(trainer, model, shared), _loss_and_grads(trainer, model, separate))
-    trainer.shared_prompt = True  # the trainer's collate lays pairs out so when the setting is on
-    assert torch.equal(trainer.collate(pairs)["logit_rows"], shared["logit_rows"])
+    # the trainer's collate lays pairs out so in the shared-prompt layout
+    assert torch.equal(trainer.collate(pairs, Layout.SHARED_PROMPT)["logit_rows"], shared["logit_rows"])

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from train.batching.collate import collate, collate_packed
+from train.batching.layout import Layout
 from train.data.store import IGNORE_INDEX, Example, PackedExample, PackedItems, PairExample, UnpairedExample
 from train.loop.throughput import (
     ModelFlops,
@@ -117,13 +118,13 @@ def _example(prompt: int, response: int, first: int = 1) -> Example:
 def test_kto_counts_its_mismatched_sequences_as_forwards_only_by_hand(small_flops):
     """KTO trains on its matched sequences; each mismatched one (a prompt with the next example's completion) gets a
     policy forward without gradients and a reference forward, for the KL estimate, and no backward."""
-    from train.objectives.preference import KTOTrainer
+    from train.objectives.kto import KTOTrainer
 
     trainer = KTOTrainer.__new__(KTOTrainer)  # the counting alone: no model, no data
     trainer.pad_token_id = 0
     a = UnpairedExample(_example(prompt=3, response=2), desirable=True)  # 5 tokens
     b = UnpairedExample(_example(prompt=2, response=4, first=10), desirable=False)  # 6 tokens
-    batch = trainer.collate([a, b], successors=[b, a])
+    batch = trainer.collate([a, b], Layout.PADDED, successors=[b, a])
     work = trainer.batch_work(batch)
     # trained (matched): a (5 tokens, 2 supervised) and b (6, 4): pairs 5*6/2 + 6*7/2 = 15 + 21
     assert work.trained == PassCounts(tokens=11, head_positions=6, attended_pairs=36)
@@ -136,7 +137,7 @@ def test_kto_counts_its_mismatched_sequences_as_forwards_only_by_hand(small_flop
     reference = 2 * BODY * 22 + 2 * HEAD * 12 + 4 * LAYERS_X_HIDDEN * 74  # 58,080 + 6,144 + 4,736 = 68,960
     assert small_flops.of(work) == trained + forward_only + reference == 206_752
     # The same examples packed into one row (and their mismatched sequences into another): the same work.
-    packed = trainer.collate([PackedItems([a, b])], successors=[PackedItems([a])])
+    packed = trainer.collate([PackedItems([a, b])], Layout.PACKED, successors=[PackedItems([a])])
     assert dataclasses.replace(trainer.batch_work(packed), slots=work.slots) == work  # (packed: fewer slots)
     throughput = Throughput(small_flops, peak_flops=1e6, unit="examples", rows_per_example=2)
     throughput.add(work, seconds=0.5)
@@ -151,11 +152,11 @@ def test_shared_prompt_rows_count_the_rejected_response_seeing_the_prompt_by_han
     from train.objectives.preference import DPOTrainer
 
     trainer = DPOTrainer.__new__(DPOTrainer)
-    trainer.pad_token_id, trainer.shared_prompt = 0, True
+    trainer.pad_token_id = 0
     prompt = [1, 2, 3, 4]
     first = PairExample(Example(prompt + [5, 6, 7], [X] * 4 + [5, 6, 7]), Example(prompt + [8, 9], [X] * 4 + [8, 9]))
     second = PairExample(Example([1, 2, 5], [X, X, 5]), Example([1, 2, 6, 7, 8], [X, X, 6, 7, 8]))
-    batch = trainer.collate([first, second])
+    batch = trainer.collate([first, second], Layout.SHARED_PROMPT)
     assert batch["attention_mask"].shape == (2, 1, 9, 9)  # rows of 4 + 3 + 2 = 9 and 2 + 1 + 3 = 6 tokens
     work = trainer.batch_work(batch)
     # Attended pairs. First row: the chosen sequence (prompt 4 + chosen 3 = 7 tokens) 7*8/2 = 28; each of the 2
@@ -176,7 +177,7 @@ def test_shared_prompt_rows_count_the_rejected_response_seeing_the_prompt_by_han
     cached = [
         PairExample(p.chosen, p.rejected, reference_chosen=-1.0, reference_rejected=-2.0) for p in (first, second)
     ]
-    assert trainer.batch_work(trainer.collate(cached)).reference == PassCounts()
+    assert trainer.batch_work(trainer.collate(cached, Layout.SHARED_PROMPT)).reference == PassCounts()
 
 
 def test_the_peak_is_measured_once_per_machine_and_cached(tmp_path, monkeypatch):

@@ -203,11 +203,11 @@ NEW_LOSSES = {  # name: (the loss of PAIR, from the formula by hand; the call)
     "hinge": (1 - 0.5 * 1, lambda pc, pr, rc, rr, nc, nr: hinge_loss(pc, pr, rc, rr, beta=0.5)),
     "apo_zero": (
         (1 - sigmoid(0.25)) + sigmoid(-0.25),
-        lambda pc, pr, rc, rr, nc, nr: apo_loss(pc, pr, rc, rr, beta=0.5, variant="zero"),
+        lambda pc, pr, rc, rr, nc, nr: apo_loss(pc, pr, rc, rr, beta=0.5, anchor="zero"),
     ),
     "apo_down": (
         sigmoid(0.25) + (1 - sigmoid(0.5)),
-        lambda pc, pr, rc, rr, nc, nr: apo_loss(pc, pr, rc, rr, beta=0.5, variant="down"),
+        lambda pc, pr, rc, rr, nc, nr: apo_loss(pc, pr, rc, rr, beta=0.5, anchor="down"),
     ),
     "rpo": (
         softplus(-0.5) + 0.7 * (1.0 / 2),
@@ -239,7 +239,7 @@ def test_new_objectives_hand_derived_with_gradients(name):
 
 def test_apo_refuses_an_unknown_anchor():
     with pytest.raises(ValueError, match="use 'zero' or 'down'"):
-        apo_loss(PC, PR, RC, RR, beta=0.1, variant="up")
+        apo_loss(PC, PR, RC, RR, beta=0.1, anchor="up")
 
 
 def test_robust_dpo_is_dpo_in_expectation_over_flipped_labels():

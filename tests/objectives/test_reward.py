@@ -104,7 +104,7 @@ def test_a_row_s_margin_reaches_the_loss_through_the_data_path(tmp_path, tiny_to
     assert [p.margin for p in pairs] == [2.5, None]
     trainer = loss_spec(cfg).trainer.__new__(loss_spec(cfg).trainer)
     trainer.settings, trainer.pad_token_id = cfg.loss, tiny_tokenizers["chatml"].eos_token_id  # pad = EOS in runs
-    batch = trainer.collate(pairs)
+    batch = trainer.collate(pairs, train.layout)
     assert batch["margin"].tolist() == [2.5, 0.0]
 
     def model(input_ids, attention_mask):  # chosen scores 1 and 2, rejected 0 and 0

@@ -27,7 +27,7 @@ from train.loop.checkpoint import (
 from train.loop.distributed import fsdp_settings_from_launcher
 from train.loop.progress import format_seconds, quiet_libraries
 from train.loop.run_files import HYDRA_FILES
-from train.objectives.preference import build_reference
+from train.objectives.reference import build_reference
 
 logger = logging.getLogger(__name__)
 

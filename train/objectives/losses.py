@@ -238,7 +238,7 @@ def apo_loss(
     reference_rejected: torch.Tensor,
     *,
     beta: float,
-    variant: str,
+    anchor: str,
 ) -> PreferenceLoss:
     """Anchored preference optimization (D'Oosterlinck et al. 2024), with rewards r = beta log(policy / reference):
     zero: (1 - sigmoid(r_chosen)) + sigmoid(r_rejected), raising the chosen and lowering the rejected likelihood (for
@@ -247,12 +247,12 @@ def apo_loss(
     chosen, rejected = _rewards(
         beta, policy_chosen, policy_rejected, reference_chosen, reference_rejected, detach=False
     )
-    if variant == "zero":
+    if anchor == "zero":
         losses = (1 - torch.sigmoid(chosen)) + torch.sigmoid(rejected)
-    elif variant == "down":
+    elif anchor == "down":
         losses = torch.sigmoid(chosen) + (1 - torch.sigmoid(chosen - rejected))
     else:
-        raise ValueError(f"APO variant {variant!r}: use 'zero' or 'down'")
+        raise ValueError(f"APO anchor {anchor!r}: use 'zero' or 'down'")
     return PreferenceLoss(losses, chosen.detach(), rejected.detach())
 
 
