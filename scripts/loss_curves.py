@@ -1,9 +1,12 @@
 """Stored 10-step loss curves of every built-in loss on the tiny model (float32, CPU), so that a silent numerical
 change fails a test (tests/objectives/test_curves.py runs the same runs and compares them to 1e-5).
 
-    python scripts/loss_curves.py [LOSS ...]   # regenerate tests/curves/<loss>.json, after a deliberate change
+    .venv/bin/python scripts/loss_curves.py LOSS [LOSS ...]   # record tests/objectives/curves/<loss>.json
+    .venv/bin/python scripts/loss_curves.py                   # every built-in loss, after a deliberate change
 
-Each run goes through the real CLI (launch.py in a subprocess) with the tiny model built by make_tiny_model.py.
+The losses are the files of config/loss/; each trains on the demo file of the rows its trainer class consumes (its
+`data_kind`), so a new loss needs no entry here, only its recorded curve. Each run goes through the real CLI
+(launch.py in a subprocess) with the tiny model built by make_tiny_model.py.
 """
 
 from __future__ import annotations
@@ -17,31 +20,59 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-CURVES_DIR = REPO / "tests" / "curves"
+sys.path.insert(0, str(REPO))  # run as a script, train/ is not on the path
+
+from train.app.loss_registry import builtin_losses, resolve_loss  # noqa: E402 (after the path above)
+
+CURVES_DIR = REPO / "tests" / "objectives" / "curves"
 STEPS = 10
 COMMON = ["model=tiny", f"max_steps={STEPS}", "log_every_steps=1", "seed=0", "eval_every_steps=1000"]
-RUNS = {  # loss: its data, a learning rate at which 10 steps move the loss smoothly, what it needs to last 10 steps
-    "sft": ["datasets=[data/demo/train.jsonl]", "lr=1e-3"],
-    "pt": ["datasets=[data/demo/text.jsonl]", "lr=1e-3", "model.batch_size=4", "n_epochs=2"],
-    "dpo": ["datasets=[data/demo/pref_train.jsonl]", "lr=1e-3"],
-    "cdpo": ["datasets=[data/demo/pref_train.jsonl]", "lr=1e-3"],
-    "ipo": ["datasets=[data/demo/pref_train.jsonl]", "lr=1e-4"],  # its squared loss oscillates at 1e-3
-    "simpo": ["datasets=[data/demo/pref_train.jsonl]", "lr=1e-3"],
-    "kto": ["datasets=[data/demo/kto_train.jsonl]", "lr=1e-3"],
-    "rdpo": ["datasets=[data/demo/pref_train.jsonl]", "lr=1e-3"],
-    "hinge": ["datasets=[data/demo/pref_train.jsonl]", "lr=1e-3"],
-    "apo_zero": ["datasets=[data/demo/pref_train.jsonl]", "lr=1e-3"],
-    "apo_down": ["datasets=[data/demo/pref_train.jsonl]", "lr=1e-3"],
-    "rpo": ["datasets=[data/demo/pref_train.jsonl]", "lr=1e-3"],
-    "cpo": ["datasets=[data/demo/pref_train.jsonl]", "lr=1e-3"],
-    "orpo": ["datasets=[data/demo/pref_train.jsonl]", "lr=1e-3"],
-    "rm": ["datasets=[data/demo/pref_train.jsonl]", "lr=1e-3"],
+DEMO_DATA = {  # a trainer's data_kind: the demo file of those rows
+    "sft": "data/demo/train.jsonl",
+    "text": "data/demo/text.jsonl",
+    "paired": "data/demo/pref_train.jsonl",
+    "unpaired": "data/demo/kto_train.jsonl",
 }
+DEFAULT_LR = "1e-3"  # 10 steps at this rate move every loss smoothly, but for the exceptions below
+EXCEPTIONS = {  # loss: the overrides it needs besides its data and DEFAULT_LR
+    "ipo": {"lr": "1e-4"},  # its squared loss oscillates at 1e-3
+    "pt": {"model.batch_size": "4", "n_epochs": "2"},  # 24 demo texts: smaller batches, twice over, last 10 steps
+}
+
+
+def losses() -> list[str]:
+    """The built-in losses, the files of config/loss/ (no torch imported)."""
+    return sorted(builtin_losses())
+
+
+def curve_path(loss: str) -> Path:
+    return CURVES_DIR / f"{loss}.json"
+
+
+def record_command(loss: str) -> str:
+    return f".venv/bin/python scripts/loss_curves.py {loss}"
+
+
+def missing_curve(loss: str) -> str:
+    """What a test says about a built-in loss that has no stored curve."""
+    return (
+        f"loss={loss} (config/loss/{loss}.yaml) has no stored curve {curve_path(loss).relative_to(REPO)}: record it "
+        f"with `{record_command(loss)}`, check that its {STEPS} losses move smoothly, and commit the file"
+    )
+
+
+def run_overrides(loss: str) -> list[str]:
+    """The overrides of `loss`'s curve run: its data (read from its trainer's data_kind), learning rate, exceptions."""
+    spec, problems = resolve_loss(loss, builtin_losses()[loss])
+    if spec is None:
+        raise RuntimeError(f"config/loss/{loss}.yaml: " + "; ".join(problems))
+    settings = {"datasets": f"[{DEMO_DATA[spec.data_kind]}]", "lr": DEFAULT_LR, **EXCEPTIONS.get(loss, {})}
+    return [f"{key}={value}" for key, value in settings.items()]
 
 
 def run_curve(loss: str, cache_dir: Path) -> list[float]:
     """The training loss of each of the first 10 steps of `loss` on the demo data; `cache_dir` holds tiny-llama/."""
-    args = [f"loss={loss}", *COMMON, *RUNS[loss], f"cache_dir={cache_dir}", f"exp_name=curve-{loss}"]
+    args = [f"loss={loss}", *COMMON, *run_overrides(loss), f"cache_dir={cache_dir}", f"exp_name=curve-{loss}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
     result = subprocess.run(
         [sys.executable, str(REPO / "launch.py"), *args], cwd=REPO, env=env, capture_output=True, text=True
@@ -54,17 +85,20 @@ def run_curve(loss: str, cache_dir: Path) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("losses", nargs="*", default=sorted(RUNS))
+    parser.add_argument("losses", nargs="*", metavar="LOSS", help="losses to record (default: every built-in loss)")
     args = parser.parse_args()
+    unknown = sorted(set(args.losses) - set(losses()))
+    if unknown:
+        parser.error(f"no config/loss/<name>.yaml for {unknown}; built-in losses: {', '.join(losses())}")
     sys.path.insert(0, str(REPO / "scripts"))
     import make_tiny_model
 
-    CURVES_DIR.mkdir(exist_ok=True)
+    CURVES_DIR.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as cache:
         make_tiny_model.make(Path(cache) / "tiny-llama", "chatml")
-        for loss in args.losses:
+        for loss in args.losses or losses():
             curve = run_curve(loss, Path(cache))
-            (CURVES_DIR / f"{loss}.json").write_text(json.dumps({"loss/train": curve}, indent=1) + "\n")
+            curve_path(loss).write_text(json.dumps({"loss/train": curve}, indent=1) + "\n")
             print(f"{loss}: {' '.join(f'{v:.5f}' for v in curve)}")
 
 
