@@ -2,8 +2,9 @@
 
 This file keeps the command line (argv, logging, exit codes) and Hydra's task function; the run itself is
 train/app/run.py, sweeps are train/app/sweep.py. Before Hydra starts, every job is composed and validated (all of a sweep's
-jobs, before the first starts): every problem is reported at once, exit code 2 and no traceback, and the answer comes
-before torch is imported.
+jobs, before the first starts): every problem is reported at once, exit code 2 and no traceback, before any model,
+tokenizer or data loads. Validation does import the chosen loss's trainer module (train/objectives/), and with it torch,
+to read the loss's settings; `--help` imports every built-in loss's trainer module to list theirs.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def compose_config(
     """Compose the config (config/config.yaml, or `config_name` found in `config_dir` first) with command-line
     overrides; return the typed, validated Config (with `check_model_files`, the model and tokenizer it names are
     checked to exist too)."""
-    from train.app.config import validate
+    from train.app.validate import validate
 
     return validate(_job_part(compose_raw(overrides, config_dir, config_name)), check_model_files=check_model_files)
 
@@ -176,7 +177,7 @@ def _replace_overrides(argv: list[str], before: list[str], after: list[str]) -> 
 
 
 def check_run(args, overrides: list[str]) -> None:
-    from train.app.config import validate
+    from train.app.validate import validate
     from train.files import make_run_dir
 
     raw = compose_raw(overrides, args.config_dir, args.config_name or "config")
@@ -187,8 +188,8 @@ def check_run(args, overrides: list[str]) -> None:
 
 def check_sweep(args, overrides: list[str]) -> list[str]:
     """Validate every job of the sweep; return the extra Hydra overrides that name its jobs' run directories."""
-    from train.app.config import validate
     from train.app.sweep import merge_job_problems, plan_jobs, sweep_problems, sweeper_config
+    from train.app.validate import validate
     from train.errors import ConfigError, HalyardError
     from train.files import make_run_dir
 
@@ -269,8 +270,8 @@ def train_job(raw) -> float | None:
 def run_job(raw, hydra_cfg) -> tuple[int, str | None]:
     """Validate and train, in this process or through `accelerate launch` (accelerate_config); return the exit
     code and, for a user error, its message."""
-    from train.app.config import validate
     from train.app.launcher import accelerate_command, launched_by_accelerate, run_through_accelerate
+    from train.app.validate import validate
     from train.errors import HalyardError
 
     try:

@@ -7,7 +7,7 @@ import torch
 
 import launch
 from conftest import DEMO_TRAIN, REPO
-from train.app.config import loss_spec
+from train.app.loss_registry import loss_spec
 from train.loop.trainer import forward_supervised
 from train.objectives.losses import IGNORE_INDEX, masked_nll_sum, selected_sequence_logps
 from train.objectives.preference import PairLogps

@@ -11,7 +11,7 @@ import torch
 
 import launch
 from conftest import DEMO_TRAIN, OFFLINE_ENV, REPO, read_metrics, run_cli
-from train.app.config import loss_spec
+from train.app.loss_registry import loss_spec
 
 PREF = ["model=tiny", "datasets=[data/demo/pref_train.jsonl]", "eval_datasets=[data/demo/pref_eval.jsonl]"]
 

@@ -1,15 +1,19 @@
 """`python launch.py --help`: what the command does, how to run it, the presets by name, the data formats and every
 key with its default. Read from the files themselves (config/, accelerate_config/, the schema), so it cannot drift.
 
-Imports no torch beyond what listing the losses' own settings needs (their trainer modules).
+Listing the losses' own settings imports every built-in loss's trainer module (train/objectives/), and with them
+torch; nothing else heavy (no transformers model code, no model or data).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 from pathlib import Path
+from typing import Any
 
-from train.app.config import CONFIG_DIR, describe_schema
+from train.app.config import CONFIG_DIR, Config, LossConfig, leaf_settings
+from train.app.loss_registry import builtin_losses, resolve_loss
 from train.data.formats import FORMAT_EXAMPLES
 
 ACCELERATE_DIR = CONFIG_DIR.parent / "accelerate_config"
@@ -82,3 +86,54 @@ def _described(files: list[Path], indent: int = 2, prefix: str = "") -> str:
         about = textwrap.shorten(about.split(". ")[0].rstrip("."), width=room, placeholder="...")
         lines.append(f"{' ' * indent}{name:<{width}}  {about}".rstrip())
     return "\n".join(lines)
+
+
+def describe_schema(width: int = 120) -> str:
+    """A table of every key: its path, its default as you would write it on the command line, and what it means,
+    with its choices where it declares them (for `launch.py --help`). A loss's own settings follow, with the losses
+    that have them."""
+    rows = [(path, _as_written(default), _meaning(f)) for path, f, default in leaf_settings(Config())]
+    by_settings: dict[type, list[str]] = {}  # built-in losses that share a settings class are listed together
+    for name, trainer_path in builtin_losses().items():
+        spec, _ = resolve_loss(name, trainer_path)
+        if spec is not None:
+            by_settings.setdefault(spec.settings, []).append(name)
+    base = {f.name for f in dataclasses.fields(LossConfig)}
+    for settings, names in by_settings.items():
+        for path, f, default in leaf_settings(settings()):
+            if path not in base:
+                rows.append((f"loss.{path} ({', '.join(names)})", _as_written(default), _meaning(f)))
+    key_width = max(len(r[0]) for r in rows)
+    default_width = min(max(len(r[1]) for r in rows), 24)
+    indent = 2 + key_width + 2 + default_width + 2
+    lines = [f"  {'key':<{key_width}}  {'default':<{default_width}}  meaning"]
+    for path, default, help in rows:
+        if len(default) > default_width:  # a long default gets a line of its own
+            lines.append(f"  {path:<{key_width}}  {default}")
+            lead = " " * indent
+        else:
+            lead = f"  {path:<{key_width}}  {default:<{default_width}}  "
+        wrapped = textwrap.wrap(help, width=max(width - indent, 40)) or [""]
+        lines.append(lead + wrapped[0])
+        lines += [" " * indent + line for line in wrapped[1:]]
+    return "\n".join(lines)
+
+
+def _meaning(f: dataclasses.Field) -> str:
+    """A setting's help, then its choices, each with what it means where its declaration says (see `setting`)."""
+    help, choices = f.metadata["help"], f.metadata.get("choices")
+    if not choices:
+        return help
+    listed = " | ".join(_as_written(value) + (f" ({meaning})" if meaning else "") for value, meaning in choices.items())
+    return f"{help.rstrip('.')}: {listed}."
+
+
+def _as_written(value: Any) -> str:
+    """A default as it is written in an override: null, true, [a,b], 1e-05."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ",".join(_as_written(v) for v in value) + "]"
+    return str(value) if value != "" else "''"

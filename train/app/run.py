@@ -9,9 +9,11 @@ import shutil
 import time
 from pathlib import Path
 
-from train.app.config import Config, flat_config, loss_spec
+from train.app.config import Config
+from train.app.loss_registry import loss_spec
 from train.app.models import build_model, build_tokenizer, resolve_dtype, resolve_save_dtype
 from train.app.runtime import build_accelerator, prepare_run_dir
+from train.app.serialize import flat_config
 from train.data.pipeline import build_datasets
 from train.errors import HalyardError
 from train.loop.checkpoint import (

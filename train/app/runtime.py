@@ -9,7 +9,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.tracking import TensorBoardTracker, WandBTracker
 
-from train.app.config import Config, config_yaml, flat_config
+from train.app.config import Config
+from train.app.serialize import config_yaml, flat_config
 from train.files import run_dir_error
 from train.loop.checkpoint import CONFIG_FILE
 

@@ -36,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from train import files
-from train.app.config import flatten
+from train.app.serialize import flatten
 from train.errors import HalyardError
 from train.loop.distributed import full_state_dict, is_sharded, unsharded_copy
 from train.loop.faults import fault_at

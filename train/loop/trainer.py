@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from train.app.config import Config, LossConfig, config_yaml
+from train.app.config import Config, LossConfig
+from train.app.serialize import config_yaml
 from train.app.models import TORCH_DTYPES, resolve_save_dtype, verify_packing_isolation
 from train.batching.collate import Batch, collate_batch
 from train.batching.layout import Layout

@@ -1,0 +1,96 @@
+"""Validation reads each setting's declared choices: a value outside them is reported with the list, for the schema's
+settings and a loss's own alike. (The rest of validation is tested through the CLI in test_config.py.)"""
+
+import dataclasses
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+
+import launch
+from conftest import DEMO_TRAIN, REPO
+from train.app.config import Config, leaf_settings, setting
+from train.app.validate import check_choices
+from train.errors import ConfigError
+from train.objectives.sft import SFTSettings, SFTTrainer
+
+CHOICE_SETTINGS = [
+    (path, list(f.metadata["choices"])) for path, f, _ in leaf_settings(Config()) if "choices" in f.metadata
+]
+COMMON = ["model=tiny", f"datasets=[{DEMO_TRAIN}]"]
+
+
+@dataclass
+class FlavorSettings(SFTSettings):
+    flavor: str = setting("plain", "Test-only setting", choices={"plain": "", "salted": "with salt"})
+
+
+class FlavorTrainer(SFTTrainer):
+    """SFT with one more setting that declares choices (found by import path, as a user's loss is)."""
+
+    settings_class = FlavorSettings
+
+
+def with_value(cfg: Config, path: str, value) -> Config:
+    """A copy of `cfg` with the dotted setting `path` set to `value`."""
+    head, _, rest = path.partition(".")
+    if not rest:
+        return dataclasses.replace(cfg, **{head: value})
+    return dataclasses.replace(cfg, **{head: with_value(getattr(cfg, head), rest, value)})
+
+
+def test_the_schema_declares_the_choices_it_used_to_list_by_hand():
+    declared = dict(CHOICE_SETTINGS)
+    assert declared["model.dtype"] == ["auto", "float32", "bfloat16"]
+    assert declared["wandb.mode"] == [None, "online", "offline", "disabled"]
+    assert declared["save_dtype"] == ["auto", "float32", "bfloat16", "float16"]
+    assert {"model.attn_implementation", "data.train_on", "data.truncation", "data.on_bad_row", "optimizer.name",
+            "lr_scheduler", "save_merged", "on_nonfinite"} <= set(declared)  # fmt: skip
+
+
+@pytest.mark.parametrize(("path", "choices"), CHOICE_SETTINGS)
+def test_a_value_outside_a_setting_s_choices_is_reported_with_them(path, choices):
+    with pytest.raises(ConfigError) as error:
+        launch.compose_config([*COMMON, f"{path}=not_a_choice"])
+    assert f"{path}='not_a_choice': must be one of {choices}" in error.value.problems
+
+
+@pytest.mark.parametrize(("path", "choices"), CHOICE_SETTINGS)
+def test_every_declared_choice_passes_the_check(path, choices):
+    for value in choices:
+        assert check_choices(with_value(Config(), path, value)) == [], (path, value)
+
+
+def test_a_loss_s_own_setting_with_choices_is_validated_with_the_rest():
+    trainer = [f"loss.trainer={__name__}.FlavorTrainer"]
+    with pytest.raises(ConfigError) as error:
+        launch.compose_config([*COMMON, "loss=sft", *trainer, "loss.flavor=salty", "model.dtype=fp16"])
+    assert sorted(error.value.problems) == [
+        "loss.flavor='salty': must be one of ['plain', 'salted']",
+        "model.dtype='fp16': must be one of ['auto', 'float32', 'bfloat16']",
+    ]
+    cfg = launch.compose_config([*COMMON, "loss=sft", *trainer, "loss.flavor=salted"])
+    assert type(cfg.loss) is FlavorSettings and cfg.loss.flavor == "salted"
+
+
+def test_choices_given_as_a_sequence_are_stored_as_choices_without_meanings():
+    @dataclass
+    class Settings:
+        mode: str = setting("a", "Mode", choices=("a", "b"))
+
+    (field,) = dataclasses.fields(Settings)
+    assert field.metadata["choices"] == {"a": "", "b": ""}
+    assert dataclasses.fields(FlavorSettings)[-1].metadata["choices"] == {"plain": "", "salted": "with salt"}
+
+
+def test_torch_loads_with_the_loss_s_trainer_module_not_with_the_config_modules():
+    """launch.py's claim: the schema, validation and help modules import no torch; resolving a loss imports its
+    trainer module, and with it torch."""
+    probe = (
+        "import sys\nimport train.app.config, train.app.validate, train.app.help, train.app.serialize\n"
+        "before = 'torch' in sys.modules\nfrom train.app.loss_registry import resolve_loss\n"
+        "resolve_loss('sft', 'train.objectives.sft.SFTTrainer')\nprint(before, 'torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["False", "True"]

@@ -1,0 +1,268 @@
+"""Validation: a composed config checked against the schema (train/app/config.py) and the rules between keys.
+
+Every problem is collected (an unknown key with the closest valid one, a wrong type, a value outside a setting's
+choices or range, a missing file, a loss that cannot be imported or does not support a setting) and raised once, as
+one ConfigError. Nothing is loaded: reading the loss's settings imports its trainer module (train/app/loss_registry.py),
+and with it torch, but no model, tokenizer or data.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import types
+import typing
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from train.app.config import Config, LossConfig, ModelConfig, leaf_paths, leaf_settings
+from train.app.launcher import accelerate_config_problem, planned_world_size
+from train.app.loss_registry import LossSpec, builtin_losses, resolve_loss
+from train.batching.layout import decide_layout
+from train.errors import ConfigError
+
+
+def validate(raw: DictConfig, world_size: int | None = None, check_model_files: bool = False) -> Config:
+    """Check a composed config against the schema and the rules between keys; return it typed.
+
+    Collects every problem (unknown keys with their closest valid name, wrong types, bad values, missing files, a
+    loss that cannot be imported or does not support a setting) and raises one ConfigError listing them all. The
+    loss's trainer is imported to read its settings schema and capabilities; no model or data is loaded.
+    With `check_model_files` (the CLI, before a run), the model and tokenizer folders or hub ids are checked too.
+    """
+    problems: list[str] = []
+    raw_tree = OmegaConf.to_container(raw, resolve=False)
+    spec = _loss_spec(raw_tree.get("loss") or {}, problems)
+    typed = OmegaConf.structured(Config(loss=spec.settings() if spec else LossConfig()))
+    _merge_checked(raw_tree, typed, "", problems, schema_paths=sorted(leaf_paths(typed)))
+    try:
+        cfg = OmegaConf.to_object(typed)
+    except OmegaConfBaseException as error:
+        problems.append(f"could not resolve the configuration: {error}")
+        raise ConfigError(problems) from None
+    problems += check_values(cfg, world_size if world_size is not None else planned_world_size(cfg.accelerate_config))
+    if spec:
+        problems += check_loss_capabilities(cfg, spec)
+    if check_model_files:
+        from train.app.model_paths import model_path_problems
+
+        problems += model_path_problems(cfg.model)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _loss_spec(raw_loss: dict, problems: list[str]) -> LossSpec | None:
+    name, trainer_path = raw_loss.get("name"), raw_loss.get("trainer")
+    if name is None:
+        problems.append(f"no loss chosen: add loss=<name> with one of {sorted(builtin_losses())} (config/loss/)")
+        return None
+    if trainer_path is None:
+        problems.append(f"loss={name} names no trainer: add `trainer: <module>.<TrainerClass>` to its YAML")
+        return None
+    spec, found = resolve_loss(name, str(trainer_path))
+    problems += found
+    return spec
+
+
+def check_loss_capabilities(cfg: Config, spec: LossSpec) -> list[str]:
+    """Settings the chosen loss does not support, found before anything loads."""
+    problems = []
+    which = f"loss={spec.name} ({spec.trainer_path})"
+    from train.data.formats import FORMAT_RECORDS, KIND_COLUMNS, KINDS
+
+    record = FORMAT_RECORDS.get(cfg.data.format)
+    if record is not None and record not in KINDS.get(spec.data_kind, ()):
+        problems.append(
+            f"data.format={cfg.data.format}: {which} trains on {KIND_COLUMNS[spec.data_kind]} rows, which this "
+            f"format does not give; set data.format=auto or a format of those rows"
+        )
+    problems += decide_layout(cfg.data, cfg.model.attn_implementation, spec)[1]  # the run decides it the same way
+    if cfg.reference.precompute and not spec.supports_reference_precompute:
+        why = "it uses no reference model" if not spec.uses_reference else "its reference log-probs change every step"
+        problems.append(f"reference.precompute=true: {which} cannot precompute them ({why}); set it to false")
+    return problems
+
+
+def _merge_checked(raw: dict, typed: DictConfig, prefix: str, problems: list[str], schema_paths: list[str]) -> None:
+    """Copy raw values into the typed config one key at a time, recording every unknown key and type error."""
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        if key not in typed:
+            problems.append(f"unknown key '{path}'{_did_you_mean(path, schema_paths)}")
+            continue
+        child = typed._get_node(key)
+        if isinstance(child, DictConfig) and isinstance(value, dict):
+            _merge_checked(value, child, path + ".", problems, schema_paths)
+            continue
+        try:
+            typed[key] = value
+        except OmegaConfBaseException:
+            expected = _type_name(typing.get_type_hints(OmegaConf.get_type(typed))[key])
+            problems.append(f"{path}={value!r}: expected {expected}")
+
+
+def _did_you_mean(path: str, schema_paths: list[str]) -> str:
+    guess = difflib.get_close_matches(path, schema_paths, n=1, cutoff=0.6)
+    if not guess:  # a misspelled leaf in the wrong section, e.g. `batch_sise` for `model.batch_size`
+        by_leaf = {_leaf(p): p for p in schema_paths}
+        guess = [by_leaf[m] for m in difflib.get_close_matches(_leaf(path), list(by_leaf), n=1, cutoff=0.6)]
+    return f" (did you mean '{guess[0]}'?)" if guess else " (run `python launch.py --help` for every valid key)"
+
+
+def _leaf(path: str) -> str:
+    return path.rsplit(".", 1)[-1]
+
+
+def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, str):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(annotation)[0])}"
+    if origin in (typing.Union, types.UnionType):
+        names = [_type_name(a) for a in typing.get_args(annotation) if a is not type(None)]
+        return " or ".join(names) + " or null"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        annotation, str(annotation)
+    )
+
+
+def check_values(cfg: Config, world_size: int) -> list[str]:
+    """Rules on values and between keys. Returns a list of problems, each with the value and how to fix it."""
+    problems = []
+    problems += check_choices(cfg)
+    problems += _check_positive(cfg)
+    if not 0 <= cfg.warmup_ratio < 1:
+        problems.append(f"warmup_ratio={cfg.warmup_ratio}: must be in [0, 1)")
+    if cfg.weight_decay < 0:
+        problems.append(f"weight_decay={cfg.weight_decay}: must be >= 0")
+    problems += _check_optimizer(cfg)
+    if not cfg.exp_name.strip():
+        problems.append("exp_name is empty: name the run, e.g. exp_name=my-run")
+    if cfg.eval_samples < 0 or cfg.eval_samples_max_new_tokens <= 0:
+        problems.append(
+            f"eval_samples={cfg.eval_samples}, eval_samples_max_new_tokens={cfg.eval_samples_max_new_tokens}: must be >= 0 and > 0"
+        )
+    problems += cfg.loss.problems()
+    problems += _check_data_files(cfg)
+    if cfg.accelerate_config:
+        problems += [p for p in [accelerate_config_problem(cfg.accelerate_config)] if p]
+    problems += _check_model(cfg.model, world_size)
+    return problems
+
+
+def check_choices(cfg: Config) -> list[str]:
+    """A value outside its setting's declared `choices`, for every setting of the schema and of the loss's own."""
+    return [
+        f"{path}={value!r}: must be one of {list(field.metadata['choices'])}"
+        for path, field, value in leaf_settings(cfg)
+        if "choices" in field.metadata and value not in field.metadata["choices"]
+    ]
+
+
+def _check_optimizer(cfg: Config) -> list[str]:
+    problems = []
+    opt = cfg.optimizer
+    if opt.name == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append(
+            "optimizer.name=adamw_8bit needs the bitsandbytes package, which is not installed: "
+            "pip install -c constraints.txt bitsandbytes, or use optimizer.name=adamw"
+        )
+    if len(opt.betas) != 2 or not all(0 <= b < 1 for b in opt.betas):
+        problems.append(f"optimizer.betas={opt.betas}: give two numbers in [0, 1), e.g. [0.9,0.999]")
+    if opt.eps <= 0:
+        problems.append(f"optimizer.eps={opt.eps}: must be > 0")
+    if cfg.lr_scheduler == "constant" and cfg.min_lr_ratio:
+        problems.append(f"min_lr_ratio={cfg.min_lr_ratio}: lr_scheduler=constant has no decay; set it to 0")
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        problems.append(f"min_lr_ratio={cfg.min_lr_ratio}: must be in [0, 1]")
+    if not 0 < cfg.lr_decay_ratio <= 1:
+        problems.append(f"lr_decay_ratio={cfg.lr_decay_ratio}: must be in (0, 1]")
+    if cfg.warmup_steps is not None and cfg.warmup_steps < 0:
+        problems.append(f"warmup_steps={cfg.warmup_steps}: must be >= 0 (or null to use warmup_ratio)")
+    return problems
+
+
+def _check_positive(cfg: Config) -> list[str]:
+    must_be_positive = {
+        "n_epochs": cfg.n_epochs,
+        "lr": cfg.lr,
+        "eval_every_steps": cfg.eval_every_steps,
+        "log_every_steps": cfg.log_every_steps,
+        "max_steps": cfg.max_steps,
+        "save_every_steps": cfg.save_every_steps,
+        "save_total_limit": cfg.save_total_limit,
+        "model.batch_size": cfg.model.batch_size,
+        "model.eval_batch_size": cfg.model.eval_batch_size,
+        "model.gradient_accumulation_steps": cfg.model.gradient_accumulation_steps,
+        "model.max_length": cfg.model.max_length,
+        "model.max_grad_norm": cfg.model.max_grad_norm,
+    }
+    return [
+        f"{key}={value}: must be > 0" for key, value in must_be_positive.items() if value is not None and value <= 0
+    ]
+
+
+def _check_data_files(cfg: Config) -> list[str]:
+    from train.data.formats import FORMATS, source_problem
+
+    problems = []
+    if not cfg.datasets:
+        problems.append("datasets is empty: give the training files, e.g. datasets=[data/train.jsonl]")
+    for key, sources in (("datasets", cfg.datasets), ("eval_datasets", cfg.eval_datasets)):
+        problems += [f"{key}: {problem}" for problem in map(source_problem, sources) if problem]
+    data = cfg.data
+    if data.format not in FORMATS:
+        problems.append(f"data.format={data.format!r}: must be one of {list(FORMATS)}")
+    if data.dataset_samples and len(data.dataset_samples) != len(cfg.datasets):
+        problems.append(
+            f"data.dataset_samples has {len(data.dataset_samples)} entries for {len(cfg.datasets)} datasets; give one per dataset"
+        )
+    if any(n <= 0 for n in data.dataset_samples):
+        problems.append(f"data.dataset_samples={data.dataset_samples}: every entry must be > 0")
+    if not 0 <= data.eval_split_ratio < 1:
+        problems.append(f"data.eval_split_ratio={data.eval_split_ratio}: must be in [0, 1)")
+    if data.num_workers < 0:
+        problems.append(f"data.num_workers={data.num_workers}: must be >= 0 (0: collate in the training process)")
+    for key, value in (
+        ("data.num_proc", data.num_proc),
+        ("data.n_examples", data.n_examples),
+        ("data.max_prompt_length", data.max_prompt_length),
+    ):
+        if value is not None and value <= 0:
+            problems.append(f"{key}={value}: must be > 0")
+    return problems
+
+
+def _check_model(model: ModelConfig, world_size: int) -> list[str]:
+    problems = []
+    if not model.name_or_path:
+        problems.append("model.name_or_path is not set: pick a preset (model=smollm2) or set ++model.name_or_path=DIR")
+    if model.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        problems.append(
+            "model.attn_implementation=flash_attention_2 needs the flash-attn package (CUDA): pip install .[gpu], or use sdpa"
+        )
+    micro_batches = world_size * model.gradient_accumulation_steps
+    if model.batch_size > 0 and model.gradient_accumulation_steps > 0 and model.batch_size % micro_batches:
+        problems.append(
+            f"model.batch_size={model.batch_size} does not split into {world_size} process(es) x "
+            f"{model.gradient_accumulation_steps} accumulation step(s); choose a multiple of {micro_batches}"
+        )
+    if model.eval_batch_size > 0 and model.eval_batch_size % world_size:
+        problems.append(
+            f"model.eval_batch_size={model.eval_batch_size}: must be a multiple of the {world_size} processes"
+        )
+    if model.use_peft:
+        peft = model.peft
+        if peft.lora_r <= 0:
+            problems.append(f"model.peft.lora_r={peft.lora_r}: must be > 0")
+        if peft.lora_alpha <= 0:
+            problems.append(f"model.peft.lora_alpha={peft.lora_alpha}: must be > 0")
+        if not 0 <= peft.lora_dropout < 1:
+            problems.append(f"model.peft.lora_dropout={peft.lora_dropout}: must be in [0, 1)")
+        if not peft.target_modules:
+            problems.append("model.peft.target_modules is empty: name modules to adapt, or use [all-linear]")
+    return problems
