@@ -9,12 +9,13 @@ import shutil
 import time
 from pathlib import Path
 
+from train.app.assemble import build_trainer
 from train.app.config import Config
 from train.app.loss_registry import loss_spec
 from train.app.models import build_model, build_tokenizer, resolve_dtype, resolve_save_dtype
 from train.app.runtime import build_accelerator, prepare_run_dir
 from train.app.serialize import flat_config
-from train.data.pipeline import build_datasets
+from train.data.datasets import build_datasets
 from train.errors import HalyardError
 from train.loop.checkpoint import (
     CONFIG_FILE,
@@ -62,7 +63,7 @@ def run(cfg: Config) -> None:
         model = build_model(cfg.model, cfg.seed, sharded=fsdp is not None, score_pad_token_id=pad_id)
         reference, reference_cache = build_reference(cfg, accelerator, fsdp, train_data, eval_data, spec.trainer)
         extra = {"reference_model": reference} if spec.uses_reference else {}
-        trainer = spec.trainer(cfg, accelerator, model, tokenizer, train_data, eval_data, fsdp=fsdp, **extra)
+        trainer = build_trainer(spec.trainer, cfg, accelerator, model, tokenizer, train_data, eval_data, fsdp, **extra)
     try:
         if reference_cache is not None:
             trainer.precompute_reference(reference_cache)

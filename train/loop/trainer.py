@@ -18,45 +18,36 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 
-from train.app.config import Config, LossConfig
-from train.app.serialize import config_yaml
-from train.app.models import TORCH_DTYPES, resolve_save_dtype, verify_packing_isolation
+from train.app.config import LossConfig
 from train.batching.collate import Batch, collate_batch
 from train.batching.layout import Layout
 from train.batching.plan import BatchPlan, StepBatches, step_loader
-from train.data.store import PackedStore, TokenStore, packed_row_tokens
-from train.errors import DataError, HalyardError
+from train.data.store import PackedStore, TokenStore
+from train.errors import HalyardError
 from train.loop import checkpoint
 from train.loop.card import CardInfo
 from train.loop.card import render as render_card
 from train.loop.distributed import (
-    FsdpSettings,
     clip_gradients,
     is_sharded,
     local_parameter_fraction,
     no_gradient_sync,
-    shard_model,
 )
 from train.loop.faults import StopRequest, TrainingStopped, fault_at
-from train.loop.optim import build_optimizer, build_scheduler, warmup_steps_of
 from train.loop.progress import Progress
 from train.loop.samples import write_samples
-from train.loop.throughput import Throughput, Work, model_flops, peak_flops_per_second, peak_memory, trained_work
+from train.loop.throughput import Throughput, Work, peak_memory, trained_work
 from train.objectives.losses import LossSum, supervised_positions
 
 logger = logging.getLogger(__name__)
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
-UNSHARDABLE_OPTIMIZERS = (
-    "adafactor",
-    "adamw_8bit",
-)  # factored or quantized state: not sharded like the weights  # the batch keys the model's forward takes
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")  # the batch keys the model's forward takes
 
 
 @dataclass
@@ -68,6 +59,46 @@ class StepResult:
     metrics: dict[str, float]  # the loss's own metrics, e.g. "rewards_train/chosen"
     work: Work  # what the step's passes ran on, for Throughput
     stop_requested: bool  # a process got SIGTERM or SIGINT
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """What the loop needs to know besides its parts, read once from the config (train/app/assemble.py)."""
+
+    run_dir: Path  # where metrics.jsonl, samples.jsonl, step checkpoints and FINAL/ go
+    config_text: str  # the resolved config, saved beside every checkpoint and in FINAL/
+    eval_every_steps: int
+    log_every_steps: int
+    eval_batch_size: int  # global, in examples
+    max_grad_norm: float | None  # None: no clipping
+    on_nonfinite: str  # "stop" or "skip"
+    num_workers: int  # data loader processes per training process
+    eval_samples: int  # held-out prompts answered at each evaluation
+    eval_samples_max_new_tokens: int
+    save_every_steps: int | None
+    save_total_limit: int | None
+    resume_allow_config_change: bool
+    use_peft: bool
+    save_merged: str  # what FINAL/ holds under LoRA: "adapter", "merged" or "both"
+    save_dtype: torch.dtype  # FINAL/'s weights
+    card: CardInfo  # what the model card says about the run
+    verbose: bool = False
+
+
+@dataclass
+class TrainerParts:
+    """What the loop runs on, built before it starts (train/app/assemble.py)."""
+
+    model: torch.nn.Module  # prepared for the process layout: wrapped (DDP) or sharded (FSDP2)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    tokenizer: object
+    train_data: TokenStore | PackedStore
+    eval_data: TokenStore | None
+    batch_plan: BatchPlan  # which items each process trains on at each step
+    total_steps: int
+    throughput: Throughput
+    summary: dict[str, object] = field(default_factory=dict)  # facts of the build for summary.json (the peak FLOP/s)
 
 
 def forward_supervised(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,16 +113,9 @@ def forward_supervised(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
     return model(**inputs, logits_to_keep=keep).logits, keep
 
 
-def batching_choice(packed: bool, grouped: bool) -> str:
-    """What the log says about how batches are formed: the biggest lever on speed, so a user sees it."""
-    if packed:
-        return "batches: packed rows (data.packing=true), no padding"
-    if grouped:
-        return (
-            "batches: examples of similar length together, batches in random order (data.group_by_length=true, the "
-            "default: little padding); data.group_by_length=false for fully random batches"
-        )
-    return "batches: random examples padded to each micro-batch's longest (data.group_by_length=true pads less)"
+def batch_unit(train_data: TokenStore | PackedStore, example_unit: str) -> str:
+    """What model.batch_size counts: packed rows, or the loss's examples (pairs for paired losses)."""
+    return "packed rows" if train_data.layout is Layout.PACKED else example_unit
 
 
 class BasicTrainer:
@@ -113,131 +137,24 @@ class BasicTrainer:
     rows_per_example = 1  # sequences a collated item holds in a micro-batch (a pair: chosen and rejected)
 
     def __init__(
-        self,
-        cfg: Config,
-        accelerator: Accelerator,
-        model,
-        tokenizer,
-        train_data: TokenStore | PackedStore,
-        eval_data: TokenStore | None,
-        fsdp: FsdpSettings | None = None,
+        self, settings: LoopSettings, loss_settings: LossConfig, accelerator: Accelerator, parts: TrainerParts
     ):
-        # Read the config once into typed attributes; the loop never looks at the config again.
-        self.settings = cfg.loss  # an instance of settings_class, validated
+        self.loop = settings
+        self.settings = loss_settings  # an instance of settings_class, validated
         self.accelerator = accelerator
-        self.tokenizer = tokenizer
-        self.train_data, self.eval_data = train_data, eval_data
-        self.run_dir = Path(cfg.run_dir)
-        self.config_text = config_yaml(cfg)
-        self.seed = cfg.seed
-        self.n_epochs = cfg.n_epochs
-        self.batch_size = cfg.model.batch_size
-        self.eval_batch_size = cfg.model.eval_batch_size
-        self.accumulation_steps = cfg.model.gradient_accumulation_steps
-        self.max_grad_norm = cfg.model.max_grad_norm
-        self.eval_every_steps = cfg.eval_every_steps
-        self.log_every_steps = cfg.log_every_steps
-        self.use_peft = cfg.model.use_peft
-        self.pad_token_id = tokenizer.pad_token_id
-        self.save_every_steps = cfg.save_every_steps
-        self.save_total_limit = cfg.save_total_limit
-        self.on_nonfinite = cfg.on_nonfinite
-        self.resume_allow_config_change = cfg.resume_allow_config_change
-        self.num_workers = cfg.data.num_workers
-        self.eval_samples = cfg.eval_samples
-        self.eval_samples_max_new_tokens = cfg.eval_samples_max_new_tokens
-        self.verbose = cfg.verbose
-        self.save_merged = cfg.save_merged
-        if self.model_head == "score" and self.use_peft and self.save_merged == "adapter":
-            self.save_merged = "both"  # a reward model is used merged (scripts/score.py, AutoModelFor...Classification)
-        self.card_info = CardInfo.from_config(cfg)
-        self.save_dtype = TORCH_DTYPES[resolve_save_dtype(cfg.save_dtype, cfg.model)[0]]  # FINAL/'s weights
-        packed = train_data.layout is Layout.PACKED
-        self.batch_unit = "packed rows" if packed else self.example_unit  # what model.batch_size counts
-
-        self.batch_plan = BatchPlan(
-            n_items=len(train_data),
-            batch_size=self.batch_size,
-            n_processes=accelerator.num_processes,
-            rank=accelerator.process_index,
-            accumulation_steps=self.accumulation_steps,
-            seed=self.seed,
-            lengths=train_data.lengths() if cfg.data.group_by_length else None,
-        )
-        self.steps_per_epoch = self.batch_plan.steps_per_epoch
-        logger.info(batching_choice(train_data.layout is Layout.PACKED, cfg.data.group_by_length))
-        if self.steps_per_epoch == 0:
-            what = f"has {len(train_data)} {self.example_unit}"
-            if packed:
-                slots = packed_row_tokens(train_data.kind, cfg.model.max_length)
-                what = (
-                    f"packs into {len(train_data)} rows ({len(train_data.members)} {self.example_unit} in rows of up "
-                    f"to {slots} tokens, from model.max_length={cfg.model.max_length})"
-                )
-            raise DataError(
-                f"the training data {what}, fewer than model.batch_size={self.batch_size} {self.batch_unit}; "
-                f"lower the batch size or add data"
-            )
-        self.total_steps = self.n_epochs * self.steps_per_epoch
-        if cfg.max_steps is not None:
-            self.total_steps = min(self.total_steps, cfg.max_steps)
-        unused = len(train_data) - self.steps_per_epoch * self.batch_size
-        if unused:
-            logger.info(
-                f"each epoch trains on {len(train_data) - unused} of {len(train_data)} {self.batch_unit}: the last "
-                f"partial batch is left out (the order is reshuffled every epoch)"
-            )
-
-        self.model, self.optimizer = self.prepare_model(model, fsdp, cfg)
-        self.warmup_steps = warmup_steps_of(
-            self.total_steps, warmup_steps=cfg.warmup_steps, warmup_ratio=cfg.warmup_ratio
-        )
-        self.scheduler = build_scheduler(
-            self.optimizer,
-            self.total_steps,
-            name=cfg.lr_scheduler,
-            warmup_steps=self.warmup_steps,
-            min_lr_ratio=cfg.min_lr_ratio,
-            decay_ratio=cfg.lr_decay_ratio,
-        )
-        logger.info(
-            f"optimizer {cfg.optimizer.name}, lr {cfg.lr:g}, {cfg.lr_scheduler} schedule, "
-            f"{self.warmup_steps} warmup step(s)"
-        )
-        self.summary: dict[str, object] = {}
-        self.throughput = self.build_throughput(cfg)
-        if train_data.layout is Layout.PACKED:
-            verify_packing_isolation(self.accelerator.unwrap_model(self.model), cfg.model.attn_implementation)
-        self.metrics_path = self.run_dir / checkpoint.METRICS_FILE
+        self.model, self.optimizer, self.scheduler = parts.model, parts.optimizer, parts.scheduler
+        self.tokenizer, self.pad_token_id = parts.tokenizer, parts.tokenizer.pad_token_id
+        self.train_data, self.eval_data = parts.train_data, parts.eval_data
+        self.batch_plan, self.total_steps, self.throughput = parts.batch_plan, parts.total_steps, parts.throughput
+        self.summary: dict[str, object] = dict(parts.summary)
+        self.data_fingerprint = self.train_data.fingerprint()  # from cache keys and the selection: no token is read
         self.step = 0  # optimizer steps completed
         self.skipped_steps = 0
         self.stop_request = StopRequest()
-        self.data_fingerprint = train_data.fingerprint()  # from cache keys and the selection: no token is read
-        if self.save_every_steps and accelerator.is_main_process:
-            checkpoint.check_disk_space(self.run_dir, self.model)
 
-    def prepare_model(self, model, fsdp: FsdpSettings | None, cfg: Config):
-        """The model wrapped for this process layout (DDP, or sharded with FSDP2), and its optimizer."""
-        opt = cfg.optimizer
-        settings = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, name=opt.name, betas=opt.betas, eps=opt.eps)
-        if fsdp is not None:  # shard first: the optimizer must hold the sharded parameters
-            if opt.name in UNSHARDABLE_OPTIMIZERS:
-                raise HalyardError(
-                    f"optimizer.name={opt.name} under FSDP: its state is not shaped like the parameters, so its "
-                    f"checkpoints cannot be sharded; use adamw or adamw_fused with FSDP, or DDP with {opt.name}"
-                )
-            model = shard_model(model, fsdp, self.accelerator.device, bf16=cfg.model.dtype == "bfloat16")
-            return model, build_optimizer(model, **settings)
-        return self.accelerator.prepare(model, build_optimizer(model, **settings))
-
-    def build_throughput(self, cfg: Config) -> Throughput:
-        device = self.accelerator.device
-        peak = peak_flops_per_second(cfg.peak_flops_per_second, device, cfg.model.dtype == "bfloat16", cfg.cache_dir)
-        flops = model_flops(self.accelerator.unwrap_model(self.model), self.model_head == "lm")
-        self.summary.update(peak_flops_per_second=peak.flops_per_second, peak_flops_source=peak.source)
-        return Throughput(
-            flops, peak.flops_per_second, self.accelerator.num_processes, self.example_unit, self.rows_per_example
-        )
+    @property
+    def metrics_path(self) -> Path:
+        return self.loop.run_dir / checkpoint.METRICS_FILE
 
     # ---- hooks for subclasses ----
 
@@ -283,9 +200,9 @@ class BasicTrainer:
         """
         world = self.accelerator.num_processes
         logger.info(
-            f"training for {self.total_steps} steps ({self.steps_per_epoch} per epoch) of {self.batch_size} "
-            f"{self.batch_unit} "
-            f"on {world} process(es), {self.accumulation_steps} micro-batch(es) of "
+            f"training for {self.total_steps} steps ({self.batch_plan.steps_per_epoch} per epoch) of {self.batch_plan.batch_size} "
+            f"{batch_unit(self.train_data, self.example_unit)} "
+            f"on {world} process(es), {self.batch_plan.accumulation_steps} micro-batch(es) of "
             f"{self.batch_plan.micro_batch_size} each" + (f", from step {self.step}" if self.step else "")
         )
         sharded = is_sharded(self.accelerator.unwrap_model(self.model))
@@ -295,11 +212,13 @@ class BasicTrainer:
             parallelism="fsdp2" if sharded else ("ddp" if world > 1 else "single"),
             local_parameter_fraction=local_parameter_fraction(self.model),
         )
-        self.progress = Progress(self.total_steps, self.step, self.accelerator.is_main_process, verbose=self.verbose)
+        self.progress = Progress(
+            self.total_steps, self.step, self.accelerator.is_main_process, verbose=self.loop.verbose
+        )
         if self.step == 0:
             if self.accelerator.is_main_process:
                 self.metrics_path.write_text("")
-                (self.run_dir / checkpoint.SAMPLES_FILE).unlink(missing_ok=True)
+                (self.loop.run_dir / checkpoint.SAMPLES_FILE).unlink(missing_ok=True)
             if self.eval_data:
                 self.log({"step": 0, **self.run_evaluation()})
         self.model.train()
@@ -319,7 +238,7 @@ class BasicTrainer:
 
     def checkpoint_due(self) -> bool:
         # The last step needs none: FINAL/ follows it.
-        every = self.save_every_steps
+        every = self.loop.save_every_steps
         return bool(every) and self.step % every == 0 and self.step < self.total_steps
 
     def train_and_log_step(self, epoch: int, micro_batches: list[dict[str, torch.Tensor]]) -> bool:
@@ -330,11 +249,13 @@ class BasicTrainer:
         stop = result.stop_requested
         is_last = self.step == self.total_steps
         row: dict[str, float] = {"step": self.step}
-        if self.step % self.log_every_steps == 0 or is_last or stop:
-            epoch_progress = epoch + (self.step - epoch * self.steps_per_epoch) / self.steps_per_epoch
+        if self.step % self.loop.log_every_steps == 0 or is_last or stop:
+            epoch_progress = (
+                epoch + (self.step - epoch * self.batch_plan.steps_per_epoch) / self.batch_plan.steps_per_epoch
+            )
             row.update({"loss/train": result.loss, **result.metrics, "grad_norm": result.grad_norm})
             row.update(epoch=epoch_progress, lr=self.scheduler.get_last_lr()[0], **self.throughput.report())
-        if self.eval_data and (self.step % self.eval_every_steps == 0 or is_last):
+        if self.eval_data and (self.step % self.loop.eval_every_steps == 0 or is_last):
             row.update(self.run_evaluation())
         if len(row) > 1:
             self.log(row)
@@ -347,7 +268,7 @@ class BasicTrainer:
         batches = StepBatches(
             self.batch_plan, self.train_data, self.collate, start_step, self.total_steps, self.pairs_across_step
         )
-        return step_loader(batches, self.num_workers, pin_memory=self.accelerator.device.type == "cuda")
+        return step_loader(batches, self.loop.num_workers, pin_memory=self.accelerator.device.type == "cuda")
 
     def train_step(self, on_cpu: list[dict[str, torch.Tensor]]) -> StepResult:
         """One optimizer step over this process's micro-batches.
@@ -379,7 +300,7 @@ class BasicTrainer:
         totals = self.accelerator.reduce(torch.cat([torch.stack([loss_total, stop_flag]), counts]), reduction="sum")
         loss = (totals[0] / global_units).item()
         metrics = metric_sums.reduce(self.accelerator, "train")
-        grad_norm = clip_gradients(self.accelerator, self.model, self.max_grad_norm or math.inf)
+        grad_norm = clip_gradients(self.accelerator, self.model, self.loop.max_grad_norm or math.inf)
         if math.isfinite(loss) and math.isfinite(grad_norm):
             self.optimizer.step()
         else:
@@ -391,8 +312,8 @@ class BasicTrainer:
 
     def handle_nonfinite(self, loss: float, grad_norm: float) -> None:
         what = f"step {self.step}: the loss ({loss}) or the gradient norm ({grad_norm}) is not finite"
-        if self.on_nonfinite == "stop":
-            latest = checkpoint.find_latest(self.run_dir)
+        if self.loop.on_nonfinite == "stop":
+            latest = checkpoint.find_latest(self.loop.run_dir)
             kept = f"the newest checkpoint ({latest.name}) is untouched" if latest else "no checkpoint was written"
             raise HalyardError(
                 f"{what}; stopped without applying it, and {kept}. Lower lr or max_grad_norm, inspect this step's "
@@ -407,10 +328,10 @@ class BasicTrainer:
     def run_evaluation(self) -> dict[str, float]:
         """The evaluation metrics, and generated samples when eval_samples > 0."""
         metrics = self.evaluate()
-        if self.eval_samples:
+        if self.loop.eval_samples:
             write_samples(
-                self.accelerator, self.model, self.tokenizer, self.eval_data, self.eval_samples,
-                self.eval_samples_max_new_tokens, self.step, self.run_dir / checkpoint.SAMPLES_FILE,
+                self.accelerator, self.model, self.tokenizer, self.eval_data, self.loop.eval_samples,
+                self.loop.eval_samples_max_new_tokens, self.step, self.loop.run_dir / checkpoint.SAMPLES_FILE,
             )  # fmt: skip
         return metrics
 
@@ -424,10 +345,10 @@ class BasicTrainer:
         model = self.accelerator.unwrap_model(self.model)
         model.eval()
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        micro = self.eval_batch_size // world
+        micro = self.loop.eval_batch_size // world
         sums = torch.zeros(2, device=self.accelerator.device)
         metric_sums = MetricSums()
-        for start in range(0, len(self.eval_data), self.eval_batch_size):
+        for start in range(0, len(self.eval_data), self.loop.eval_batch_size):
             mine = self.eval_data[start + rank * micro : start + (rank + 1) * micro]
             batch = self.collate(mine or self.eval_data[:1], self.eval_data.layout)
             loss_sum = self.batch_loss(model, self.to_device(batch))
@@ -460,10 +381,10 @@ class BasicTrainer:
         tracker = self.accelerator.get_tracker("wandb", unwrap=True) if self.accelerator.trackers else None
         state = checkpoint.TrainerState(
             step=self.step,
-            epoch=self.step // self.steps_per_epoch,
+            epoch=self.step // self.batch_plan.steps_per_epoch,
             world_size=self.accelerator.num_processes,
             sharded=is_sharded(self.accelerator.unwrap_model(self.model)),
-            use_peft=self.use_peft,
+            use_peft=self.loop.use_peft,
             skipped_steps=self.skipped_steps,
             throughput=self.throughput.state(),
             summary=self.summary,
@@ -471,18 +392,18 @@ class BasicTrainer:
             wandb_run_id=getattr(tracker, "id", None),
         )
         checkpoint.save_checkpoint(
-            self.accelerator, self.parts(), state, self.run_dir, self.config_text, self.save_total_limit
+            self.accelerator, self.parts(), state, self.loop.run_dir, self.loop.config_text, self.loop.save_total_limit
         )
 
     def load_checkpoint(self, directory: Path) -> None:
         """Continue from a step checkpoint: weights, optimizer, schedule, RNG and counters, on every process."""
         state = checkpoint.load_checkpoint(
             directory,
-            self.run_dir,
+            self.loop.run_dir,
             self.accelerator,
             self.parts(),
             self.data_fingerprint,
-            self.resume_allow_config_change,
+            self.loop.resume_allow_config_change,
         )
         self.step, self.skipped_steps = state.step, state.skipped_steps
         self.throughput.restore(state.throughput)
@@ -491,10 +412,12 @@ class BasicTrainer:
     def save_final(self) -> None:
         """Write FINAL/ (under LoRA: the adapter, the merged model or both, see save_merged) with its model card,
         never half-written; every process takes part."""
-        card = render_card(self.card_info, self.summary, adapter_only=self.use_peft and self.save_merged == "adapter")
+        card = render_card(
+            self.loop.card, self.summary, adapter_only=self.loop.use_peft and self.loop.save_merged == "adapter"
+        )
         final = checkpoint.save_final(
-            self.accelerator, self.model, self.tokenizer, self.run_dir, self.config_text, self.use_peft,
-            save_merged=self.save_merged, card=card, dtype=self.save_dtype,
+            self.accelerator, self.model, self.tokenizer, self.loop.run_dir, self.loop.config_text, self.loop.use_peft,
+            save_merged=self.loop.save_merged, card=card, dtype=self.loop.save_dtype,
         )  # fmt: skip
         if final is not None:
             self.summary["final_dir"] = str(final.resolve())
