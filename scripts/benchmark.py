@@ -86,7 +86,7 @@ def bench_preprocess(args) -> str:
 
     from train.app.config import DataConfig, ModelConfig
     from train.app.models import build_tokenizer
-    from train.data.pipeline import preprocess
+    from train.data.preprocess import preprocess
 
     logging.disable(logging.INFO)
     tokenizer = build_tokenizer(ModelConfig(name_or_path=args.tokenizer))
@@ -291,7 +291,8 @@ def bench_sft(args) -> str:
 
     from train.app.config import DataConfig
     from train.batching.collate import collate_packed
-    from train.data.pipeline import load_examples, pack_examples
+    from train.data.preprocess import load_examples
+    from train.data.store import concatenate, pack_plan
 
     work = Path(tempfile.mkdtemp(prefix="halyard-bench-sft-"))
     tokenizer = AutoTokenizer.from_pretrained(args.smollm2)
@@ -305,7 +306,8 @@ def bench_sft(args) -> str:
     )
     lengths = [len(e.input_ids) for e in examples]
     # Equal tokens per optimizer step: packed rows of max_length, as many per step as 8 examples' mean tokens fill.
-    rows = pack_examples(examples, args.max_length)
+    members, row_starts = pack_plan(np.array(lengths, dtype=np.int64), args.max_length)  # best-fit decreasing
+    rows = [concatenate([examples[i] for i in members[a:b]]) for a, b in itertools.pairwise(row_starts.tolist())]
     efficiency = sum(lengths) / (len(rows) * args.max_length)
     rows_per_step = max(1, round(8 * statistics.mean(lengths) / (args.max_length * efficiency)))
     from safetensors.torch import save_file
@@ -383,7 +385,7 @@ def bench_dpo(args) -> str:
     from transformers import AutoTokenizer
 
     from train.app.config import DataConfig
-    from train.data.pipeline import load_examples
+    from train.data.preprocess import load_examples
     from train.data.store import IGNORE_INDEX, pack_plan, packed_row_tokens
 
     work = Path(tempfile.mkdtemp(prefix="halyard-bench-dpo-"))
@@ -451,7 +453,7 @@ def bench_shared_prompt(args) -> str:
     from train.app.config import DataConfig
     from train.batching.collate import collate, collate_sequences, collate_shared_prompt
     from train.batching.sequences import forward_sequence_logps
-    from train.data.pipeline import load_examples
+    from train.data.preprocess import load_examples
     from train.data.store import IGNORE_INDEX
 
     tokenizer = AutoTokenizer.from_pretrained(args.smollm2)
@@ -519,7 +521,7 @@ def bench_cpu_options(args) -> str:
 
     from train.app.config import DataConfig
     from train.batching.collate import collate
-    from train.data.pipeline import load_examples
+    from train.data.preprocess import load_examples
     from train.objectives.losses import selected_nll_sum, supervised_positions
 
     tokenizer = AutoTokenizer.from_pretrained(args.smollm2)

@@ -68,7 +68,8 @@ def main() -> int:
     try:
         cfg = launch.compose_config(overrides)
         from train.app.models import build_tokenizer
-        from train.data.pipeline import MaskAudit, load_examples
+        from train.data.preprocess import load_examples
+        from train.data.stats import MaskAudit
 
         tokenizer = build_tokenizer(cfg.model)
         sources = cfg.eval_datasets if args.eval else cfg.datasets

@@ -21,8 +21,9 @@ REPO = Path(__file__).resolve().parent.parent
 def tokenized(row: dict, where: str, tokenizer, max_length: int):
     """The row's prompt and completion as training tokenizes a pair's prompt and one of its responses."""
     from train.app.config import DataConfig
+    from train.data.chat import tokenize_conversation
     from train.data.formats import as_messages
-    from train.data.pipeline import fit, tokenize_conversation
+    from train.data.truncate import fit
 
     prompt = as_messages(row["prompt"], where, "prompt", "user")
     completion = as_messages(row["completion"], where, "completion", "assistant")

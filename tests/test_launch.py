@@ -29,7 +29,7 @@ def final_eval_loss_by_the_models_own_loss(final_dir) -> float:
 
     from train.app.config import DataConfig
     from train.batching.collate import collate
-    from train.data.pipeline import load_examples
+    from train.data.preprocess import load_examples
 
     model = AutoModelForCausalLM.from_pretrained(final_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(final_dir)

@@ -4,12 +4,13 @@ import math
 
 import pytest
 import torch
+from packing_helpers import pack_examples, packing_efficiency
 
 from conftest import DEMO_TRAIN, read_metrics, run_cli
 from train.app.models import verify_packing_isolation
 from train.batching.collate import collate, collate_packed
 from train.batching.layout import Layout
-from train.data.pipeline import IGNORE_INDEX, Example, PackedExample, pack_examples, packing_efficiency
+from train.data.store import IGNORE_INDEX, Example, PackedExample
 from train.errors import HalyardError
 from train.objectives.losses import count_loss_units, selected_nll_sum, supervised_positions
 

@@ -6,8 +6,11 @@ import datasets
 import pytest
 
 from train.app.config import DataConfig
-from train.data.formats import Conversation, Pair, Text, Unpaired, parse_row, source_problem
-from train.data.pipeline import IGNORE_INDEX, load_examples, tokenize_conversation
+from train.data.chat import tokenize_conversation
+from train.data.formats import Conversation, Pair, Text, Unpaired, parse_row
+from train.data.preprocess import load_examples
+from train.data.sources import source_problem
+from train.data.store import IGNORE_INDEX
 from train.errors import DataError
 
 KEYS = DataConfig()
@@ -146,8 +149,8 @@ def test_fuzz_corpus_gives_named_errors_or_counted_skips_never_a_traceback(tiny_
 
     from fuzz_corpus import VALID, corpus
 
-    from train.data.formats import read_source
-    from train.data.pipeline import tokenize_rows
+    from train.data.sources import read_source
+    from train.data.tokenize import tokenize_rows
 
     entries = corpus(seed=0)
     assert len(entries) >= 200 and {kind for kind, _ in VALID} == {e.kind for e in entries}
@@ -184,3 +187,36 @@ def test_empty_data_file_is_an_error_naming_it(tiny_tokenizers, tmp_path):
     empty.write_text("")
     with pytest.raises(DataError, match=f"{empty}: no rows \\(the file is empty\\)"):
         load_examples([str(empty)], tiny_tokenizers["chatml"], KEYS, max_length=64)
+
+
+# One row of each format, with nothing but its own columns.
+ROW_OF = {
+    "instruction": {"instruction": "What is 2 plus 2?", "output": "Arr, 4, matey!"},
+    "messages": {"messages": QA},
+    "sharegpt": {"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Ahoy!"}]},
+    "prompt_completion": {"prompt": "What is 2 plus 2?", "completion": "Arr, 4, matey!"},
+    "text": {"text": "The quick brown fox."},
+    "preference": {"prompt": "Best color?", "chosen": "Blue.", "rejected": "No idea."},
+    "unpaired": {"prompt": "Best color?", "completion": "Blue.", "label": True},
+}
+
+
+def test_each_format_is_one_record_that_detection_parsing_config_and_help_read():
+    """FORMATS is the one table of row formats: a row of each is detected as it and parsed into its record, and the
+    config's allowed values, its documentation and --help's examples are derived from it."""
+    import dataclasses
+
+    from train.app.help import help_text
+    from train.data.formats import FORMAT_NAMES, FORMATS, KIND_COLUMNS, KINDS, detect_format
+
+    assert set(ROW_OF) == set(FORMATS)
+    assert FORMAT_NAMES[0] == "auto" and FORMAT_NAMES[1:] == tuple(FORMATS)
+    for name, fmt in FORMATS.items():
+        assert detect_format(ROW_OF[name], KEYS) == name
+        assert type(parse_row(ROW_OF[name], "r", dataclasses.replace(KEYS, format=name))) is fmt.record
+        assert any(fmt.record in records for records in KINDS.values())
+    assert KIND_COLUMNS["sft"] == "instruction/output, messages, conversations, prompt/completion or text"
+    documented = {f.name: f.metadata["help"] for f in dataclasses.fields(DataConfig)}["format"]
+    assert " | ".join(FORMAT_NAMES[1:]) in documented
+    text = help_text()
+    assert all(f"  {name:<18} {fmt.example}" in text for name, fmt in FORMATS.items())

@@ -10,8 +10,10 @@ import torch
 from conftest import DEMO_EVAL, DEMO_TRAIN, REPO
 from train.app.config import DataConfig
 from train.batching.collate import collate
+from train.data.chat import tokenize_conversation
 from train.data.formats import parse_row
-from train.data.pipeline import IGNORE_INDEX, Example, load_examples, tokenize_conversation
+from train.data.preprocess import load_examples
+from train.data.store import IGNORE_INDEX, Example
 from train.errors import DataError
 
 KEYS = DataConfig()
@@ -345,7 +347,8 @@ def test_reasoning_in_a_template_that_keeps_it_verbatim(tiny_tokenizers, tmp_pat
 
 
 def test_mask_audit_counts_tokens_by_role_exactly(tiny_tokenizers, tmp_path, caplog):
-    from train.data.pipeline import MaskAudit, build_datasets
+    from train.data.datasets import build_datasets
+    from train.data.stats import MaskAudit
 
     tokenizer = tiny_tokenizers["chatml"]
     path = write(tmp_path, "d.jsonl", json.dumps({"messages": THREE_TURNS}) + "\n")
@@ -366,7 +369,7 @@ def test_mask_audit_counts_tokens_by_role_exactly(tiny_tokenizers, tmp_path, cap
     assert (audit.assistant_turns, audit.turns_ending_supervised) == (2, 1)
     assert "1 assistant turns end without a supervised end-of-turn token" in audit.problems("assistant")[0]
     # The training log reports it (and summary.json holds it: the data stats of the run).
-    with caplog.at_level("INFO", logger="train.data.pipeline"):
+    with caplog.at_level("INFO", logger="train.data"):
         _, _, run_stats = build_datasets(demo_config(tmp_path), tokenizer)
     assert "label mask audit (train, 123 conversations): supervised share of tokens by role: system 0.0%" in caplog.text
     assert run_stats["train"]["mask_audit"]["turns_ending_supervised"] == 140
@@ -383,7 +386,7 @@ def test_template_that_changes_contents_is_refused(tiny_tokenizers):
 def test_rendering_is_what_apply_chat_template_renders(tiny_tokenizers, style):
     """Preprocessing renders through transformers' template renderer directly (skipping the normalization of
     message objects): the text must be exactly what apply_chat_template gives at inference."""
-    from train.data.pipeline import _render
+    from train.data.chat import _render
 
     tokenizer = tiny_tokenizers[style]
     for end in range(1, len(CONVERSATION) + 1):
@@ -399,11 +402,11 @@ def demo_config(tmp_path, *overrides):
 
 
 def test_preprocessing_is_cached_and_reused(tmp_path, tiny_tokenizers, caplog):
-    from train.data.pipeline import build_datasets
+    from train.data.datasets import build_datasets
 
     tokenizer = tiny_tokenizers["chatml"]
     cfg = demo_config(tmp_path)
-    with caplog.at_level("INFO", logger="train.data.pipeline"):
+    with caplog.at_level("INFO", logger="train.data"):
         first, _, stats = build_datasets(cfg, tokenizer)
         assert "cached preprocessed data in" in caplog.text
         caplog.clear()
@@ -412,13 +415,13 @@ def test_preprocessing_is_cached_and_reused(tmp_path, tiny_tokenizers, caplog):
     assert [e.input_ids for e in again] == [e.input_ids for e in first] and stats == stats_again
     # A setting that changes tokenization gets its own cache entry.
     caplog.clear()
-    with caplog.at_level("INFO", logger="train.data.pipeline"):
+    with caplog.at_level("INFO", logger="train.data"):
         build_datasets(demo_config(tmp_path, "data.train_on=all"), tokenizer)
     assert "reusing" not in caplog.text
     assert len(list((tmp_path / "preprocessed").iterdir())) == 2
     # Settings that only select, order or pack tokenized examples reuse it: packing adds a plan beside the data.
     caplog.clear()
-    with caplog.at_level("INFO", logger="train.data.pipeline"):
+    with caplog.at_level("INFO", logger="train.data"):
         build_datasets(
             demo_config(tmp_path, "data.packing=true", "data.group_by_length=true", "data.num_proc=2"), tokenizer
         )
@@ -427,7 +430,7 @@ def test_preprocessing_is_cached_and_reused(tmp_path, tiny_tokenizers, caplog):
 
 
 def test_mixing_eval_split_and_cap(tmp_path, tiny_tokenizers):
-    from train.data.pipeline import build_datasets
+    from train.data.datasets import build_datasets
 
     tokenizer = tiny_tokenizers["chatml"]
     cfg = demo_config(tmp_path, f"datasets=[{DEMO_TRAIN},{DEMO_EVAL}]", "data.dataset_samples=[0.5,56]")
@@ -442,7 +445,7 @@ def test_mixing_eval_split_and_cap(tmp_path, tiny_tokenizers):
 
 def test_eval_split_is_taken_before_rows_are_repeated(tmp_path, tiny_tokenizers):
     """dataset_samples repeating a source 3 times over and an eval split: no evaluation row is trained on."""
-    from train.data.pipeline import build_datasets
+    from train.data.datasets import build_datasets
 
     cfg = demo_config(tmp_path, "data.dataset_samples=[369]", "data.eval_split_ratio=0.2")
     train, evaluation, _ = build_datasets(cfg, tiny_tokenizers["chatml"])
@@ -476,7 +479,7 @@ def test_preview_script_marks_spans_and_dumps_rows(tmp_path, tiny_cache):
 
 
 def test_no_examples_left_after_filtering_is_an_error(tmp_path, tiny_tokenizers):
-    from train.data.pipeline import build_datasets
+    from train.data.datasets import build_datasets
 
     cfg = demo_config(tmp_path, "model.max_length=16", "data.truncation=drop")
     with pytest.raises(
@@ -486,7 +489,7 @@ def test_no_examples_left_after_filtering_is_an_error(tmp_path, tiny_tokenizers)
 
 
 def test_caching_can_be_turned_off(tmp_path, tiny_tokenizers):
-    from train.data.pipeline import build_datasets
+    from train.data.datasets import build_datasets
 
     train, _, _ = build_datasets(demo_config(tmp_path, "data.cache_preprocessing=false"), tiny_tokenizers["chatml"])
     assert len(train) == 123 and not (tmp_path / "preprocessed").exists()
@@ -495,7 +498,7 @@ def test_caching_can_be_turned_off(tmp_path, tiny_tokenizers):
 def test_parallel_sharded_preprocessing_equals_one_process(tmp_path, tiny_tokenizers, monkeypatch, caplog):
     import contextlib
 
-    from train.data import pipeline as data
+    from train.data import preprocess as data
 
     monkeypatch.setattr(data, "SHARD_ROWS", 10)  # 13 shards
     source = tmp_path / "rows.jsonl"
@@ -518,8 +521,8 @@ def test_parallel_sharded_preprocessing_equals_one_process(tmp_path, tiny_tokeni
 
 
 def test_interrupted_preprocessing_restarts_from_its_finished_shards(tmp_path, tiny_tokenizers, monkeypatch):
-    from train.data import pipeline as data
-    from train.data.pipeline import build_datasets
+    from train.data import preprocess as data
+    from train.data.datasets import build_datasets
 
     monkeypatch.setattr(data, "SHARD_ROWS", 16)  # 123 rows: 8 shards
     tokenize_rows, started, killed = data.tokenize_rows, [], []

@@ -88,7 +88,7 @@ def test_a_reward_model_learns_the_preference_and_scores_rows_as_it_trained(tiny
 def test_a_row_s_margin_reaches_the_loss_through_the_data_path(tmp_path, tiny_tokenizers, use_margin):
     """A `margin` field travels from the file through the cache and collation into the loss:
     -log sigmoid(s_chosen - s_rejected - margin); a row without one gets margin 0, a bad one a clear error."""
-    from train.data.pipeline import build_datasets
+    from train.data.datasets import build_datasets
     from train.errors import DataError
 
     rows = [

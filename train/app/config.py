@@ -20,6 +20,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from train.data.formats import FORMAT_NAMES
+
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"  # Hydra's presets: config.yaml, loss/, model/
 
 
@@ -123,8 +125,8 @@ class DataConfig:
     messages_key: str = setting("messages", "Chat rows: field holding the list of {role, content} messages.")
     format: str = setting(
         "auto",
-        "Row format: auto (detected from each row's columns) | instruction | messages | sharegpt | prompt_completion "
-        "| text | preference | unpaired (see train/data/formats.py).",
+        f"Row format: auto (detected from each row's columns) | {' | '.join(FORMAT_NAMES[1:])} "
+        "(see train/data/formats.py).",
     )
     train_on: str = setting(
         "assistant",

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from train.app.config import ModelConfig
 from train.batching.collate import collate_packed
-from train.data.pipeline import IGNORE_INDEX, PackedExample
+from train.data.store import IGNORE_INDEX, PackedExample
 from train.errors import HalyardError
 
 logger = logging.getLogger(__name__)

@@ -207,7 +207,8 @@ def _check_positive(cfg: Config) -> list[str]:
 
 
 def _check_data_files(cfg: Config) -> list[str]:
-    from train.data.formats import FORMATS, source_problem
+    from train.data.formats import FORMAT_NAMES as FORMATS
+    from train.data.sources import source_problem
 
     problems = []
     if not cfg.datasets:

@@ -1,8 +1,10 @@
-"""Where rows come from (files, saved datasets, named hub datasets) and what they mean (the row formats).
+"""What rows mean: the row formats, one record each in FORMATS.
 
 Every row becomes one record: a `Conversation` (SFT), `Text` (continued pretraining), `Pair` (preference pairs) or
-`Unpaired` (KTO). A row's format is detected from its columns unless `data.format` forces one; FORMAT_EXAMPLES
-shows each (`python launch.py --help` prints them).
+`Unpaired` (KTO). A format is one `Format` entry: how a row's columns reveal it, its parser, the record it gives, its
+columns and what a row looks like. Detection, parsing, data.format's allowed values, the errors that name what a loss
+trains on and `python launch.py --help` all read that table; adding a format is a parser and one entry. A row's format
+is detected from its columns unless `data.format` forces one. Where rows come from is `train/data/sources.py`.
 
 Every problem raises DataError naming the file, the row and the field, and saying how to fix it.
 """
@@ -10,12 +12,9 @@ Every problem raises DataError naming the file, the row and the field, and sayin
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from train.errors import DataError
@@ -25,26 +24,6 @@ if TYPE_CHECKING:  # config.py imports this module to check data settings
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-FORMATS = ("auto", "instruction", "messages", "sharegpt", "prompt_completion", "text", "preference", "unpaired")
-FILE_EXTENSIONS = (".json", ".jsonl", ".parquet", ".csv")
-# What a row of each format looks like.
-FORMAT_EXAMPLES = {
-    "messages": '{"messages": [{"role": ..., "content": ...}, ...]}',
-    "sharegpt": '{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}',
-    "preference": '{"prompt": str|messages, "chosen": str|messages, "rejected": str|messages}',
-    "unpaired": '{"prompt": str|messages, "completion": str|messages, "label": bool}',
-    "prompt_completion": '{"prompt": str|messages, "completion": str|messages}',
-    "text": '{"text": str}',
-    "instruction": '{"instruction": str, "input": str?, "output": str, "system": str?}  (names set by data.*_key)',
-}
-
-# Named datasets: name -> (hub id, split). Loaded with `datasets.load_dataset`, which needs the hub.
-REGISTRY = {
-    "ultrachat": ("HuggingFaceH4/ultrachat_200k", "train_sft"),
-    "ultrabin": ("HuggingFaceH4/ultrafeedback_binarized", "train_prefs"),
-    "hh": ("Anthropic/hh-rlhf", "train"),
-    "alpaca": ("tatsu-lab/alpaca", "train"),
-}
 
 
 @dataclass
@@ -76,190 +55,22 @@ Record = Conversation | Text | Pair | Unpaired
 
 # What each kind of trainer consumes.
 KINDS = {"sft": (Conversation, Text), "text": (Text,), "paired": (Pair,), "unpaired": (Unpaired,)}
-# What each row format gives.
-FORMAT_RECORDS = {
-    "instruction": Conversation, "messages": Conversation, "sharegpt": Conversation, "prompt_completion": Conversation,
-    "text": Text, "preference": Pair, "unpaired": Unpaired,
-}  # fmt: skip
-KIND_COLUMNS = {
-    "sft": "instruction/output, messages, conversations, prompt/completion or text",
-    "text": "text",
-    "paired": "prompt/chosen/rejected",
-    "unpaired": "prompt/completion/label",
-}
 
 
-# ---- sources ----
+@dataclass(frozen=True)
+class Format:
+    """One row format."""
+
+    name: str  # data.format=<name>
+    record: type  # the record each row gives (Conversation, Text, Pair or Unpaired)
+    columns: str  # its columns, as an error naming what a loss trains on lists them
+    example: str  # what a row looks like (`python launch.py --help` prints it)
+    detect_rank: int  # data.format=auto tries the formats by rank: the first whose columns a row has wins
+    detect: Callable[[dict, DataConfig], bool]  # whether a row's columns are this format's
+    parse: Callable[[dict, str, DataConfig], Record]  # (row, where, keys) -> record; DataError naming the field
 
 
-def is_named_dataset(source: str) -> bool:
-    return source in REGISTRY
-
-
-def source_problem(source: str) -> str | None:
-    """Why `source` cannot be read (checked before anything loads), or None."""
-    path = Path(source)
-    if is_named_dataset(source):
-        return None
-    if path.is_dir():
-        if not (path / "dataset_info.json").exists() and not (path / "state.json").exists():
-            return f"folder '{source}' is not a dataset saved with datasets' save_to_disk (no dataset_info.json)"
-        return None
-    if not path.exists():
-        named = ", ".join(sorted(REGISTRY))
-        return f"'{source}' is neither a file, a saved dataset folder, nor a named dataset ({named}) (paths are relative to {Path.cwd()})"
-    if path.suffix not in FILE_EXTENSIONS:
-        return f"'{source}' has an unsupported extension; use one of {list(FILE_EXTENSIONS)} or a save_to_disk folder"
-    return None
-
-
-def read_source(source: str) -> Iterator[tuple[str, object]]:
-    """Yield (where, row) for every row, streaming: a file of many GB is never held in memory. `where` names the file
-    and line (or row) for error messages. A row is a dict, a JSONL line not yet parsed (a str: `load_row` parses it
-    where it is tokenized, in parallel), or a `BadRow` the reader could not read."""
-    if is_named_dataset(source):
-        yield from _read_named(source)
-    elif Path(source).is_dir():
-        yield from _read_table(source, _load_saved(source))
-    elif source.endswith(".jsonl"):
-        yield from _read_jsonl(source)
-    elif source.endswith(".json"):
-        yield from _read_json(source)
-    elif source.endswith(".parquet"):
-        yield from _read_parquet(source)
-    else:
-        yield from _read_table(source, _load_csv(source))
-
-
-@dataclass
-class BadRow:
-    """A row that could not be read, kept so data.on_bad_row decides: stop, or skip and count."""
-
-    message: str
-
-
-def load_row(where: str, row: object) -> dict:
-    """The dict of a row from `read_source`; raises DataError naming the row if it is not a JSON object."""
-    if isinstance(row, BadRow):
-        raise DataError(row.message)
-    if isinstance(row, str):
-        try:
-            row = json.loads(row)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
-        except (ValueError, RecursionError) as error:  # a number too long to convert, nesting too deep
-            raise DataError(f"{where}: not usable JSON ({str(error)[:120]})") from None
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: each row must be a JSON object; found {type(row).__name__}")
-    return row
-
-
-def _read_jsonl(path: str) -> Iterator[tuple[str, str | BadRow]]:
-    # Read as bytes and decode each line: one line that is not UTF-8 is a bad row, not the end of the file. A BOM
-    # (some editors write one) and CRLF line ends are accepted.
-    with open(path, "rb") as lines:
-        for line_number, raw in enumerate(lines, start=1):
-            where = f"{path} line {line_number}"
-            try:
-                line = raw.decode("utf-8").lstrip("\ufeff")
-            except UnicodeDecodeError as error:
-                yield where, BadRow(f"{where}: not valid UTF-8 (byte {error.start}); save the file as UTF-8")
-                continue
-            if line.strip():
-                yield where, line
-
-
-def _read_json(path: str) -> Iterator[tuple[str, object]]:
-    # A .json file is one JSON document, read whole; large data belongs in .jsonl or .parquet, which stream.
-    try:
-        rows = json.loads(Path(path).read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})") from None
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not valid UTF-8 (byte {error.start}); save the file as UTF-8") from None
-    except (ValueError, RecursionError) as error:
-        raise DataError(f"{path}: not usable JSON ({str(error)[:120]})") from None
-    if not isinstance(rows, list):
-        raise DataError(f"{path}: a .json file must hold a list of rows; found {type(rows).__name__}")
-    for index, row in enumerate(rows):
-        yield f"{path} row {index}", row
-
-
-def _read_parquet(path: str) -> Iterator[tuple[str, dict]]:
-    import pyarrow.parquet as pq
-
-    try:
-        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
-        index = 0
-        for batch in batches:
-            for row in batch.to_pylist():
-                yield f"{path} row {index}", row
-                index += 1
-    except (OSError, ValueError) as error:  # pyarrow's errors for a damaged file
-        raise DataError(f"{path}: cannot be read as parquet ({error})") from None
-
-
-def _load_csv(path: str):
-    import datasets
-
-    try:  # converted once to a memory-mapped Arrow file in the datasets cache, then read row by row
-        return datasets.Dataset.from_csv(path)
-    except Exception as error:  # pandas and pyarrow raise many types for a damaged file
-        raise DataError(f"{path}: cannot be read as csv ({error})") from None
-
-
-def _load_saved(path: str):
-    import datasets
-
-    loaded = datasets.load_from_disk(path)
-    if isinstance(loaded, datasets.DatasetDict):
-        if "train" not in loaded:
-            raise DataError(f"{path}: a saved DatasetDict without a 'train' split (found {list(loaded)})")
-        loaded = loaded["train"]
-    return loaded
-
-
-def _read_table(source: str, table) -> Iterator[tuple[str, dict]]:
-    for index, row in enumerate(table):
-        yield f"{source} row {index}", row
-
-
-def _read_named(name: str) -> Iterator[tuple[str, dict]]:
-    hub_id, split = REGISTRY[name]
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        raise DataError(
-            f"the named dataset '{name}' ({hub_id}, split {split}) comes from the Hugging Face hub, which is offline "
-            f"here (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE=1). Download it where the hub is reachable "
-            f"(datasets.load_dataset('{hub_id}', split='{split}').to_json('{name}.jsonl')) and pass the file instead."
-        )
-    import datasets
-
-    yield from _read_table(name, datasets.load_dataset(hub_id, split=split))
-
-
-# ---- formats ----
-
-
-def detect_format(row: dict, keys: DataConfig) -> str:
-    """The format a row's columns suggest; `instruction` when nothing else fits (its checks then name what is missing)."""
-    if keys.messages_key in row:
-        return "messages"
-    if "conversations" in row:
-        return "sharegpt"
-    if "chosen" in row and "rejected" in row:
-        return "preference"
-    if "completion" in row and "label" in row:
-        return "unpaired"
-    if "prompt" in row and "completion" in row:
-        return "prompt_completion"
-    if "text" in row and keys.prompt_key not in row:
-        return "text"
-    return "instruction"
-
-
-def parse_row(row: dict, where: str, keys: DataConfig) -> Record:
-    fmt = keys.format if keys.format != "auto" else detect_format(row, keys)
-    return PARSERS[fmt](row, where, keys)
+# ---- parsers ----
 
 
 def _parse_instruction(row: dict, where: str, keys: DataConfig) -> Conversation:
@@ -268,7 +79,7 @@ def _parse_instruction(row: dict, where: str, keys: DataConfig) -> Conversation:
         if key not in row:
             raise DataError(
                 f"{where}: field '{key}' is missing (found keys: {found}); set {config_key} to the name your file "
-                f"uses, or use another format ({', '.join(FORMATS[1:])}; see train/data/formats.py)"
+                f"uses, or use another format ({', '.join(FORMAT_NAMES[1:])}; see train/data/formats.py)"
             )
     messages = []
     system = _optional_string(row, keys.system_key, where)
@@ -370,15 +181,78 @@ def _split_shared_prompt(prompt, chosen, rejected):
     return prompt + chosen[:shared], chosen[shared:], rejected[shared:]
 
 
-PARSERS = {
-    "instruction": _parse_instruction,
-    "messages": _parse_messages,
-    "sharegpt": _parse_sharegpt,
-    "prompt_completion": _parse_prompt_completion,
-    "text": _parse_text,
-    "preference": _parse_preference,
-    "unpaired": _parse_unpaired,
-}
+# ---- the formats ----
+
+# In the order data.format lists them. Ranks: a row with chosen/rejected, or completion/label, is a pair or unpaired
+# even with a prompt/completion; a row with the instruction key is instruction-style even with a text column.
+FORMATS = {
+    f.name: f
+    for f in (
+        Format(
+            "instruction", Conversation, "instruction/output",
+            '{"instruction": str, "input": str?, "output": str, "system": str?}  (names set by data.*_key)',
+            detect_rank=6, detect=lambda row, keys: True,  # any other row: its checks then name what is missing
+            parse=_parse_instruction,
+        ),
+        Format(
+            "messages", Conversation, "messages", '{"messages": [{"role": ..., "content": ...}, ...]}',
+            detect_rank=0, detect=lambda row, keys: keys.messages_key in row, parse=_parse_messages,
+        ),
+        Format(
+            "sharegpt", Conversation, "conversations",
+            '{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}',
+            detect_rank=1, detect=lambda row, keys: "conversations" in row, parse=_parse_sharegpt,
+        ),
+        Format(
+            "prompt_completion", Conversation, "prompt/completion",
+            '{"prompt": str|messages, "completion": str|messages}',
+            detect_rank=4, detect=lambda row, keys: "prompt" in row and "completion" in row,
+            parse=_parse_prompt_completion,
+        ),
+        Format(
+            "text", Text, "text", '{"text": str}',
+            detect_rank=5, detect=lambda row, keys: "text" in row and keys.prompt_key not in row, parse=_parse_text,
+        ),
+        Format(
+            "preference", Pair, "prompt/chosen/rejected",
+            '{"prompt": str|messages, "chosen": str|messages, "rejected": str|messages}',
+            detect_rank=2, detect=lambda row, keys: "chosen" in row and "rejected" in row, parse=_parse_preference,
+        ),
+        Format(
+            "unpaired", Unpaired, "prompt/completion/label",
+            '{"prompt": str|messages, "completion": str|messages, "label": bool}',
+            detect_rank=3, detect=lambda row, keys: "completion" in row and "label" in row, parse=_parse_unpaired,
+        ),
+    )
+}  # fmt: skip
+DETECTION_ORDER = tuple(sorted(FORMATS.values(), key=lambda f: f.detect_rank))
+
+# Views of the table for other modules.
+FORMAT_NAMES = ("auto", *FORMATS)  # data.format's allowed values
+FORMAT_RECORDS = {f.name: f.record for f in FORMATS.values()}
+FORMAT_EXAMPLES = {f.name: f.example for f in DETECTION_ORDER}  # for --help, in the order detection tries them
+
+
+def _kind_columns(kind: str) -> str:
+    columns = [f.columns for f in FORMATS.values() if f.record in KINDS[kind]]
+    return f"{', '.join(columns[:-1])} or {columns[-1]}" if len(columns) > 1 else columns[0]
+
+
+# What each kind of trainer's rows hold, for errors: "instruction/output, messages, ... or text".
+KIND_COLUMNS = {kind: _kind_columns(kind) for kind in KINDS}
+
+
+def detect_format(row: dict, keys: DataConfig) -> str:
+    """The format a row's columns suggest; `instruction` when nothing else fits (its checks then name what is missing)."""
+    return next(f.name for f in DETECTION_ORDER if f.detect(row, keys))
+
+
+def parse_row(row: dict, where: str, keys: DataConfig) -> Record:
+    fmt = keys.format if keys.format != "auto" else detect_format(row, keys)
+    return FORMATS[fmt].parse(row, where, keys)
+
+
+# ---- fields ----
 
 
 def _field(row: dict, key: str, where: str):

@@ -46,7 +46,7 @@ class CardInfo:
 
 def hub_id(name: str) -> str | None:
     """`name` if it reads as a hub id (owner/name, not a local path), else None: the Hub rejects local paths."""
-    from train.data.formats import REGISTRY
+    from train.data.sources import REGISTRY
 
     if name in REGISTRY:
         return REGISTRY[name][0]
