@@ -47,8 +47,8 @@ from train.loop.run_files import (  # noqa: F401
     CONFIG_FILE,
     FINAL_CONFIG_FILE,
     FINAL_DIR,
-    HYDRA_FILES,
     LATEST,
+    LAUNCH_FILES,
     METRICS_FILE,
     MODEL_CARD_FILE,
     PREFIX,
@@ -124,10 +124,11 @@ def resolve_resume(setting: str | None, run_dir: Path) -> Path | None:
 
 
 def earlier_run_files(run_dir: Path) -> list[Path]:
-    """What an earlier run left in `run_dir` (checkpoints, metrics, FINAL/...); Hydra's files of this launch aside."""
+    """What an earlier run left in `run_dir` (checkpoints, metrics, FINAL/...); the files this launch wrote into it
+    before the run (Hydra's, a sweep job's record) aside."""
     if not run_dir.is_dir():
         return []
-    return sorted(p for p in run_dir.iterdir() if p.name not in HYDRA_FILES)
+    return sorted(p for p in run_dir.iterdir() if p.name not in LAUNCH_FILES)
 
 
 def refuse_to_overwrite(run_dir: Path, resume_dir: Path | None, resume_setting: str | None) -> None:

@@ -15,6 +15,7 @@ LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 HYDRA_FILES = (".hydra", "launch.log")  # what Hydra writes into a run directory (hydra.run.dir) before the run
 JOB_FILE = "job.json"  # a job of a sweep: its overrides, status and wall time
+LAUNCH_FILES = (*HYDRA_FILES, JOB_FILE)  # written into a run directory by this launch before the run starts
 
 # A sweep's folder (hydra.sweep.dir).
 TABLE_FILE = "sweep_summary.txt"
