@@ -28,22 +28,6 @@ logger = logging.getLogger(__name__)
 UNSHARDABLE_OPTIMIZERS = ("adafactor", "adamw_8bit")  # factored or quantized state: not sharded like the weights
 
 
-def build_trainer(
-    trainer_class: type[BasicTrainer],
-    cfg: Config,
-    accelerator: Accelerator,
-    model,
-    tokenizer,
-    train_data: TokenStore | PackedStore,
-    eval_data: TokenStore | None,
-    fsdp: FsdpSettings | None = None,
-    **extra,
-) -> BasicTrainer:
-    """The loss's trainer with its parts built; `extra` are the parts of its own (a reference model)."""
-    parts = trainer_parts(trainer_class, cfg, accelerator, model, tokenizer, train_data, eval_data, fsdp)
-    return trainer_class(loop_settings(cfg, trainer_class), cfg.loss, accelerator, parts, **extra)
-
-
 def loop_settings(cfg: Config, trainer_class: type[BasicTrainer]) -> LoopSettings:
     save_merged = cfg.save_merged
     if trainer_class.model_head == "score" and cfg.model.use_peft and save_merged == "adapter":

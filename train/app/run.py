@@ -9,7 +9,7 @@ import shutil
 import time
 from pathlib import Path
 
-from train.app.assemble import build_trainer
+from train.app.assemble import loop_settings, trainer_parts
 from train.app.config import Config
 from train.app.loss_registry import loss_spec
 from train.app.models import build_model, build_tokenizer, resolve_dtype, resolve_save_dtype
@@ -63,7 +63,8 @@ def run(cfg: Config) -> None:
         model = build_model(cfg.model, cfg.seed, sharded=fsdp is not None, score_pad_token_id=pad_id)
         reference, reference_cache = build_reference(cfg, accelerator, fsdp, train_data, eval_data, spec.trainer)
         extra = {"reference_model": reference} if spec.uses_reference else {}
-        trainer = build_trainer(spec.trainer, cfg, accelerator, model, tokenizer, train_data, eval_data, fsdp, **extra)
+        parts = trainer_parts(spec.trainer, cfg, accelerator, model, tokenizer, train_data, eval_data, fsdp)
+        trainer = spec.trainer(loop_settings(cfg, spec.trainer), cfg.loss, accelerator, parts, **extra)
     try:
         if reference_cache is not None:
             trainer.precompute_reference(reference_cache)
