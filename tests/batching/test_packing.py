@@ -142,7 +142,6 @@ def _preference_trainer(trainer_class, model, reference):
     trainer = SimpleNamespace(
         pad_token_id=0, uses_reference=True, reference_model=reference, model=model,
         settings=trainer_class.settings_class(beta=0.5), accelerator=Accelerator(cpu=True),
-        pair_loss=getattr(trainer_class, "pair_loss", None),
     )  # fmt: skip
     for name in ("collate", "_collate_packed", "batch_loss", "loss", "reference_logps", "before_step", "kl_estimate"):
         if hasattr(trainer_class, name):

@@ -3,8 +3,9 @@ small trainer subclass of `PairedPreferenceTrainer`.
 
 The paired trainer runs chosen and rejected responses through the policy in one forward (in the data's batch layout)
 and averages the loss over every pair of the global batch. A loss implements only `loss(logps: PairLogps)`; the
-built-in ones just name their pure loss (train/objectives/losses.py) in `pair_loss`, which `PairLogps.apply` calls
-with the tensors and settings its parameters name. The frozen reference model is train/objectives/reference.py's.
+built-in ones call their pure loss (train/objectives/losses.py) through `PairLogps.apply`, which passes it the
+tensors its parameters name, with their settings by keyword. The frozen reference model is
+train/objectives/reference.py's.
 """
 
 from __future__ import annotations
@@ -76,24 +77,17 @@ class PairLogps:
             reference_rejected=self.reference_rejected / rejected,
         )
 
-    def apply(self, loss: Callable[..., PreferenceLoss], settings: LossConfig) -> PreferenceLoss:
-        """`loss` called by keyword with what its parameters name: these tensors (policy_chosen, ...,
-        rejected_tokens) and the loss's settings (beta, label_smoothing, ...); a parameter named by neither keeps its
-        default. The one place where a pair's log-probs are unpacked for a pure loss."""
+    def apply(self, loss: Callable[..., PreferenceLoss], **settings: float | str) -> PreferenceLoss:
+        """The pure `loss` called with the tensors its parameters name (policy_chosen, ..., rejected_tokens), all by
+        keyword, and `settings`: the one place where a pair's log-probs are unpacked for a loss function."""
         names = inspect.signature(loss).parameters
-        tensors = {name: getattr(self, name) for name in names if name in PAIR_LOGPS_FIELDS}
-        values = {name: getattr(settings, name) for name in names if name in _field_names(settings)}
-        return loss(**tensors, **values)
+        return loss(**{name: getattr(self, name) for name in names if name in PAIR_LOGPS_FIELDS}, **settings)
 
 
 PAIR_LOGPS_FIELDS = frozenset(field.name for field in dataclasses.fields(PairLogps))
 
 
-def _field_names(settings: LossConfig) -> set[str]:
-    return {field.name for field in dataclasses.fields(settings)}
-
-
-# ---- settings: each loss's `loss.*` keys, named as its pure loss's parameters ----
+# ---- settings: each loss's `loss.*` keys ----
 
 
 @dataclass
@@ -202,7 +196,6 @@ class PairedPreferenceTrainer(ReferenceMixin, BasicTrainer):
     # pairs this class's way: a subclass with its own batch_loss may expect two rows per pair, and opts in with
     # data.shared_prompt=true
     shared_prompt_by_default = True
-    pair_loss: Callable[..., PreferenceLoss] | None = None  # a pure loss for `loss` to call (`PairLogps.apply`)
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -216,11 +209,8 @@ class PairedPreferenceTrainer(ReferenceMixin, BasicTrainer):
             logger.info("pairs: each prompt runs once, in one row with both responses (data.shared_prompt)")
 
     def loss(self, logps: PairLogps) -> PreferenceLoss:
-        """The per-pair loss and implicit rewards: the one method a paired loss implements. The built-in losses
-        name their pure loss in `pair_loss` instead, called with the tensors and settings its parameters name."""
-        if self.pair_loss is None:
-            raise NotImplementedError(f"{type(self).__name__}: implement `loss`, or name a pure loss in `pair_loss`")
-        return logps.apply(self.pair_loss, self.settings)
+        """The per-pair loss and implicit rewards: the one method a paired loss implements."""
+        raise NotImplementedError
 
     def collate(self, pairs: list[PairExample] | list[PackedItems], layout: Layout) -> Batch:
         """Sequences 0..n-1 are the chosen responses, n..2n-1 the rejected ones, in the same order: one per row; for
@@ -264,61 +254,85 @@ class PairedPreferenceTrainer(ReferenceMixin, BasicTrainer):
         return LossSum(result.losses.sum(), count, metrics)
 
 
-# ---- the losses: a settings class and a pure loss each ----
+# ---- the losses: each a settings class and its pure loss, the settings passed by keyword ----
 
 
 class DPOTrainer(PairedPreferenceTrainer):
     """DPO; with loss.label_smoothing > 0 (loss=cdpo), conservative DPO."""
 
     settings_class = DPOSettings
-    pair_loss = staticmethod(dpo_loss)
+    settings: DPOSettings
+
+    def loss(self, logps: PairLogps) -> PreferenceLoss:
+        return logps.apply(dpo_loss, beta=self.settings.beta, label_smoothing=self.settings.label_smoothing)
 
 
 class IPOTrainer(PairedPreferenceTrainer):
     settings_class = IPOSettings
     settings: IPOSettings
-    pair_loss = staticmethod(ipo_loss)
 
     def loss(self, logps: PairLogps) -> PreferenceLoss:
-        return super().loss(logps.per_token() if self.settings.length_normalized else logps)
+        logps = logps.per_token() if self.settings.length_normalized else logps
+        return logps.apply(ipo_loss, tau=self.settings.tau)
 
 
 class RobustDPOTrainer(PairedPreferenceTrainer):
     settings_class = RobustDPOSettings
-    pair_loss = staticmethod(robust_dpo_loss)
+    settings: RobustDPOSettings
+
+    def loss(self, logps: PairLogps) -> PreferenceLoss:
+        return logps.apply(robust_dpo_loss, beta=self.settings.beta, label_flip_rate=self.settings.label_flip_rate)
 
 
 class HingeTrainer(PairedPreferenceTrainer):
     settings_class = BetaSettings
-    pair_loss = staticmethod(hinge_loss)
+    settings: BetaSettings
+
+    def loss(self, logps: PairLogps) -> PreferenceLoss:
+        return logps.apply(hinge_loss, beta=self.settings.beta)
 
 
 class APOTrainer(PairedPreferenceTrainer):
     settings_class = APOSettings
-    pair_loss = staticmethod(apo_loss)
+    settings: APOSettings
+
+    def loss(self, logps: PairLogps) -> PreferenceLoss:
+        return logps.apply(apo_loss, beta=self.settings.beta, anchor=self.settings.anchor)
 
 
 class RPOTrainer(PairedPreferenceTrainer):
     settings_class = NLLSettings
-    pair_loss = staticmethod(rpo_loss)
+    settings: NLLSettings
+
+    def loss(self, logps: PairLogps) -> PreferenceLoss:
+        return logps.apply(rpo_loss, beta=self.settings.beta, nll_weight=self.settings.nll_weight)
 
 
 class CPOTrainer(PairedPreferenceTrainer):
     settings_class = NLLSettings
-    pair_loss = staticmethod(cpo_loss)
+    settings: NLLSettings
     uses_reference = False  # reference-free
     supports_reference_precompute = False
+
+    def loss(self, logps: PairLogps) -> PreferenceLoss:
+        return logps.apply(cpo_loss, beta=self.settings.beta, nll_weight=self.settings.nll_weight)
 
 
 class ORPOTrainer(PairedPreferenceTrainer):
     settings_class = ORPOSettings
-    pair_loss = staticmethod(orpo_loss)
+    settings: ORPOSettings
     uses_reference = False  # reference-free
     supports_reference_precompute = False
+
+    def loss(self, logps: PairLogps) -> PreferenceLoss:
+        return logps.apply(orpo_loss, odds_ratio_weight=self.settings.odds_ratio_weight)
 
 
 class SimPOTrainer(PairedPreferenceTrainer):
     settings_class = SimPOSettings
-    pair_loss = staticmethod(simpo_loss)
+    settings: SimPOSettings
     uses_reference = False  # reference-free: no reference model is loaded at all
     supports_reference_precompute = False
+
+    def loss(self, logps: PairLogps) -> PreferenceLoss:
+        return logps.apply(simpo_loss, beta=self.settings.beta, gamma_beta_ratio=self.settings.gamma_beta_ratio)

@@ -40,9 +40,7 @@ class SFTTrainer(BasicTrainer):
 
     def batch_loss(self, model, batch: dict[str, torch.Tensor]) -> LossSum:
         logits, keep = forward_supervised(model, batch)
-        return selected_nll_sum(
-            logits, batch["labels"], keep, self.settings.reduction, example_ids=batch.example_ids
-        )
+        return selected_nll_sum(logits, batch["labels"], keep, self.settings.reduction, example_ids=batch.example_ids)
 
 
 class PretrainTrainer(SFTTrainer):
