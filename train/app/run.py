@@ -15,6 +15,7 @@ from train.app.loss_registry import loss_spec
 from train.app.models import build_model, build_tokenizer, resolve_dtype, resolve_save_dtype
 from train.app.runtime import build_accelerator, prepare_run_dir
 from train.app.serialize import flat_config
+from train.batching.layout import decide_layout
 from train.data.datasets import build_datasets
 from train.errors import HalyardError
 from train.loop.checkpoint import (
@@ -55,8 +56,9 @@ def run(cfg: Config) -> None:
             remove_earlier_run(Path(cfg.run_dir))
         prepare_run_dir(cfg, accelerator)
         tokenizer = build_tokenizer(cfg.model)
+        layout = decide_layout(cfg.data, cfg.model.attn_implementation, spec)[0]  # validation reported its problems
         train_data, eval_data, data_stats = build_datasets(
-            cfg, tokenizer, spec.data_kind, accelerator.main_process_first
+            cfg, tokenizer, spec.data_kind, accelerator.main_process_first, layout
         )
         fsdp = fsdp_settings_from_launcher()
         pad_id = tokenizer.pad_token_id if spec.model_head == "score" else None  # a reward model scores sequences

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from train.app.config import Config
+from train.batching.layout import Layout
 from train.data.preprocess import preprocess
 from train.data.stats import log_mask_audit
 from train.data.store import PackedStore, TokenStore, pack, packed_row_tokens
@@ -46,9 +47,10 @@ def split_off_eval(store: TokenStore, ratio: float, seed: int) -> tuple[TokenSto
 
 
 def build_datasets(
-    cfg: Config, tokenizer, kind: str = "sft", main_process_first=None
+    cfg: Config, tokenizer, kind: str = "sft", main_process_first=None, layout: Layout = Layout.PADDED
 ) -> tuple[TokenStore | PackedStore, TokenStore | None, dict[str, dict]]:
-    """Training and evaluation data for a trainer consuming `kind` data (views of the memory-mapped cache), and what
+    """Training and evaluation data for a trainer consuming `kind` data (views of the memory-mapped cache) in the batch
+    `layout` (train/batching/layout.py: packed, the training data is packed; evaluation data never is), and what
     preprocessing did to each."""
     main_process_first = main_process_first or contextlib.nullcontext
     cache_root = Path(cfg.cache_dir) / "preprocessed" if cfg.data.cache_preprocessing else None
@@ -81,7 +83,7 @@ def build_datasets(
     logger.info(train_stats.describe("train", cfg.model.max_length, unit))
     log_mask_audit(train_stats, "train", cfg.data.train_on)
     stats = {"train": dataclasses.asdict(train_stats)}
-    if cfg.data.packing:
+    if layout is Layout.PACKED:
         with main_process_first():  # the main process computes and caches the plan; the others read it
             train = pack(train, cfg.model.max_length)
         efficiency = train.efficiency(cfg.model.max_length)
@@ -91,6 +93,10 @@ def build_datasets(
             f"{packed_row_tokens(kind, cfg.model.max_length)} tokens: "
             f"efficiency {efficiency:.1%} (real tokens / slots)"
         )
+    else:
+        train = train.with_layout(layout)
+    if evaluation is not None:
+        evaluation = evaluation.with_layout(layout.for_evaluation)
     if eval_stats is not None:
         eval_stats.examples = len(evaluation)
         logger.info(eval_stats.describe("eval", cfg.model.max_length, unit))
