@@ -134,22 +134,16 @@ class RobustDPOSettings(BetaSettings):
         )
 
 
-APO_ANCHORS = ("zero", "down")
-
-
 @dataclass
 class APOSettings(BetaSettings):
     anchor: str = setting(
         "zero",
-        "zero: raise the chosen and lower the rejected likelihood (chosen answers better than the model's); down: "
-        "lower both, keeping them apart (chosen answers worse than the model's).",
+        "Where the likelihoods go",
+        choices={
+            "zero": "raise the chosen and lower the rejected likelihood (chosen answers better than the model's)",
+            "down": "lower both, keeping them apart (chosen answers worse than the model's)",
+        },
     )
-
-    def problems(self) -> list[str]:
-        bad = self.anchor not in APO_ANCHORS
-        return super().problems() + (
-            [f"loss.anchor={self.anchor!r}: must be one of {list(APO_ANCHORS)}"] if bad else []
-        )
 
 
 @dataclass

@@ -7,24 +7,21 @@ from dataclasses import dataclass
 import torch
 
 from train.app.config import LossConfig, setting
+from train.batching.collate import Batch
 from train.loop.trainer import BasicTrainer, forward_supervised
 from train.objectives.losses import LossSum, count_loss_units, selected_nll_sum
-
-SFT_REDUCTIONS = ("token", "sequence")
 
 
 @dataclass
 class SFTSettings(LossConfig):
     reduction: str = setting(
         "token",
-        "token: every supervised token of the step weighs the same (long answers weigh more); sequence: every "
-        "example weighs the same (the mean over examples of each one's mean token loss).",
+        "How the step's loss is averaged",
+        choices={
+            "token": "every supervised token of the step weighs the same (long answers weigh more)",
+            "sequence": "every example weighs the same (the mean over examples of each one's mean token loss)",
+        },
     )
-
-    def problems(self) -> list[str]:
-        if self.reduction not in SFT_REDUCTIONS:
-            return [f"loss.reduction={self.reduction!r}: must be one of {list(SFT_REDUCTIONS)}"]
-        return []
 
 
 class SFTTrainer(BasicTrainer):
@@ -35,10 +32,10 @@ class SFTTrainer(BasicTrainer):
     supports_packing = True
     settings: SFTSettings
 
-    def loss_units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss_units(self, batch: Batch) -> torch.Tensor:
         return count_loss_units(batch["labels"], self.settings.reduction, batch.example_ids)
 
-    def batch_loss(self, model, batch: dict[str, torch.Tensor]) -> LossSum:
+    def batch_loss(self, model, batch: Batch) -> LossSum:
         logits, keep = forward_supervised(model, batch)
         return selected_nll_sum(logits, batch["labels"], keep, self.settings.reduction, example_ids=batch.example_ids)
 
