@@ -75,7 +75,7 @@ class PackedExample:
     """Several examples concatenated into one row: `lengths` gives each one's token count, in order.
 
     Each example's first label is -100 (nothing of its own precedes it), and attention never crosses from one
-    example into another (position_ids restart at 0 per example; see `train.data.pipeline.collate_packed`).
+    example into another (position_ids restart at 0 per example; see `train.batching.collate.collate_packed`).
     """
 
     input_ids: list[int]

@@ -129,7 +129,7 @@ class BasicTrainer:
     data_kind = "sft"  # its rows: "sft" (conversations, text), "text", "paired" or "unpaired" (train/data/formats.py)
     supports_packing = False  # whether its batches may be packed rows (data.packing=true)
     supports_shared_prompt = False  # whether a pair's prompt may run once (data.shared_prompt=true)
-    uses_reference = False  # whether it holds a frozen reference model (train/objectives/preference.py)
+    uses_reference = False  # whether it holds a frozen reference model (train/objectives/reference.py)
     supports_reference_precompute = False  # whether reference.precompute=true can replace that model
     model_head = "lm"  # "lm": a causal LM; "score": a sequence classifier with one output (a reward model)
     pairs_across_step = False  # collate(examples, successors): each example's successor in the global batch too
