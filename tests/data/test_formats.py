@@ -1,26 +1,19 @@
-"""Row formats and sources: each format parsed and tokenized to exact tensors, each source read, bad rows named."""
+"""Row formats (train/data/formats.py): each format parsed and tokenized to exact tensors, detection, forced formats,
+bad rows named."""
 
 import json
 
-import datasets
 import pytest
+from data_helpers import QA, write, write_jsonl
 
 from train.app.config import DataConfig
 from train.data.chat import tokenize_conversation
-from train.data.formats import Conversation, Pair, Text, Unpaired, parse_row
+from train.data.formats import Conversation, Pair, Unpaired, parse_row
 from train.data.preprocess import load_examples
-from train.data.sources import source_problem
 from train.data.store import IGNORE_INDEX
 from train.errors import DataError
 
 KEYS = DataConfig()
-QA = [{"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "Arr, 4, matey!"}]
-
-
-def write_jsonl(tmp_path, rows, name="d.jsonl"):
-    path = tmp_path / name
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def supervised(tokenizer, ids, labels) -> str:
@@ -50,17 +43,6 @@ def test_every_sft_format_gives_the_same_tensors(row, tiny_tokenizers, tmp_path)
     expected = tokenize_conversation(QA, tokenizer, "r")
     assert (example.input_ids, example.labels) == (expected.input_ids, expected.labels)
     assert supervised(tokenizer, example.input_ids, example.labels) == "Arr, 4, matey!<|im_end|>"
-
-
-def test_text_rows_supervise_every_token_and_are_chunked(tiny_tokenizers, tmp_path):
-    tokenizer = tiny_tokenizers["llama3"]  # has a BOS token
-    text = "The quick brown fox jumps over the lazy dog. " * 8
-    assert parse_row({"text": text}, "r", KEYS) == Text(text)
-    examples, _ = load_examples([write_jsonl(tmp_path, [{"text": text}])], tokenizer, KEYS, max_length=32)
-    ids = [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
-    assert [t for e in examples for t in e.input_ids] == ids
-    assert all(e.labels == e.input_ids and len(e.input_ids) <= 32 for e in examples)
-    assert len(examples) == -(-len(ids) // 32)
 
 
 def test_train_on_last_assistant_and_all(tiny_tokenizers):
@@ -103,45 +85,6 @@ def test_forced_format_and_stage_mismatch(tiny_tokenizers, tmp_path):
         load_examples([path], tiny_tokenizers["chatml"], KEYS, 128, kind="paired")
 
 
-@pytest.mark.parametrize("kind", ["parquet", "csv", "saved"])
-def test_parquet_csv_and_saved_datasets(kind, tiny_tokenizers, tmp_path):
-    rows = [{"instruction": "What is 2 plus 2?", "output": "Arr, 4, matey!"}, {"instruction": "Hi", "output": "Ahoy"}]
-    table = datasets.Dataset.from_list(rows)
-    source = str(tmp_path / {"parquet": "d.parquet", "csv": "d.csv", "saved": "saved"}[kind])
-    {"parquet": table.to_parquet, "csv": table.to_csv, "saved": table.save_to_disk}[kind](source)
-    assert source_problem(source) is None
-    examples, stats = load_examples([source], tiny_tokenizers["chatml"], KEYS, 128)
-    assert stats.rows == 2
-    expected = tokenize_conversation(QA, tiny_tokenizers["chatml"], "r")
-    assert examples[0].input_ids == expected.input_ids
-
-
-def test_source_problems_are_named(tmp_path):
-    (tmp_path / "folder").mkdir()
-    (tmp_path / "d.txt").write_text("")
-    assert "neither a file, a saved dataset folder, nor a named dataset" in source_problem(str(tmp_path / "nope.jsonl"))
-    assert "not a dataset saved with datasets' save_to_disk" in source_problem(str(tmp_path / "folder"))
-    assert "unsupported extension" in source_problem(str(tmp_path / "d.txt"))
-    assert source_problem("ultrachat") is None
-
-
-def test_named_dataset_offline_fails_fast_with_a_fix(tiny_tokenizers):
-    with pytest.raises(DataError, match=r"'ultrachat' \(HuggingFaceH4/ultrachat_200k.*offline.*pass the file instead"):
-        load_examples(["ultrachat"], tiny_tokenizers["chatml"], KEYS, 128)
-
-
-def test_bad_rows_can_be_skipped_and_are_counted(tiny_tokenizers, tmp_path):
-    path = tmp_path / "d.jsonl"
-    path.write_text(
-        '{"instruction": "q", "output": "a"}\n{not json\n{"instruction": "q"}\n[1]\n{"instruction": "q2", "output": "b"}\n'
-    )
-    with pytest.raises(DataError, match=r"line 2: not valid JSON .*\(2 more bad rows; data.on_bad_row=skip"):
-        load_examples([str(path)], tiny_tokenizers["chatml"], KEYS, 128)
-    examples, stats = load_examples([str(path)], tiny_tokenizers["chatml"], DataConfig(on_bad_row="skip"), 128)
-    assert (len(examples), stats.rows, stats.skipped_bad_rows) == (2, 5, 3)
-    assert "3 malformed rows skipped" in stats.describe("train", 128)
-
-
 def test_fuzz_corpus_gives_named_errors_or_counted_skips_never_a_traceback(tiny_tokenizers, tmp_path):
     """Every row of the fuzz corpus (tests/fuzz_corpus.py: 240 valid rows of every format, mutated) is used, or
     refused with an error naming the file, the line and the mutated field; whole files skip and count them."""
@@ -182,11 +125,56 @@ def test_fuzz_corpus_gives_named_errors_or_counted_skips_never_a_traceback(tiny_
             load_examples([str(path)], tokenizer, KEYS, max_length=64, kind=kind)
 
 
-def test_empty_data_file_is_an_error_naming_it(tiny_tokenizers, tmp_path):
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("")
-    with pytest.raises(DataError, match=f"{empty}: no rows \\(the file is empty\\)"):
-        load_examples([str(empty)], tiny_tokenizers["chatml"], KEYS, max_length=64)
+def test_instruction_row_with_input_and_system():
+    row = {"system": "Be a pirate.", "instruction": "Translate", "input": "hello", "output": "ahoy"}
+    assert parse_row(row, "r", KEYS).messages == [
+        {"role": "system", "content": "Be a pirate."},
+        {"role": "user", "content": "Translate\n\nhello"},
+        {"role": "assistant", "content": "ahoy"},
+    ]
+
+
+def test_custom_field_names():
+    keys = DataConfig(prompt_key="question", response_key="answer")
+    messages = parse_row({"question": "q", "answer": "a"}, "r", keys).messages
+    assert messages == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        (
+            "bad.jsonl",
+            '{"instruction": "q", "output": "a"}\n{"instruction": "q", \n',
+            "bad.jsonl line 2: not valid JSON",
+        ),
+        (
+            "bad.jsonl",
+            '{"prompt": "q", "answer": "a"}\n',
+            "line 1: field 'instruction' is missing (found keys: answer, prompt); set data.prompt_key",
+        ),
+        ("bad.jsonl", '{"instruction": "q", "output": 7}\n', "line 1: field 'output' must be a string; found int"),
+        ("bad.jsonl", '{"instruction": "q", "output": "  "}\n', "line 1: field 'output' is empty"),
+        (
+            "bad.jsonl",
+            '{"messages": [{"role": "pirate", "content": "x"}]}\n',
+            "line 1: messages[0].role='pirate' is unknown",
+        ),
+        (
+            "bad.jsonl",
+            '{"messages": [{"role": "user", "content": "x"}]}\n',
+            "line 1: field 'messages' has no assistant turn",
+        ),
+        ("bad.jsonl", "[1, 2]\n", "line 1: each row must be a JSON object; found list"),
+        ("bad.json", '{"instruction": "q"}', "bad.json: a .json file must hold a list of rows"),
+    ],
+)
+def test_bad_rows_name_file_row_and_field(tmp_path, tiny_tokenizers, name, content, message):
+    path = write(tmp_path, name, content)
+    with pytest.raises(DataError) as error:
+        load_examples([path], tiny_tokenizers["chatml"], KEYS, max_length=64)
+    assert message in str(error.value)
+    assert str(tmp_path) in str(error.value)
 
 
 # One row of each format, with nothing but its own columns.

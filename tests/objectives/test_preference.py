@@ -257,68 +257,6 @@ def test_each_objective_learns_is_split_invariant_and_its_final_model_reloads(ti
     assert model.config.num_hidden_layers == 2
 
 
-def test_kto_is_split_invariant(tiny_cache):
-    """KTO's KL reference point comes from the whole step (each prompt with the next example's completion across the
-    global batch), so its losses are the same with 1 or 8 micro-batches and with 1 or 2 processes. Before, with
-    per-micro-batch estimates, step 3 was 0.4221 with accumulation 1 and 0.4733 with 8."""
-    import sys
-
-    common = ["model=tiny", "loss=kto", f"cache_dir={tiny_cache}", "datasets=[data/demo/kto_train.jsonl]", "lr=1e-3"]
-    common += ["warmup_ratio=0", "max_steps=3", "log_every_steps=1"]
-    two = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
-    runs = {
-        "kto-accum1": (None, []),
-        "kto-accum8": (None, ["model.gradient_accumulation_steps=8"]),
-        "kto-2proc": (
-            [*two, str(REPO / "accelerate_config" / "cpu_2proc.yaml")],
-            ["model.gradient_accumulation_steps=2"],
-        ),
-    }
-    losses = {}
-    for name, (launcher, extra) in runs.items():
-        result = run_cli([*common, f"exp_name={name}", *extra], launcher=launcher)
-        assert result.returncode == 0, result.stderr[-3000:]
-        rows = [m for m in read_metrics(tiny_cache / name) if "loss/train" in m]
-        losses[name] = [m["loss/train"] for m in rows] + [m["kl_train"] for m in rows]
-    assert len(losses["kto-accum1"]) == 6 and losses["kto-accum1"][-1] > 0  # by step 3 the KL estimate is positive
-    for name in ("kto-accum8", "kto-2proc"):
-        assert losses[name] == pytest.approx(losses["kto-accum1"], rel=1e-5), name
-
-
-def test_the_reference_cache_is_reused_per_pair_and_checked_against_the_model(tiny_cache, tmp_path):
-    """A run on a subset caches its pairs; a run on all the data computes only the others; another reference model
-    gets its own cache; a cache that no longer matches its model is refused with the way out."""
-    import numpy as np
-
-    import make_tiny_model
-
-    cache_dir = tmp_path / "cache"
-    (cache_dir).mkdir()
-    (cache_dir / "tiny-llama").symlink_to(tiny_cache / "tiny-llama")
-    args = [*PREF, "loss=dpo", f"cache_dir={cache_dir}", "max_steps=2", "reference.precompute=true"]
-    subset = run_cli([*args, "exp_name=subset", "data.n_examples=70"])
-    assert subset.returncode == 0, subset.stderr[-3000:]
-    assert "precomputing reference log-probs for 98 pairs (0 cached" in subset.stderr  # 70 train + 28 eval
-    everything = run_cli([*args, "exp_name=all"])
-    assert "precomputing reference log-probs for 70 pairs (98 cached" in everything.stderr
-    again = run_cli([*args, "exp_name=again", "data.eval_split_ratio=0.1", "eval_datasets=[]"])
-    assert "no reference model is loaded" in again.stderr and again.stderr.count("model: ") == 1
-    # Another reference model (other weights): its own cache, computed from scratch.
-    make_tiny_model.make(tmp_path / "other-llama", "chatml", seed=1)
-    other = run_cli([*args, "exp_name=other", f"++model.name_or_path={tmp_path / 'other-llama'}"])
-    assert "precomputing reference log-probs for 168 pairs (0 cached" in other.stderr
-    # A cached value that the model does not reproduce (here: overwritten) is caught when the model is loaded anyway.
-    folders = sorted((cache_dir / "reference_logps").iterdir(), key=lambda f: f.stat().st_mtime)
-    train_cache = max(folders[0].glob("*.npy"), key=lambda f: np.load(f).shape[0])
-    values = np.load(train_cache)
-    values[~np.isnan(values[:, 0])] += 5.0
-    values[0] = np.nan  # one pair missing: the model must be loaded
-    np.save(train_cache, values)
-    drifted = run_cli([*args, "exp_name=drifted"])
-    assert drifted.returncode == 2 and "differ from the reference model's" in drifted.stderr, drifted.stderr[-2000:]
-    assert f"Delete {folders[0]}" in drifted.stderr
-
-
 def test_packed_pairs_shared_prompts_and_packed_kto_train_through_the_cli(tiny_cache):
     """data.packing=true with DPO (live reference, then precomputed) and with KTO: isolation verified on the model,
     whole pairs per row, and the preference learned; data.shared_prompt=true. Exactness of the layouts against
