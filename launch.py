@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     from train.errors import HalyardError
 
     try:
-        return run_hydra(prepare(argv))
+        hydra_argv = prepare(argv)
+        return 0 if hydra_argv is None else run_hydra(hydra_argv)  # None: done (--cfg job printed the config)
     except HalyardError as error:
         # A user error, or a stop on request: say what happened and what to do, without a traceback.
         if is_main_process():
@@ -122,12 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         shut_down_processes()
 
 
-def prepare(argv: list[str]) -> list[str]:
-    """Check what the command will run and return the arguments to hand to Hydra.
+def prepare(argv: list[str]) -> list[str] | None:
+    """Check what the command will run and return the arguments to hand to Hydra (None: nothing left to run).
 
     A run's config, or every job of a sweep, is composed and validated first; a problem anywhere stops everything
-    before a job starts. Overrides of unknown keys are forced (see _as_forced_overrides) so that Hydra composes
-    them and validation names them."""
+    before a job starts. `--cfg job` is that check alone, printing the validated config (show_job_config). Overrides
+    of unknown keys are forced (see _as_forced_overrides) so that Hydra composes them and validation names them."""
     from hydra._internal.utils import get_args_parser
 
     args = get_args_parser().parse_args(argv)
@@ -145,7 +146,11 @@ def prepare(argv: list[str]) -> list[str]:
     if args.multirun:
         setup_logging()
         extra = check_sweep(args, overrides)
-    elif not (args.cfg or args.info):  # those print and exit: any config can be shown
+    elif args.cfg == "job":
+        setup_logging()
+        show_job_config(args, overrides)
+        return None
+    elif not (args.cfg or args.info):  # --cfg hydra|all and --info print Hydra's view, unchecked
         setup_logging()
         check_run(args, overrides)
     if not is_main_process():
@@ -184,6 +189,30 @@ def check_run(args, overrides: list[str]) -> None:
     validate(_job_part(raw), check_model_files=True)  # before the run directory exists: a typo leaves none
     if is_main_process():
         make_run_dir(Path(str(raw.hydra.run.dir)))
+
+
+def show_job_config(args, overrides: list[str]) -> None:
+    """`--cfg job`: the config a run would train with, checked as a run checks it (keys, types, values, data files,
+    model and tokenizer), printed typed and resolved with every default, the loss's own settings included. Nothing
+    is written. `--package KEY` prints one section, as Hydra's `--cfg job` does."""
+    from omegaconf import Container, OmegaConf
+
+    from train.app.validate import validate
+    from train.errors import ConfigError
+
+    raw = compose_raw(overrides, args.config_dir, args.config_name or "config")
+    node = OmegaConf.structured(validate(_job_part(raw), check_model_files=True))
+    package = None if args.package in (None, "_global_") else args.package
+    if package:
+        node = OmegaConf.select(node, package, default=KeyError)
+        if node is KeyError:
+            raise ConfigError([f"--package {package}: no such key in the config"])
+    if not is_main_process():
+        return
+    if isinstance(node, Container):
+        print((f"# @package {package}\n" if package else "") + OmegaConf.to_yaml(node), end="")
+    else:
+        print(node)
 
 
 def check_sweep(args, overrides: list[str]) -> list[str]:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from omegaconf import OmegaConf
 
 import launch
 from conftest import DEMO_TRAIN, REPO, run_cli
@@ -220,7 +221,11 @@ def test_a_mismatched_trainer_and_settings_cannot_pass_validation():
     problems = problems_of(
         ["model=tiny", "loss=cdpo", "loss.trainer=train.objectives.preference.IPOTrainer", f"datasets=[{DEMO_TRAIN}]"]
     )
-    assert problems == ["unknown key 'loss.label_smoothing' (run `python launch.py --help` for every valid key)"]
+    assert problems == [
+        "unknown key 'loss.label_smoothing': loss=cdpo with loss.trainer=train.objectives.preference.IPOTrainer has "
+        "no setting 'label_smoothing' (its settings: loss.tau, loss.length_normalized); loss.label_smoothing is a "
+        "setting of loss=cdpo, dpo"
+    ]
     cfg = launch.compose_config(["model=tiny", "loss=cdpo", f"datasets=[{DEMO_TRAIN}]"])
     assert type(cfg.loss).__name__ == "DPOSettings" and cfg.loss.label_smoothing == 0.1
 
@@ -273,3 +278,68 @@ def test_method_presets_set_the_adapters_and_a_learning_rate_to_match(method, us
     cfg = launch.compose_config(common)
     assert (cfg.model.use_peft, cfg.lr, cfg.model.max_length) == (use_peft, lr, 256)  # the model preset stays
     assert launch.compose_config([*common, "lr=1e-3"]).lr == 1e-3  # a key given on the command line wins
+
+
+def test_a_setting_the_chosen_loss_lacks_is_named_with_the_loss_s_own(tiny_cache):
+    """Switching loss=dpo to loss=orpo with loss.beta still set: ORPO has no beta; say so and list ORPO's keys."""
+    args = ["loss=orpo", "model=tiny", f"cache_dir={tiny_cache}", f"datasets=[{DEMO_TRAIN}]", "loss.beta=0.2"]
+    result = run_cli([*args, "loss.odds_ratio_wieght=0.2"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "invalid configuration (2 problems)" in result.stderr
+    assert (
+        "unknown key 'loss.beta': loss=orpo has no setting 'beta' (its settings: loss.odds_ratio_weight); "
+        "loss.beta is a setting of loss=apo_down, apo_zero, cdpo, cpo, dpo, hinge, kto, rdpo, rpo, simpo"
+    ) in result.stderr
+    assert "unknown key 'loss.odds_ratio_wieght' (did you mean 'loss.odds_ratio_weight'?)" in result.stderr
+    assert "loss.trainer" not in result.stderr
+
+
+def test_transformers_and_trl_names_are_answered_with_halyard_s_keys(tiny_cache):
+    args = ["model=tiny", f"cache_dir={tiny_cache}", f"datasets=[{DEMO_TRAIN}]", "learning_rate=2e-5"]
+    args += ["per_device_train_batch_size=4", "num_train_epochs=2", "gradient_accumulation_steps=2", "logging_steps=5"]
+    result = run_cli(args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    problems = [line.removeprefix("  - ") for line in result.stderr.splitlines()[1:]]
+    assert problems == [
+        "unknown key 'learning_rate': Halyard calls it 'lr'",
+        "unknown key 'per_device_train_batch_size': Halyard calls it 'model.batch_size' (the GLOBAL batch: "
+        "per-device batch x processes x model.gradient_accumulation_steps)",
+        "unknown key 'num_train_epochs': Halyard calls it 'n_epochs'",
+        "unknown key 'gradient_accumulation_steps': Halyard calls it 'model.gradient_accumulation_steps'",
+        "unknown key 'logging_steps': Halyard calls it 'log_every_steps'",
+    ]
+
+
+def test_a_list_without_brackets_is_one_problem_with_the_brackets_to_write(tiny_cache):
+    result = run_cli(["model=tiny", f"cache_dir={tiny_cache}", "datasets=data/demo/train.jsonl"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.splitlines() == [
+        "halyard: invalid configuration (1 problem):",
+        "  - datasets='data/demo/train.jsonl': expected a list of strings; write it in brackets: "
+        "datasets=[data/demo/train.jsonl]",
+    ]
+
+
+def test_cfg_job_checks_what_a_run_checks_and_prints_the_typed_config(tiny_cache):
+    """`--cfg job` is the dry run: the loss's settings with their defaults, interpolations resolved, nothing
+    written; a bad key, a missing data file or model exits 2 with the usual message."""
+    args = ["--cfg", "job", "loss=dpo", "model=tiny", f"cache_dir={tiny_cache}", "exp_name=dry"]
+    shown = run_cli([*args, "datasets=[data/demo/pref_train.jsonl]", "lr=3e-6"])
+    assert shown.returncode == 0, shown.stderr
+    printed = OmegaConf.create(shown.stdout)
+    assert OmegaConf.to_container(printed.loss) == {
+        "name": "dpo",
+        "trainer": "train.objectives.preference.DPOTrainer",
+        "beta": 0.1,
+        "label_smoothing": 0.0,
+    }
+    assert printed.lr == 3e-6 and printed.run_dir == f"{tiny_cache}/dry" and printed.model.max_length == 128
+    assert not (tiny_cache / "dry").exists()
+    section = run_cli([*args, "datasets=[data/demo/pref_train.jsonl]", "-p", "loss"])
+    assert section.returncode == 0 and section.stdout.startswith("# @package loss\nname: dpo\n"), section.stderr
+    bad = run_cli([*args, "datasets=[data/demo/nope.jsonl]", "loss.bta=0.2", "++model.name_or_path=/nonexistent"])
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and not bad.stdout, bad.stderr
+    assert "invalid configuration (3 problems)" in bad.stderr
+    assert "unknown key 'loss.bta' (did you mean 'loss.beta'?)" in bad.stderr
+    assert "datasets: 'data/demo/nope.jsonl' is neither a file" in bad.stderr
+    assert "model.name_or_path=/nonexistent: no such folder" in bad.stderr

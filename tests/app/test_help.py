@@ -41,3 +41,12 @@ def test_every_declared_choice_reaches_help_including_a_loss_s_own():
         for value in f.metadata.get("choices", {}):
             written = "null" if value is None else str(value)
             assert re.search(rf"(: | \| ){re.escape(written)}( \(|\.| \|)", rows[path]), (path, value)
+
+
+def test_help_maps_transformers_names_and_calls_cfg_job_a_dry_run():
+    text = " ".join(help_text().split())
+    assert "--cfg job [key=value ...] a dry run: check everything a run checks" in text
+    assert text.endswith(
+        "logging_steps log_every_steps report_to wandb.enabled (and tensorboard.enabled, each true or false)"
+    )
+    assert "per_device_train_batch_size model.batch_size (the GLOBAL batch: per-device batch x processes x" in text

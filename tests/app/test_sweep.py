@@ -75,8 +75,11 @@ def test_table_rows_come_from_each_jobs_record_and_summary(tmp_path):
     assert "ended without reporting" in rows[1]["error"]
 
 
-def test_cfg_job_prints_the_composed_config():
-    result = run_cli(["--cfg", "job", "model=tiny", "lr=0.5", "loss=dpo", "loss.beta=0.3"])
+def test_cfg_job_prints_the_composed_config(tiny_cache):
+    data = "datasets=[data/demo/pref_train.jsonl]"  # --cfg job checks the data and model as a run does
+    result = run_cli(
+        ["--cfg", "job", "model=tiny", f"cache_dir={tiny_cache}", data, "lr=0.5", "loss=dpo", "loss.beta=0.3"]
+    )
     assert result.returncode == 0, result.stderr
     printed = OmegaConf.create(result.stdout)
     assert printed.lr == 0.5 and printed.loss.beta == 0.3 and printed.loss.name == "dpo"

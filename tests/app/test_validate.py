@@ -10,8 +10,8 @@ import pytest
 
 import launch
 from conftest import DEMO_TRAIN, REPO
-from train.app.config import Config, leaf_settings, setting
-from train.app.validate import check_choices
+from train.app.config import Config, leaf_settings, schema_keys, setting
+from train.app.validate import TRANSFORMERS_KEYS, check_choices
 from train.errors import ConfigError
 from train.objectives.sft import SFTSettings, SFTTrainer
 
@@ -94,3 +94,23 @@ def test_torch_loads_with_the_loss_s_trainer_module_not_with_the_config_modules(
     )
     result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False", "True"]
+
+
+def test_every_transformers_name_maps_to_a_key_of_the_schema_that_it_does_not_shadow():
+    keys = schema_keys()
+    for name, (key, _) in TRANSFORMERS_KEYS.items():
+        assert key in keys and name not in keys, name
+
+
+def test_a_rejected_value_is_reported_once_not_again_as_its_default():
+    problems = problems_of(["model=base_model", "datasets=a.jsonl", "model.name_or_path=[x]"])
+    assert problems == [
+        "datasets='a.jsonl': expected a list of strings; write it in brackets: datasets=[a.jsonl]",
+        "model.name_or_path=['x']: expected a string or null",
+    ]
+
+
+def problems_of(overrides: list[str]) -> list[str]:
+    with pytest.raises(ConfigError) as error:
+        launch.compose_config(overrides)
+    return error.value.problems

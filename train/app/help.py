@@ -14,6 +14,7 @@ from typing import Any
 
 from train.app.config import CONFIG_DIR, Config, LossConfig, leaf_settings
 from train.app.loss_registry import builtin_losses, resolve_loss
+from train.app.validate import TRANSFORMERS_KEYS
 from train.data.formats import FORMAT_EXAMPLES
 
 ACCELERATE_DIR = CONFIG_DIR.parent / "accelerate_config"
@@ -29,7 +30,10 @@ Usage:
                                                          the same run over several processes, GPUs or machines
   python launch.py -m key=a,b [key=value ...]            a sweep: one run per combination, then a table
   python launch.py --config-dir DIR --config-name NAME   an experiment written in one YAML file (DIR/NAME.yaml)
-  python launch.py --cfg job [key=value ...]             print the composed config and exit (--cfg hydra|all too)
+  python launch.py --cfg job [key=value ...]             a dry run: check everything a run checks (keys, values, data
+                                                         files, model), print the config it would train with (every
+                                                         default, the loss's own settings too) and exit; exit 2 on a
+                                                         problem. --cfg hydra|all: Hydra's composition, unchecked
 
 Examples:
   python launch.py loss=sft model=smollm2 datasets=[data/demo/train.jsonl] exp_name=my-run
@@ -52,8 +56,18 @@ def help_text() -> str:
         "Data formats (data.format=auto detects each row's format from its columns):\n"
         + "\n".join(f"  {name:<18} {example}" for name, example in FORMAT_EXAMPLES.items()),
         "Config keys (key=value; a loss's own settings as loss.<key>):\n" + describe_schema(width=LINE_WIDTH),
+        "Coming from transformers or TRL (their name: Halyard's key):\n" + _transformers_names(),
     ]
     return "\n\n".join(sections)
+
+
+def _transformers_names() -> str:
+    width = max(len(name) for name in TRANSFORMERS_KEYS)
+    lines = []
+    for name, (key, note) in TRANSFORMERS_KEYS.items():
+        line = f"  {name:<{width}}  {key}" + (f" ({note})" if note else "")
+        lines += textwrap.wrap(line, width=LINE_WIDTH, subsequent_indent=" " * (width + 4))
+    return "\n".join(lines)
 
 
 def _presets() -> str:

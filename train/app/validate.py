@@ -8,10 +8,12 @@ and with it torch, but no model, tokenizer or data.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib.util
 import types
 import typing
+from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -22,6 +24,38 @@ from train.app.launcher import accelerate_config_problem, planned_world_size
 from train.app.loss_registry import LossSpec, builtin_losses, resolve_loss
 from train.batching.layout import decide_layout
 from train.errors import ConfigError
+
+# What users of transformers' TrainingArguments and TRL's configs type, and Halyard's key for it (with a note where
+# the meaning differs). Their names that Halyard shares (seed, max_steps, warmup_ratio, warmup_steps, weight_decay,
+# save_total_limit, resume_from_checkpoint) need no entry. `launch.py --help` prints this table.
+TRANSFORMERS_KEYS: dict[str, tuple[str, str]] = {
+    "learning_rate": ("lr", ""),
+    "num_train_epochs": ("n_epochs", ""),
+    "per_device_train_batch_size": (
+        "model.batch_size",
+        "the GLOBAL batch: per-device batch x processes x model.gradient_accumulation_steps",
+    ),
+    "per_device_eval_batch_size": ("model.eval_batch_size", "the GLOBAL eval batch: per-device batch x processes"),
+    "gradient_accumulation_steps": ("model.gradient_accumulation_steps", ""),
+    "lr_scheduler_type": ("lr_scheduler", ""),
+    "optim": ("optimizer.name", ""),
+    "adam_beta1": ("optimizer.betas", "both rates in one list, e.g. optimizer.betas=[0.9,0.999]"),
+    "adam_beta2": ("optimizer.betas", "both rates in one list, e.g. optimizer.betas=[0.9,0.999]"),
+    "adam_epsilon": ("optimizer.eps", ""),
+    "max_grad_norm": ("model.max_grad_norm", ""),
+    "output_dir": ("run_dir", "or exp_name: a run's files go to ${cache_dir}/${exp_name}"),
+    "run_name": ("exp_name", ""),
+    "model_name_or_path": ("model.name_or_path", ""),
+    "dataset_name": ("datasets", "a list, e.g. datasets=[data/train.jsonl]"),
+    "max_seq_length": ("model.max_length", "prompt + response, in tokens"),
+    "max_length": ("model.max_length", "prompt + response, in tokens"),
+    "bf16": ("model.dtype", "model.dtype=bfloat16; the default, auto, picks it where the hardware is fast at it"),
+    "gradient_checkpointing": ("model.gradient_checkpointing", ""),
+    "save_steps": ("save_every_steps", ""),
+    "eval_steps": ("eval_every_steps", ""),
+    "logging_steps": ("log_every_steps", ""),
+    "report_to": ("wandb.enabled", "and tensorboard.enabled, each true or false"),
+}
 
 
 def validate(raw: DictConfig, world_size: int | None = None, check_model_files: bool = False) -> Config:
@@ -36,13 +70,19 @@ def validate(raw: DictConfig, world_size: int | None = None, check_model_files: 
     raw_tree = OmegaConf.to_container(raw, resolve=False)
     spec = _loss_spec(raw_tree.get("loss") or {}, problems)
     typed = OmegaConf.structured(Config(loss=spec.settings() if spec else LossConfig()))
-    _merge_checked(raw_tree, typed, "", problems, schema_paths=sorted(leaf_paths(typed)))
+    rejected: set[str] = set()
+    _merge_checked(raw_tree, typed, "", problems, rejected, _KeyHints(sorted(leaf_paths(typed)), spec))
     try:
         cfg = OmegaConf.to_object(typed)
     except OmegaConfBaseException as error:
         problems.append(f"could not resolve the configuration: {error}")
         raise ConfigError(problems) from None
-    problems += check_values(cfg, world_size if world_size is not None else planned_world_size(cfg.accelerate_config))
+    # A rejected value left its key at the default: a check of that default (`datasets is empty` after
+    # `datasets=a.jsonl`) would report a second problem the user did not make.
+    value_problems = check_values(
+        cfg, world_size if world_size is not None else planned_world_size(cfg.accelerate_config)
+    )
+    problems += [p for p in value_problems if not any(_names_key(p, path) for path in rejected)]
     if spec:
         problems += check_loss_capabilities(cfg, spec)
     if check_model_files:
@@ -86,22 +126,84 @@ def check_loss_capabilities(cfg: Config, spec: LossSpec) -> list[str]:
     return problems
 
 
-def _merge_checked(raw: dict, typed: DictConfig, prefix: str, problems: list[str], schema_paths: list[str]) -> None:
-    """Copy raw values into the typed config one key at a time, recording every unknown key and type error."""
+def _merge_checked(
+    raw: dict, typed: DictConfig, prefix: str, problems: list[str], rejected: set[str], hints: _KeyHints
+) -> None:
+    """Copy raw values into the typed config one key at a time, recording every unknown key and type error (the
+    paths of values that could not be set go to `rejected`)."""
     for key, value in raw.items():
         path = f"{prefix}{key}"
         if key not in typed:
-            problems.append(f"unknown key '{path}'{_did_you_mean(path, schema_paths)}")
+            problems.append(hints.unknown_key(path))
             continue
         child = typed._get_node(key)
         if isinstance(child, DictConfig) and isinstance(value, dict):
-            _merge_checked(value, child, path + ".", problems, schema_paths)
+            _merge_checked(value, child, path + ".", problems, rejected, hints)
             continue
         try:
             typed[key] = value
         except OmegaConfBaseException:
-            expected = _type_name(typing.get_type_hints(OmegaConf.get_type(typed))[key])
-            problems.append(f"{path}={value!r}: expected {expected}")
+            annotation = typing.get_type_hints(OmegaConf.get_type(typed))[key]
+            rejected.add(path)
+            problems.append(
+                f"{path}={value!r}: expected {_type_name(annotation)}{_as_list_hint(path, value, annotation)}"
+            )
+
+
+def _as_list_hint(path: str, value: Any, annotation: Any) -> str:
+    """`datasets=a.jsonl`: Hydra reads a value without brackets as one string."""
+    if typing.get_origin(annotation) is list and isinstance(value, str | int | float):
+        return f"; write it in brackets: {path}=[{value}]"
+    return ""
+
+
+def _names_key(problem: str, path: str) -> bool:
+    """Whether a problem is about the key `path` (problems start with the key, then `=`, `:` or a space)."""
+    return problem.startswith(path) and problem[len(path) : len(path) + 1] in ("=", ":", " ")
+
+
+@dataclass(frozen=True)
+class _KeyHints:
+    """What to tell about a key the schema does not have: the chosen loss's own settings, the name transformers and
+    TRL use for a Halyard key, or the closest valid key."""
+
+    schema_paths: list[str]
+    spec: LossSpec | None
+
+    def unknown_key(self, path: str) -> str:
+        if path in TRANSFORMERS_KEYS:
+            key, note = TRANSFORMERS_KEYS[path]
+            return f"unknown key '{path}': Halyard calls it '{key}'" + (f" ({note})" if note else "")
+        if path.startswith("loss.") and self.spec is not None:
+            return self._unknown_loss_setting(path.removeprefix("loss."))
+        return f"unknown key '{path}'{_did_you_mean(path, self.schema_paths)}"
+
+    def _unknown_loss_setting(self, name: str) -> str:
+        """`loss.beta` after switching loss=dpo to loss=orpo: say that this loss has no such setting, and list its own
+        (matching `beta` against `loss.trainer` would mislead)."""
+        keys = [path for path, _, _ in leaf_settings(self.spec.settings())]  # in declaration order
+        guess = difflib.get_close_matches(name, keys, n=1, cutoff=0.6)
+        if guess:
+            return f"unknown key 'loss.{name}' (did you mean 'loss.{guess[0]}'?)"
+        base = {f.name for f in dataclasses.fields(LossConfig)}
+        own = [f"loss.{k}" for k in keys if k not in base]
+        listed = f"its settings: {', '.join(own)}" if own else "it has no settings of its own"
+        owners = _losses_with_setting(name)
+        elsewhere = f"; loss.{name} is a setting of loss={', '.join(owners)}" if owners else ""
+        which = f"loss={self.spec.name}"
+        if builtin_losses().get(self.spec.name) != self.spec.trainer_path:  # a loss YAML's trainer, replaced
+            which += f" with loss.trainer={self.spec.trainer_path}"
+        return f"unknown key 'loss.{name}': {which} has no setting '{name}' ({listed}){elsewhere}"
+
+
+def _losses_with_setting(name: str) -> list[str]:
+    """The built-in losses whose settings include `name` (their trainer modules are imported to read them)."""
+    owners = []
+    for loss, trainer_path in builtin_losses().items():
+        spec, _ = resolve_loss(loss, trainer_path)
+        if spec is not None and name in {f.name for f in dataclasses.fields(spec.settings)}:
+            owners.append(loss)
+    return owners
 
 
 def _did_you_mean(path: str, schema_paths: list[str]) -> str:
@@ -121,7 +223,10 @@ def _type_name(annotation: Any) -> str:
         return annotation
     origin = typing.get_origin(annotation)
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(annotation)[0])}"
+        item = typing.get_args(annotation)[0]
+        return "a list of " + {int: "integers", float: "numbers", bool: "true/false values", str: "strings"}.get(
+            item, _type_name(item)
+        )
     if origin in (typing.Union, types.UnionType):
         names = [_type_name(a) for a in typing.get_args(annotation) if a is not type(None)]
         return " or ".join(names) + " or null"
