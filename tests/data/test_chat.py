@@ -214,3 +214,58 @@ def test_rendering_is_what_apply_chat_template_renders(tiny_tokenizers, style):
         for prompt in (False, True):
             expected = tokenizer.apply_chat_template(CONVERSATION[:end], tokenize=False, add_generation_prompt=prompt)
             assert _render(tokenizer, CONVERSATION[:end], prompt, "row 0") == expected
+
+
+WEIGHTED = [
+    {"role": "user", "content": "What color is grass?"},
+    {"role": "assistant", "content": "Arr, grass be green!", "weight": 0},
+    {"role": "user", "content": "And 2 plus 2?"},
+    {"role": "assistant", "content": "Arr, 4!", "weight": 1},
+]
+
+
+def test_assistant_turn_with_weight_0_is_context_not_supervised(tmp_path, tiny_tokenizers):
+    """A row's `"weight": 0` reaches the mask: that turn's tokens and its end of turn get -100, the other's are
+    trained."""
+    tokenizer = tiny_tokenizers["chatml"]
+    path = write(tmp_path, "d.jsonl", json.dumps({"messages": WEIGHTED}) + "\n")
+    examples, _ = load_examples([path], tokenizer, KEYS, 128)
+    context = ids(
+        tokenizer,
+        "<|im_start|>user\nWhat color is grass?<|im_end|>\n<|im_start|>assistant\nArr, grass be green!<|im_end|>\n"
+        "<|im_start|>user\nAnd 2 plus 2?<|im_end|>\n<|im_start|>assistant\n",
+    )
+    response, trailer = ids(tokenizer, "Arr, 4!<|im_end|>"), ids(tokenizer, "\n")
+    assert examples[0].input_ids == context + response + trailer
+    assert examples[0].labels == [IGNORE_INDEX] * len(context) + response + [IGNORE_INDEX] * len(trailer)
+    # Without the weight both turns are trained.
+    unweighted = [{k: v for k, v in m.items() if k != "weight"} for m in WEIGHTED]
+    assert supervised_text(tokenizer, tokenize_conversation(unweighted, tokenizer, "t")) == (
+        "Arr, grass be green!<|im_end|>Arr, 4!<|im_end|>"
+    )
+
+
+@pytest.mark.parametrize(
+    ("train_on", "weights", "message"),
+    [
+        ("assistant", (0, 0), "t: every assistant turn has weight 0 (context, not trained), so nothing of it"),
+        ("last_assistant", (0, 0), "t: every assistant turn has weight 0"),
+        ("all", (0, 1), "t: a message has weight 0 (context, not trained), but data.train_on=all trains every token"),
+    ],
+)
+def test_weights_that_leave_nothing_or_contradict_train_on_are_refused(tiny_tokenizers, train_on, weights, message):
+    messages = [dict(WEIGHTED[0]), {**WEIGHTED[1], "weight": weights[0]}, WEIGHTED[2], {**WEIGHTED[3]}]
+    if weights[1] == 0:
+        messages[3]["weight"] = 0
+    with pytest.raises(DataError) as error:
+        tokenize_conversation(messages, tiny_tokenizers["chatml"], "t", train_on)
+    assert str(error.value).startswith(message)
+
+
+def test_last_assistant_is_the_last_trained_turn(tiny_tokenizers):
+    tokenizer = tiny_tokenizers["chatml"]
+    messages = [*WEIGHTED[:3], {**WEIGHTED[3], "weight": 0}]
+    messages[1] = {k: v for k, v in messages[1].items() if k != "weight"}
+    example = tokenize_conversation(messages, tokenizer, "t", "last_assistant")
+    assert supervised_text(tokenizer, example) == "Arr, grass be green!<|im_end|>"
+    assert "Arr, 4!" not in tokenizer.decode(example.input_ids)  # what follows the last trained turn is dropped

@@ -208,3 +208,73 @@ def test_each_format_is_one_record_that_detection_parsing_config_and_help_read()
     assert " | ".join(FORMAT_NAMES[1:]) in documented
     text = help_text()
     assert all(f"  {name:<18} {fmt.example}" in text for name, fmt in FORMATS.items())
+
+
+def test_message_weights_are_kept_for_the_mask():
+    """OpenAI's per-message `weight`: 0 is kept on the message (chat.py leaves that turn unsupervised), 1 is the
+    default and not kept."""
+    row = {
+        "messages": [
+            {"role": "user", "content": "Hi", "weight": 0},
+            {"role": "assistant", "content": "Ahoy", "weight": 0},
+            {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "Arr", "weight": 1},
+        ]
+    }
+    assert parse_row(row, "r", KEYS).messages == [
+        {"role": "user", "content": "Hi", "weight": 0},
+        {"role": "assistant", "content": "Ahoy", "weight": 0},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Arr"},
+    ]
+
+
+def test_text_parts_are_joined():
+    parts = [{"type": "text", "text": "What is"}, {"type": "text", "text": "2 plus 2?"}]
+    row = {"messages": [{"role": "user", "content": parts}, {"role": "assistant", "content": [parts[0]]}]}
+    assert parse_row(row, "r", KEYS).messages == [
+        {"role": "user", "content": "What is\n2 plus 2?"},
+        {"role": "assistant", "content": "What is"},
+    ]
+
+
+IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+
+
+@pytest.mark.parametrize(
+    ("messages", "message"),
+    [
+        (
+            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "a", "weight": 2}],
+            "d.jsonl line 1: messages[1].weight=2: must be 0 (an assistant turn kept as context, not trained) or 1",
+        ),
+        (
+            [{"role": "user", "content": "Hi", "weight": 1}, {"role": "assistant", "content": "a"}],
+            "d.jsonl line 1: messages[0].weight=1 on a user message: only assistant turns are trained",
+        ),
+        (
+            [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, IMAGE]},
+             {"role": "assistant", "content": "A cat."}],
+            "d.jsonl line 1: messages[0].content[1] has type 'image_url': images are not supported",
+        ),
+        (
+            [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "..."}}]},
+             {"role": "assistant", "content": "Hello."}],
+            "d.jsonl line 1: messages[0].content[0] has type 'input_audio': audio is not supported",
+        ),
+        (
+            [{"role": "user", "content": "Weather?"},
+             {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]}],
+            "d.jsonl line 1: messages[1] is a tool call or tool result: tool calls are not supported",
+        ),
+        (
+            [{"role": "user", "content": [{"text": "no type"}]}, {"role": "assistant", "content": "a"}],
+            "d.jsonl line 1: messages[0].content[0] must be a text part",
+        ),
+    ],
+)  # fmt: skip
+def test_weights_and_content_parts_that_cannot_be_trained_are_named(tmp_path, tiny_tokenizers, messages, message):
+    path = write_jsonl(tmp_path, [{"messages": messages}])
+    with pytest.raises(DataError) as error:
+        load_examples([path], tiny_tokenizers["chatml"], KEYS, max_length=64)
+    assert str(error.value).startswith(f"{tmp_path}/{message}")

@@ -47,3 +47,31 @@ def test_source_problems_are_named(tmp_path):
 def test_named_dataset_offline_fails_fast_with_a_fix(tiny_tokenizers):
     with pytest.raises(DataError, match=r"'ultrachat' \(HuggingFaceH4/ultrachat_200k.*offline.*pass the file instead"):
         load_examples(["ultrachat"], tiny_tokenizers["chatml"], KEYS, 128)
+
+
+GOOD = '{"instruction": "q", "output": "a"}\n'
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        # The parser's message ends in "at" (it appends the position itself): quoted once, with the column it gives.
+        (
+            "d.jsonl",
+            GOOD + '{"instruction": "x\ty"}\n',
+            "d.jsonl line 2: not valid JSON (invalid control character at column 19)",
+        ),
+        ("d.jsonl", '{"a": "x\n', "d.jsonl line 1: not valid JSON (unterminated string starting at column 7)"),
+        # A line cut short: the line's end, not a column past it (or "column 1" of the next line).
+        ("d.jsonl", '{"a": 1\n', "d.jsonl line 1: not valid JSON (expecting ',' delimiter at the end of the line)"),
+        ("d.jsonl", '{"a": 1\r\n', "d.jsonl line 1: not valid JSON (expecting ',' delimiter at the end of the line)"),
+        ("d.json", '[{"a": 1}\n{"a": 2}]', "d.json: not valid JSON (expecting ',' delimiter at line 2, column 1)"),
+        ("d.json", '[{"a": 1},\n', "d.json: not valid JSON (expecting value at the end of the file, line 2)"),
+    ],
+)
+def test_json_errors_quote_the_parsers_position_once(tmp_path, tiny_tokenizers, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content.encode())
+    with pytest.raises(DataError) as error:
+        load_examples([str(path)], tiny_tokenizers["chatml"], KEYS, 64)
+    assert str(error.value) == f"{tmp_path}/{message}"

@@ -21,6 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from train.data.formats import FORMAT_NAMES
+from train.data.templates import CHAT_TEMPLATES
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"  # Hydra's presets: config.yaml, loss/, model/
 
@@ -136,6 +137,12 @@ class DataConfig:
             "last_assistant": "the last assistant turn",
             "all": "every token",
         },
+    )
+    chat_template: str | None = setting(
+        None,
+        f"Chat template for a tokenizer that has none (or to replace its own): a built-in one "
+        f"({' | '.join(CHAT_TEMPLATES)}) or the path of a Jinja file; set on the tokenizer before tokenizing and saved "
+        f"with the model. null: the tokenizer's own.",
     )
     train_on_reasoning: bool = setting(
         True,

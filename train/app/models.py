@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from train.app.config import ModelConfig
 from train.batching.collate import collate_packed
 from train.data.store import IGNORE_INDEX, PackedExample
+from train.data.templates import chat_template_text
 from train.errors import HalyardError
 
 logger = logging.getLogger(__name__)
@@ -50,8 +51,10 @@ def resolve_save_dtype(save_dtype: str, settings: ModelConfig) -> tuple[str, str
     return "float32", f"{settings.name_or_path} names no stored dtype"
 
 
-def build_tokenizer(settings: ModelConfig):
-    """The tokenizer, with a pad token (EOS when it has none: padding is masked out of the labels, not matched by id)."""
+def build_tokenizer(settings: ModelConfig, chat_template: str | None = None):
+    """The tokenizer, with a pad token (EOS when it has none: padding is masked out of the labels, not matched by id),
+    and `chat_template` (data.chat_template: a built-in name or a Jinja file, train/data/templates.py) in place of
+    its own when given: set before anything is tokenized, it is saved with the model."""
     source = settings.tokenizer_name_or_path or settings.name_or_path
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=settings.trust_remote_code)
@@ -63,6 +66,9 @@ def build_tokenizer(settings: ModelConfig):
         )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template_text(chat_template)
+        logger.info(f"chat template: data.chat_template={chat_template}")
     return tokenizer
 
 

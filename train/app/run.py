@@ -55,7 +55,7 @@ def run(cfg: Config) -> None:
         if cfg.overwrite_run and not resuming_here and accelerator.is_main_process:
             remove_earlier_run(Path(cfg.run_dir))
         prepare_run_dir(cfg, accelerator)
-        tokenizer = build_tokenizer(cfg.model)
+        tokenizer = build_tokenizer(cfg.model, cfg.data.chat_template)
         layout = decide_layout(cfg.data, cfg.model.attn_implementation, spec)[0]  # validation reported its problems
         train_data, eval_data, data_stats = build_datasets(
             cfg, tokenizer, spec.data_kind, accelerator.main_process_first, layout

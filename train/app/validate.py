@@ -314,6 +314,7 @@ def _check_positive(cfg: Config) -> list[str]:
 def _check_data_files(cfg: Config) -> list[str]:
     from train.data.formats import FORMAT_NAMES as FORMATS
     from train.data.sources import source_problem
+    from train.data.templates import chat_template_problem
 
     problems = []
     if not cfg.datasets:
@@ -323,6 +324,7 @@ def _check_data_files(cfg: Config) -> list[str]:
     data = cfg.data
     if data.format not in FORMATS:
         problems.append(f"data.format={data.format!r}: must be one of {list(FORMATS)}")
+    problems += [p for p in [chat_template_problem(data.chat_template)] if p]
     if data.dataset_samples and len(data.dataset_samples) != len(cfg.datasets):
         problems.append(
             f"data.dataset_samples has {len(data.dataset_samples)} entries for {len(cfg.datasets)} datasets; give one per dataset"

@@ -16,6 +16,7 @@ import numpy as np
 
 from train.data.stats import AUDIT_ROLES, MaskAudit
 from train.data.store import IGNORE_INDEX, Example
+from train.data.templates import no_template_message
 from train.errors import DataError
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -72,7 +73,8 @@ def tokenize_conversation(
     """Render with the chat template and supervise assistant turns through their end-of-turn token.
 
     train_on: "assistant" (every assistant turn), "last_assistant", "all" (every token), or "after:<n>" (assistant
-    turns from message n on: the response of a preference pair). Turns after the last assistant turn are dropped.
+    turns from message n on: the response of a preference pair). An assistant turn with `"weight": 0` is context, never
+    supervised. Turns after the last supervised one (the last assistant turn under "all") are dropped.
 
     The conversation is rendered twice: as it is, and with each supervised content replaced by a unique placeholder.
     The placeholder rendering says exactly where the template puts each content (whatever it adds around them: role
@@ -85,18 +87,23 @@ def tokenize_conversation(
     assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not assistant:
         raise DataError(f"{where}: the conversation has no assistant turn, so there is nothing to train on")
-    messages = messages[: assistant[-1] + 1]
+    turns = [] if train_on == "all" else _supervised_turns(messages, train_on, where)
+    messages = messages[: max(turns or assistant) + 1]  # what follows the last trained turn teaches nothing
     text = _render(tokenizer, messages, add_generation_prompt=False, where=where)
     encoded = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
     ids = np.asarray(encoded.ids, dtype=np.int64)
     flat = itertools.chain.from_iterable(encoded.offsets)  # (start, end) per token; fromiter: 2x asarray
     offsets = np.fromiter(flat, dtype=np.int64, count=2 * len(ids)).reshape(-1, 2)
-    turns = [] if train_on == "all" else _supervised_turns(messages, train_on)
     pieces, attributed = {}, False
     if turns or audit is not None:
         pieces, attributed = _locate_pieces(tokenizer, messages, turns, text, where)
     ends, expected = [], []
     if train_on == "all":
+        if any(m.get("weight", 1) == 0 for m in messages):
+            raise DataError(
+                f"{where}: a message has weight 0 (context, not trained), but data.train_on=all trains every token; "
+                f"set data.train_on=assistant to honour the weights, or remove them"
+            )
         supervised = np.ones(len(ids), dtype=bool)
     else:
         supervised = np.zeros(len(ids), dtype=bool)
@@ -158,14 +165,22 @@ def _count(audit: MaskAudit, messages, pieces: dict, attributed: bool, offsets, 
     audit.turns_ending_supervised += sum(end is not None for end in ends)
 
 
-def _supervised_turns(messages: list[dict[str, str]], train_on: str) -> list[int]:
-    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+def _supervised_turns(messages: list[dict], train_on: str, where: str) -> list[int]:
+    """The assistant turns `train_on` selects among those the row trains: an assistant message with `"weight": 0`
+    (OpenAI's fine-tuning format) is context only. `last_assistant` is the last trained turn."""
+    trained = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight", 1)]
     if train_on == "last_assistant":
-        return assistant[-1:]
-    if train_on.startswith("after:"):
-        first = int(train_on.split(":")[1])
-        return [i for i in assistant if i >= first]
-    return assistant
+        selected = trained[-1:]
+    elif train_on.startswith("after:"):  # the response of a pair or an unpaired example
+        selected = [i for i in trained if i >= int(train_on.split(":")[1])]
+    else:
+        selected = trained
+    if not selected:  # the formats refuse a row without an assistant turn: here every one has weight 0
+        raise DataError(
+            f"{where}: every assistant turn {'of the response ' if train_on.startswith('after:') else ''}has weight 0 "
+            f"(context, not trained), so nothing of it is trained; give a turn weight 1, or remove the row"
+        )
+    return selected
 
 
 PARTS = ("answer", "reasoning", "content")  # an assistant turn's answer and reasoning; any other message's content
@@ -322,10 +337,7 @@ def _render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bo
     from transformers.utils.chat_template_utils import render_jinja_template
 
     if tokenizer.chat_template is None:
-        raise DataError(
-            f"{where}: the tokenizer has no chat template, so conversations cannot be rendered; set "
-            f"model.tokenizer_name_or_path to a tokenizer that has one (plain `text` rows need none)"
-        )
+        raise DataError(f"{where}: {no_template_message(tokenizer)}")
     try:
         # What apply_chat_template(tokenize=False) renders, without its normalization of message objects: parsed
         # rows are plain dicts of strings already, and this runs several times per row (tests/data/test_pipeline.py checks

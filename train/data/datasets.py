@@ -81,6 +81,8 @@ def build_datasets(
     train_stats.examples = len(train)
     unit = "pairs" if kind == "paired" else "examples"
     logger.info(train_stats.describe("train", cfg.model.max_length, unit))
+    for line in train_stats.describe_formats("train"):
+        logger.info(line)
     log_mask_audit(train_stats, "train", cfg.data.train_on)
     stats = {"train": dataclasses.asdict(train_stats)}
     if layout is Layout.PACKED:
@@ -100,6 +102,8 @@ def build_datasets(
     if eval_stats is not None:
         eval_stats.examples = len(evaluation)
         logger.info(eval_stats.describe("eval", cfg.model.max_length, unit))
+        for line in eval_stats.describe_formats("eval"):
+            logger.info(line)
         stats["eval"] = dataclasses.asdict(eval_stats)
     elif evaluation is not None:
         logger.info(f"eval: {len(evaluation)} {unit} held out of the training data (data.eval_split_ratio)")

@@ -247,9 +247,13 @@ def detect_format(row: dict, keys: DataConfig) -> str:
     return next(f.name for f in DETECTION_ORDER if f.detect(row, keys))
 
 
+def row_format(row: dict, keys: DataConfig) -> str:
+    """The format a row is read in: data.format, or detected from its columns under data.format=auto."""
+    return keys.format if keys.format != "auto" else detect_format(row, keys)
+
+
 def parse_row(row: dict, where: str, keys: DataConfig) -> Record:
-    fmt = keys.format if keys.format != "auto" else detect_format(row, keys)
-    return FORMATS[fmt].parse(row, where, keys)
+    return FORMATS[row_format(row, keys)].parse(row, where, keys)
 
 
 # ---- fields ----
@@ -291,33 +295,106 @@ def _optional_string(row: dict, key: str, where: str) -> str:
     return value.strip()
 
 
-def check_messages(messages: object, where: str, key: str) -> list[dict[str, str]]:
+def check_messages(messages: object, where: str, key: str) -> list[dict]:
+    """The messages of a row, checked, with only the fields preprocessing reads (`_message`)."""
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: field '{key}' must be a non-empty list of {{role, content}} objects")
+    checked = []
     for index, message in enumerate(messages):
         name = f"{key}[{index}]"
+        if isinstance(message, dict):
+            _refuse_tools(message, where, name)  # first: a tool-calling turn may have no content
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise DataError(f"{where}: {name} must be an object with 'role' and 'content'")
         if not isinstance(message["role"], str) or message["role"] not in ROLES:
             raise DataError(f"{where}: {name}.role={_short(message['role'])} is unknown; use one of {list(ROLES)}")
-        if not isinstance(message["content"], str):
-            raise DataError(f"{where}: {name}.content must be a string; found {type(message['content']).__name__}")
-        _check_text(message["content"], where, f"{name}.content")
-        if message["role"] == "assistant" and not message["content"].strip():
+        content = _content_text(message["content"], where, f"{name}.content")
+        _check_text(content, where, f"{name}.content")
+        if message["role"] == "assistant" and not content.strip():
             raise DataError(f"{where}: {name} is an empty assistant turn; remove it or give it content")
         reasoning = message.get("reasoning_content")
         if reasoning is not None and (message["role"] != "assistant" or not isinstance(reasoning, str)):
             raise DataError(f"{where}: {name}.reasoning_content must be a string, on an assistant turn (or null)")
         if reasoning is not None:
             _check_text(reasoning, where, f"{name}.reasoning_content")
-    return [_message(m) for m in messages]
+        checked.append(_message(message, content, _weight(message, where, name)))
+    return checked
 
 
-def _message(message: dict) -> dict[str, str]:
-    """The fields of a message that preprocessing reads: role, content, and reasoning_content when given."""
-    kept = {"role": message["role"], "content": message["content"]}
+# Content parts other than text (OpenAI's and Anthropic's names), refused with what they hold.
+UNSUPPORTED_PARTS = {
+    "image_url": "images are",
+    "image": "images are",
+    "input_image": "images are",
+    "input_audio": "audio is",
+    "audio": "audio is",
+    "file": "files are",
+    "input_file": "files are",
+    "video": "video is",
+    "tool_use": "tool calls are",
+    "tool_result": "tool results are",
+}
+
+
+def _content_text(content: object, where: str, name: str) -> str:
+    """A message's content: a string, or a list of text parts ([{"type": "text", "text": ...}]) joined by newlines
+    (as vLLM joins them for a text-only model). Any other part is refused: Halyard trains on text only."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise DataError(
+            f'{where}: {name} must be a string or a list of text parts ({{"type": "text", "text": ...}}); '
+            f"found {type(content).__name__}"
+        )
+    texts = []
+    for index, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in UNSUPPORTED_PARTS:
+            raise DataError(
+                f"{where}: {name}[{index}] has type '{kind}': {UNSUPPORTED_PARTS[kind]} not supported (Halyard "
+                f"trains on text only); remove the part, or skip such rows with data.on_bad_row=skip"
+            )
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise DataError(
+                f'{where}: {name}[{index}] must be a text part {{"type": "text", "text": str}}; found {_short(part)}'
+            )
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def _refuse_tools(message: dict, where: str, name: str) -> None:
+    """Tool calls and tool results cannot be trained on as plain turns: say so instead of dropping them silently."""
+    if message.get("tool_calls") or message.get("function_call") or message.get("role") in ("tool", "function"):
+        raise DataError(
+            f"{where}: {name} is a tool call or tool result: tool calls are not supported (Halyard trains on system, "
+            f"user and assistant text); remove such turns, or skip such rows with data.on_bad_row=skip"
+        )
+
+
+def _weight(message: dict, where: str, name: str) -> int:
+    """OpenAI's per-message `weight`: 1 (or absent) trains an assistant turn, 0 keeps it as unsupervised context."""
+    weight = message.get("weight", 1)
+    if isinstance(weight, bool) or weight not in (0, 1):
+        raise DataError(
+            f"{where}: {name}.weight={_short(weight)}: must be 0 (an assistant turn kept as context, not trained) or "
+            f"1 (trained; the default)"
+        )
+    if weight == 1 and "weight" in message and message["role"] != "assistant":
+        raise DataError(
+            f"{where}: {name}.weight=1 on a {message['role']} message: only assistant turns are trained; remove the "
+            f"weight, or set data.train_on=all to train every token"
+        )
+    return int(weight)
+
+
+def _message(message: dict, content: str, weight: int) -> dict:
+    """The fields of a message that preprocessing reads: role, content, reasoning_content when given, and weight
+    when it is 0 (`chat.py` leaves such an assistant turn unsupervised)."""
+    kept = {"role": message["role"], "content": content}
     if message.get("reasoning_content"):
         kept["reasoning_content"] = message["reasoning_content"]
+    if weight == 0:
+        kept["weight"] = 0
     return kept
 
 

@@ -21,27 +21,31 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from train.app.config import DataConfig
-from train.data.formats import KIND_COLUMNS, KINDS, parse_row
+from train.data.formats import KIND_COLUMNS, KINDS, Text, parse_row
 from train.data.sources import load_row, read_source
 from train.data.stats import DatasetStats, MaskAudit
 from train.data.store import SHARD_ROWS, TokenStore, TokenTable, build_folder, finish_folder, is_complete, read_stats
+from train.data.templates import no_template_message
 from train.data.tokenize import tokenize_rows
 from train.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 
-PIPELINE_VERSION = 6  # bump when tokenization changes, to invalidate caches
+PIPELINE_VERSION = 7  # bump when tokenization changes, to invalidate caches
 
 
-def read_shards(sources: list[str], settings: DataConfig, kind: str) -> Iterator[list[tuple[str, object, int]]]:
+def read_shards(
+    sources: list[str], settings: DataConfig, kind: str, tokenizer=None
+) -> Iterator[list[tuple[str, object, int]]]:
     """The rows of every source, streamed in shards of SHARD_ROWS (where, row, source index). The first readable row
-    of each source is checked against the loss's kind first, so a wrong file is one clear error."""
+    of each source is checked against the loss's kind (and `tokenizer`'s chat template) first, so a wrong file is one
+    clear error."""
     shard: list[tuple[str, object, int]] = []
     for index, source in enumerate(sources):
         checked, rows = False, 0
         for where, row in read_source(source):
-            checked = checked or check_stage(where, row, settings, kind)
+            checked = checked or check_stage(where, row, settings, kind, tokenizer)
             shard.append((where, row, index))
             rows += 1
             if len(shard) == SHARD_ROWS:
@@ -53,9 +57,10 @@ def read_shards(sources: list[str], settings: DataConfig, kind: str) -> Iterator
         yield shard
 
 
-def check_stage(where: str, row: object, settings: DataConfig, kind: str) -> bool:
-    """Refuse a source whose rows suit another loss (SFT rows given to DPO, or the reverse). Returns whether the row
-    could be checked (a malformed one cannot: data.on_bad_row decides about it, and the next row is checked)."""
+def check_stage(where: str, row: object, settings: DataConfig, kind: str, tokenizer=None) -> bool:
+    """Refuse a source whose rows suit another loss (SFT rows given to DPO, or the reverse), or whose conversations
+    `tokenizer` cannot render (no chat template: one error, not one per row). Returns whether the row could be
+    checked (a malformed one cannot: data.on_bad_row decides about it, and the next row is checked)."""
     try:
         fields = load_row(where, row)
         record = parse_row(fields, where, settings)
@@ -67,6 +72,8 @@ def check_stage(where: str, row: object, settings: DataConfig, kind: str) -> boo
             f"{type(record).__name__.lower()} rows (columns: {', '.join(sorted(fields))}); choose the loss that "
             f"fits the data, or give data with the columns this loss expects"
         )
+    if tokenizer is not None and tokenizer.chat_template is None and not isinstance(record, Text):
+        raise DataError(f"{where}: {no_template_message(tokenizer)}")
     return True
 
 
@@ -134,16 +141,18 @@ def preprocess(
         stop_at_bad_row = settings.on_bad_row == "error"
         reports, finished = build_folder(
             folder,
-            read_shards(sources, settings, kind),
+            read_shards(sources, settings, kind, tokenizer),
             tokenize,
             kind,
             settings.num_proc,
             must_stop=lambda report: stop_at_bad_row and report["skipped_bad_rows"] > 0,
         )
-        counts = [f.name for f in dataclasses.fields(DatasetStats) if f.name != "mask_audit"]
+        counts = [f.name for f in dataclasses.fields(DatasetStats) if f.name not in ("mask_audit", "formats")]
         audit = MaskAudit.merged([r.get("mask_audit", {}) for r in reports])
         stats = DatasetStats(
-            **{name: sum(r[name] for r in reports) for name in counts}, mask_audit=dataclasses.asdict(audit)
+            **{name: sum(r[name] for r in reports) for name in counts},
+            mask_audit=dataclasses.asdict(audit),
+            formats=_formats_by_file(reports, sources),
         )
         bad_rows = [r["first_bad_row"] for r in reports if r["first_bad_row"]]
         if bad_rows and stop_at_bad_row:
@@ -162,6 +171,17 @@ def preprocess(
         if not cache_root:
             weakref.finalize(table, shutil.rmtree, root, True)
     return TokenStore(table), stats
+
+
+def _formats_by_file(reports: list[dict], sources: list[str]) -> dict[str, dict[str, int]]:
+    """The shard reports' rows per source index and format, summed and keyed by file."""
+    total: dict[str, dict[str, int]] = {source: {} for source in sources}
+    for report in reports:
+        for index, counts in report.get("formats", {}).items():
+            into = total[sources[int(index)]]
+            for name, n in counts.items():
+                into[name] = into.get(name, 0) + n
+    return total
 
 
 def load_examples(

@@ -79,13 +79,27 @@ def load_row(where: str, row: object) -> dict:
     if isinstance(row, str):
         try:
             row = json.loads(row)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
+        except json.JSONDecodeError as error:  # `row` is one line, so the parser's line is always 1
+            raise DataError(json_error(error, where, one_line=True)) from None
         except (ValueError, RecursionError) as error:  # a number too long to convert, nesting too deep
             raise DataError(f"{where}: not usable JSON ({str(error)[:120]})") from None
     if not isinstance(row, dict):
         raise DataError(f"{where}: each row must be a JSON object; found {type(row).__name__}")
     return row
+
+
+def json_error(error: json.JSONDecodeError, name: str, one_line: bool) -> str:
+    """Why and where the parser stopped: "d.jsonl line 3: not valid JSON (invalid control character at column 9)".
+    `name`: the file, or for one JSONL line "file line N" (the parser's line is then always 1, so only the column is
+    named). The parser's messages end in "at" (it appends the position itself); a position past the last character
+    is the end of the text."""
+    message = error.msg.removesuffix(" at")
+    message = message[:1].lower() + message[1:]
+    if not error.doc[error.pos :].strip():
+        place = "the end of the line" if one_line else f"the end of the file, line {error.lineno}"
+    else:
+        place = f"column {error.colno}" if one_line else f"line {error.lineno}, column {error.colno}"
+    return f"{name}: not valid JSON ({message} at {place})"
 
 
 def _read_jsonl(path: str) -> Iterator[tuple[str, str | BadRow]]:
@@ -100,7 +114,7 @@ def _read_jsonl(path: str) -> Iterator[tuple[str, str | BadRow]]:
                 yield where, BadRow(f"{where}: not valid UTF-8 (byte {error.start}); save the file as UTF-8")
                 continue
             if line.strip():
-                yield where, line
+                yield where, line.rstrip("\r\n")  # a parser error at the line's end is then on this line
 
 
 def _read_json(path: str) -> Iterator[tuple[str, object]]:
@@ -108,7 +122,7 @@ def _read_json(path: str) -> Iterator[tuple[str, object]]:
     try:
         rows = json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as error:
-        raise DataError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})") from None
+        raise DataError(json_error(error, path, one_line=False)) from None
     except UnicodeDecodeError as error:
         raise DataError(f"{path}: not valid UTF-8 (byte {error.start}); save the file as UTF-8") from None
     except (ValueError, RecursionError) as error:

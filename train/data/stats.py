@@ -21,6 +21,9 @@ class DatasetStats:
     dropped_too_long: int = 0
     skipped_bad_rows: int = 0
     mask_audit: dict = dataclasses.field(default_factory=dict)  # MaskAudit's fields, summed over the rows
+    # file -> format -> rows read in it (detected under data.format=auto), malformed rows included once they parse as
+    # a JSON object: a file read in a format it was not meant for shows here
+    formats: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
     def describe(self, split: str, max_length: int, unit: str = "examples") -> str:
         text = f"{split}: {self.examples} {unit} from {self.rows} rows"
@@ -36,6 +39,14 @@ class DatasetStats:
         if self.skipped_bad_rows:
             text += f"; {self.skipped_bad_rows} malformed rows skipped (data.on_bad_row=skip)"
         return text
+
+    def describe_formats(self, split: str) -> list[str]:
+        """One line per file: "format of data/x.jsonl (train): messages (120 rows)"; a mixed file lists each."""
+        lines = []
+        for source, counts in self.formats.items():
+            found = ", ".join(f"{name} ({n} rows)" for name, n in sorted(counts.items(), key=lambda item: -item[1]))
+            lines.append(f"format of {source} ({split}): {found or 'none (no row is a JSON object)'}")
+        return lines
 
 
 AUDIT_ROLES = ("system", "user", "assistant", "end_of_turn", "template")  # template: headers and other added text

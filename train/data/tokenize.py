@@ -7,7 +7,7 @@ import dataclasses
 
 from train.app.config import DataConfig
 from train.data.chat import tokenize_conversation
-from train.data.formats import KIND_COLUMNS, KINDS, Conversation, Pair, Text, Unpaired, parse_row
+from train.data.formats import KIND_COLUMNS, KINDS, Conversation, Pair, Text, Unpaired, parse_row, row_format
 from train.data.sources import load_row
 from train.data.stats import DatasetStats, MaskAudit
 from train.data.store import Example, schema
@@ -31,15 +31,21 @@ def tokenize_rows(
     rows: list[tuple[str, object, int]], *, tokenizer, settings: DataConfig, max_length: int, kind: str
 ) -> tuple[dict[str, list], dict]:
     """Tokenize one shard of input rows, each (where, row, source index), into its columns (`store.schema(kind)`)
-    and a report of what happened to its rows: DatasetStats' counts plus the first bad row's message. Never raises
+    and a report of what happened to its rows: DatasetStats' counts (its `formats` keyed by source index) plus the
+    first bad row's message. Never raises
     for a bad row: it is counted, and data.on_bad_row decides once the (possibly parallel) work is done."""
     columns: dict[str, list] = {name: [] for name in schema(kind).names}
     report = {**dataclasses.asdict(DatasetStats(rows=len(rows))), "first_bad_row": ""}
     keep_first = 1 if tokenizer.bos_token_id is not None else 0
     audit = MaskAudit()
+    formats: dict[str, dict[str, int]] = report["formats"]  # source index -> format -> rows read in it
     for where, row, source in rows:
         try:
-            record = parse_row(load_row(where, row), where, settings)
+            fields = load_row(where, row)
+            fmt = row_format(fields, settings)
+            by_format = formats.setdefault(str(source), {})  # str: the report is stored as JSON
+            by_format[fmt] = by_format.get(fmt, 0) + 1
+            record = parse_row(fields, where, settings)
             if not isinstance(record, KINDS[kind]):
                 raise DataError(
                     f"{where}: this loss trains on {KIND_COLUMNS[kind]} rows, but this row is "
