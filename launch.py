@@ -17,6 +17,7 @@ from pathlib import Path
 EXIT_USER_ERROR = 2
 EXIT_STOPPED = 75  # train.loop.faults.TrainingStopped: stopped by a signal, checkpoint written
 LAUNCH_SCRIPT = str(Path(__file__).resolve())
+REQUIRED_MODULES = ("hydra", "omegaconf", "torch", "transformers", "accelerate")  # what a run imports first
 
 logger = logging.getLogger("launch")
 
@@ -104,6 +105,14 @@ def setup_logging() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    missing = missing_dependency()
+    if missing:
+        print(
+            f"halyard: this Python ({sys.executable}) has no {missing!r}; run launch.py with .venv/bin/python "
+            "(after bash scripts/install.sh), or `source .venv/bin/activate` first",
+            file=sys.stderr,
+        )
+        return EXIT_USER_ERROR
     if "--help" in argv or "-h" in argv:
         from train.app.help import help_text
 
@@ -121,6 +130,14 @@ def main(argv: list[str] | None = None) -> int:
         return getattr(error, "exit_code", EXIT_USER_ERROR)
     finally:
         shut_down_processes()
+
+
+def missing_dependency() -> str | None:
+    """The first of Halyard's main dependencies this interpreter cannot import (plain `python` outside .venv), or
+    None. Looked up without importing them."""
+    from importlib.util import find_spec
+
+    return next((name for name in REQUIRED_MODULES if find_spec(name) is None), None)
 
 
 def prepare(argv: list[str]) -> list[str] | None:

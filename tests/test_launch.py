@@ -357,3 +357,38 @@ def test_empty_data_file_exits_2_naming_it_and_leaves_no_run_directory(tiny_cach
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert f"halyard: {empty}: no rows (the file is empty)" in result.stderr
     assert not (tiny_cache / "empty_data").exists()
+
+
+def python_without_hydra() -> list[str]:
+    """A Python that cannot import hydra, as `python` outside the venv is: the system `python3` (PATH without the
+    venv), or, where that has hydra too, this interpreter without its site-packages (`-S`)."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    venv_bin = str(Path(sys.executable).parent)
+    path = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep) if d and d != venv_bin)
+    system = shutil.which("python3", path=path)
+    for candidate in ([system] if system else []) + [[sys.executable, "-S"]]:
+        command = candidate if isinstance(candidate, list) else [candidate]
+        if subprocess.run([*command, "-c", "import hydra"], capture_output=True).returncode != 0:
+            return command
+    pytest.fail("no interpreter without hydra to test with")
+
+
+def test_a_python_without_the_dependencies_says_which_to_use(tmp_path):
+    """The "Adding a loss" command as printed (`python /path/to/halyard/launch.py ...`), with a Python outside the
+    venv: one line naming the interpreter to use, exit 2, no ModuleNotFoundError traceback."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    args = ["loss=margin_hinge", "loss.beta=0.5", f"hydra.searchpath=[file://{tmp_path}]", "model=smollm2"]
+    command = [*python_without_hydra(), str(REPO / "launch.py"), *args, f"datasets=[{DEMO_TRAIN}]"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "ModuleNotFoundError" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("halyard: this Python (") and "has no 'hydra'" in line
+    assert ".venv/bin/python (after bash scripts/install.sh), or `source .venv/bin/activate`" in line

@@ -13,8 +13,8 @@ How: the launcher runs in its own session, so a terminal's signals reach only th
 while it can stop cleanly (`StopRequest.installed`), registers its pid in the folder named by HALYARD_SUPERVISOR_DIR;
 a SIGINT or SIGTERM sent here goes to those processes (not to the launcher, which just waits for them), or, before
 any registered, to the launcher, which ends the run that has not begun training. The main process records a stop
-once its checkpoint is written; this command then exits with 75, and the launcher's report of a failed child, which
-follows, is not shown. Every other outcome keeps the launcher's exit code and output.
+once its checkpoint is written; this command then exits with 75 and shows the stop message once, and the launcher's
+report of a failed child, which follows, is not shown. Every other outcome keeps the launcher's exit code and output.
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def supervise(command: list[str], forward_signals: bool = True) -> int:
         launcher = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, start_new_session=True)
         stopped = Path(folder) / STOPPED_FILE
         held: list[bytes] = []
-        relay = threading.Thread(target=_relay_stderr, args=(launcher.stderr, stopped, held), daemon=True)
+        shown: list[bytes] = []  # the `halyard:` lines already passed through
+        relay = threading.Thread(target=_relay_stderr, args=(launcher.stderr, stopped, held, shown), daemon=True)
         relay.start()
 
         def forward(signum: int, _frame) -> None:
@@ -91,20 +92,27 @@ def supervise(command: list[str], forward_signals: bool = True) -> int:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         if stopped.exists():
-            # The launcher's report of a failed child is noise here; the stop message was already printed.
-            _write_stderr(b"".join(line for line in held if line.startswith(b"halyard:")))
+            # What the launcher printed after the stop is its report of a failed child: noise here (accelerate's
+            # quotes the child's log, stop message included). The stop message is shown once: here, unless the
+            # main process's own line already came through before the stop was recorded.
+            message = stopped.read_bytes()
+            if not any(message in line for line in shown):
+                _write_stderr(b"halyard: " + message + b"\n")
             return EXIT_STOPPED
         _write_stderr(b"".join(held))
         return code if code >= 0 else 128 - code
 
 
-def _relay_stderr(stream, stopped: Path, held: list[bytes]) -> None:
-    """Copy the launcher's stderr through line by line; once a stop is recorded, hold lines back until the end."""
+def _relay_stderr(stream, stopped: Path, held: list[bytes], shown: list[bytes]) -> None:
+    """Copy the launcher's stderr through line by line (keeping the `halyard:` lines in `shown`); once a stop is
+    recorded, hold lines back until the end."""
     for line in iter(stream.readline, b""):
         if stopped.exists():
             held.append(line)
         else:
             _write_stderr(line)
+            if line.startswith(b"halyard:"):
+                shown.append(line)
     stream.close()
 
 
