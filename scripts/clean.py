@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
     args = parser.parse_args(argv)
     paths = selected(args)
+    if not paths and asked_for_something(args):
+        print(f"nothing to remove: {nothing_matched(args)}")
+        return 0
     if not paths:
         everything = listing(args.cache_dir)
         print(f"nothing selected; what could be removed ({size_of_all(everything)}):")
@@ -98,6 +101,26 @@ def main(argv: list[str] | None = None) -> int:
         if not args.dry_run:
             shutil.rmtree(path)
     return 0
+
+
+def asked_for_something(args) -> bool:
+    """Whether the command line selects anything; plain `clean.py` only lists."""
+    return bool(args.runs or args.all_runs or args.checkpoints or args.caches or args.demo_model)
+
+
+def nothing_matched(args) -> str:
+    """What was asked for and not found, e.g. `no step-N/ checkpoints in runs/a`."""
+    where = ", ".join(args.runs) or str(args.cache_dir)
+    misses = []
+    if args.checkpoints:
+        misses.append(f"no step-N/ checkpoints in {where}")
+    elif args.all_runs:
+        misses.append(f"no runs in {args.cache_dir}")
+    if args.caches:
+        misses.append(f"no caches ({', '.join(f'{name}/' for name in CACHES)}) in {args.cache_dir}")
+    if args.demo_model:
+        misses.append(f"no demo model at {demo_home()}")
+    return "; ".join(misses)
 
 
 def size_of_all(paths: list[Path]) -> str:

@@ -8,8 +8,12 @@ Usage:
   python scripts/generate.py CHECKPOINT                       # interactive multi-turn chat, answers streamed
   python scripts/generate.py CHECKPOINT --prompt "What is the capital of France?"   # one answer, printed
   python scripts/generate.py CHECKPOINT --batch prompts.jsonl --out answers.jsonl  # {"prompt"} or {"messages"}
-Options: --system TEXT, --temperature T (0: greedy, the default), --top-p P, --max-new-tokens N, --seed S.
-In the chat, /reset forgets the conversation and /exit (or Ctrl-D) quits.
+Decoding is greedy unless a sampling option is given: --temperature T (> 0), --top-p P or --top-k K; --top-p or
+--top-k alone samples at temperature 1. --temperature 0 is greedy and cannot be combined with --top-p or --top-k.
+--repetition-penalty R (> 1 discourages repeats) applies to greedy decoding and sampling alike. The values given
+(or these defaults) are what runs: the model's own generation_config sampling defaults are not used.
+Other options: --system TEXT, --max-new-tokens N, --seed S. In the chat, /reset forgets the conversation and /exit
+(or Ctrl-D) quits.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +33,49 @@ REPO = Path(__file__).resolve().parent.parent
 class Sampling:
     max_new_tokens: int = 128
     temperature: float = 0.0  # 0: greedy decoding
-    top_p: float = 1.0
+    top_p: float = 1.0  # 1: no nucleus cut
+    top_k: int = 0  # 0: no top-k cut
+    repetition_penalty: float = 1.0  # 1: none
 
     def generate_kwargs(self) -> dict:
+        # Every value is passed, so a model's generation_config (which may set top_k=50, say) never changes the decoding.
+        common = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
         if self.temperature <= 0:
-            return {"max_new_tokens": self.max_new_tokens, "do_sample": False}
-        return {"max_new_tokens": self.max_new_tokens, "do_sample": True, "temperature": self.temperature,
-                "top_p": self.top_p}  # fmt: skip
+            return {**common, "do_sample": False}
+        return {**common, "do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+
+
+def number(kind: type, rule: str, valid):
+    """An argparse type: `kind(text)`, rejected with `rule` in the message unless `valid(value)`."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (math.isfinite(value) and valid(value)):
+            raise argparse.ArgumentTypeError(f"{text} is invalid: must be {rule}")
+        return value
+
+    return parse
+
+
+def sampling_from(args, parser: argparse.ArgumentParser) -> Sampling:
+    """--top-p or --top-k without --temperature samples at temperature 1; with --temperature 0 they are refused."""
+    cuts = [flag for flag, value in (("--top-p", args.top_p), ("--top-k", args.top_k)) if value is not None]
+    temperature = args.temperature
+    if temperature is None:
+        temperature = 1.0 if cuts else Sampling.temperature
+    elif temperature == 0 and cuts:
+        parser.error(f"--temperature 0 decodes greedily, which ignores {' and '.join(cuts)}; give a temperature > 0 "
+                     f"to sample, or drop {' and '.join(cuts)}")  # fmt: skip
+    return Sampling(
+        max_new_tokens=args.max_new_tokens,
+        temperature=temperature,
+        top_p=Sampling.top_p if args.top_p is None else args.top_p,
+        top_k=Sampling.top_k if args.top_k is None else args.top_k,
+        repetition_penalty=args.repetition_penalty,
+    )
 
 
 def model_folder(checkpoint: Path) -> Path:
@@ -130,12 +171,19 @@ def main() -> None:
     parser.add_argument("--batch", type=Path, help="answer every row of this JSONL file")
     parser.add_argument("--out", type=Path, help="with --batch: write the answered rows here (default: stdout)")
     parser.add_argument("--system", help="a system prompt for every conversation")
-    parser.add_argument("--max-new-tokens", type=int, default=Sampling.max_new_tokens)
-    parser.add_argument("--temperature", type=float, default=Sampling.temperature, help="0: greedy (default)")
-    parser.add_argument("--top-p", type=float, default=Sampling.top_p, help="nucleus sampling, with --temperature")
+    parser.add_argument("--max-new-tokens", type=number(int, "> 0", lambda v: v > 0), default=Sampling.max_new_tokens)
+    parser.add_argument("--temperature", type=number(float, ">= 0 (0: greedy)", lambda v: v >= 0),
+                        help="sample at this temperature (> 0); 0: greedy. Default: greedy, or 1 with --top-p/--top-k")  # fmt: skip
+    parser.add_argument("--top-p", type=number(float, "in (0, 1]", lambda v: 0 < v <= 1),
+                        help="nucleus sampling: keep the smallest set of tokens whose probability reaches P (implies "
+                        "sampling; default 1: no cut)")  # fmt: skip
+    parser.add_argument("--top-k", type=number(int, ">= 0 (0: no cut)", lambda v: v >= 0),
+                        help="sample among the K most likely tokens (implies sampling; default 0: no cut)")  # fmt: skip
+    parser.add_argument("--repetition-penalty", type=number(float, "> 0 (1: none)", lambda v: v > 0),
+                        default=Sampling.repetition_penalty, help="> 1 discourages repeating tokens (default 1: none)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     args = parser.parse_args()
-    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p)
+    sampling = sampling_from(args, parser)
     sys.path.insert(0, str(REPO))
     from transformers import set_seed
 

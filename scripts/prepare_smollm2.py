@@ -14,7 +14,12 @@ import os
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from train.loop.card import HUB_ID_FILE  # noqa: E402  (after the path: scripts run from anywhere)
+
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the GGUF was made from: model cards name it as base_model
 DEFAULT_OUT = (
     Path(os.environ.get("HALYARD_HOME", Path.home() / ".cache" / "halyard")) / "models" / "SmolLM2-135M-Instruct"
 )
@@ -62,6 +67,8 @@ def main() -> None:
         logger.info("Converting SmolLM2-135M-Instruct from GGUF (once, about 30 s)...")
         out.parent.mkdir(parents=True, exist_ok=True)
         convert(out)
+    if not (out / HUB_ID_FILE).exists():  # also for a folder converted before the marker existed
+        (out / HUB_ID_FILE).write_text(HUB_ID + "\n")
     print(out)
 
 

@@ -8,7 +8,8 @@ Takes the same config overrides as launch.py (the data keys, the model or tokeni
 Supervised text is shown between [[ and ]] (in green on a terminal). It ends with the label mask audit: per role,
 the share of its tokens that are supervised; the assistant turns whose end-of-turn token is supervised; the
 conversations with every token, or none, supervised. --dump FILE writes the first N tokenized rows
-({"input_ids": [...], "labels": [...]}) as JSONL. Nothing is cached or trained.
+({"input_ids": [...], "labels": [...]}) as JSONL. Nothing is cached or trained. The libraries' loading bars and known
+warnings are kept out unless --verbose (or verbose=true).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=3, help="examples to show (and to dump)")
     parser.add_argument("--dump", type=Path, help="write the first N tokenized rows to this JSONL file")
     parser.add_argument("--eval", action="store_true", help="preview eval_datasets instead of datasets")
+    parser.add_argument("--verbose", action="store_true", help="let the libraries' progress bars and warnings through")
     args, overrides = parser.parse_known_args()
 
     import launch
@@ -70,7 +72,9 @@ def main() -> int:
         from train.app.models import build_tokenizer
         from train.data.preprocess import load_examples
         from train.data.stats import MaskAudit
+        from train.loop.progress import quiet_libraries
 
+        quiet_libraries(verbose=args.verbose or cfg.verbose)
         tokenizer = build_tokenizer(cfg.model)
         sources = cfg.eval_datasets if args.eval else cfg.datasets
         examples, stats = load_examples(sources, tokenizer, cfg.data, cfg.model.max_length)

@@ -3,7 +3,9 @@
 Usage: python scripts/push_to_hub.py RUN_DIR_OR_FINAL OWNER/NAME [--private] [--base-model HUB_ID] [--dry-run]
 
 --dry-run lists the files and prints the model card that would be uploaded, without touching the network.
---base-model sets the card's `base_model` when the run trained a local folder (the Hub accepts hub ids only).
+--base-model sets the card's `base_model` when the run trained a local folder (the Hub accepts hub ids only); the
+card names the hub model by itself when the folder says which it is (the demo model converted by
+scripts/prepare_smollm2.py does), and a warning says when it names none.
 Log in first with `huggingface-cli login` (or set HF_TOKEN).
 """
 
@@ -14,6 +16,10 @@ import sys
 from pathlib import Path
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from train.loop.card import front_matter  # noqa: E402  (after the path: scripts run from anywhere)
 
 EXIT_USER_ERROR = 2
 
@@ -30,8 +36,8 @@ def final_folder(path: Path) -> Path:
 
 def card_with_base_model(card: str, base_model: str) -> str:
     """The card with `base_model` set in its front matter."""
-    _, front, body = card.split("---\n", 2)
-    meta = {"base_model": base_model, **{k: v for k, v in (yaml.safe_load(front) or {}).items() if k != "base_model"}}
+    meta = {"base_model": base_model, **{k: v for k, v in front_matter(card).items() if k != "base_model"}}
+    body = card.split("---\n", 2)[2] if front_matter(card) else card
     return f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n{body}"
 
 
@@ -74,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
           f"from {folder} to {args.repo_id}:")  # fmt: skip
     for name, size in files:
         print(f"  {name}  {size / 2**20:.2f} MB")
+    if not front_matter(card).get("base_model"):
+        print(f"warning: the model card names no base_model on the Hub (the run trained a local folder that does not say "
+              f"which hub model it is); add --base-model ORG/NAME so that the Hub links {args.repo_id} to its base "
+              f"model", file=sys.stderr)  # fmt: skip
     if args.dry_run:
         print("model card (README.md):\n" + card)
         return 0

@@ -1,11 +1,12 @@
 """Score prompt/completion rows with a reward model: a `loss=rm` run's FINAL/ (or any sequence classifier with one
 output and a chat template).
 
-    python scripts/score.py runs/my-rm/FINAL rows.jsonl scored.jsonl [--batch-size 16] [--max-length 1024]
+    python scripts/score.py runs/my-rm/FINAL rows.jsonl scored.jsonl [--batch-size 16] [--max-length 1024] [--verbose]
 
 Each input row has `prompt` and `completion` (strings, or lists of {role, content} messages); each output row is the
 input row with `score` added, in the same order. Rows are rendered, tokenized and truncated exactly as training
-renders a pair's prompt and response, so the model scores the position it was trained to score.
+renders a pair's prompt and response, so the model scores the position it was trained to score. The libraries' loading
+bars and known warnings are kept out unless --verbose.
 """
 
 from __future__ import annotations
@@ -39,12 +40,16 @@ def main() -> None:
     parser.add_argument("out", type=Path, help="JSONL to write: each row with its score")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=1024, help="tokens per row, as model.max_length")
+    parser.add_argument("--verbose", action="store_true", help="let the libraries' progress bars and warnings through")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from train.batching.collate import collate
+    from train.loop.progress import quiet_libraries
+
+    quiet_libraries(verbose=args.verbose)
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForSequenceClassification.from_pretrained(args.model).eval()

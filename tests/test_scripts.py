@@ -2,11 +2,13 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import matplotlib.image
 import pytest
+import yaml
 
 from conftest import DEMO_EVAL, DEMO_TRAIN, REPO, run_cli
 
@@ -30,12 +32,23 @@ def lora_run(tiny_cache):
     return tiny_cache / "scripts_lora"
 
 
-def script(name: str, *args) -> str:
-    result = subprocess.run(
+def run_script(name: str, *args) -> subprocess.CompletedProcess:
+    """`python scripts/NAME ARGS` from the repository root, as a user types it; never raises."""
+    return subprocess.run(
         [sys.executable, str(REPO / "scripts" / name), *map(str, args)], capture_output=True, text=True, cwd=REPO
     )
+
+
+def script(name: str, *args) -> str:
+    result = run_script(name, *args)
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout.strip()
+
+
+def library_noise(stderr: str) -> list[str]:
+    """The progress bars and warnings of transformers, datasets and peft found in `stderr`."""
+    marks = ("Loading weights", "Writing model shards", "Generating train split", "it/s]", "Warning", "LOAD REPORT")
+    return [mark for mark in marks if mark in stderr]
 
 
 def test_plot_metrics_writes_a_png_with_four_panels(lora_run, tiny_cache, tmp_path):
@@ -96,6 +109,35 @@ def test_generate_chats_over_turns_batches_and_samples(lora_run, tmp_path):
     assert sampled != greedy  # a random-init model: sampling at T=1.5 all but surely leaves the greedy path
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--temperature", "-1"], "argument --temperature: -1 is invalid: must be >= 0 (0: greedy)"),
+        (["--top-p", "0"], "argument --top-p: 0 is invalid: must be in (0, 1]"),
+        (["--top-p", "1.5"], "argument --top-p: 1.5 is invalid: must be in (0, 1]"),
+        (["--top-k", "-1"], "argument --top-k: -1 is invalid: must be >= 0 (0: no cut)"),
+        (["--repetition-penalty", "0"], "argument --repetition-penalty: 0 is invalid: must be > 0 (1: none)"),
+        (["--temperature", "0", "--top-p", "0.9"], "--temperature 0 decodes greedily, which ignores --top-p"),
+    ],
+)
+def test_generate_rejects_invalid_sampling_values(options, message, tmp_path):
+    result = run_script("generate.py", tmp_path, "--prompt", "Hi", *options)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"generate.py: error: {message}" in result.stderr
+
+
+def test_generate_sampling_options_imply_sampling(lora_run):
+    """--top-p or --top-k alone samples (at temperature 1); --top-k 1 keeps only the likeliest token, so it is greedy;
+    a repetition penalty changes the greedy answer of a model that repeats itself."""
+    final, prompt = lora_run / "FINAL", "What is the capital of France?"
+    greedy = script("generate.py", final, "--prompt", prompt, "--max-new-tokens", "24")
+    assert script("generate.py", final, "--prompt", prompt, "--max-new-tokens", "24", "--top-p", "0.95") != greedy
+    assert script("generate.py", final, "--prompt", prompt, "--max-new-tokens", "24", "--top-k", "1") == greedy
+    penalized = script("generate.py", final, "--prompt", prompt, "--max-new-tokens", "24", "--repetition-penalty", "5")
+    assert penalized != greedy
+    assert "--top-k" in script("generate.py", "--help") and "--repetition-penalty" in script("generate.py", "--help")
+
+
 def test_chat_keeps_the_conversation_and_the_system_prompt():
     import io
 
@@ -133,6 +175,70 @@ def test_push_to_hub_dry_run_lists_the_files_and_the_card(lora_run):
         card.startswith("---\nbase_model: org/base\nlibrary_name: transformers\n")
         and "# Fine-tuned with Halyard" in card
     )
+
+
+def test_push_to_hub_dry_run_warns_when_the_card_names_no_hub_base_model(lora_run):
+    """The tiny model is a local folder that names no hub model: the card can have no base_model, and the dry run
+    says so; with --base-model it does not."""
+    result = run_script("push_to_hub.py", lora_run, "me/tiny-pirate", "--dry-run")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "warning: the model card names no base_model on the Hub" in result.stderr and "--base-model" in result.stderr
+    named = run_script("push_to_hub.py", lora_run, "me/tiny-pirate", "--dry-run", "--base-model", "org/base")
+    assert named.returncode == 0 and "warning" not in named.stderr
+
+
+def test_the_card_of_a_run_lists_its_loss_settings(lora_run):
+    assert "| loss.reduction | token |" in (lora_run / "FINAL" / "README.md").read_text()
+
+
+def test_merged_model_has_a_card_naming_the_hub_model_of_a_marked_base(lora_run, tiny_cache, tmp_path):
+    """prepare_smollm2.py marks the converted folder with its hub id (also one converted before the marker existed);
+    merge_lora.py writes a card that names it, the adapter and the run's tags; push_to_hub --dry-run then has a base."""
+    base = tmp_path / "SmolLM2-135M-Instruct"
+    shutil.copytree(tiny_cache / "tiny-llama", base)  # stands in for a converted folder: prepare_smollm2 keeps it
+    assert script("prepare_smollm2.py", "--out", base).splitlines()[-1] == str(base)
+    assert (base / "halyard_hub_id.txt").read_text().strip() == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    merged = tmp_path / "merged"
+    result = run_script("merge_lora.py", base, lora_run / "FINAL" / "adapter", merged)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert library_noise(result.stderr) == []  # no loading or writing bars, no known warnings
+    card = (merged / "README.md").read_text()
+    _, front, body = card.split("---\n", 2)
+    assert yaml.safe_load(front) == {
+        "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "library_name": "transformers",
+        "tags": ["halyard", "sft", "lora", "merged"],
+    }
+    assert (
+        f"(trained from the local copy `{base}`)" in body
+        and f"- **Adapter:** `{lora_run / 'FINAL' / 'adapter'}`" in body
+    )
+    pushed = run_script("push_to_hub.py", merged, "me/merged", "--dry-run")
+    assert pushed.returncode == 0 and "warning" not in pushed.stderr
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in pushed.stdout
+
+
+def test_score_and_preview_keep_library_output_out_unless_verbose(tiny_cache, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = tmp_path / "rm"  # a sequence classifier with one output, as a loss=rm run writes
+    tokenizer = AutoTokenizer.from_pretrained(tiny_cache / "tiny-llama")
+    classifier = AutoModelForSequenceClassification.from_pretrained(tiny_cache / "tiny-llama", num_labels=1)
+    classifier.config.pad_token_id = tokenizer.eos_token_id
+    classifier.save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "Hi?", "completion": "Arr, hello!"}) + "\n")
+    scored = run_script("score.py", model, rows, tmp_path / "scored.jsonl")
+    assert scored.returncode == 0 and library_noise(scored.stderr) == [], scored.stderr[-2000:]
+    verbose = run_script("score.py", model, rows, tmp_path / "scored.jsonl", "--verbose")
+    assert verbose.returncode == 0 and "Loading weights" in verbose.stderr
+
+    table = tmp_path / "train.csv"  # a CSV goes through datasets' CSV builder, which draws a bar
+    table.write_text('instruction,output\nWhat color is the sky?,"Arr, blue, matey!"\n')
+    args = ["model=tiny", f"cache_dir={tiny_cache}", f"datasets=[{table}]", "--n", "1"]
+    preview = run_script("preview_data.py", *args)
+    assert preview.returncode == 0 and library_noise(preview.stderr) == [], preview.stderr[-2000:]
 
 
 def test_push_to_hub_offline_is_a_clear_error(lora_run):
@@ -175,6 +281,13 @@ def test_clean_dry_run_output(tmp_path, capsys):
     (tmp_path / "r" / "step-1" / "w").write_bytes(b"0" * 3000)
     clean.main(["--cache-dir", str(tmp_path), "r", "--dry-run"])
     assert f"would remove 1 folder(s), 2.9 KB:\n     2.9 KB  {tmp_path / 'r'}\n" == capsys.readouterr().out
+
+
+def test_clean_with_nothing_to_remove_says_only_that(tmp_path):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "metrics.jsonl").write_text("{}\n")
+    result = run_script("clean.py", "--cache-dir", tmp_path, "--checkpoints", "--dry-run")
+    assert result.returncode == 0 and result.stdout == f"nothing to remove: no step-N/ checkpoints in {tmp_path}\n"
 
 
 def test_clean_checkpoints_of_one_run(tmp_path):

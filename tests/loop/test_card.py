@@ -1,10 +1,14 @@
 """The model card: Hub front matter from hub ids only, the run's method, data, settings and metrics."""
 
+import dataclasses
+import json
+
+import pytest
 import yaml
 
 import launch
-from conftest import DEMO_TRAIN
-from train.loop.card import CardInfo, hub_id, render
+from conftest import DEMO_TRAIN, REPO
+from train.loop.card import HUB_ID_FILE, CardInfo, base_model_hub_id, hub_id, render
 
 
 def test_hub_ids_are_kept_and_local_paths_left_out(tmp_path):
@@ -28,3 +32,37 @@ def test_card_of_a_lora_run_on_a_hub_model():
     assert "LoRA (r=16, alpha=32.0, dropout=0.05, target modules all-linear)" in body
     assert "| lr | 0.0002 |" in body and "| pairs | 80 |" in body and "| loss/eval | 0.2500 |" in body
     assert "scripts/merge_lora.py" in body
+    assert "| loss.beta | 0.1 |" in body  # the loss's own settings too
+
+
+@pytest.mark.parametrize("loss", sorted(p.stem for p in (REPO / "config" / "loss").glob("*.yaml")))
+def test_the_settings_table_holds_every_setting_of_the_loss(loss):
+    cfg = launch.compose_config(["model=llama", f"datasets=[{DEMO_TRAIN}]", f"loss={loss}"])
+    body = render(CardInfo.from_config(cfg), {}, adapter_only=False)
+    own = {f.name for f in dataclasses.fields(cfg.loss)} - {"name", "trainer"}
+    assert own, loss
+    for name in own:
+        assert f"| loss.{name} | {getattr(cfg.loss, name)} |" in body, (loss, name)
+    if loss == "dpo":
+        assert "| loss.beta | 0.1 |" in body and "| loss.label_smoothing | 0.0 |" in body
+
+
+def test_a_local_base_model_is_named_by_the_hub_id_its_folder_records(tmp_path):
+    """A marker (scripts/prepare_smollm2.py writes one) or config.json's `_name_or_path` may name the hub model; a
+    folder that says nothing, or records a local path, gets no base_model: the path is never guessed from."""
+    marked, recorded, silent, local = (tmp_path / name for name in ("marked", "recorded", "silent", "local"))
+    for folder in (marked, recorded, silent, local):
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+    (marked / HUB_ID_FILE).write_text("HuggingFaceTB/SmolLM2-135M-Instruct\n")
+    (recorded / "config.json").write_text(json.dumps({"_name_or_path": "org/model"}))
+    (local / "config.json").write_text(json.dumps({"_name_or_path": str(silent)}))
+    assert base_model_hub_id(str(marked)) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert base_model_hub_id(str(recorded)) == "org/model"
+    assert base_model_hub_id(str(silent)) is None and base_model_hub_id(str(local)) is None
+    assert base_model_hub_id("meta-llama/Llama-3.2-1B-Instruct") == "meta-llama/Llama-3.2-1B-Instruct"
+
+    cfg = launch.compose_config(["model=tiny", f"model.name_or_path={marked}", f"datasets=[{DEMO_TRAIN}]"])
+    card = render(CardInfo.from_config(cfg), {}, adapter_only=False)
+    assert yaml.safe_load(card.split("---\n", 2)[1])["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert f"- **Base model:** `HuggingFaceTB/SmolLM2-135M-Instruct` (trained from the local copy `{marked}`)" in card
