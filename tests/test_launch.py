@@ -65,6 +65,7 @@ def test_summary_matches_the_metrics(full_run):
         assert summary[key] == last[key], key
     train = dict(summary["data"]["train"])
     audit = train.pop("mask_audit")  # the label mask audit, through the real CLI
+    assert train.pop("formats") == {DEMO_TRAIN: {"instruction": 88, "messages": 35}}  # each file's detected format
     assert audit["turns_ending_supervised"] == audit["assistant_turns"] == 140
     assert audit["supervised"]["user"] == audit["supervised"]["template"] == 0
     assert audit["supervised"]["assistant"] == audit["tokens"]["assistant"] > 0
