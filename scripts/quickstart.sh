@@ -18,7 +18,8 @@ echo "== Before training, the model answers \"$PROMPT\":"
 BEFORE="$($PY scripts/generate.py "$MODEL_DIR" --prompt "$PROMPT" 2>/dev/null)"
 echo "   $BEFORE"
 
-.venv/bin/accelerate launch --config_file accelerate_config/cpu_single_process.yaml launch.py \
+# train.supervise: Ctrl-C ends with one message, a checkpoint and exit code 75 (bare accelerate launch cannot exit 75)
+$PY -m train.supervise .venv/bin/accelerate launch --config_file accelerate_config/cpu_single_process.yaml launch.py \
     loss=sft model=smollm2 exp_name=quickstart overwrite_run=true \
     datasets=[data/demo/train.jsonl] eval_datasets=[data/demo/eval.jsonl] \
     "++model.name_or_path=$MODEL_DIR" n_epochs=2 lr=2e-5 eval_every_steps=15 log_every_steps=5
