@@ -24,7 +24,7 @@ def dpo_run(tiny_cache):
             *PREF,
             "loss=dpo",
             f"cache_dir={tiny_cache}",
-            "exp_name=dpo",
+            "exp_name=dpo_run",
             "lr=1e-3",
             "n_epochs=2",
             "eval_every_steps=17",
@@ -32,8 +32,8 @@ def dpo_run(tiny_cache):
         ]
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    (tiny_cache / "dpo" / "stderr.txt").write_text(result.stderr)
-    return tiny_cache / "dpo"
+    (tiny_cache / "dpo_run" / "stderr.txt").write_text(result.stderr)
+    return tiny_cache / "dpo_run"
 
 
 def test_dpo_counts_pairs_and_names_the_frozen_reference(dpo_run):
