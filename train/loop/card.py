@@ -110,6 +110,11 @@ def _base_model_line(name: str, hub: str | None) -> str:
     return f"- **Base model:** `{name}`"
 
 
+def _heading(front: dict, title: str) -> list[str]:
+    """The YAML front matter the Hub reads, then the card's title."""
+    return ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {title}", ""]
+
+
 def render(info: CardInfo, summary: dict, adapter_only: bool) -> str:
     """FINAL/README.md: front matter, then method, data, settings and final metrics."""
     base = info.base_model_hub_id
@@ -122,12 +127,7 @@ def render(info: CardInfo, summary: dict, adapter_only: bool) -> str:
     method = f"`loss={info.loss}`" + (f", LoRA ({info.lora})" if info.lora else ", full fine-tuning")
     metrics = {key: summary[key] for key in METRIC_KEYS if key in summary}
     lines = [
-        "---",
-        yaml.safe_dump(front, sort_keys=False).strip(),
-        "---",
-        "",
-        "# Fine-tuned with Halyard",
-        "",
+        *_heading(front, "Fine-tuned with Halyard"),
         _base_model_line(info.base_model, base),
         f"- **Method:** {method}",
         f"- **Training data:** {', '.join(f'`{d}`' for d in info.datasets)}",
@@ -169,12 +169,7 @@ def render_merged(base_model: str, adapter: Path) -> str:
         **({"datasets": run_meta["datasets"]} if run_meta.get("datasets") else {}),
     }
     lines = [
-        "---",
-        yaml.safe_dump(front, sort_keys=False).strip(),
-        "---",
-        "",
-        "# Fine-tuned with Halyard (LoRA adapter merged)",
-        "",
+        *_heading(front, "Fine-tuned with Halyard (LoRA adapter merged)"),
         _base_model_line(base_model, base),
         f"- **Adapter:** `{adapter}`",
         "- **Files:** the base model with the LoRA adapter merged into its weights (`scripts/merge_lora.py`); a plain "
