@@ -75,7 +75,7 @@ def main() -> int:
         from train.loop.progress import quiet_libraries
 
         quiet_libraries(verbose=args.verbose or cfg.verbose)
-        tokenizer = build_tokenizer(cfg.model)
+        tokenizer = build_tokenizer(cfg.model, cfg.data.chat_template)
         sources = cfg.eval_datasets if args.eval else cfg.datasets
         examples, stats = load_examples(sources, tokenizer, cfg.data, cfg.model.max_length)
     except HalyardError as error:
