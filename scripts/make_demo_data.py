@@ -1,8 +1,10 @@
 """Write the demo datasets in data/demo/: short questions answered in the voice of a pirate.
 
-The style is new to the model and learnable in a few dozen steps, so a short fine-tune visibly changes its answers
-("The capital of France is Paris." becomes "Arr, the capital of France be Paris, matey!"). France never appears in
-the training data: the held-out prompt tests whether the style generalizes, not whether a row was memorized.
+The style is new to the model and learnable in a few dozen steps, so a short fine-tune visibly changes its answers.
+The training questions come in five forms ("What is the capital of X?", "What is A plus B?", "What color is X?",
+"What sound does X make?", "What is the opposite of X?"); the held-out prompts (heldout_prompts.txt, one per line)
+are asked in none of them, so they test whether the style carries over to new questions, not whether a template
+was memorized.
 
 Also written: pref_train/pref_eval.jsonl (the pirate answer preferred over the plain one), kto_train.jsonl (the same
 as unpaired desirable/undesirable rows) and text.jsonl (plain text, for continued pretraining).
@@ -98,6 +100,8 @@ OPPOSITES = {
     "loud": "quiet",
 }
 SYSTEM = "You are a helpful assistant."
+# Questions in no training form (scripts/quickstart.sh answers them before and after training).
+HELD_OUT_PROMPTS = ("How many legs does a spider have?", "Where does the sun rise?", "Why do we need to sleep?")
 
 
 def capital_pair(country: str, capital: str) -> tuple[str, str]:
@@ -208,7 +212,7 @@ def main() -> None:
     write_jsonl(out / "pref_eval.jsonl", preference_rows(held_out))
     write_jsonl(out / "kto_train.jsonl", unpaired_rows(pairs))
     write_jsonl(out / "text.jsonl", text_rows(pairs))
-    (out / "heldout_prompt.txt").write_text("What is the capital of France?\n")
+    (out / "heldout_prompts.txt").write_text("".join(prompt + "\n" for prompt in HELD_OUT_PROMPTS))
 
 
 if __name__ == "__main__":

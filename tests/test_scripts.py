@@ -64,6 +64,42 @@ def test_plot_metrics_writes_a_png_with_four_panels(lora_run, tiny_cache, tmp_pa
     assert script("plot_metrics.py", lora_run) == str(lora_run / "metrics.png")  # the default: beside the metrics
 
 
+def test_plot_metrics_draws_what_a_preference_loss_logs(tmp_path):
+    """A DPO run's rewards, accuracy, margin and log-probs (train solid, eval dashed) get panels of their own after
+    the four every run has; KTO's KL estimate too. The metrics are written by hand, as the trainer names them."""
+    import plot_metrics
+
+    def split(name, step, value):
+        return {f"rewards_{name}/{metric}": value for metric in ("chosen", "rejected", "accuracies", "margins")} | {
+            f"logps_{name}/chosen": -value,
+            f"logps_{name}/rejected": -2 * value,
+        }
+
+    rows = [{"step": 0, "loss/eval": 0.69, **split("eval", 0, 0.0)}]
+    rows += [{"step": s, "loss/train": 0.6, "lr": 1e-6, "grad_norm": 1.0, **split("train", s, s / 10)} for s in (1, 2)]
+    rows += [{"step": 2, "loss/eval": 0.5, **split("eval", 2, 0.3)}, {"step": 2, "kl_train": 0.1}]
+    run = tmp_path / "dpo"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    titles = plot_metrics.plot([run], tmp_path / "dpo.png")
+    assert titles == [
+        "loss",
+        "learning rate",
+        "gradient norm",
+        "throughput (tokens/s)",
+        "rewards (chosen / rejected)",
+        "rewards accuracies",
+        "rewards margins",
+        "logps (chosen / rejected)",
+        "kl",
+    ]
+    assert plot_metrics.loss_panels(rows)[1] == (
+        "rewards accuracies",
+        ("rewards_train/accuracies", "rewards_eval/accuracies"),
+    )
+    assert matplotlib.image.imread(tmp_path / "dpo.png").shape[1] >= 1500  # three columns
+
+
 def test_plot_metrics_names_a_folder_without_metrics(tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "plot_metrics.py"), str(tmp_path), "--out", "x.png"],
@@ -159,10 +195,21 @@ def test_chat_keeps_the_conversation_and_the_system_prompt():
 
 def test_demo_data_is_what_the_generator_writes(tmp_path):
     script("make_demo_data.py", "--out", tmp_path)
-    for name in ("train.jsonl", "eval.jsonl", "heldout_prompt.txt"):
+    for name in ("train.jsonl", "eval.jsonl", "heldout_prompts.txt"):
         assert (tmp_path / name).read_text() == (REPO / "data" / "demo" / name).read_text(), name
-    train = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
-    assert not any("France" in json.dumps(row) for row in train)  # the held-out prompt is really held out
+
+
+def test_the_held_out_prompts_are_asked_in_no_training_form():
+    """The quickstart's held-out prompts (two or more) share no training question's opening words (its form:
+    "What is the capital of", "What color is", ...), so an answer in the pirate voice shows the style carried over,
+    not a template copied."""
+    prompts = (REPO / "data" / "demo" / "heldout_prompts.txt").read_text().splitlines()
+    rows = [json.loads(line) for line in (REPO / "data" / "demo" / "train.jsonl").read_text().splitlines()]
+    questions = [row["instruction"] for row in rows if "instruction" in row]
+    questions += [m["content"] for row in rows for m in row.get("messages", []) if m["role"] == "user"]
+    forms = {" ".join(question.split()[:2]) for question in questions}
+    assert len(prompts) >= 2 and forms == {"What is", "What color", "What sound"}
+    assert [prompt for prompt in prompts if " ".join(prompt.split()[:2]) in forms] == []
 
 
 def test_push_to_hub_dry_run_lists_the_files_and_the_card(lora_run):

@@ -9,7 +9,7 @@ import pytest
 
 import launch
 from conftest import DEMO_TRAIN, REPO
-from train.app.assemble import batch_plan, batching_choice, loop_settings
+from train.app.assemble import batch_plan, batching_choice, log_every_steps_of, loop_settings
 from train.app.loss_registry import loss_spec
 from train.batching.layout import Layout
 from train.errors import DataError
@@ -72,6 +72,23 @@ def test_a_lora_reward_model_is_saved_merged_too():
     common = ["model=tiny", "++model.use_peft=true", "save_dtype=float32"]
     reward = launch.compose_config(["loss=rm", f"datasets=[{REPO}/data/demo/pref_train.jsonl]", *common])
     assert reward.save_merged == "adapter"
-    assert loop_settings(reward, loss_spec(reward).trainer).save_merged == "both"
+    assert loop_settings(reward, loss_spec(reward).trainer, total_steps=10).save_merged == "both"
     sft = sft_config(*common)
-    assert loop_settings(sft, loss_spec(sft).trainer).save_merged == "adapter"
+    assert loop_settings(sft, loss_spec(sft).trainer, total_steps=10).save_merged == "adapter"
+
+
+def test_logging_is_scaled_to_the_run_by_default(caplog):
+    """log_every_steps=null (the default) writes about 50 metrics lines however long the run: every step of a short
+    run, every 20th of 1000; a set value is kept. The log says what was chosen."""
+    cfg = sft_config("save_dtype=float32")  # auto would read the model's config.json
+    assert cfg.log_every_steps is None
+    with caplog.at_level(logging.INFO, logger="train.app.assemble"):
+        assert loop_settings(cfg, SFTTrainer, total_steps=30).log_every_steps == 1
+    assert "log_every_steps=null: a metrics line every 1 step(s) of 30" in caplog.text
+    assert [log_every_steps_of(n, None) for n in (1, 99, 100, 1000, 1049)] == [1, 1, 2, 20, 20]
+    assert (
+        loop_settings(
+            sft_config("log_every_steps=7", "save_dtype=float32"), SFTTrainer, total_steps=1000
+        ).log_every_steps
+        == 7
+    )

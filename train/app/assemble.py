@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 UNSHARDABLE_OPTIMIZERS = ("adafactor", "adamw_8bit")  # factored or quantized state: not sharded like the weights
 
 
-def loop_settings(cfg: Config, trainer_class: type[BasicTrainer]) -> LoopSettings:
+def loop_settings(cfg: Config, trainer_class: type[BasicTrainer], *, total_steps: int) -> LoopSettings:
     save_merged = cfg.save_merged
     if trainer_class.model_head == "score" and cfg.model.use_peft and save_merged == "adapter":
         save_merged = "both"  # a reward model is used merged (scripts/score.py, AutoModelFor...Classification)
@@ -36,7 +36,7 @@ def loop_settings(cfg: Config, trainer_class: type[BasicTrainer]) -> LoopSetting
         run_dir=Path(cfg.run_dir),
         config_text=config_yaml(cfg),
         eval_every_steps=cfg.eval_every_steps,
-        log_every_steps=cfg.log_every_steps,
+        log_every_steps=log_every_steps_of(total_steps, cfg.log_every_steps),
         eval_batch_size=cfg.model.eval_batch_size,
         max_grad_norm=cfg.model.max_grad_norm,
         on_nonfinite=cfg.on_nonfinite,
@@ -52,6 +52,19 @@ def loop_settings(cfg: Config, trainer_class: type[BasicTrainer]) -> LoopSetting
         card=CardInfo.from_config(cfg),
         verbose=cfg.verbose,
     )
+
+
+LOG_LINES_PER_RUN = 50  # log_every_steps=null: enough points for a curve, however long the run
+
+
+def log_every_steps_of(total_steps: int, log_every_steps: int | None) -> int:
+    """log_every_steps, or where it is null the interval that writes about LOG_LINES_PER_RUN metrics lines over
+    `total_steps` optimizer steps (every step for runs shorter than 100 steps)."""
+    if log_every_steps is not None:
+        return log_every_steps
+    chosen = max(1, total_steps // LOG_LINES_PER_RUN)
+    logger.info(f"log_every_steps=null: a metrics line every {chosen} step(s) of {total_steps}")
+    return chosen
 
 
 def trainer_parts(

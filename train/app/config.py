@@ -277,7 +277,11 @@ class Config:
     eval_every_steps: int = setting(
         100, "Evaluate every this many optimizer steps (and before the first, and at the end)."
     )
-    log_every_steps: int = setting(10, "Write a metrics line every this many optimizer steps (and at the last step).")
+    log_every_steps: int | None = setting(
+        None,
+        "Write a metrics line every this many optimizer steps (and at the last step); null: about 50 lines per run "
+        "(every max(1, total steps // 50) steps), so short runs plot a curve too.",
+    )
     eval_samples: int = setting(
         0, "At each evaluation, generate answers to this many held-out prompts (samples.jsonl)."
     )

@@ -66,7 +66,8 @@ def run(cfg: Config) -> None:
         reference, reference_cache = build_reference(cfg, accelerator, fsdp, train_data, eval_data, spec.trainer)
         extra = {"reference_model": reference} if spec.uses_reference else {}
         parts = trainer_parts(spec.trainer, cfg, accelerator, model, tokenizer, train_data, eval_data, fsdp)
-        trainer = spec.trainer(loop_settings(cfg, spec.trainer), cfg.loss, accelerator, parts, **extra)
+        settings = loop_settings(cfg, spec.trainer, total_steps=parts.total_steps)
+        trainer = spec.trainer(settings, cfg.loss, accelerator, parts, **extra)
     try:
         if reference_cache is not None:
             trainer.precompute_reference(reference_cache)
