@@ -1,6 +1,8 @@
 """Trainers. `BasicTrainer` owns the loop: accumulation, the optimizer step, clipping, evaluation and logging.
-A loss is a subclass that implements two hooks, `loss_units` and `batch_loss`; see `SFTTrainer`, and the paired
-preference trainers in train/objectives/preference.py, where a loss implements only `loss`.
+A loss is a subclass that implements two hooks, `loss_units` and `batch_loss`; see `SFTTrainer`
+(train/objectives/sft.py), and the paired preference trainers in train/objectives/preference.py, where a loss
+implements only `loss`. The trainer gets its parts built (LoopSettings, TrainerParts: train/app/assemble.py) and reads
+no config.
 
 Normalization is exact: a step's loss is the sum of per-unit losses (tokens for SFT) over all its micro-batches on
 all processes, divided by the number of units in that whole step. So the gradients do not depend on how the global
