@@ -91,11 +91,11 @@ def test_continue_logs_truncates_its_own_run_and_copies_another_without_touching
     (first / checkpoint.METRICS_FILE).write_text("".join(json.dumps({"step": s}) + "\n" for s in range(6)))
     (first / checkpoint.SAMPLES_FILE).write_text("".join(json.dumps({"step": s}) + "\n" for s in (0, 5)))
     before = {p.name: p.read_bytes() for p in first.iterdir()}
-    checkpoint.continue_logs(first, second, 3)  # resumed into a new folder
+    checkpoint.continue_logs(first / "step-3", second, 3)  # resumed into a new folder
     assert {p.name: p.read_bytes() for p in first.iterdir()} == before
     assert logged_steps(second / checkpoint.METRICS_FILE) == [0, 1, 2, 3]
     assert logged_steps(second / checkpoint.SAMPLES_FILE) == [0]
-    checkpoint.continue_logs(first, first, 3)  # resumed in its own folder
+    checkpoint.continue_logs(first / "step-3", first, 3)  # resumed in its own folder
     assert logged_steps(first / checkpoint.METRICS_FILE) == [0, 1, 2, 3]
 
 

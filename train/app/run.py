@@ -22,6 +22,7 @@ from train.loop.checkpoint import (
     CONFIG_FILE,
     METRICS_FILE,
     SUMMARY_FILE,
+    belongs_to,
     config_differences,
     read_state,
     refuse_to_overwrite,
@@ -51,7 +52,7 @@ def run(cfg: Config) -> None:
     wandb_run_id = read_state(resume_dir).wandb_run_id if resume_dir else None
     accelerator = build_accelerator(cfg, wandb_run_id=wandb_run_id)
     with removed_unless_started(Path(cfg.run_dir), accelerator):
-        resuming_here = resume_dir is not None and resume_dir.resolve().parent == Path(cfg.run_dir).resolve()
+        resuming_here = resume_dir is not None and belongs_to(resume_dir, Path(cfg.run_dir))
         if cfg.overwrite_run and not resuming_here and accelerator.is_main_process:
             remove_earlier_run(Path(cfg.run_dir))
         prepare_run_dir(cfg, accelerator)

@@ -131,12 +131,15 @@ def earlier_run_files(run_dir: Path) -> list[Path]:
     return sorted(p for p in run_dir.iterdir() if p.name not in LAUNCH_FILES)
 
 
+def belongs_to(checkpoint: Path, run_dir: Path) -> bool:
+    """Whether `checkpoint` (a step-<N>/ folder) is one of `run_dir`'s own."""
+    return checkpoint.resolve().parent == run_dir.resolve()
+
+
 def refuse_to_overwrite(run_dir: Path, resume_dir: Path | None, resume_setting: str | None) -> None:
     """A run never overwrites another run's results: starting fresh (or from another run's checkpoint) in a folder
     that holds a run is refused with the ways out. `auto` declares the folder this run's own."""
-    continuing = resume_setting == "auto" or (
-        resume_dir is not None and resume_dir.resolve().parent == run_dir.resolve()
-    )
+    continuing = resume_setting == "auto" or (resume_dir is not None and belongs_to(resume_dir, run_dir))
     found = earlier_run_files(run_dir)
     if continuing or not found:
         return
@@ -427,17 +430,17 @@ def load_checkpoint(directory: Path, run_dir: Path, accelerator, parts: Training
     parts.scheduler.load_state_dict(json.loads((directory / "scheduler.json").read_text()))
     load_rng_state(directory, rank % state.world_size)
     if accelerator.is_main_process:
-        continue_logs(directory.parent, run_dir, state.step)
+        continue_logs(directory, run_dir, state.step)
     logger.info(f"resumed from {directory} at step {state.step}")
     return state
 
 
-def continue_logs(source_run: Path, run_dir: Path, step: int) -> None:
+def continue_logs(checkpoint: Path, run_dir: Path, step: int) -> None:
     """The logged metrics and samples of `run_dir` up to `step`, where a resumed run continues them. Resumed in its
     own folder, the lines after `step` are dropped (they are about to be written again); resumed into a new folder,
     the checkpoint's run's lines up to `step` are copied, so the new run's curves and summary are whole. The
     checkpoint's run is only read: nothing a run does changes another run's folder."""
-    same_run = source_run.resolve() == run_dir.resolve()
+    source_run, same_run = checkpoint.parent, belongs_to(checkpoint, run_dir)
     for name in (METRICS_FILE, SAMPLES_FILE):
         if (source_run / name).exists():
             kept = logged_until(source_run / name, step)
