@@ -114,3 +114,30 @@ def problems_of(overrides: list[str]) -> list[str]:
     with pytest.raises(ConfigError) as error:
         launch.compose_config(overrides)
     return error.value.problems
+
+
+def test_peft_options_that_cannot_work_are_refused_together():
+    with pytest.raises(ConfigError) as error:
+        launch.compose_config(
+            [
+                *COMMON,
+                "model.peft.use_dora=true",
+                "++model.peft.modules_to_save=[lm_head]",
+                "model.add_special_tokens=[' ']",
+            ]
+        )
+    assert error.value.problems == [
+        "model.peft.use_dora=True, model.peft.modules_to_save=['lm_head']: LoRA options, but model.use_peft=false "
+        "trains every weight; set model.use_peft=true (method=lora), or remove them",
+        "model.add_special_tokens=[' ']: each token must be a non-empty string, listed once; write them quoted, e.g. "
+        "model.add_special_tokens=['<tool_call>','</tool_call>']",
+    ]
+    with pytest.raises(ConfigError) as error:
+        launch.compose_config([*COMMON, "method=lora", "model.peft.target_modules=[q_proj,lm_head]",
+                               "model.peft.modules_to_save=[lm_head]"])  # fmt: skip
+    assert error.value.problems == [
+        "model.peft.modules_to_save=['lm_head']: ['lm_head'] are in model.peft.target_modules too; a module is either "
+        "adapted (LoRA) or trained whole, not both: remove it from one list"
+    ]
+    cfg = launch.compose_config([*COMMON, "method=lora", "model.peft.use_rslora=true", "model.peft.use_dora=true"])
+    assert cfg.model.peft.use_rslora and cfg.model.peft.use_dora

@@ -60,6 +60,12 @@ OPTIMIZERS = {
     "adafactor": "transformers; no first moment, its own decay and epsilons: betas and eps do not apply",
     "adamw_8bit": "needs bitsandbytes",
 }
+QUANTIZATIONS = {  # train/app/models.py builds transformers' BitsAndBytesConfig for each
+    "none": "16/32-bit base (model.dtype)",
+    "nf4": "4-bit NormalFloat, QLoRA's",
+    "fp4": "4-bit float",
+    "int8": "LLM.int8(): 8-bit rows, outlier features in 16-bit",
+}
 SCHEDULERS = {
     "cosine": "to min_lr_ratio x lr at the last step",
     "linear": "the same, in a straight line",
@@ -76,6 +82,19 @@ class PeftConfig:
     target_modules: list[str] = setting(
         ["all-linear"],
         "Module names to adapt, e.g. [q_proj,v_proj]; [all-linear] adapts every linear layer but the head.",
+    )
+    use_dora: bool = setting(
+        False,
+        "DoRA: each adapted weight's magnitude trained apart from its direction (a vector per layer besides A and B); "
+        "better at low ranks, slower per step.",
+    )
+    use_rslora: bool = setting(
+        False, "rsLoRA: scale updates by lora_alpha / sqrt(lora_r) instead of lora_alpha / lora_r (stable at high r)."
+    )
+    modules_to_save: list[str] = setting(
+        [],
+        "Modules trained whole (not adapted) and saved with the adapter, e.g. [embed_tokens,lm_head]; the "
+        "embeddings and head are added by themselves when model.add_special_tokens grows the vocabulary.",
     )
 
 
@@ -113,7 +132,27 @@ class ModelConfig:
     trust_remote_code: bool = setting(
         False, "Allow model code shipped with the checkpoint to run. Off unless you trust it."
     )
+    add_special_tokens: list[str] = setting(
+        [],
+        "Special tokens added to the tokenizer, e.g. ['<tool_call>','</tool_call>']: the embeddings (and head) grow "
+        "by their new rows, which are trained (under LoRA through peft.modules_to_save) and saved with FINAL/.",
+    )
     use_peft: bool = setting(False, "Train LoRA adapters (through PEFT) instead of every weight.")
+    quantization: str = setting(
+        "none",
+        "The frozen base under LoRA, loaded quantized by bitsandbytes (QLoRA; needs use_peft, e.g. method=qlora)",
+        choices=QUANTIZATIONS,
+    )
+    double_quantization: bool | None = setting(
+        None,
+        "4-bit bases: quantize the per-block scales too (about 0.37 bits per weight saved, QLoRA's setting); null: "
+        "true for nf4 and fp4; int8 has no such option.",
+    )
+    quantization_compute_dtype: str = setting(
+        "auto",
+        "4-bit bases: the dtype weights are dequantized to for each matmul",
+        choices={"auto": "model.dtype", "float32": "", "bfloat16": "", "float16": ""},
+    )
     peft: PeftConfig = field(default_factory=PeftConfig, metadata={"help": "LoRA settings, read when use_peft=true."})
 
 
@@ -255,6 +294,51 @@ class TensorboardConfig:
 
 
 @dataclass
+class BenchmarksConfig:
+    """Benchmark evaluation through lm-evaluation-harness during training (train/loop/benchmarks.py)."""
+
+    tasks: list[str] = setting(
+        [],
+        "lm-evaluation-harness tasks, groups or tags to evaluate the model on (`.venv/bin/lm_eval ls tasks`, or your "
+        "own task YAMLs under benchmarks.include_path); logged as bench/<task>/<metric>. Empty: no benchmarks.",
+    )
+    every_steps: int | None = setting(
+        None,
+        "Evaluate the benchmarks before training and every this many optimizer steps; always on the final model. "
+        "Null: on the final model only.",
+    )
+    limit_per_task: int | None = setting(
+        None, "Examples evaluated per task (the first ones of its test split), for quick checks; null: all."
+    )
+    num_fewshot: int | None = setting(None, "Few-shot examples in each prompt; null: each task's own default (or 0).")
+    batch_size: int = setting(8, "Sequences per forward pass of the benchmark evaluation, on each process.")
+    include_path: str | None = setting(
+        None, "A folder of your own task YAML files (local JSON/JSONL data named in them); they override built-ins."
+    )
+
+
+SWEEP_OBJECTIVES = {  # what sweep.objective may name besides a benchmark metric
+    "loss/eval": "the final eval loss (the final train loss when there is no eval data)",
+    "loss/train": "the final train loss",
+}
+
+
+@dataclass
+class SweepConfig:
+    objective: str = setting(
+        "loss/eval",
+        "What a sweep's best job and the Optuna search optimize, read from each job's summary.json: loss/eval (the "
+        "final train loss when there is no eval data), loss/train, or a metric of benchmarks.tasks such as "
+        "bench/<task>/acc.",
+    )
+    direction: str = setting(
+        "minimize",
+        "Whether sweep.objective is better low or high (it sets the Optuna sweeper's direction too)",
+        choices=["minimize", "maximize"],
+    )
+
+
+@dataclass
 class Config:
     exp_name: str = setting("default", "Name of the run; its files go to ${cache_dir}/${exp_name}.")
     seed: int = setting(0, "Seed for data order, initialization and dropout.")
@@ -286,6 +370,12 @@ class Config:
         0, "At each evaluation, generate answers to this many held-out prompts (samples.jsonl)."
     )
     eval_samples_max_new_tokens: int = setting(64, "Longest generated answer for eval_samples, in tokens.")
+    eval_reward_model: str | None = setting(
+        None,
+        "A reward model folder (a loss=rm run's FINAL/) that scores the eval_samples answers at each evaluation, "
+        "each prompt and answer rendered with its own chat template: the mean is logged as samples/reward, each "
+        "answer's reward goes into samples.jsonl. Needs eval_samples > 0 and eval_datasets; null: no scoring.",
+    )
     peak_flops_per_second: float | None = setting(
         None, "Peak FLOP/s per process for mfu; null: the GPU's datasheet bf16 rate, or a matmul rate measured on CPU."
     )
@@ -345,6 +435,12 @@ class Config:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig, metadata={"help": "The reference model."})
     wandb: WandbConfig = field(default_factory=WandbConfig, metadata={"help": "Weights & Biases logging."})
     tensorboard: TensorboardConfig = field(default_factory=TensorboardConfig, metadata={"help": "TensorBoard logging."})
+    benchmarks: BenchmarksConfig = field(
+        default_factory=BenchmarksConfig, metadata={"help": "Benchmark evaluation with lm-evaluation-harness."}
+    )
+    sweep: SweepConfig = field(
+        default_factory=SweepConfig, metadata={"help": "What a sweep's best job and the Optuna search optimize."}
+    )
 
 
 def register_defaults() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from typing import Any
 
 import torch
 from accelerate.utils import set_seed
@@ -55,7 +57,26 @@ def build_tokenizer(settings: ModelConfig, chat_template: str | None = None):
     """The tokenizer, with a pad token (EOS when it has none: padding is masked out of the labels, not matched by id),
     and `chat_template` (data.chat_template: a built-in name or a Jinja file, train/data/templates.py) in place of
     its own when given: set before anything is tokenized, it is saved with the model."""
-    source = settings.tokenizer_name_or_path or settings.name_or_path
+    tokenizer, new = load_tokenizer(settings)
+    if settings.add_special_tokens:
+        present = [t for t in settings.add_special_tokens if t not in new]
+        logger.info(
+            f"model.add_special_tokens: {len(new)} new special token(s) {new} (ids "
+            f"{tokenizer.convert_tokens_to_ids(new[0])}-{len(tokenizer) - 1}); already in the vocabulary: {present}"
+            if new
+            else f"model.add_special_tokens: {present} are in the vocabulary already (each one special token now)"
+        )
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template_text(chat_template)
+        logger.info(f"chat template: data.chat_template={chat_template}")
+    return tokenizer
+
+
+def load_tokenizer(settings: ModelConfig) -> tuple[Any, list[str]]:
+    """The tokenizer with a pad token and model.add_special_tokens added (as special tokens: never split, one id
+    each; one it has already keeps its id), and which of those were new; without a word in the log: the model's
+    builder reads its length too."""
+    source = _tokenizer_source(settings)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=settings.trust_remote_code)
     except (OSError, ValueError) as error:
@@ -66,10 +87,15 @@ def build_tokenizer(settings: ModelConfig, chat_template: str | None = None):
         )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if chat_template is not None:
-        tokenizer.chat_template = chat_template_text(chat_template)
-        logger.info(f"chat template: data.chat_template={chat_template}")
-    return tokenizer
+    vocabulary = tokenizer.get_vocab()
+    new = [token for token in dict.fromkeys(settings.add_special_tokens) if token not in vocabulary]
+    if settings.add_special_tokens:
+        tokenizer.add_tokens(list(settings.add_special_tokens), special_tokens=True)
+    return tokenizer, new
+
+
+def _tokenizer_source(settings: ModelConfig) -> str:
+    return settings.tokenizer_name_or_path or settings.name_or_path
 
 
 def build_model(
@@ -89,6 +115,8 @@ def build_model(
     set_seed(seed)  # LoRA and score-head initialization are random
     load_dtype = TORCH_DTYPES[settings.dtype] if settings.use_peft and not sharded else torch.float32
     options = {"dtype": load_dtype, "attn_implementation": settings.attn_implementation}
+    if settings.quantization != "none":  # validation allows it only under LoRA, without FSDP
+        options |= {"quantization_config": bits_and_bytes_config(settings), "device_map": quantized_device_map()}
     if score_pad_token_id is not None:
         options |= {"num_labels": 1, "pad_token_id": score_pad_token_id}
     auto_class = AutoModelForCausalLM if score_pad_token_id is None else AutoModelForSequenceClassification
@@ -102,7 +130,10 @@ def build_model(
             f"Give a local folder with config.json and weights (offline, hub ids cannot be downloaded)."
         ) from None
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
-    if settings.gradient_checkpointing:
+    fit_embeddings_to_tokenizer(model, settings)  # before LoRA wraps the embeddings
+    if settings.quantization != "none":
+        prepare_quantized_base(model, settings)
+    elif settings.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if settings.use_peft:
         model = add_lora(model, settings, task_type="CAUSAL_LM" if score_pad_token_id is None else "SEQ_CLS")
@@ -115,24 +146,142 @@ def build_model(
     return model
 
 
+def bits_and_bytes_config(settings: ModelConfig):
+    """transformers' BitsAndBytesConfig for model.quantization (nf4, fp4 or int8). A 4-bit base computes in
+    model.quantization_compute_dtype (auto: model.dtype) with double quantization unless model.double_quantization
+    is false; the output head is never quantized (transformers skips it: the logits need its precision)."""
+    from transformers import BitsAndBytesConfig
+
+    if settings.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = settings.dtype if settings.quantization_compute_dtype == "auto" else settings.quantization_compute_dtype
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=settings.quantization,
+        bnb_4bit_use_double_quant=settings.double_quantization is not False,
+        bnb_4bit_compute_dtype=TORCH_DTYPES[compute],
+    )
+
+
+def numerics_id(settings: ModelConfig) -> str:
+    """What the base model's outputs depend on besides its files: the dtype, and the quantization with its options
+    (a 4-bit base gives other reference log-probs than the 16-bit one: the reference cache keys on this)."""
+    if settings.quantization == "none":
+        return settings.dtype
+    config = bits_and_bytes_config(settings)
+    return (
+        f"{settings.dtype}|{settings.quantization}|{config.bnb_4bit_use_double_quant}|{config.bnb_4bit_compute_dtype}"
+    )
+
+
+def quantized_device_map() -> dict[str, str]:
+    """Where bitsandbytes quantizes the weights: straight onto this process's GPU (so the 16-bit weights never sit
+    there whole), or the CPU. Accelerate gives process LOCAL_RANK the GPU of that index."""
+    if torch.cuda.is_available():
+        return {"": f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"}
+    return {"": "cpu"}
+
+
+def prepare_quantized_base(model, settings: ModelConfig) -> None:
+    """PEFT's k-bit preparation (peft.prepare_model_for_kbit_training), without the part that costs the memory
+    QLoRA saves. PEFT freezes the base, casts every 16-bit weight that is not 4-bit to float32 and turns on
+    gradient checkpointing with an input-gradient hook. Here: the base is frozen and the norms (1-D weights, a few
+    thousand numbers each) are cast to float32 for stable statistics, as PEFT does; the embeddings and the output
+    head keep model.dtype (PEFT's float32 cast would double them: 1.05B parameters, +2.1 GB, for Llama 3 8B's
+    128k vocabulary), and the logits are upcast where the loss needs them. Gradient checkpointing, when set, is
+    non-reentrant, which needs no input-gradient hook (PEFT's own note)."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+        if parameter.ndim == 1 and parameter.dtype in (torch.float16, torch.bfloat16):
+            parameter.data = parameter.data.float()
+    if settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = sum(1 for module in model.modules() if _is_quantized_linear(module))
+    logger.info(
+        f"model.quantization={settings.quantization}: {layers} linear layers quantized by bitsandbytes, "
+        f"{model.get_memory_footprint() / 2**20:.0f} MiB of weights"
+    )
+
+
+def _is_quantized_linear(module) -> bool:
+    import bitsandbytes as bnb
+
+    return isinstance(module, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt)
+
+
 def add_lora(model, settings: ModelConfig, task_type: str = "CAUSAL_LM"):
-    """LoRA adapters on `settings.peft.target_modules`; for a sequence classifier (SEQ_CLS) its new score head is
-    trained whole (PEFT's modules_to_save)."""
+    """LoRA adapters on `settings.peft.target_modules` (DoRA and rsLoRA as model.peft says); the modules of
+    model.peft.modules_to_save trained whole and saved with the adapter, and with them the embeddings and head when
+    model.add_special_tokens is set (the new tokens' rows must learn). A sequence classifier's (SEQ_CLS) new score
+    head is trained whole too: PEFT adds it to modules_to_save itself. Where the model ties its head to its
+    embeddings and both are saved whole, they stay one tied matrix (PEFT's ensure_weight_tying)."""
     from peft import LoraConfig, get_peft_model
 
-    targets = settings.peft.target_modules
+    peft = settings.peft
+    targets = peft.target_modules
+    to_save = list(peft.modules_to_save)
+    embeddings = embedding_module_names(model)
+    if settings.add_special_tokens:
+        missing = [name for name in embeddings if name not in to_save]
+        if missing:
+            to_save += missing
+            logger.info(
+                f"model.add_special_tokens under LoRA: {', '.join(missing)} trained whole and saved with the adapter "
+                f"(model.peft.modules_to_save), so the new tokens' rows learn"
+            )
     lora = LoraConfig(
-        r=settings.peft.lora_r,
-        lora_alpha=settings.peft.lora_alpha,
-        lora_dropout=settings.peft.lora_dropout,
+        r=peft.lora_r,
+        lora_alpha=peft.lora_alpha,
+        lora_dropout=peft.lora_dropout,
         target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+        use_dora=peft.use_dora,
+        use_rslora=peft.use_rslora,
+        modules_to_save=to_save or None,
+        ensure_weight_tying=ties_embeddings(model) and any(name in to_save for name in embeddings),
         task_type=task_type,
     )
     try:
         # Adapter weights are created in float32 (PEFT's default) even over a bfloat16 base.
-        return get_peft_model(model, lora)
+        model = get_peft_model(model, lora)
     except ValueError as error:
-        raise HalyardError(f"model.peft.target_modules={list(targets)}: {error}") from None
+        raise HalyardError(
+            f"model.peft.target_modules={list(targets)}, model.peft.modules_to_save={to_save}: {error}"
+        ) from None
+    for parameter in model.parameters():  # modules_to_save copies keep the base's dtype: train them in float32 too
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()  # `.data`: a tied matrix stays one parameter
+    return model
+
+
+def embedding_module_names(model) -> list[str]:
+    """The names (last part, as PEFT matches them) of the input embeddings and the output head, e.g.
+    ["embed_tokens", "lm_head"]; a model without an output head (a sequence classifier) gives its embeddings only."""
+    names = {id(module): name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
+    head = model.get_output_embeddings()
+    return [names[id(model.get_input_embeddings())], *([names[id(head)]] if head is not None else [])]
+
+
+def ties_embeddings(model) -> bool:
+    """Whether the output head is the input embedding matrix itself (tie_word_embeddings), not a copy."""
+    head = model.get_output_embeddings()
+    return head is not None and head.weight is model.get_input_embeddings().weight
+
+
+def fit_embeddings_to_tokenizer(model, settings: ModelConfig) -> None:
+    """Grow the embeddings (and the head, tied or not) to the tokenizer's length when model.add_special_tokens gave
+    it ids past their last row, before LoRA wraps the model. transformers initializes the new rows from the mean and
+    covariance of the others, so a new token starts as an average token, not noise; under the run's seed, the
+    policy and a frozen reference copy get the same rows. Never shrinks: many models carry spare rows (Qwen), and
+    tokens added there reuse them."""
+    if not settings.add_special_tokens:
+        return
+    size = len(load_tokenizer(settings)[0])
+    rows = model.get_input_embeddings().weight.shape[0]
+    if size <= rows:
+        logger.info(f"model.add_special_tokens: the embeddings' {rows} rows hold the tokenizer's {size} ids already")
+        return
+    model.resize_token_embeddings(size)
+    logger.info(f"model.add_special_tokens: embeddings resized from {rows} to {size} rows")
 
 
 @torch.no_grad()

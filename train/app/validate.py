@@ -19,8 +19,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from train.app.config import Config, LossConfig, ModelConfig, leaf_paths, leaf_settings
-from train.app.launcher import accelerate_config_problem, planned_world_size
+from train.app.config import SWEEP_OBJECTIVES, Config, LossConfig, ModelConfig, leaf_paths, leaf_settings
+from train.app.launcher import accelerate_config_problem, planned_fsdp, planned_world_size
 from train.app.loss_registry import LossSpec, builtin_losses, resolve_loss
 from train.batching.layout import decide_layout
 from train.errors import ConfigError
@@ -252,10 +252,73 @@ def check_values(cfg: Config, world_size: int) -> list[str]:
             f"eval_samples={cfg.eval_samples}, eval_samples_max_new_tokens={cfg.eval_samples_max_new_tokens}: must be >= 0 and > 0"
         )
     problems += cfg.loss.problems()
+    problems += _check_eval_reward_model(cfg)
     problems += _check_data_files(cfg)
     if cfg.accelerate_config:
         problems += [p for p in [accelerate_config_problem(cfg.accelerate_config)] if p]
     problems += _check_model(cfg.model, world_size)
+    problems += check_benchmarks(cfg)
+    problems += _check_quantization(cfg, sharded=planned_fsdp(cfg.accelerate_config))
+    return problems
+
+
+def _check_quantization(cfg: Config, sharded: bool) -> list[str]:
+    """model.quantization (QLoRA) where it cannot work: without LoRA, with options of the other kind, under FSDP."""
+    model = cfg.model
+    if model.quantization == "none":
+        return []  # the 4-bit options are moot, not wrong: a sweep over quantization=none,nf4 keeps them
+    problems = []
+    which = f"model.quantization={model.quantization}"
+    if not model.use_peft:
+        problems.append(
+            f"{which} without model.use_peft: a quantized base cannot be trained itself; QLoRA trains LoRA adapters "
+            f"on it: method=qlora (or ++model.use_peft=true), or model.quantization=none for full fine-tuning"
+        )
+    if model.quantization == "int8":
+        extra = [key for key, value in _quantization_options(model).items() if value is not None]
+        problems += [
+            f"{key}: a setting of 4-bit bases; {which} (LLM.int8) has none: use model.quantization=nf4, or drop {key}"
+            for key in extra
+        ]
+    if sharded:
+        problems.append(
+            f"{which} under FSDP (the accelerate config's distributed_type: FSDP): Halyard's FSDP2 path loads every "
+            f"weight in float32 and all-gathers in model.dtype, which would reinterpret bitsandbytes' packed 4-bit "
+            f"storage (accelerate 1.16 shards it only in its own GPU plugin, with bnb_4bit_quant_storage set to the "
+            f"all-gather dtype; 8-bit weights not at all). Train QLoRA with one process per GPU (DDP: "
+            f"accelerate_config/cpu_2proc.yaml or your GPU config without FSDP), or shard a 16-bit base with FSDP2 "
+            f"and offload it to CPU memory (accelerate_config/fsdp_offload_cpu_2proc.yaml)"
+        )
+    return problems
+
+
+def _quantization_options(model: ModelConfig) -> dict[str, object]:
+    """The 4-bit options with the value set (None where left at their default)."""
+    return {
+        "model.double_quantization": model.double_quantization,
+        "model.quantization_compute_dtype": None
+        if model.quantization_compute_dtype == "auto"
+        else model.quantization_compute_dtype,
+    }
+
+
+def _check_eval_reward_model(cfg: Config) -> list[str]:
+    """eval_reward_model scores the eval_samples answers, whose prompts are read from eval_datasets."""
+    if cfg.eval_reward_model is None:
+        return []
+    from train.app.model_paths import reward_model_problems
+
+    problems = reward_model_problems("eval_reward_model", cfg.eval_reward_model)
+    if cfg.eval_samples <= 0:
+        problems.append(
+            f"eval_reward_model={cfg.eval_reward_model}: it scores the answers generated at each evaluation, but "
+            f"eval_samples={cfg.eval_samples} generates none; set eval_samples to the number of prompts to answer"
+        )
+    if not cfg.eval_datasets:
+        problems.append(
+            f"eval_reward_model={cfg.eval_reward_model}: the prompts it scores are read from eval_datasets, which "
+            f"is empty; give eval_datasets=[...] (a split held out with data.eval_split_ratio cannot be scored)"
+        )
     return problems
 
 
@@ -289,6 +352,59 @@ def _check_optimizer(cfg: Config) -> list[str]:
     if cfg.warmup_steps is not None and cfg.warmup_steps < 0:
         problems.append(f"warmup_steps={cfg.warmup_steps}: must be >= 0 (or null to use warmup_ratio)")
     return problems
+
+
+def check_benchmarks(cfg: Config) -> list[str]:
+    """benchmarks.* and sweep.objective: bad values, unknown tasks, task data that needs a download while offline, an
+    objective no configured task produces. lm-eval is imported (seconds) only when benchmarks.tasks is set."""
+    bench = cfg.benchmarks
+    problems = [
+        f"{key}={value}: must be > 0"
+        for key, value in (
+            ("benchmarks.every_steps", bench.every_steps),
+            ("benchmarks.limit_per_task", bench.limit_per_task),
+            ("benchmarks.batch_size", bench.batch_size),
+        )
+        if value is not None and value <= 0
+    ]
+    if bench.num_fewshot is not None and bench.num_fewshot < 0:
+        problems.append(f"benchmarks.num_fewshot={bench.num_fewshot}: must be >= 0 (or null for each task's default)")
+    if bench.tasks:
+        from train.loop.benchmarks import BenchmarkSettings, task_problems
+
+        problems += task_problems(BenchmarkSettings.from_config(bench, cfg.seed))
+    if not problems:
+        problems += _check_objective(cfg)
+    return problems
+
+
+def _check_objective(cfg: Config) -> list[str]:
+    objective = cfg.sweep.objective
+    if objective in SWEEP_OBJECTIVES:
+        return []
+    from train.loop.benchmarks import METRIC_PREFIX
+
+    if not objective.startswith(METRIC_PREFIX):
+        return [
+            f"sweep.objective={objective}: not a metric a run reports; use one of {sorted(SWEEP_OBJECTIVES)} or a "
+            f"benchmark metric bench/<task>/<metric> of benchmarks.tasks"
+        ]
+    if not cfg.benchmarks.tasks:
+        return [
+            f"sweep.objective={objective}: a benchmark metric, but benchmarks.tasks is empty; add its task, e.g. "
+            f"benchmarks.tasks=[{objective.split('/')[1]}]"
+        ]
+    from fnmatch import fnmatchcase
+
+    from train.loop.benchmarks import BenchmarkSettings, expected_metrics
+
+    expected = expected_metrics(BenchmarkSettings.from_config(cfg.benchmarks, cfg.seed))
+    if any(fnmatchcase(objective, name) for name in expected):
+        return []
+    close = difflib.get_close_matches(objective, sorted(expected), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    listed = ", ".join(sorted(expected)[:12]) + (", ..." if len(expected) > 12 else "")
+    return [f"sweep.objective={objective}: no task of benchmarks.tasks produces it{hint}; they produce: {listed}"]
 
 
 def _check_positive(cfg: Config) -> list[str]:
@@ -373,4 +489,34 @@ def _check_model(model: ModelConfig, world_size: int) -> list[str]:
             problems.append(f"model.peft.lora_dropout={peft.lora_dropout}: must be in [0, 1)")
         if not peft.target_modules:
             problems.append("model.peft.target_modules is empty: name modules to adapt, or use [all-linear]")
+    return problems + _peft_option_problems(model)
+
+
+def _peft_option_problems(model) -> list[str]:
+    """The PEFT options and added tokens: what cannot work, found before the model loads."""
+    problems, peft = [], model.peft
+    if model.use_peft:
+        both = sorted(set(peft.target_modules) & set(peft.modules_to_save))
+        if both:
+            problems.append(
+                f"model.peft.modules_to_save={list(peft.modules_to_save)}: {both} are in model.peft.target_modules "
+                f"too; a module is either adapted (LoRA) or trained whole, not both: remove it from one list"
+            )
+    else:
+        lora_only = [
+            f"model.peft.{key}={value}"
+            for key, value in (("use_dora", peft.use_dora), ("use_rslora", peft.use_rslora))
+            if value
+        ] + ([f"model.peft.modules_to_save={list(peft.modules_to_save)}"] if peft.modules_to_save else [])
+        if lora_only:
+            problems.append(
+                f"{', '.join(lora_only)}: LoRA options, but model.use_peft=false trains every weight; set "
+                f"model.use_peft=true (method=lora), or remove them"
+            )
+    tokens = list(model.add_special_tokens)
+    if any(not token.strip() for token in tokens) or len(set(tokens)) < len(tokens):
+        problems.append(
+            f"model.add_special_tokens={tokens}: each token must be a non-empty string, listed once; write them "
+            f"quoted, e.g. model.add_special_tokens=['<tool_call>','</tool_call>']"
+        )
     return problems
