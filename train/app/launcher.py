@@ -41,6 +41,15 @@ def planned_world_size(accelerate_config: str | None) -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def planned_fsdp(accelerate_config: str | None) -> bool:
+    """Whether this job's processes shard the model with FSDP: the accelerate config's `distributed_type` when this
+    process will relaunch through it, else what `accelerate launch` told this process (train/loop/distributed.py)."""
+    if accelerate_config and not launched_by_accelerate():
+        settings = read_accelerate_config(accelerate_config) or {}
+        return str(settings.get("distributed_type", "")).upper() == "FSDP"
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
 def read_accelerate_config(path: str) -> dict | None:
     """The accelerate config as a dict, or None when the file cannot be read (validation reports it)."""
     try:

@@ -449,6 +449,47 @@ def continue_logs(checkpoint: Path, run_dir: Path, step: int) -> None:
         logger.info(f"resumed into a new folder: metrics and samples up to step {step} copied from {source_run}")
 
 
+def is_quantized(model: torch.nn.Module) -> bool:
+    """Whether the (PEFT-wrapped) model's base was loaded quantized by bitsandbytes (model.quantization)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False))
+
+
+def unquantized_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """The trained adapters of a QLoRA model over its base loaded again unquantized, in `dtype`, to merge into.
+    Merging into the quantized base would round every merged weight to 4 (or 8) bits again, so the merged model
+    would not be the one trained: the adapters learned on the dequantized weights, which the 16-bit base is closest
+    to. The base comes from the folder PEFT recorded (model.name_or_path); its embeddings grow as training grew them
+    (model.add_special_tokens)."""
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    peft_config = model.peft_config["default"]
+    trained = model.get_base_model()
+    auto_class = AutoModelForSequenceClassification if peft_config.task_type == "SEQ_CLS" else AutoModelForCausalLM
+    score_head = peft_config.task_type == "SEQ_CLS"  # a reward model: its score head's shape and padding token
+    options = (
+        {"num_labels": trained.config.num_labels, "pad_token_id": trained.config.pad_token_id} if score_head else {}
+    )
+    logger.info(
+        f"merging the adapters into {peft_config.base_model_name_or_path} loaded again in {str(dtype).removeprefix('torch.')} (not into the "
+        f"quantized base, whose weights would be rounded to {'8' if getattr(trained, 'is_loaded_in_8bit', False) else '4'} bits again)"
+    )
+    base = auto_class.from_pretrained(
+        peft_config.base_model_name_or_path,
+        dtype=dtype,
+        trust_remote_code=bool(getattr(trained.config, "auto_map", None)),  # trusted already: it trained
+        **options,
+    )
+    rows = trained.get_input_embeddings().weight.shape[0]
+    if base.get_input_embeddings().weight.shape[0] != rows:
+        base.resize_token_embeddings(rows)
+    copy = get_peft_model(base, peft_config)
+    set_peft_model_state_dict(copy, get_peft_model_state_dict(model))
+    copy.generation_config = trained.generation_config
+    return copy
+
+
 def logged_until(path: Path, step: int) -> list[str]:
     """The JSON lines of a metrics or samples file logged at or before `step`."""
     return [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
@@ -480,6 +521,8 @@ def save_final(accelerator, model, tokenizer, run_dir: Path, config_text: str, u
         model.save_pretrained(adapter_dir)
         tokenizer.save_pretrained(adapter_dir)
     if not adapter_only:
+        if use_peft and is_quantized(model):
+            model = unquantized_copy(model, dtype)
         if use_peft:
             model = model.merge_and_unload()
         model.to(dtype)  # in place, not a copy: a second copy of a large model would not fit where the first did

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train.app.models import build_model
+from train.app.models import build_model, numerics_id
 from train.batching.collate import Batch, collate
 from train.batching.sequences import forward_sequence_logps
 from train.data.store import PackedStore, TokenStore, TokenTable
@@ -160,7 +160,7 @@ def build_reference(cfg, accelerator, fsdp, train: TokenStore, evaluation: Token
         return None, None
     cache = None
     if cfg.reference.precompute:  # validation checked that the loss supports it
-        cache = ReferenceCache(cfg.cache_dir, cfg.model.name_or_path, cfg.model.dtype)
+        cache = ReferenceCache(cfg.cache_dir, cfg.model.name_or_path, numerics_id(cfg.model))
         if cache.attach_if_complete(train, evaluation):
             return None, None
     if cfg.model.use_peft:
