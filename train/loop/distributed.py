@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 class FsdpSettings:
     layer_class_names: list[str]  # module classes that each become one FSDP unit; empty: the model's _no_split_modules
     reshard_after_forward: bool
+    offload_params: bool = False  # sharded parameters, gradients and optimizer state live in CPU memory
 
 
 def fsdp_settings_from_launcher() -> FsdpSettings | None:
@@ -40,13 +41,17 @@ def fsdp_settings_from_launcher() -> FsdpSettings | None:
             "Halyard shards with FSDP2 only: set `fsdp_version: 2` under fsdp_config in your accelerate config"
         )
     names = [n.strip() for n in os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if n.strip()]
-    return FsdpSettings(names, os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() == "true")
+    return FsdpSettings(
+        names,
+        reshard_after_forward=os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() == "true",
+        offload_params=os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true",  # fsdp_offload_params
+    )
 
 
 def shard_model(model: torch.nn.Module, settings: FsdpSettings, device: torch.device, bf16: bool) -> torch.nn.Module:
     """Apply FSDP2 to each transformer block, then to the whole model (embeddings, final norm, head)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     names = settings.layer_class_names or list(getattr(model, "_no_split_modules", None) or [])
     blocks = [m for m in model.modules() if type(m).__name__ in names]
@@ -59,11 +64,21 @@ def shard_model(model: torch.nn.Module, settings: FsdpSettings, device: torch.de
     policy = (
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     )
-    kwargs = {"mesh": mesh, "mp_policy": policy, "reshard_after_forward": settings.reshard_after_forward}
+    # Offload: each process keeps its shard of the parameters, their gradients and so the optimizer state (built on
+    # the parameters it is given) in CPU memory; a unit's parameters are copied to the device for its forward and
+    # backward only, and the optimizer steps on the CPU. Pinned memory makes those copies asynchronous on a GPU.
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if settings.offload_params else OffloadPolicy()
+    kwargs = {
+        "mesh": mesh,
+        "mp_policy": policy,
+        "reshard_after_forward": settings.reshard_after_forward,
+        "offload_policy": offload,
+    }
     for block in blocks:
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
-    logger.info(f"FSDP2: {len(blocks)} {type(blocks[0]).__name__} blocks sharded over {mesh.size()} processes")
+    where = ", parameters and optimizer state offloaded to CPU memory" if settings.offload_params else ""
+    logger.info(f"FSDP2: {len(blocks)} {type(blocks[0]).__name__} blocks sharded over {mesh.size()} processes{where}")
     return model
 
 
