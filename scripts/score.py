@@ -6,7 +6,8 @@ output and a chat template).
 Each input row has `prompt` and `completion` (strings, or lists of {role, content} messages); each output row is the
 input row with `score` added, in the same order. Rows are rendered, tokenized and truncated exactly as training
 renders a pair's prompt and response, so the model scores the position it was trained to score. The libraries' loading
-bars and known warnings are kept out unless --verbose.
+bars and known warnings are kept out unless --verbose. Training scores its eval samples the same way
+(`eval_reward_model`, train/loop/samples.py holds the code both use).
 """
 
 from __future__ import annotations
@@ -19,20 +20,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def tokenized(row: dict, where: str, tokenizer, max_length: int):
-    """The row's prompt and completion as training tokenizes a pair's prompt and one of its responses."""
-    from train.app.config import DataConfig
-    from train.data.chat import tokenize_conversation
-    from train.data.formats import as_messages
-    from train.data.truncate import fit
-
-    prompt = as_messages(row["prompt"], where, "prompt", "user")
-    completion = as_messages(row["completion"], where, "completion", "assistant")
-    example = tokenize_conversation(prompt + completion, tokenizer, where, f"after:{len(prompt)}")
-    keep_first = 1 if tokenizer.bos_token_id is not None else 0
-    return fit(example, max_length, DataConfig(), where, keep_first).example
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path, help="a reward model folder (a loss=rm run's FINAL/)")
@@ -43,24 +30,18 @@ def main() -> None:
     parser.add_argument("--verbose", action="store_true", help="let the libraries' progress bars and warnings through")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from train.batching.collate import collate
     from train.loop.progress import quiet_libraries
+    from train.loop.samples import load_reward_model, reward_example, reward_scores
 
     quiet_libraries(verbose=args.verbose)
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForSequenceClassification.from_pretrained(args.model).eval()
+    model, tokenizer = load_reward_model(args.model)
     rows = [json.loads(line) for line in args.rows.read_text().splitlines() if line.strip()]
-    examples = [tokenized(row, f"{args.rows}, row {i}", tokenizer, args.max_length) for i, row in enumerate(rows)]
-    scores: list[float] = []
-    with torch.no_grad():
-        for start in range(0, len(examples), args.batch_size):
-            batch = collate(examples[start : start + args.batch_size], model.config.pad_token_id)
-            output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            scores += output.logits[:, 0].float().tolist()
+    examples = [
+        reward_example(row["prompt"], row["completion"], f"{args.rows}, row {i}", tokenizer, args.max_length)
+        for i, row in enumerate(rows)
+    ]
+    scores = reward_scores(model, examples, args.batch_size)
     with args.out.open("w") as f:
         f.writelines(json.dumps({**row, "score": score}) + "\n" for row, score in zip(rows, scores, strict=True))
     print(f"scored {len(rows)} rows -> {args.out}")

@@ -46,3 +46,41 @@ def test_hub_id_offline_and_unreachable_fail_in_seconds(monkeypatch):
 def test_paths_that_cannot_be_hub_ids_are_missing_folders(source):
     [problem] = model_path_problems(ModelConfig(name_or_path=source))
     assert "no such folder" in problem
+
+
+def test_a_reward_model_is_told_from_other_folders_by_its_files(tmp_path, tiny_cache):
+    """eval_reward_model: a sequence classifier with one output, with weights and a chat template; read from its
+    config.json, no weight loaded. A causal LM, a classifier with two outputs, a missing folder and a tokenizer
+    without a template are each named."""
+    import json
+    import shutil
+
+    from train.app.model_paths import reward_model_problems
+
+    lm = tiny_cache / "tiny-llama"
+    [causal] = reward_model_problems("eval_reward_model", str(lm))
+    assert causal == (
+        f"eval_reward_model={lm}: its config.json describes LlamaForCausalLM with no output(s), not a reward model; "
+        f"give a loss=rm run's FINAL/ (a sequence classifier with one output)"
+    )
+    rm = tmp_path / "rm"
+    shutil.copytree(lm, rm)
+    config = json.loads((rm / "config.json").read_text())
+    (rm / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForSequenceClassification"],
+                                                "id2label": {"0": "LABEL_0"}}))  # fmt: skip
+    assert reward_model_problems("eval_reward_model", str(rm)) == []
+    (rm / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForSequenceClassification"],
+                                                "id2label": {"0": "A", "1": "B"}}))  # fmt: skip
+    assert (
+        "LlamaForSequenceClassification with 2 output(s), not a reward model" in reward_model_problems("k", str(rm))[0]
+    )
+    [missing] = reward_model_problems("eval_reward_model", str(tmp_path / "nope"))
+    assert missing.startswith(f"eval_reward_model={tmp_path / 'nope'}: no such folder")
+    (rm / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForSequenceClassification"],
+                                                "num_labels": 1}))  # fmt: skip
+    (rm / "chat_template.jinja").unlink(missing_ok=True)
+    tokenizer_config = json.loads((rm / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("chat_template", None)
+    (rm / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    [no_template] = reward_model_problems("eval_reward_model", str(rm))
+    assert "its tokenizer has no chat template" in no_template

@@ -17,9 +17,11 @@ from train.batching.plan import BatchPlan
 from train.data.store import PackedStore, TokenStore, packed_row_tokens
 from train.errors import DataError, HalyardError
 from train.loop import checkpoint
+from train.loop.benchmarks import BenchmarkSettings
 from train.loop.card import CardInfo
 from train.loop.distributed import FsdpSettings, shard_model
 from train.loop.optim import build_optimizer, build_scheduler, warmup_steps_of
+from train.loop.samples import SampleRewards, load_reward_model, sample_prompts
 from train.loop.throughput import Throughput, model_flops, peak_flops_per_second
 from train.loop.trainer import BasicTrainer, LoopSettings, TrainerParts, batch_unit
 
@@ -51,6 +53,8 @@ def loop_settings(cfg: Config, trainer_class: type[BasicTrainer], *, total_steps
         save_dtype=TORCH_DTYPES[resolve_save_dtype(cfg.save_dtype, cfg.model)[0]],
         card=CardInfo.from_config(cfg),
         verbose=cfg.verbose,
+        benchmarks=BenchmarkSettings.from_config(cfg.benchmarks, cfg.seed) if cfg.benchmarks.tasks else None,
+        benchmarks_every_steps=cfg.benchmarks.every_steps,
     )
 
 
@@ -99,6 +103,7 @@ def trainer_parts(
         verify_packing_isolation(accelerator.unwrap_model(model), cfg.model.attn_implementation)
     if cfg.save_every_steps and accelerator.is_main_process:
         checkpoint.check_disk_space(Path(cfg.run_dir), model)
+    rewards = sample_rewards(cfg, accelerator, tokenizer, eval_data, trainer_class.data_kind)
     return TrainerParts(
         model=model,
         optimizer=optimizer,
@@ -110,7 +115,30 @@ def trainer_parts(
         total_steps=total_steps,
         throughput=throughput,
         summary={"peak_flops_per_second": peak.flops_per_second, "peak_flops_source": peak.source},
+        sample_rewards=rewards,
     )
+
+
+def sample_rewards(
+    cfg: Config, accelerator: Accelerator, tokenizer, eval_data: TokenStore | None, kind: str
+) -> SampleRewards | None:
+    """eval_reward_model loaded once, frozen, on the training device, with the messages of the prompts it will score;
+    on the main process only, which writes samples.jsonl (validation made sure eval_samples and eval_datasets are
+    set)."""
+    if cfg.eval_reward_model is None or eval_data is None or not accelerator.is_main_process:
+        return None
+    model, reward_tokenizer = load_reward_model(cfg.eval_reward_model, accelerator.device)
+    prompts = sample_prompts(
+        cfg.eval_datasets,
+        cfg.eval_samples,
+        tokenizer=tokenizer,
+        settings=cfg.data,
+        max_length=cfg.model.max_length,
+        kind=kind,
+        eval_data=eval_data,
+    )
+    logger.info(f"eval_reward_model: {cfg.eval_reward_model} scores the {len(prompts)} eval samples (samples/reward)")
+    return SampleRewards(model, reward_tokenizer, prompts, cfg.model.max_length, cfg.model.eval_batch_size)
 
 
 def batch_plan(

@@ -3,6 +3,7 @@ hub id (cached while offline, or a hub that answers). Imports nothing heavy: val
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import threading
@@ -30,6 +31,39 @@ def model_path_problems(settings: ModelConfig) -> list[str]:
         problems += _source_problems("model.name_or_path", model, need_weights=True, need_tokenizer=tokenizer == model)
     if tokenizer and tokenizer != model:
         problems += _source_problems("model.tokenizer_name_or_path", tokenizer, need_weights=False, need_tokenizer=True)
+    return problems
+
+
+def reward_model_problems(key: str, source: str) -> list[str]:
+    """Why `source` is not a reward model Halyard can score with (a `loss=rm` run's FINAL/: a local folder whose
+    config.json names a sequence classifier with one output, with weights and a tokenizer with a chat template),
+    read from its files without loading a weight."""
+    path = Path(source).expanduser()
+    fix = "give a loss=rm run's FINAL/ (a sequence classifier with one output)"
+    if not path.is_dir():
+        return [f"{key}={source}: no such folder ({path.resolve()}); {fix}"]
+    if not (path / "config.json").exists():
+        return [f"{key}={source}: the folder has no config.json, so it is no model folder; {fix}"]
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        return [f"{key}={source}: its config.json cannot be read ({error}); {fix}"]
+    architectures = config.get("architectures") or []
+    outputs = config.get("num_labels", len(config.get("id2label") or {}) or None)
+    if not any(str(a).endswith("ForSequenceClassification") for a in architectures) or outputs != 1:
+        what = ", ".join(map(str, architectures)) or "no architecture"
+        return [f"{key}={source}: its config.json describes {what} with {outputs or 'no'} output(s), not a reward "
+                f"model; {fix}"]  # fmt: skip
+    problems = _folder_problems(key, path, need_weights=True, need_tokenizer=True)
+    tokenizer_config = path / "tokenizer_config.json"
+    has_template = (path / "chat_template.jinja").exists() or (
+        tokenizer_config.exists() and "chat_template" in json.loads(tokenizer_config.read_text())
+    )
+    if not problems and not has_template:
+        problems.append(
+            f"{key}={source}: its tokenizer has no chat template, so a prompt and its answer cannot be rendered "
+            f"as it was trained on; save the tokenizer with its chat template there"
+        )
     return problems
 
 

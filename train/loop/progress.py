@@ -58,9 +58,27 @@ def short_line(row: dict[str, float], total_steps: int, seconds_left: float | No
         parts.append(f"eval loss {row['loss/eval']:.4g}")
     if "rewards_eval/accuracies" in row:
         parts.append(f"eval acc {row['rewards_eval/accuracies']:.3g}")
+    if "samples/reward" in row:
+        parts.append(f"samples reward {row['samples/reward']:.3g}")
+    parts += [f"{name} {value:.3g}" for name, value in benchmark_headlines(row).items()]
     if seconds_left is not None:
         parts.append(f"{format_seconds(seconds_left)} left")
     return "  ".join(parts)
+
+
+def benchmark_headlines(row: dict[str, float]) -> dict[str, float]:
+    """The first metric of each benchmark task in a row ("halyard_demo acc" -> 0.75), stderrs and the rest aside:
+    metrics.jsonl has them all."""
+    shown: dict[str, float] = {}
+    for key, value in row.items():
+        task, _, metric = key.removeprefix("bench/").partition("/")
+        if (
+            key.startswith("bench/")
+            and not metric.endswith("_stderr")
+            and not any(k.startswith(task + " ") for k in shown)
+        ):
+            shown[f"{task} {metric}"] = value
+    return shown
 
 
 def full_line(row: dict[str, float]) -> str:
@@ -97,7 +115,7 @@ class Progress:
         left = self.seconds_left(row["step"]) if row["step"] > self.start_step else None
         text = full_line(row) if self.verbose else short_line(row, self.total_steps, left)
         if self.bar is not None:
-            if any(k.endswith("/eval") for k in row):
+            if any(k.endswith("/eval") or k.startswith("bench/") for k in row):
                 self.bar.write(text, file=sys.stderr)
             return
         if self.verbose and left is not None:

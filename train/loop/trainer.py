@@ -33,6 +33,7 @@ from train.batching.plan import BatchPlan, StepBatches, step_loader
 from train.data.store import PackedStore, TokenStore
 from train.errors import HalyardError
 from train.loop import checkpoint
+from train.loop.benchmarks import HARNESS_VERSION, BenchmarkSettings, evaluate_tasks, is_benchmark_metric
 from train.loop.card import CardInfo
 from train.loop.card import render as render_card
 from train.loop.distributed import (
@@ -43,7 +44,7 @@ from train.loop.distributed import (
 )
 from train.loop.faults import StopRequest, TrainingStopped, fault_at
 from train.loop.progress import Progress
-from train.loop.samples import write_samples
+from train.loop.samples import SampleRewards, write_samples
 from train.loop.throughput import Throughput, Work, peak_memory, trained_work
 from train.objectives.losses import LossSum, supervised_positions
 
@@ -85,6 +86,8 @@ class LoopSettings:
     save_dtype: torch.dtype  # FINAL/'s weights
     card: CardInfo  # what the model card says about the run
     verbose: bool = False
+    benchmarks: BenchmarkSettings | None = None  # lm-evaluation-harness tasks on the live model; None: none
+    benchmarks_every_steps: int | None = None  # also before training and every this many steps; None: final only
 
 
 @dataclass
@@ -101,6 +104,7 @@ class TrainerParts:
     total_steps: int
     throughput: Throughput
     summary: dict[str, object] = field(default_factory=dict)  # facts of the build for summary.json (the peak FLOP/s)
+    sample_rewards: SampleRewards | None = None  # eval_reward_model: scores eval_samples (main process only)
 
 
 def forward_supervised(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,6 +152,7 @@ class BasicTrainer:
         self.tokenizer, self.pad_token_id = parts.tokenizer, parts.tokenizer.pad_token_id
         self.train_data, self.eval_data = parts.train_data, parts.eval_data
         self.batch_plan, self.total_steps, self.throughput = parts.batch_plan, parts.total_steps, parts.throughput
+        self.sample_rewards = parts.sample_rewards
         self.summary: dict[str, object] = dict(parts.summary)
         self.data_fingerprint = self.train_data.fingerprint()  # from cache keys and the selection: no token is read
         self.step = 0  # optimizer steps completed
@@ -221,8 +226,11 @@ class BasicTrainer:
             if self.accelerator.is_main_process:
                 self.metrics_path.write_text("")
                 (self.loop.run_dir / checkpoint.SAMPLES_FILE).unlink(missing_ok=True)
-            if self.eval_data:
-                self.log({"step": 0, **self.run_evaluation()})
+            row = self.run_evaluation() if self.eval_data else {}
+            if self.loop.benchmarks and self.loop.benchmarks_every_steps:
+                row.update(self.run_benchmarks())
+            if row:
+                self.log({"step": 0, **row})
         self.model.train()
         with self.stop_request.installed(), contextlib.closing(self.progress):
             for epoch, micro_batches in self.step_batches(start_step=self.step):
@@ -259,10 +267,34 @@ class BasicTrainer:
             row.update(epoch=epoch_progress, lr=self.scheduler.get_last_lr()[0], **self.throughput.report())
         if self.eval_data and (self.step % self.loop.eval_every_steps == 0 or is_last):
             row.update(self.run_evaluation())
+        if self.benchmarks_due(is_last):
+            row.update(self.run_benchmarks())
         if len(row) > 1:
             self.log(row)
         self.progress.advance(self.step, row)
         return stop
+
+    def benchmarks_due(self, is_last: bool) -> bool:
+        every = self.loop.benchmarks_every_steps
+        return self.loop.benchmarks is not None and (is_last or bool(every) and self.step % every == 0)
+
+    def run_benchmarks(self) -> dict[str, float]:
+        """The benchmark metrics of the live model (bench/<task>/<metric> and _stderr), every process in lock-step
+        (train/loop/benchmarks.py); what the model card says about them goes into the summary."""
+        started = time.perf_counter()
+        settings = self.loop.benchmarks
+        results = evaluate_tasks(self.accelerator.unwrap_model(self.model), self.tokenizer, settings, self.accelerator)
+        self.summary["benchmarks"] = {
+            "harness": f"lm-eval {HARNESS_VERSION}",
+            "num_fewshot": results.num_fewshot,
+            "examples": results.samples,
+            "limit_per_task": settings.limit,
+            "seed": settings.seed,
+        }
+        logger.info(
+            f"benchmarks at step {self.step}: {len(settings.tasks)} task(s) in {time.perf_counter() - started:.1f} s"
+        )
+        return results.metrics
 
     def step_batches(self, start_step: int = 0):
         """(epoch, this process's collated micro-batches) for each optimizer step after `start_step`, prepared ahead
@@ -328,12 +360,14 @@ class BasicTrainer:
         return batch.to(self.accelerator.device)
 
     def run_evaluation(self) -> dict[str, float]:
-        """The evaluation metrics, and generated samples when eval_samples > 0."""
+        """The evaluation metrics, and generated samples when eval_samples > 0 (with their mean reward under
+        eval_reward_model)."""
         metrics = self.evaluate()
         if self.loop.eval_samples:
-            write_samples(
+            metrics |= write_samples(
                 self.accelerator, self.model, self.tokenizer, self.eval_data, self.loop.eval_samples,
                 self.loop.eval_samples_max_new_tokens, self.step, self.loop.run_dir / checkpoint.SAMPLES_FILE,
+                rewards=self.sample_rewards,
             )  # fmt: skip
         return metrics
 
@@ -371,6 +405,8 @@ class BasicTrainer:
         self.summary.update({k: v for k, v in metrics.items() if k not in ("lr", "grad_norm", "epoch")})
         if metrics["step"] == 0 and "loss/eval" in metrics:
             self.summary["loss/eval_before_training"] = metrics["loss/eval"]
+        if metrics["step"] == 0 and any(map(is_benchmark_metric, metrics)):
+            self.summary["benchmarks_before_training"] = {k: v for k, v in metrics.items() if is_benchmark_metric(k)}
         self.progress.show(metrics)
 
     # ---- checkpoints (train/loop/checkpoint.py writes and reads them) ----
