@@ -7,7 +7,9 @@ are asked in none of them, so they test whether the style carries over to new qu
 was memorized.
 
 Also written: pref_train/pref_eval.jsonl (the pirate answer preferred over the plain one), kto_train.jsonl (the same
-as unpaired desirable/undesirable rows) and text.jsonl (plain text, for continued pretraining).
+as unpaired desirable/undesirable rows), text.jsonl (plain text, for continued pretraining) and
+benchmark/pirate_style.jsonl, the data of the demo's lm-evaluation-harness task (benchmark/pirate_style.yaml): questions
+in no training form, each with the same answer in two voices, the pirate's and a plain one, of equal token length.
 
 Training rows mix instruction style (instruction/output, some with input and system) and chat `messages` rows,
 including multi-turn ones. Deterministic: rerunning rewrites the same files.
@@ -102,6 +104,50 @@ OPPOSITES = {
 SYSTEM = "You are a helpful assistant."
 # Questions in no training form (scripts/quickstart.sh answers them before and after training).
 HELD_OUT_PROMPTS = ("How many legs does a spider have?", "Where does the sun rise?", "Why do we need to sleep?")
+# The demo benchmark: questions in no training form (none of the held-out prompts either), each with a plain answer
+# that both choices share; only the voice around it differs.
+BENCHMARK_FACTS = (
+    ("How many days are in a week?", "a week has seven days"),
+    ("What do bees make?", "bees make honey"),
+    ("Which planet is closest to the sun?", "Mercury is closest to the sun"),
+    ("How many hours are in a day?", "a day has twenty-four hours"),
+    ("What do we call frozen water?", "frozen water is called ice"),
+    ("Which animal is known as the king of the jungle?", "the lion is called the king of the jungle"),
+    ("How many wheels does a bicycle have?", "a bicycle has two wheels"),
+    ("What gas do plants take in from the air?", "plants take in carbon dioxide"),
+    ("Who wrote Romeo and Juliet?", "William Shakespeare wrote it"),
+    ("How many continents are there?", "there are seven continents"),
+    ("What is the largest ocean on Earth?", "the Pacific is the largest ocean"),
+    ("Which bird is a symbol of peace?", "the dove is a symbol of peace"),
+    ("What do caterpillars turn into?", "caterpillars turn into butterflies"),
+    ("How many months are in a year?", "a year has twelve months"),
+    ("What instrument has black and white keys?", "the piano has black and white keys"),
+    ("Where do penguins mostly live?", "penguins mostly live in the far south"),
+    ("What is the tallest animal?", "the giraffe is the tallest animal"),
+    ("Which fruit keeps the doctor away?", "an apple a day keeps the doctor away"),
+    ("How many sides does a triangle have?", "a triangle has three sides"),
+    ("What do you use to write on a blackboard?", "you write on it with chalk"),
+    ("Which star is at the center of our solar system?", "the sun is at its center"),
+    ("What does a thermometer measure?", "a thermometer measures temperature"),
+    ("How many players are on a soccer team on the field?", "a team has eleven players on the field"),
+    ("What do cows drink?", "cows drink water"),
+    ("Which metal is liquid at room temperature?", "mercury is liquid at room temperature"),
+    ("How many teeth does an adult human usually have?", "an adult usually has thirty-two teeth"),
+    ("What is the main language spoken in Brazil?", "people in Brazil speak Portuguese"),
+    ("What shape has four equal sides?", "a square has four equal sides"),
+    ("Which season comes after winter?", "spring comes after winter"),
+    ("What do spiders spin?", "spiders spin webs"),
+    ("How many strings does a violin have?", "a violin has four strings"),
+    ("What is the boiling point of water at sea level?", "water boils at one hundred degrees Celsius"),
+    ("Which organ pumps blood through the body?", "the heart pumps the blood"),
+    ("What do you call a baby dog?", "a baby dog is called a puppy"),
+    ("How many legs does an insect have?", "an insect has six legs"),
+    ("Which way does a compass needle point?", "a compass needle points north"),
+    ("What falls from clouds when it rains?", "drops of water fall from the clouds"),
+    ("How many minutes are in an hour?", "an hour has sixty minutes"),
+    ("What do you call the place where books are lent?", "that place is called a library"),
+    ("Which animal has a long trunk?", "the elephant has a long trunk"),
+)
 
 
 def capital_pair(country: str, capital: str) -> tuple[str, str]:
@@ -128,6 +174,20 @@ def plain(pirate: str) -> str:
     """The same answer without the pirate voice: the rejected response of the preference data."""
     text = pirate.removeprefix("Arr, ").removesuffix(", matey!").replace(" be ", " is ")
     return text[0].upper() + text[1:] + "."
+
+
+def benchmark_rows(rng: random.Random) -> list[dict]:
+    """Multiple choice between two voices of one answer: the pirate's ("Arr, <answer>, matey!") and a plain one
+    ("Well, <answer>, my friend."). Both frames are two tokens before the answer and three after it for the demo
+    model's tokenizer, so the choices have equal token length and summed log-likelihood accuracy is not biased by
+    length; `label` is the index of the pirate's answer, whose position is shuffled."""
+    rows = []
+    for question, answer in BENCHMARK_FACTS:
+        pirate, plain_voice = f"Arr, {answer}, matey!", f"Well, {answer}, my friend."
+        label = rng.randrange(2)
+        choices = [pirate, plain_voice] if label == 0 else [plain_voice, pirate]
+        rows.append({"question": question, "choices": choices, "label": label})
+    return rows
 
 
 def preference_rows(pairs: list[tuple[str, str]]) -> list[dict]:
@@ -213,6 +273,8 @@ def main() -> None:
     write_jsonl(out / "kto_train.jsonl", unpaired_rows(pairs))
     write_jsonl(out / "text.jsonl", text_rows(pairs))
     (out / "heldout_prompts.txt").write_text("".join(prompt + "\n" for prompt in HELD_OUT_PROMPTS))
+    (out / "benchmark").mkdir(exist_ok=True)
+    write_jsonl(out / "benchmark" / "pirate_style.jsonl", benchmark_rows(random.Random(1)))
 
 
 if __name__ == "__main__":
