@@ -1,16 +1,25 @@
 """train/loop/benchmarks.py: lm-evaluation-harness on a live model. The harness's own numbers are the reference:
-a live model gives what the harness gives on the same weights loaded from disk (here in-process, and through the
-`lm_eval` command in tests/test_launch_benchmarks.py), and problems with tasks are found from their YAML alone."""
+a live model gives what the harness gives on the same weights loaded from disk (in-process, and through the `lm_eval`
+command on a run's FINAL/), and problems with tasks are found from their YAML alone. The end-to-end runs check the
+loop's side: benchmarks at their steps and on the final model, equal to a standalone evaluation of the step's
+checkpoint, the same with one process and with two (FSDP2), in metrics.jsonl, summary.json, the console and the card.
+
+The local task (tests/bench_helpers.py) has brier_score, a continuous metric: equal values there mean equal
+log-likelihoods, not accuracies that agree by chance."""
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import subprocess
 
 import numpy as np
 import pytest
 import torch
 from bench_helpers import TASK, write_task
 
+from conftest import DEMO_EVAL, DEMO_TRAIN, OFFLINE_ENV, REPO, read_metrics, run_cli
 from train.loop.benchmarks import (
     HARNESS_VERSION,
     BenchmarkSettings,
@@ -82,7 +91,8 @@ def test_a_live_model_scores_what_the_harness_scores_on_it_loaded_from_disk(tiny
         fewshot_random_seed=0,
     )
     assert got == flatten_results(reference)
-    assert set(got) == {f"bench/{TASK}/{m}" for m in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")}
+    names = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "brier_score")  # brier_score has no stderr
+    assert set(got) == {f"bench/{TASK}/{m}" for m in names}
 
 
 def test_limit_fewshot_and_seed_reach_the_harness(tiny, task_dir):
@@ -157,3 +167,128 @@ def test_a_local_task_has_no_problem(task_dir):
 def test_a_missing_include_path_is_a_problem(tmp_path):
     (problem,) = task_problems(settings(tmp_path / "nowhere"))
     assert "benchmarks.include_path" in problem and "no such folder" in problem
+
+
+# ---- end to end: the loop (two CLI runs and one `lm_eval` command, shared by the tests below) ----
+
+# Non-default values of every benchmarks.* key and of the seed, so that each is seen to reach the harness: the
+# `lm_eval` command below is given the same values and must give the same numbers.
+BENCH_RUN = [
+    "loss=sft", "model=tiny", f"datasets=[{DEMO_TRAIN}]", f"eval_datasets=[{DEMO_EVAL}]", "max_steps=4", "lr=1e-2",
+    "save_every_steps=2", "data.group_by_length=false", "seed=3", f"benchmarks.tasks=[{TASK}]",
+    "benchmarks.every_steps=2", "benchmarks.limit_per_task=24", "benchmarks.num_fewshot=1", "benchmarks.batch_size=4",
+]  # fmt: skip
+SCORES = ("acc", "acc_norm", "brier_score")
+
+
+@pytest.fixture(scope="module")
+def bench_runs(tiny_cache, tmp_path_factory):
+    """The same 4 steps in one process and in two (FSDP2, each holding half of every weight); benchmarks before
+    training, at step 2 and on the final model."""
+    tasks = write_task(tmp_path_factory.mktemp("bench_run_task"))
+    runs = {}
+    for name, layout in (
+        ("bench_1proc", []),
+        ("bench_fsdp", ["accelerate_config=accelerate_config/fsdp_cpu_2proc.yaml"]),
+    ):
+        args = [*BENCH_RUN, f"benchmarks.include_path={tasks}", f"cache_dir={tiny_cache}", f"exp_name={name}", *layout]
+        result = run_cli(args, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = (tiny_cache / name, result.stderr)
+    return runs, tasks
+
+
+def bench_rows(run_dir) -> dict[int, dict[str, float]]:
+    return {
+        row["step"]: {k: v for k, v in row.items() if k.startswith("bench/")}
+        for row in read_metrics(run_dir)
+        if any(k.startswith("bench/") for k in row)
+    }
+
+
+@pytest.mark.slow
+def test_benchmarks_run_at_their_steps_and_reach_every_output(bench_runs):
+    runs, _ = bench_runs
+    run, console = runs["bench_1proc"]
+    rows = bench_rows(run)
+    assert sorted(rows) == [0, 2, 4]  # before training, every_steps=2, the final model
+    assert set(rows[4]) == {
+        f"bench/{TASK}/{m}" for m in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "brier_score")
+    }
+    assert rows[4] != rows[0]  # training moved the scores
+    summary = json.loads((run / "summary.json").read_text())
+    assert {k: summary[k] for k in rows[4]} == rows[4]
+    assert summary["benchmarks"] == {
+        "harness": f"lm-eval {HARNESS_VERSION}", "num_fewshot": {TASK: 1}, "examples": {TASK: 24}, "limit_per_task": 24,
+        "seed": 3,
+    }  # fmt: skip
+    assert summary["benchmarks_before_training"] == rows[0]
+    acc, before = rows[4][f"bench/{TASK}/acc"], rows[0][f"bench/{TASK}/acc"]
+    assert f"benchmark {TASK} acc {acc:.3f} ± " in console and f"(before training {before:.3f})" in console
+    assert f"{TASK} acc {acc:.3g}" in console  # the progress line of the final step
+    card = (run / "FINAL" / "README.md").read_text()
+    assert "## Evaluation" in card
+    stderr = rows[4][f"bench/{TASK}/acc_stderr"]
+    assert f"| {TASK} | acc | {acc:.4f} | {stderr:.4f} | 1 | 24 | lm-eval {HARNESS_VERSION} |" in card
+    assert f"| {TASK} | brier_score | {rows[4][f'bench/{TASK}/brier_score']:.4f} | - | 1 | 24 |" in card
+
+
+@pytest.mark.slow
+def test_an_evaluation_during_training_equals_one_of_the_step_s_checkpoint(bench_runs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    runs, tasks = bench_runs
+    run = runs["bench_1proc"][0]
+    model = AutoModelForCausalLM.from_pretrained(run / "step-2" / "model", dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(run / "step-2" / "model")
+    standalone = run_benchmarks(model, tokenizer, BenchmarkSettings((TASK,), str(tasks), 1, 24, 4, seed=3))
+    assert standalone == pytest.approx(bench_rows(run)[2], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_the_lm_eval_command_on_final_gives_the_final_numbers(bench_runs, tmp_path):
+    runs, tasks = bench_runs
+    run = runs["bench_1proc"][0]
+    command = [
+        str(REPO / ".venv" / "bin" / "lm_eval"), "--model", "hf", "--model_args", f"pretrained={run / 'FINAL'}",
+        "--tasks", TASK, "--include_path", str(tasks), "--num_fewshot", "1", "--limit", "24", "--batch_size", "4",
+        "--seed", "3", "--device", "cpu", "--output_path", str(tmp_path),
+    ]  # fmt: skip
+    done = subprocess.run(command, env={**os.environ, **OFFLINE_ENV}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (results_file,) = tmp_path.rglob("results_*.json")
+    assert flatten_results(json.loads(results_file.read_text())) == pytest.approx(bench_rows(run)[4], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_one_process_and_two_sharded_processes_give_the_same_scores(bench_runs):
+    runs, _ = bench_runs
+    one, fsdp = (bench_rows(runs[name][0]) for name in ("bench_1proc", "bench_fsdp"))
+    summary = json.loads((runs["bench_fsdp"][0] / "summary.json").read_text())
+    assert (summary["num_processes"], summary["parallelism"]) == (2, "fsdp2")
+    assert sorted(fsdp) == sorted(one)
+    for step in one:
+        assert fsdp[step] == pytest.approx(one[step], rel=1e-5), step
+
+
+def test_benchmarks_apply_chat_template_reaches_the_harness(tiny, task_dir, monkeypatch):
+    """benchmarks.apply_chat_template=true (a chat model answering as in a chat: the demo's pirate_style task moves
+    from 0 to 1 with it on SmolLM2, docs/BENCHMARKS.md) is passed to the harness; off by default, as in lm_eval."""
+    import lm_eval
+
+    import launch
+
+    cfg = launch.compose_config(["model=tiny", f"datasets=[{DEMO_TRAIN}]", "benchmarks.apply_chat_template=true"])
+    chosen = BenchmarkSettings.from_config(cfg.benchmarks, seed=0)
+    assert chosen.apply_chat_template and not settings(task_dir).apply_chat_template
+    calls = []
+
+    def recording(**kwargs):
+        calls.append(kwargs["apply_chat_template"])
+        return {"results": {}, "n-shot": {}, "n-samples": {}}
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", recording)
+    model, tokenizer = tiny
+    evaluate_tasks(model, tokenizer, settings(task_dir, apply_chat_template=True))
+    evaluate_tasks(model, tokenizer, settings(task_dir))
+    assert calls == [True, False]

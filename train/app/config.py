@@ -315,6 +315,11 @@ class BenchmarksConfig:
     include_path: str | None = setting(
         None, "A folder of your own task YAML files (local JSON/JSONL data named in them); they override built-ins."
     )
+    apply_chat_template: bool = setting(
+        False,
+        "Render each prompt with the tokenizer's chat template, as a user turn the answer follows (as `lm_eval "
+        "--apply_chat_template`): how a chat model is used. false: plain text, the harness's default.",
+    )
 
 
 SWEEP_OBJECTIVES = {  # what sweep.objective may name besides a benchmark metric
@@ -417,6 +422,16 @@ class Config:
     )
     on_nonfinite: str = setting(
         "stop", "A step with a NaN/inf loss or gradient", choices={"stop": "exit 2", "skip": "no update, counted"}
+    )
+    memory_check: str = setting(
+        "error",
+        "Before anything loads, the run's peak memory per process is estimated from the model's config "
+        "(train/app/memory_plan.py) and compared with the device's",
+        choices={
+            "error": "a run that clearly does not fit (above 1.25x the device's memory) is refused, naming the "
+            "settings that would fit",
+            "warn": "it is logged with that advice, and the run starts anyway",
+        },
     )
     verbose: bool = setting(
         False,

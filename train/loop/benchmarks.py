@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import logging
 import os
 import random
 from dataclasses import dataclass, field
-from functools import cache
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,20 @@ class BenchmarkSettings:
     limit: int | None  # examples per task (the first ones); None: all
     batch_size: int  # sequences per forward pass
     seed: int  # the harness's Python, NumPy, torch and few-shot sampler seeds (like `lm_eval --seed N`)
+    apply_chat_template: bool = False  # each prompt rendered as a chat turn (`lm_eval --apply_chat_template`)
+
+    @classmethod
+    def from_config(cls, benchmarks, seed: int) -> BenchmarkSettings:
+        """From the config's `benchmarks` section (train/app/config.py: BenchmarksConfig) and the run's seed."""
+        return cls(
+            tasks=tuple(benchmarks.tasks),
+            include_path=benchmarks.include_path,
+            num_fewshot=benchmarks.num_fewshot,
+            limit=benchmarks.limit_per_task,
+            batch_size=benchmarks.batch_size,
+            seed=seed,
+            apply_chat_template=benchmarks.apply_chat_template,
+        )
 
 
 @dataclass
@@ -129,7 +143,7 @@ def task_manager(settings: BenchmarkSettings):
     return _task_manager(None, include_defaults=True)
 
 
-@cache
+@functools.cache
 def _task_manager(include_path: str | None, include_defaults: bool):
     # Cached: evaluations during training reuse the index instead of reading thousands of YAMLs each time.
     from lm_eval.tasks import TaskManager
@@ -178,6 +192,35 @@ def leaf_task_configs(manager, task: str, depth: int = 0) -> list[tuple[str, dic
         for member in sorted(entry.tags):
             leaves += leaf_task_configs(manager, member, depth + 1)
     return leaves
+
+
+def expected_metrics(settings: BenchmarkSettings) -> set[str]:
+    """The bench/<task>/<metric> names (stderrs aside) the tasks will produce, read from their YAML: each task's
+    metric_list (or its output type's defaults) after each of its filters, and a group's aggregated metrics. A task
+    defined in Python gives the pattern bench/<task>/* (match with fnmatch). Unknown tasks give nothing."""
+    from lm_eval.api.registry import DEFAULT_METRIC_REGISTRY
+
+    manager = task_manager(settings)
+    names: set[str] = set()
+    for task in settings.tasks:
+        for leaf, cfg in leaf_task_configs(manager, task):
+            if "class" in cfg:
+                names.add(metric_key(leaf, "*"))
+                continue
+            listed = cfg.get("metric_list") or [
+                {"metric": m} for m in DEFAULT_METRIC_REGISTRY.get(cfg.get("output_type"), [])
+            ]
+            filters = [f.get("name", "none") for f in cfg.get("filter_list") or []] or ["none"]
+            names |= {
+                metric_key(leaf, m["metric"], f) for m in listed if isinstance(m.get("metric"), str) for f in filters
+            }
+        entry = manager.task_index.get(task)
+        for aggregate in ((entry.cfg or {}).get("aggregate_metric_list") or []) if entry else []:
+            filters = aggregate.get("filter_list") or ["none"]
+            names |= {
+                metric_key(task, aggregate["metric"], f) for f in ([filters] if isinstance(filters, str) else filters)
+            }
+    return names
 
 
 def offline() -> bool:
@@ -253,7 +296,8 @@ def evaluate_tasks(model, tokenizer, settings: BenchmarkSettings, accelerator=No
     was_training = model.training
     results = None
     try:
-        with preserved_random_state(), quiet_harness(), torch.no_grad():
+        show = accelerator is None or accelerator.is_main_process
+        with preserved_random_state(), quiet_harness(show), torch.no_grad():
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size)
             results = simple_evaluate(
                 model=lm,
@@ -266,6 +310,8 @@ def evaluate_tasks(model, tokenizer, settings: BenchmarkSettings, accelerator=No
                 numpy_random_seed=settings.seed,
                 torch_random_seed=settings.seed,
                 fewshot_random_seed=settings.seed,
+                apply_chat_template=settings.apply_chat_template,
+                fewshot_as_multiturn=settings.apply_chat_template,  # as the `lm_eval` command decides it
             )
     finally:
         model.train(was_training)
@@ -302,14 +348,38 @@ def preserved_random_state():
 
 
 @contextlib.contextmanager
-def quiet_harness():
-    """The harness's INFO lines and its warning that a model object assumes one process (true here: every process
-    evaluates its own replica or shard) stay out of the training log, unless its logger is set to DEBUG."""
+def quiet_harness(main_process: bool):
+    """The harness's INFO lines, its warning that a model object assumes one process (true here: every process
+    evaluates its own replica or shard) and its progress bars stay out of the training log, unless the "lm_eval"
+    logger is set to INFO or DEBUG (scripts/evaluate.py does), and then in the main process only."""
+    import lm_eval.api.model
+    import lm_eval.api.task
+    import lm_eval.models.huggingface
+
     harness_logger = logging.getLogger("lm_eval")
     level = harness_logger.level
-    if level != logging.DEBUG:
-        harness_logger.setLevel(logging.ERROR)
+    if main_process and level in (logging.INFO, logging.DEBUG):
+        yield
+        return
+    harness_logger.setLevel(logging.ERROR)
+    # The harness builds its bars with the module-level name `tqdm` and no switch reaches them from simple_evaluate:
+    # the name is rebound to a disabled bar for the duration, then restored.
+    modules = (lm_eval.api.model, lm_eval.api.task, lm_eval.models.huggingface)
+    bars = [module.tqdm for module in modules]
+    for module, bar in zip(modules, bars, strict=True):
+        module.tqdm = _disabled(bar)
     try:
         yield
     finally:
         harness_logger.setLevel(level)
+        for module, bar in zip(modules, bars, strict=True):
+            module.tqdm = bar
+
+
+def _disabled(bar):
+    """`bar` (tqdm) with disable=True whatever the caller passes (the harness passes disable= itself)."""
+
+    def silent(*args, **kwargs):
+        return bar(*args, **{**kwargs, "disable": True})
+
+    return silent
