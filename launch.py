@@ -233,8 +233,9 @@ def show_job_config(args, overrides: list[str]) -> None:
 
 
 def check_sweep(args, overrides: list[str]) -> list[str]:
-    """Validate every job of the sweep; return the extra Hydra overrides that name its jobs' run directories."""
-    from train.app.sweep import merge_job_problems, plan_jobs, sweep_problems, sweeper_config
+    """Validate every job of the sweep; return the extra Hydra overrides: a search's direction (sweep.direction) and
+    what names its jobs' run directories."""
+    from train.app.sweep import merge_job_problems, plan_jobs, search_direction, sweep_problems, sweeper_config
     from train.app.validate import validate
     from train.errors import ConfigError, HalyardError
     from train.files import make_run_dir
@@ -247,24 +248,30 @@ def check_sweep(args, overrides: list[str]) -> list[str]:
     config_name = args.config_name or "config"
     driver = compose_raw(overrides, args.config_dir, config_name, multirun=True)
     planned = plan_jobs(sweeper_config(driver), overrides)
-    problems_by_job = []
+    problems_by_job, checked = [], []
     for number, job in enumerate(planned.overrides):
         try:
             raw = compose_raw(job, args.config_dir, config_name)
             with_run_dir = _job_part(raw, run_dir=f"{driver.hydra.sweep.dir}/{number}")
-            validate(with_run_dir, check_model_files=True)
+            checked.append(validate(with_run_dir, check_model_files=True))
             problems_by_job.append([])
         except ConfigError as error:
             problems_by_job.append(error.problems)
     error = merge_job_problems(planned.labels, problems_by_job)
     problems = sweep_problems(planned) + (error.problems if error else [])
+    direction = []
+    if checked:  # sweep.objective and sweep.direction are the same in every job (sweep_problems)
+        direction, found = search_direction(
+            sweeper_config(driver), checked[0].sweep.objective, checked[0].sweep.direction
+        )
+        problems += found
     if problems:
         raise ConfigError(problems)
     make_run_dir(Path(str(driver.hydra.sweep.dir)))
     logger.info(f"sweep: {len(planned.overrides)} job configs checked")
     # Name each job's folder by the values that differ between jobs only.
     excluded = sorted(set(planned.fixed_keys) - set(planned.swept_keys))
-    return [f"hydra.job.config.override_dirname.exclude_keys=[{','.join(excluded)}]"] if excluded else []
+    return direction + ([f"hydra.job.config.override_dirname.exclude_keys=[{','.join(excluded)}]"] if excluded else [])
 
 
 def _job_part(raw, run_dir: str | None = None):

@@ -11,7 +11,17 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import DEMO_TRAIN, REPO, run_cli
-from train.app.sweep import BASIC_SWEEPER, JobRecord, format_table, merge_job_problems, plan_jobs, sweep_rows
+from train.app.sweep import (
+    BASIC_SWEEPER,
+    JobRecord,
+    best_job_line,
+    best_row,
+    format_table,
+    merge_job_problems,
+    plan_jobs,
+    search_direction,
+    sweep_rows,
+)
 
 SFT = ["loss=sft", "model=tiny", f"datasets=[{DEMO_TRAIN}]", "max_steps=2", "log_every_steps=1"]
 
@@ -73,6 +83,35 @@ def test_table_rows_come_from_each_jobs_record_and_summary(tmp_path):
         (1, "failed", None, 0.0),
     ]
     assert "ended without reporting" in rows[1]["error"]
+
+
+def test_benchmark_metrics_get_a_column_and_the_objective_picks_the_best_job(tmp_path):
+    """A column per benchmark metric any job reports (stderrs aside); the best job by sweep.objective in
+    sweep.direction; loss/eval falls back to the train loss without eval data."""
+    for num, (acc, loss) in enumerate([(0.5, 1.0), (0.75, 2.0), (None, 0.5)]):
+        JobRecord(num, [f"lr={num}"], "done", 0, 1.0, str(tmp_path / f"{num}_lr={num}")).write()
+        totals = {"loss/train": loss, "bench/mc/acc_stderr": 0.1} | ({"bench/mc/acc": acc} if acc else {})
+        (tmp_path / f"{num}_lr={num}" / "summary.json").write_text(json.dumps(totals))
+    rows = sweep_rows(tmp_path)
+    header, *lines = format_table(rows).splitlines()
+    assert header.split()[3:6] == ["loss/train", "loss/eval", "bench/mc/acc"]
+    assert [line.split()[5] for line in lines] == ["0.5000", "0.7500", "-"]
+    assert "bench/mc/acc_stderr" not in header
+    assert best_row(rows, "bench/mc/acc", "maximize")["job"] == 1
+    assert best_row(rows, "bench/mc/acc", "minimize")["job"] == 0
+    assert best_row(rows, "loss/eval", "minimize")["job"] == 2  # no eval data: the train loss
+    assert best_row(rows, "bench/other/acc", "maximize") is None
+    config = OmegaConf.create({"sweep": {"objective": "bench/mc/acc", "direction": "maximize"}})
+    assert best_job_line(rows, config) == "best job: 1 (lr=1), bench/mc/acc 0.7500 (maximize)\n"
+
+
+def test_the_search_direction_comes_from_sweep_direction():
+    optuna = OmegaConf.create({"direction": "minimize", "n_trials": 2})
+    assert search_direction(optuna, "bench/mc/acc", "maximize") == (["hydra.sweeper.direction=maximize"], [])
+    assert search_direction(optuna, "loss/eval", "minimize") == (["hydra.sweeper.direction=minimize"], [])
+    assert search_direction(OmegaConf.create({"_target_": BASIC_SWEEPER}), "loss/eval", "maximize") == ([], [])
+    overrides, (problem,) = search_direction(OmegaConf.create({"direction": "maximize"}), "loss/eval", "minimize")
+    assert overrides == [] and "set sweep.direction=maximize" in problem
 
 
 def test_cfg_job_prints_the_composed_config(tiny_cache):
@@ -189,6 +228,34 @@ def test_optuna_search_minimizes_the_final_eval_loss(tiny_cache):
     assert all(json.loads((d / "job.json").read_text())["status"] == "done" for d in runs)
     assert OmegaConf.load(runs[0] / "config.yaml").model.use_peft is True  # the experiment's LoRA settings
     assert [r["loss/eval"] for r in table_rows(sweep)] == losses
+
+
+@pytest.mark.slow
+def test_optuna_search_maximizes_a_benchmark_metric(tiny_cache, tmp_path):
+    """lr_search with sweep.objective=bench/<task>/brier_score and sweep.direction=maximize: Optuna's best trial is
+    the job with the highest final value, the table has the metric's column, the best-job line names that job.
+    (brier_score is continuous, so the trials differ; maximizing it tells the direction from the default.)"""
+    from bench_helpers import TASK, write_task
+
+    objective = f"bench/{TASK}/brier_score"
+    args = ["-m", "--config-dir", "config/experiment", "--config-name", "lr_search", "model=tiny", "max_steps=2"]
+    bench = [
+        f"benchmarks.tasks=[{TASK}]",
+        f"benchmarks.include_path={write_task(tmp_path)}",
+        "benchmarks.limit_per_task=8",
+    ]
+    search = [f"sweep.objective={objective}", "sweep.direction=maximize", "hydra.sweeper.n_trials=2"]
+    result = run_cli([*args, *bench, *search, f"cache_dir={tiny_cache}", "exp_name=bench-search"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = tiny_cache / "bench-search"
+    values = [summary(d)[objective] for d in job_dirs(sweep)]
+    assert len(values) == 2 and values[0] != values[1]
+    best = OmegaConf.load(sweep / "optimization_results.yaml")
+    assert best.best_value == pytest.approx(max(values))
+    assert [row[objective] for row in table_rows(sweep)] == values
+    assert objective in (sweep / "sweep_summary.txt").read_text().splitlines()[0].split()
+    assert f"best job: {values.index(max(values))} (" in result.stdout
+    assert f"{objective} {max(values):.4f} (maximize)" in result.stdout
 
 
 @pytest.mark.slow

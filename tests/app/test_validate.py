@@ -141,3 +141,57 @@ def test_peft_options_that_cannot_work_are_refused_together():
     ]
     cfg = launch.compose_config([*COMMON, "method=lora", "model.peft.use_rslora=true", "model.peft.use_dora=true"])
     assert cfg.model.peft.use_rslora and cfg.model.peft.use_dora
+
+
+def test_quantized_bases_that_cannot_work_are_refused_with_the_reason():
+    """QLoRA's refusals, all at once: a quantized base without LoRA, a 4-bit option with int8, FSDP (planned from the
+    accelerate config, before any process starts)."""
+    fsdp = f"accelerate_config={REPO / 'accelerate_config' / 'fsdp_cpu_2proc.yaml'}"
+    overrides = [*COMMON, "model.quantization=int8", "model.double_quantization=true", fsdp, "model.batch_size=8"]
+    with pytest.raises(ConfigError) as error:
+        launch.compose_config([*overrides, "model.quantization_compute_dtype=bfloat16"])
+    problems = error.value.problems
+    assert len(problems) == 4, problems
+    assert problems[0].startswith("model.quantization=int8 without model.use_peft: a quantized base cannot be trained")
+    assert "method=qlora" in problems[0]
+    assert problems[1].startswith("model.double_quantization: a setting of 4-bit bases; model.quantization=int8")
+    assert problems[2].startswith("model.quantization_compute_dtype: a setting of 4-bit bases")
+    assert problems[3].startswith("model.quantization=int8 under FSDP") and "bnb_4bit_quant_storage" in problems[3]
+    assert (
+        "fsdp_offload_cpu_2proc.yaml" in problems[3]
+        and (REPO / "accelerate_config/fsdp_offload_cpu_2proc.yaml").is_file()
+    )
+    cfg = launch.compose_config([*COMMON, "method=qlora", "model.double_quantization=false"])  # what works
+    assert (cfg.model.use_peft, cfg.model.quantization, cfg.model.double_quantization) == (True, "nf4", False)
+    assert cfg.lr == 2e-4
+
+
+def test_benchmark_settings_and_the_sweep_objective_are_checked_before_anything_loads(tmp_path, monkeypatch):
+    """An unknown task, a task whose data is a download while offline, bad values and an objective no task produces:
+    found from the task YAMLs (tests/bench_helpers.py), all at once; the harness loads no dataset."""
+    from bench_helpers import TASK, write_task
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    tasks = write_task(tmp_path)
+    (tmp_path / "remote.yaml").write_text(
+        "task: remote_mc\ndataset_path: someone/not_downloaded_dataset\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: q\ndoc_to_choice: choices\ndoc_to_target: label\n"
+    )
+    bench = [f"benchmarks.include_path={tasks}", "benchmarks.batch_size=0", "benchmarks.num_fewshot=-1"]
+    problems = problems_of([*COMMON, *bench, f"benchmarks.tasks=[{TASK},remote_mc,halyard_tiny_mcq]",
+                            f"sweep.objective=bench/{TASK}/accuracy"])  # fmt: skip
+    assert len(problems) == 5, problems
+    assert problems[0] == "benchmarks.batch_size=0: must be > 0"
+    assert problems[1].startswith("benchmarks.num_fewshot=-1: must be >= 0")
+    assert problems[2].startswith("benchmarks.tasks: 'remote_mc' needs the dataset 'someone/not_downloaded_dataset'")
+    assert problems[3].startswith(f"benchmarks.tasks: unknown task 'halyard_tiny_mcq' (did you mean {TASK}")
+    assert problems[4].startswith(f"sweep.objective=bench/{TASK}/accuracy: no task of benchmarks.tasks produces it")
+    assert f"bench/{TASK}/acc, bench/{TASK}/acc_norm, bench/{TASK}/brier_score" in problems[4]
+    assert problems_of([*COMMON, "sweep.objective=bench/x/acc"]) == [
+        "sweep.objective=bench/x/acc: a benchmark metric, but benchmarks.tasks is empty; add its task, e.g. "
+        "benchmarks.tasks=[x]"
+    ]
+    assert "not a metric a run reports" in problems_of([*COMMON, "sweep.objective=accuracy"])[0]
+    cfg = launch.compose_config([*COMMON, f"benchmarks.include_path={tasks}", f"benchmarks.tasks=[{TASK}]",
+                                 f"sweep.objective=bench/{TASK}/acc_norm", "sweep.direction=maximize"])  # fmt: skip
+    assert (cfg.benchmarks.tasks, cfg.sweep.objective) == ([TASK], f"bench/{TASK}/acc_norm")

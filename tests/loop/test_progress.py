@@ -28,6 +28,11 @@ def test_short_line_of_a_preference_evaluation():
     assert short_line(row, 34, 61.0) == "step 17/34  loss 0.3  eval loss 0.25  eval acc 0.875  0:01:01 left"
 
 
+def test_short_line_of_a_benchmark_evaluation_shows_each_task_s_first_metric():
+    row = {"step": 4, "bench/mc/acc": 0.75, "bench/mc/acc_stderr": 0.1, "bench/mc/acc_norm": 0.5, "bench/qa/em": 0.25}
+    assert short_line(row, 10, None) == "step 4/10  mc acc 0.75  qa em 0.25"
+
+
 def test_verbose_lines_carry_every_metric(caplog):
     progress = Progress(total_steps=10, start_step=0, is_main=True, interactive=False, verbose=True)
     with caplog.at_level(logging.INFO, logger="train.loop.progress"):

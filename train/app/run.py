@@ -131,6 +131,20 @@ def write_summary(run_dir: str, summary: dict) -> None:
     logger.info(summary_text(summary, path))
 
 
+def benchmark_lines(summary: dict) -> list[str]:
+    """`benchmark halyard_demo acc 0.812 ± 0.071 (before training 0.500)`, one line per metric of the final model."""
+    before = summary.get("benchmarks_before_training", {})
+    lines = []
+    for key, value in summary.items():
+        if not key.startswith("bench/") or key.endswith("_stderr"):
+            continue
+        task, _, metric = key.removeprefix("bench/").partition("/")
+        stderr = summary.get(key + "_stderr")
+        line = f"benchmark {task} {metric} {value:.3f}" + (f" ± {stderr:.3f}" if stderr is not None else "")
+        lines.append(line + (f" (before training {before[key]:.3f})" if key in before else ""))
+    return lines
+
+
 def summary_text(summary: dict, path: Path) -> str:
     """The end-of-run summary: what was trained, the losses, what happened to the data, where the model is."""
     unit = next((u for u in ("pairs", "examples") if u in summary), "examples")
@@ -153,6 +167,7 @@ def summary_text(summary: dict, path: Path) -> str:
     )
     if data:
         lines.append(f"data: {data}")
+    lines += benchmark_lines(summary)
     if summary.get("skipped_nonfinite_steps"):
         lines.append(f"skipped steps (non-finite): {summary['skipped_nonfinite_steps']}")
     if "final_dir" in summary:

@@ -4,8 +4,9 @@ the sweep's table.
 A sweep's folder is `hydra.sweep.dir` (default `${cache_dir}/${exp_name}`); each job's run directory is
 `<sweep folder>/<job number>_<its swept values>` (e.g. `runs/lr-sweep/1_lr=0.0001/`), holding what a single run's
 directory holds plus `job.json` (its overrides, status and wall time). At the end the sweep's table (overrides, final
-train and eval loss, tokens/s, wall time, status) is written to `sweep_summary.txt` and `sweep_summary.json` in the
-sweep's folder and printed.
+train and eval loss, a column per benchmark metric, tokens/s, wall time, status) is written to `sweep_summary.txt` and
+`sweep_summary.json` in the sweep's folder and printed, with the best job by `sweep.objective` and `sweep.direction`
+(which an Optuna search optimizes too).
 
 This module imports no torch: checking a sweep of many jobs takes seconds.
 """
@@ -91,16 +92,39 @@ def _label(number: int, job: list[str], swept: list[str]) -> str:
 
 def sweep_problems(planned: PlannedJobs) -> list[str]:
     """Overrides a sweep cannot take: the keys that name its folder and its jobs' run directories."""
-    return [
-        f"{key} is set by the sweep (each job's run directory is <hydra.sweep.dir>/<job>_<its values>); "
-        f"do not sweep or set it with -m, set exp_name (or hydra.sweep.dir) to name the sweep's folder"
-        for key in ("run_dir",)
-        if key in planned.swept_keys + planned.fixed_keys
-    ] + [
-        f"{key} names the sweep's folder and cannot take several values; sweep other keys"
-        for key in SWEEP_OWNED_KEYS[1:]
-        if key in planned.swept_keys
-    ]
+    return (
+        [
+            f"{key} is set by the sweep (each job's run directory is <hydra.sweep.dir>/<job>_<its values>); "
+            f"do not sweep or set it with -m, set exp_name (or hydra.sweep.dir) to name the sweep's folder"
+            for key in ("run_dir",)
+            if key in planned.swept_keys + planned.fixed_keys
+        ]
+        + [
+            f"{key} names the sweep's folder and cannot take several values; sweep other keys"
+            for key in SWEEP_OWNED_KEYS[1:]
+            if key in planned.swept_keys
+        ]
+        + [
+            f"{key} says what the whole sweep optimizes and cannot take several values; run one sweep per objective"
+            for key in ("sweep.objective", "sweep.direction")
+            if key in planned.swept_keys
+        ]
+    )
+
+
+def search_direction(sweeper: DictConfig, objective: str, direction: str) -> tuple[list[str], list[str]]:
+    """The Hydra override that makes a search (Optuna) optimize in `direction` (sweep.direction, the one home of it),
+    and the problems: a sweeper direction set the other way (Optuna's default is minimize, so that was asked for)."""
+    if "direction" not in sweeper:
+        return [], []
+    asked = sweeper.direction
+    asked = getattr(asked, "name", asked)  # the optuna sweeper's schema makes it an enum, Direction.minimize
+    if asked != direction and not (asked == "minimize" and direction == "maximize"):
+        return [], [
+            f"hydra.sweeper.direction={asked} but sweep.direction={direction}: Halyard sets the search's direction "
+            f"from sweep.direction (what sweep.objective={objective} should do); set sweep.direction={asked}"
+        ]
+    return [f"hydra.sweeper.direction={direction}"], []
 
 
 def merge_job_problems(labels: list[str], problems_by_job: list[list[str]]) -> ConfigError | None:
@@ -158,7 +182,7 @@ def run_sweep_job(raw: DictConfig, hydra_cfg: DictConfig, run_job: Callable) -> 
     record.wall_seconds = time.perf_counter() - started
     if reports:
         record.write()
-    return objective(run_dir) if code == 0 else None
+    return objective(run_dir, str(raw.sweep.objective)) if code == 0 else None
 
 
 def _reset_accelerate() -> None:
@@ -179,11 +203,28 @@ def status_of(exit_code: int) -> str:
     return "stopped" if exit_code == TrainingStopped.exit_code else "failed"
 
 
-def objective(run_dir: str) -> float | None:
-    """What a search minimizes: the final eval loss, or the final train loss when there is no eval data."""
-    summary = _read_json(Path(run_dir) / SUMMARY_FILE)
-    value = summary.get("loss/eval", summary.get("loss/train"))
-    return float(value) if value is not None and math.isfinite(value) else None
+def objective(run_dir: str, name: str = "loss/eval") -> float | None:
+    """What a search optimizes (sweep.objective), from the job's summary.json: a final metric such as
+    bench/<task>/acc; for loss/eval, the final train loss when there is no eval data. None when it is missing."""
+    return objective_value(_read_json(Path(run_dir) / SUMMARY_FILE), name)
+
+
+def objective_value(summary: dict, name: str) -> float | None:
+    value = summary.get(name)
+    if value is None and name == "loss/eval":
+        value = summary.get("loss/train")
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+def best_row(rows: list[dict], name: str, direction: str) -> dict | None:
+    """The finished job with the best value of `name` (rows of sweep_rows), or None when no job has one."""
+    scored = [
+        (value, row) for row in rows if row["status"] == "done" and (value := objective_value(row, name)) is not None
+    ]
+    if not scored:
+        return None
+    pick = max if direction == "maximize" else min
+    return pick(scored, key=lambda pair: pair[0])[1]
 
 
 def sweep_rows(sweep_dir: Path) -> list[dict]:
@@ -205,6 +246,7 @@ def sweep_rows(sweep_dir: Path) -> list[dict]:
                 "status": job.get("status"),
                 "loss/train": summary.get("loss/train"),
                 "loss/eval": summary.get("loss/eval"),
+                **{key: value for key, value in summary.items() if _benchmark_column(key)},
                 "tokens_per_second": summary.get("tokens_per_second"),
                 "wall_seconds": summary.get("wall_seconds", job.get("wall_seconds")),
                 "run_dir": job.get("run_dir"),
@@ -219,11 +261,19 @@ def _job_files(sweep_dir: Path) -> list[Path]:
     return list(sweep_dir.rglob(JOB_FILE))
 
 
+def _benchmark_column(key: str) -> bool:
+    """A benchmark metric of the final model (bench/<task>/<metric>), stderrs aside: a column of the table."""
+    return key.startswith("bench/") and not key.endswith("_stderr")
+
+
 def format_table(rows: list[dict]) -> str:
+    """The sweep's table: a column per benchmark metric any job reports, after the losses."""
+    benchmarks = list(dict.fromkeys(key for row in rows for key in row if _benchmark_column(key)))
     columns = [("job", "{}"), ("overrides", "{}"), ("status", "{}"), ("loss/train", "{:.4f}"), ("loss/eval", "{:.4f}")]
+    columns += [(name, "{:.4f}") for name in benchmarks]
     columns += [("tokens_per_second", "{:.0f}"), ("wall_seconds", "{:.1f}"), ("run_dir", "{}")]
     cells = [[name.replace("_per_second", "/s").replace("_seconds", " s") for name, _ in columns]]
-    cells += [["-" if row[name] is None else fmt.format(row[name]) for name, fmt in columns] for row in rows]
+    cells += [["-" if row.get(name) is None else fmt.format(row[name]) for name, fmt in columns] for row in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip() for line in cells
@@ -242,7 +292,7 @@ def _last_metrics(path: Path) -> dict:
             row = json.loads(line)
         except ValueError:
             continue  # a line cut by a crash
-        last.update({key: row[key] for key in ("loss/train", "loss/eval") if key in row})
+        last.update({key: row[key] for key in row if key in ("loss/train", "loss/eval") or _benchmark_column(key)})
     return last
 
 
@@ -273,12 +323,24 @@ class SweepSummary(Callback):
         heading = f"sweep {sweep_dir}: {len(rows)} jobs, " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
         # The table is the sweep's result for the person at the terminal (like Hydra's --cfg output): stdout.
         errors = "".join(f"\njob {row['job']}: {row['error']}" for row in rows if row["error"])
-        print(f"{heading}\n{table}\n(also in {sweep_dir / TABLE_FILE}){errors}", flush=True)
+        best = best_job_line(rows, config)
+        print(f"{heading}\n{table}\n{best}(also in {sweep_dir / TABLE_FILE}){errors}", flush=True)
         from train.loop.faults import TrainingStopped
 
         code = 1 if counts["failed"] or len(rows) == 0 else TrainingStopped.exit_code if counts["stopped"] else 0
         if code:
             raise SystemExit(code)
+
+
+def best_job_line(rows: list[dict], config: DictConfig) -> str:
+    """`best job: 1 (lr=0.001), bench/halyard_demo/acc 0.8125 (maximize)` and a newline, or "" without a finished
+    job that reports the objective."""
+    name = str(OmegaConf.select(config, "sweep.objective", default="loss/eval"))
+    direction = str(OmegaConf.select(config, "sweep.direction", default="minimize"))
+    row = best_row(rows, name, direction)
+    if row is None:
+        return ""
+    return f"best job: {row['job']} ({row['overrides']}), {name} {objective_value(row, name):.4f} ({direction})\n"
 
 
 def sweeper_config(driver_cfg: DictConfig) -> DictConfig:

@@ -373,9 +373,7 @@ def check_benchmarks(cfg: Config) -> list[str]:
         from train.loop.benchmarks import BenchmarkSettings, task_problems
 
         problems += task_problems(BenchmarkSettings.from_config(bench, cfg.seed))
-    if not problems:
-        problems += _check_objective(cfg)
-    return problems
+    return problems + _check_objective(cfg)
 
 
 def _check_objective(cfg: Config) -> list[str]:

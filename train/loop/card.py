@@ -146,7 +146,40 @@ def render(info: CardInfo, summary: dict, adapter_only: bool) -> str:
         lines += ["## Final metrics", "", "| metric | value |", "|---|---|"]
         lines += [f"| {key} | {_number(value)} |" for key, value in metrics.items()]
         lines.append("")
+    lines += evaluation_table(summary)
     return "\n".join(lines)
+
+
+def evaluation_table(summary: dict) -> list[str]:
+    """The card's "Evaluation" section: the final model's benchmark metrics (bench/<task>/<metric> in the summary)
+    with how they were measured; [] when no benchmark ran."""
+    setup = summary.get("benchmarks") or {}
+    rows = []
+    for key, value in summary.items():
+        if not key.startswith("bench/") or key.endswith("_stderr"):
+            continue
+        task, _, metric = key.removeprefix("bench/").partition("/")
+        stderr = summary.get(f"{key}_stderr")
+        fewshot = setup.get("num_fewshot", {}).get(task, "-")
+        limit = setup.get("limit_per_task")
+        rows.append(
+            f"| {task} | {metric} | {_number(value)} | {'-' if stderr is None else _number(stderr)} | {fewshot} | "
+            f"{'all' if limit is None else limit} | {setup.get('harness', '-')} |"
+        )
+    if not rows:
+        return []
+    return [
+        "## Evaluation",
+        "",
+        f"Benchmarks of this model with lm-evaluation-harness (seed {setup.get('seed', '-')}; limit: examples per "
+        f"task); reproduce with `lm_eval --model hf --model_args pretrained=<this folder> --tasks <task> --seed "
+        f"{setup.get('seed', 0)}`.",
+        "",
+        "| task | metric | value | stderr | few-shot | limit | harness |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
 
 
 METRIC_KEYS = (

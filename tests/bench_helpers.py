@@ -2,7 +2,9 @@
 
 The YAML names its data file by absolute path (the harness reads relative paths from the working directory), so both
 are written into a folder at test time. Both answers of a question are one token each after a space, so the
-summed-log-likelihood accuracy has no length bias.
+summed-log-likelihood accuracy has no length bias. brier_score (of the normalized choice probabilities) is a continuous
+metric: two evaluations that agree on it agree on every log-likelihood to rounding, where accuracies could agree by
+chance.
 """
 
 from __future__ import annotations
@@ -37,7 +39,10 @@ def task_yaml(data_file: Path, task: str = TASK) -> str:
         'doc_to_text: "{{question}}\\nAnswer:"\n'
         "doc_to_choice: choices\n"
         "doc_to_target: label\n"
-        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+        "metric_list:\n"
+        "  - {metric: acc, aggregation: mean, higher_is_better: true}\n"
+        "  - {metric: acc_norm, aggregation: mean, higher_is_better: true}\n"
+        "  - {metric: brier_score, aggregation: brier_score, higher_is_better: false}\n"
         "metadata:\n  version: 1.0\n"
     )
 
