@@ -5,12 +5,13 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import matplotlib.image
 import pytest
 import yaml
 
-from conftest import DEMO_EVAL, DEMO_TRAIN, REPO, run_cli
+from conftest import DEMO_EVAL, DEMO_TRAIN, OFFLINE_ENV, REPO, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -195,8 +196,44 @@ def test_chat_keeps_the_conversation_and_the_system_prompt():
 
 def test_demo_data_is_what_the_generator_writes(tmp_path):
     script("make_demo_data.py", "--out", tmp_path)
-    for name in ("train.jsonl", "eval.jsonl", "heldout_prompts.txt"):
+    for name in ("train.jsonl", "eval.jsonl", "heldout_prompts.txt", "benchmark/pirate_style.jsonl"):
         assert (tmp_path / name).read_text() == (REPO / "data" / "demo" / name).read_text(), name
+
+
+def test_the_demo_benchmark_task_reads_its_data_from_beside_its_yaml_wherever_it_is(tmp_path, monkeypatch):
+    """The demo's lm-eval task (data/demo/benchmark/pirate_style.yaml), copied to another folder and indexed from
+    another working directory, offline: its 40 questions load, each choosing between the same answer in the pirate's
+    voice and a plain one, `label` pointing at the pirate's; no training question is asked."""
+    from lm_eval.tasks import TaskManager
+
+    shutil.copytree(REPO / "data" / "demo" / "benchmark", tmp_path / "elsewhere")
+    monkeypatch.chdir(tmp_path)
+    task = TaskManager(include_path=str(tmp_path / "elsewhere"), include_defaults=False).load_task_or_group(
+        ["pirate_style"]
+    )["pirate_style"]
+    docs = list(task.test_docs())
+    assert len(docs) == 40 and task.OUTPUT_TYPE == "multiple_choice"
+    for doc in docs:
+        pirate, plain = doc["choices"][doc["label"]], doc["choices"][1 - doc["label"]]
+        answer = pirate.removeprefix("Arr, ").removesuffix(", matey!")
+        assert pirate == f"Arr, {answer}, matey!" and plain == f"Well, {answer}, my friend."
+    training = (REPO / "data" / "demo" / "train.jsonl").read_text()
+    assert not [doc["question"] for doc in docs if doc["question"] in training]
+
+
+def test_the_demo_benchmark_choices_have_equal_token_length_for_the_demo_model():
+    """Summed log-likelihood accuracy is biased by the choices' length: for the demo model's tokenizer both voices of
+    every answer have the same number of tokens (as lm-eval tokenizes a choice: after a space)."""
+    import prepare_smollm2
+    from transformers import AutoTokenizer
+
+    folder = prepare_smollm2.DEFAULT_OUT
+    if not (folder / "tokenizer.json").exists():
+        pytest.skip(f"the demo model is not converted here ({folder}): python scripts/prepare_smollm2.py")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    rows = [json.loads(line) for line in (REPO / "data/demo/benchmark/pirate_style.jsonl").read_text().splitlines()]
+    lengths = [[len(tokenizer(" " + choice)["input_ids"]) for choice in row["choices"]] for row in rows]
+    assert [row for row, (a, b) in zip(rows, lengths, strict=True) if a != b] == []
 
 
 def test_the_held_out_prompts_are_asked_in_no_training_form():
@@ -347,3 +384,51 @@ def test_clean_checkpoints_of_one_run(tmp_path):
     assert (
         not (tmp_path / "a" / "step-2").exists() and (tmp_path / "a").exists() and (tmp_path / "b" / "step-2").exists()
     )
+
+
+def test_evaluate_compares_a_run_with_its_base_as_lm_eval_scores_them(lora_run, tmp_path):
+    """scripts/evaluate.py RUN: the run's FINAL/ (after) against the base model its config names (before) on the demo
+    benchmark task, one table and --json; the values are those of the `lm_eval` command run on each folder."""
+    task = ["--tasks", "pirate_style", "--include-path", REPO / "data" / "demo" / "benchmark", "--limit", "12"]
+    out = script("evaluate.py", lora_run, *task, "--json", tmp_path / "table.json")
+    record = json.loads((tmp_path / "table.json").read_text())
+    base = yaml.safe_load((lora_run / "config.yaml").read_text())["model"]["name_or_path"]
+    assert record["compare"] == base and record["examples"] == {"pirate_style": 12}
+    [row] = record["rows"]
+    assert row["difference"] == pytest.approx(row["after"] - row["before"])
+    assert out.splitlines()[1:] == [
+        f"before: {base}",
+        f"after:  {lora_run}",
+        "task          metric  before  after   difference  stderr",
+        f"pirate_style  acc     {row['before']:.4f}  {row['after']:.4f}  {row['difference']:+.4f}     {row['stderr']:.4f}",
+    ]
+    for folder, value in ((lora_run / "FINAL", row["after"]), (base, row["before"])):
+        harness = subprocess.run(
+            [str(Path(sys.executable).parent / "lm_eval"), "--model", "hf", "--model_args", f"pretrained={folder}",
+             "--include_path", str(REPO / "data" / "demo" / "benchmark"), "--tasks", "pirate_style", "--limit", "12",
+             "--output_path", str(tmp_path / "harness")],
+            capture_output=True, text=True, cwd=tmp_path, env={**os.environ, **OFFLINE_ENV},
+        )  # fmt: skip
+        assert harness.returncode == 0, harness.stderr[-2000:]
+        [results] = sorted((tmp_path / "harness").rglob("results_*.json"), key=os.path.getmtime)[-1:]
+        assert json.loads(results.read_text())["results"]["pirate_style"]["acc,none"] == value
+
+
+def test_evaluate_loads_an_adapter_on_its_base_and_refuses_what_it_cannot_run(lora_run, tmp_path):
+    """An adapter folder evaluates as the merged model it equals; an unknown task, a folder that is no model and a bad
+    option are refused with exit code 2 before any model loads."""
+    task = ["--tasks", "pirate_style", "--include-path", REPO / "data" / "demo" / "benchmark", "--limit", "12"]
+    merged = script("evaluate.py", lora_run / "FINAL", "--no-compare", *task)
+    adapter = script("evaluate.py", lora_run / "FINAL" / "adapter", "--no-compare", *task)
+    assert merged.splitlines()[-1] == adapter.splitlines()[-1] and merged.splitlines()[-1].startswith("pirate_style")
+    unknown = run_script("evaluate.py", lora_run, "--tasks", "pirate_stlye", "--include-path", task[3])
+    assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
+    assert "unknown task 'pirate_stlye' (did you mean pirate_style?)" in unknown.stderr
+    nothing = run_script("evaluate.py", tmp_path, *task)
+    assert (
+        nothing.returncode == 2
+        and "not a run directory (with config.yaml and FINAL/), a model folder" in nothing.stderr
+    )
+    assert "smollm2" in nothing.stderr  # the presets are listed
+    bad = run_script("evaluate.py", lora_run, *task[:-1], "0")
+    assert bad.returncode == 2 and "argument --limit: 0 is invalid: must be > 0" in bad.stderr
