@@ -35,6 +35,25 @@ def test_card_of_a_lora_run_on_a_hub_model():
     assert "| loss.beta | 0.1 |" in body  # the loss's own settings too
 
 
+def test_benchmark_results_make_an_evaluation_table_and_none_make_none():
+    info = CardInfo.from_config(launch.compose_config(["model=llama", f"datasets=[{DEMO_TRAIN}]"]))
+    setup = {"harness": "lm-eval 0.4.13", "num_fewshot": {"mc": 5}, "examples": {"mc": 24}, "limit_per_task": 24,
+             "seed": 3}  # fmt: skip
+    summary = {
+        "step": 4,
+        "bench/mc/acc": 0.75,
+        "bench/mc/acc_stderr": 0.125,
+        "bench/mc/brier": 0.5,
+        "benchmarks": setup,
+    }
+    body = render(info, summary, adapter_only=False)
+    assert "## Evaluation" in body and "seed 3" in body
+    assert "| mc | acc | 0.7500 | 0.1250 | 5 | 24 | lm-eval 0.4.13 |" in body
+    assert "| mc | brier | 0.5000 | - | 5 | 24 | lm-eval 0.4.13 |" in body  # a metric without a stderr
+    assert "acc_stderr" not in body
+    assert "## Evaluation" not in render(info, {"step": 4}, adapter_only=False)
+
+
 @pytest.mark.parametrize("loss", sorted(p.stem for p in (REPO / "config" / "loss").glob("*.yaml")))
 def test_the_settings_table_holds_every_setting_of_the_loss(loss):
     cfg = launch.compose_config(["model=llama", f"datasets=[{DEMO_TRAIN}]", f"loss={loss}"])
@@ -66,3 +85,12 @@ def test_a_local_base_model_is_named_by_the_hub_id_its_folder_records(tmp_path):
     card = render(CardInfo.from_config(cfg), {}, adapter_only=False)
     assert yaml.safe_load(card.split("---\n", 2)[1])["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert f"- **Base model:** `HuggingFaceTB/SmolLM2-135M-Instruct` (trained from the local copy `{marked}`)" in card
+
+
+def test_the_evaluation_table_says_how_to_reproduce_a_chat_template_evaluation():
+    info = CardInfo.from_config(launch.compose_config(["model=llama", f"datasets=[{DEMO_TRAIN}]"]))
+    setup = {"harness": "lm-eval 0.4.13", "num_fewshot": {"mc": 0}, "limit_per_task": None, "seed": 0}
+    plain = render(info, {"step": 1, "bench/mc/acc": 1.0, "benchmarks": setup}, adapter_only=False)
+    chat = render(info, {"step": 1, "bench/mc/acc": 1.0, "benchmarks": {**setup, "apply_chat_template": True}},
+                  adapter_only=False)  # fmt: skip
+    assert "--seed 0`." in plain and "--seed 0 --apply_chat_template`." in chat
