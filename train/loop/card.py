@@ -173,7 +173,7 @@ def evaluation_table(summary: dict) -> list[str]:
         "",
         f"Benchmarks of this model with lm-evaluation-harness (seed {setup.get('seed', '-')}; limit: examples per "
         f"task); reproduce with `lm_eval --model hf --model_args pretrained=<this folder> --tasks <task> --seed "
-        f"{setup.get('seed', 0)}`.",
+        f"{setup.get('seed', 0)}{' --apply_chat_template' if setup.get('apply_chat_template') else ''}`.",
         "",
         "| task | metric | value | stderr | few-shot | limit | harness |",
         "|---|---|---|---|---|---|---|",

@@ -290,6 +290,7 @@ class BasicTrainer:
             "examples": results.samples,
             "limit_per_task": settings.limit,
             "seed": settings.seed,
+            "apply_chat_template": settings.apply_chat_template,
         }
         logger.info(
             f"benchmarks at step {self.step}: {len(settings.tasks)} task(s) in {time.perf_counter() - started:.1f} s"
