@@ -343,3 +343,36 @@ def test_cfg_job_checks_what_a_run_checks_and_prints_the_typed_config(tiny_cache
     assert "unknown key 'loss.bta' (did you mean 'loss.beta'?)" in bad.stderr
     assert "datasets: 'data/demo/nope.jsonl' is neither a file" in bad.stderr
     assert "model.name_or_path=/nonexistent: no such folder" in bad.stderr
+
+
+FAMILIES = {  # preset -> the hub id it starts from
+    "llama": "meta-llama/Llama-3.2-1B-Instruct",
+    "qwen2_5": "Qwen/Qwen2.5-1.5B-Instruct",
+    "qwen3": "Qwen/Qwen3-1.7B",
+    "mistral": "mistralai/Mistral-7B-Instruct-v0.3",
+    "gemma": "google/gemma-3-1b-it",
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_family_presets_are_one_line_starts(family, method):
+    """`model=<family> method=<method>` composes and validates: the hub id, bfloat16 (each family's stored dtype),
+    the method's adapters. What offline cannot prove: that the hub model loads and trains (it cannot be downloaded
+    here); its chat template's masks are checked where its tokenizer is (tests/data/test_chat.py)."""
+    cfg = launch.compose_config([f"model={family}", f"method={method}", f"datasets=[{DEMO_TRAIN}]"])
+    assert (cfg.model.name_or_path, cfg.model.dtype, cfg.model.use_peft) == (FAMILIES[family], "bfloat16", True)
+    assert cfg.model.quantization == ("nf4" if method == "qlora" else "none")
+
+
+def test_a_family_preset_dry_run_names_what_is_missing_offline(tiny_cache):
+    """The README's one-line start as a dry run: offline, the hub model is named with the command that fetches it;
+    pointed at a local folder, the same preset and method validate and print their settings."""
+    args = ["--cfg", "job", "model=qwen3", "method=qlora", f"datasets=[{DEMO_TRAIN}]", "exp_name=qwen3-dry"]
+    offline = run_cli(args)
+    assert offline.returncode == 2 and "Traceback" not in offline.stderr, offline.stderr
+    assert "model.name_or_path=Qwen/Qwen3-1.7B" in offline.stderr and "hf download Qwen/Qwen3-1.7B" in offline.stderr
+    local = run_cli([*args, f"cache_dir={tiny_cache}", f"++model.name_or_path={tiny_cache}/tiny-llama"])
+    assert local.returncode == 0, local.stderr
+    printed = OmegaConf.create(local.stdout).model
+    assert (printed.max_length, printed.quantization, printed.use_peft) == (4096, "nf4", True)
