@@ -160,6 +160,18 @@ def test_a_task_that_needs_a_download_offline_is_named_with_its_fix(tmp_path, mo
     assert len(task_problems(settings(tmp_path, tasks=("remote_mc",)))) == 0  # online: the harness downloads it
 
 
+def test_a_group_s_tasks_that_share_a_missing_dataset_are_one_problem(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name in ("part_a", "part_b"):
+        (tmp_path / f"{name}.yaml").write_text(
+            f"task: {name}\ndataset_path: someone/shared_dataset\ndataset_name: {name}\ntest_split: test\n"
+            "output_type: multiple_choice\ndoc_to_text: q\ndoc_to_choice: choices\ndoc_to_target: label\n"
+        )
+    (tmp_path / "both.yaml").write_text("group: both\ntask: [part_a, part_b]\n")
+    (problem,) = task_problems(settings(tmp_path, tasks=("both",)))
+    assert problem.startswith("benchmarks.tasks: 'both' (2 of its tasks, e.g. 'part_a') needs the dataset 'someone/")
+
+
 def test_a_local_task_has_no_problem(task_dir):
     assert task_problems(settings(task_dir)) == []
 
@@ -220,7 +232,7 @@ def test_benchmarks_run_at_their_steps_and_reach_every_output(bench_runs):
     assert {k: summary[k] for k in rows[4]} == rows[4]
     assert summary["benchmarks"] == {
         "harness": f"lm-eval {HARNESS_VERSION}", "num_fewshot": {TASK: 1}, "examples": {TASK: 24}, "limit_per_task": 24,
-        "seed": 3,
+        "seed": 3, "apply_chat_template": False,
     }  # fmt: skip
     assert summary["benchmarks_before_training"] == rows[0]
     acc, before = rows[4][f"bench/{TASK}/acc"], rows[0][f"bench/{TASK}/acc"]

@@ -124,12 +124,22 @@ def task_problems(settings: BenchmarkSettings) -> list[str]:
                 f"benchmarks.include_path to it"
             )
             continue
+        leaves_by_problem: dict[str, list[str]] = {}  # a group's tasks often share one dataset: said once
         for leaf, cfg in leaf_task_configs(manager, task):
             problem = dataset_problem(cfg)
             if problem:
-                named = f"'{task}'" if leaf == task else f"'{task}' (its task '{leaf}')"
-                problems.append(f"benchmarks.tasks: {named} {problem}")
+                leaves_by_problem.setdefault(problem, []).append(leaf)
+        for problem, leaves in leaves_by_problem.items():
+            problems.append(f"benchmarks.tasks: {_task_phrase(task, leaves)} {problem}")
     return problems
+
+
+def _task_phrase(task: str, leaves: list[str]) -> str:
+    if leaves == [task]:
+        return f"'{task}'"
+    if len(leaves) == 1:
+        return f"'{task}' (its task '{leaves[0]}')"
+    return f"'{task}' ({len(leaves)} of its tasks, e.g. '{leaves[0]}')"
 
 
 def task_manager(settings: BenchmarkSettings):
