@@ -94,3 +94,12 @@ def test_the_evaluation_table_says_how_to_reproduce_a_chat_template_evaluation()
     chat = render(info, {"step": 1, "bench/mc/acc": 1.0, "benchmarks": {**setup, "apply_chat_template": True}},
                   adapter_only=False)  # fmt: skip
     assert "--seed 0`." in plain and "--seed 0 --apply_chat_template`." in chat
+
+
+def test_the_card_names_the_peft_options_and_added_tokens():
+    overrides = ["model=llama", f"datasets=[{DEMO_TRAIN}]", "method=lora", "model.peft.use_dora=true"]
+    overrides += ["model.peft.use_rslora=true", "model.peft.modules_to_save=[lm_head]"]
+    cfg = launch.compose_config([*overrides, "model.add_special_tokens=['<tool_call>']"])
+    body = render(CardInfo.from_config(cfg), {"step": 1}, adapter_only=True)
+    assert "target modules all-linear, DoRA, rsLoRA, trained whole: lm_head)" in body
+    assert "| added special tokens | <tool_call> |" in body

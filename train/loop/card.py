@@ -36,6 +36,9 @@ class CardInfo:
         if cfg.model.use_peft:
             targets = ", ".join(peft.target_modules)
             lora = f"r={peft.lora_r}, alpha={peft.lora_alpha}, dropout={peft.lora_dropout}, target modules {targets}"
+            lora += "".join(f", {name}" for name, on in (("DoRA", peft.use_dora), ("rsLoRA", peft.use_rslora)) if on)
+            if peft.modules_to_save:
+                lora += f", trained whole: {', '.join(peft.modules_to_save)}"
         settings = {
             "lr": cfg.lr,
             "lr_scheduler": cfg.lr_scheduler,
@@ -48,6 +51,8 @@ class CardInfo:
             "weights saved in (save_dtype)": cfg.save_dtype,
             "seed": cfg.seed,
         }
+        if cfg.model.add_special_tokens:  # the tokenizer in FINAL/ has them; a reader must know the vocabulary grew
+            settings["added special tokens"] = ", ".join(cfg.model.add_special_tokens)
         return cls(
             base_model=cfg.model.name_or_path,
             base_model_hub_id=base_model_hub_id(cfg.model.name_or_path),
