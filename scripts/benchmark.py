@@ -7,6 +7,7 @@
     python scripts/benchmark.py cpu-options [--repeats 3] [--compile]
     python scripts/benchmark.py reference-memory [--steps 6]
     python scripts/benchmark.py scale [--rows 10000 100000 1000000] [--work DIR]
+    python scripts/benchmark.py eval-cost [--batch-sizes 8 32] [--repeats 1]
 
 sft: supervised fine-tuning, each run its own process, one after the other: Halyard unpacked with random batches,
 grouped by length (the default) and packed (rows sized to the same tokens per step), TRL 1.16's SFTTrainer padded
@@ -29,6 +30,11 @@ scale: the data path at 10k, 100k and 1M synthetic multi-turn rows (lognormal le
 tiny 2-layer model: seconds from the command to the end of step 1 (`max_steps=1`) and peak memory of all its
 processes, for the first (uncached, data.num_proc=2) run and cached runs with and without packing, on 1 and 2
 processes; and the packing plan's time over all examples.
+
+eval-cost: what a benchmark evaluation costs (benchmarks.*, scripts/evaluate.py): the demo task (data/demo/benchmark,
+two choices per question) on SmolLM2-135M's live float32 model, through train/loop/benchmarks.py as training runs it,
+in seconds per 100 questions, with and without the chat template, at each batch size, and in training steps of the
+demo timed in the same process (the ratio to choose benchmarks.every_steps by, also on a busy machine).
 
 preprocess: tokenization throughput (rows/s) of the data pipeline on a synthetic multi-turn chat set, uncached with
 1 and 2 processes (data.num_proc) and cached (a second run with the same inputs), medians over repeats, measured
@@ -141,6 +147,23 @@ def bench_reference_memory(args) -> str:
         summary = json.loads((work / extra[0].split("=")[1] / "summary.json").read_text())
         per_step = summary["train_seconds"] / summary["step"]
         lines.append(f"| {label} | {summary['peak_memory_mb']:,.0f} | {per_step:.2f} |")
+    return "\n".join(lines)
+
+
+def bench_qlora(args) -> str:
+    """LoRA over a 16-bit base vs QLoRA (4-bit NF4 base) on SmolLM2-135M's real weights through the CLI: median step
+    seconds after the warm-up, peak RSS of the training process, the base's weights as loaded, the first losses."""
+    work = Path(tempfile.mkdtemp(prefix="halyard-bench-"))
+    common = ["loss=sft", "model=smollm2", "datasets=[data/demo/train.jsonl]", f"model.dtype={args.dtype}",
+              f"max_steps={args.steps + args.warmup_steps}", "model.batch_size=8"]  # fmt: skip
+    runs = (("LoRA (base in model.dtype)", "lora", ["method=lora"]),
+            ("QLoRA nf4, double quantization", "qlora", ["method=qlora"]))  # fmt: skip
+    lines = [f"| SFT, SmolLM2-135M, {args.dtype}, batch 8 | seconds per step (median) | peak RSS (MB) | first losses |",
+             "|---|---|---|---|"]  # fmt: skip
+    for label, name, extra in runs:
+        result = run_halyard(work, name, [*common, *extra], args.warmup_steps, "supervised_tokens")
+        losses = ", ".join(f"{loss:.4f}" for loss in result["losses"])
+        lines.append(f"| {label} | {result['step_seconds']:.2f} | {result['peak_mb']:,.0f} | {losses} |")
     return "\n".join(lines)
 
 
@@ -579,6 +602,86 @@ def bench_cpu_options(args) -> str:
     return "\n".join(lines)
 
 
+def bench_eval_cost(args) -> str:
+    """Seconds per 100 questions of the demo benchmark task on SmolLM2-135M (float32, as the live model is evaluated
+    during training), with and without the chat template, at each batch size; and the same cost in training steps
+    of the demo (a float32 and a bfloat16-autocast forward + backward on 8 chat examples, timed in the same process
+    between the evaluations), a ratio that holds on a busy machine where the seconds do not."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from train.app.config import DataConfig
+    from train.batching.collate import collate
+    from train.data.preprocess import load_examples
+    from train.loop.benchmarks import HARNESS_VERSION, BenchmarkSettings, evaluate_tasks
+    from train.objectives.losses import selected_nll_sum, supervised_positions
+
+    tokenizer = AutoTokenizer.from_pretrained(args.smollm2)
+    model = AutoModelForCausalLM.from_pretrained(args.smollm2, dtype=torch.float32, attn_implementation="sdpa")
+    work = Path(tempfile.mkdtemp(prefix="halyard-bench-eval-"))
+    (work / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in synthetic_chat_rows(64, seed=4)))
+    examples = load_examples([str(work / "chat.jsonl")], tokenizer, DataConfig(), 512)[0]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batch = collate(sorted(examples, key=lambda e: len(e.input_ids))[24:32], pad)
+    step_times: dict[bool, list[float]] = {False: [], True: []}
+
+    def time_training_steps() -> None:
+        model.train()
+        for bf16 in (False, True):
+            started = time.perf_counter()
+            keep = supervised_positions(batch["labels"])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               logits_to_keep=keep).logits  # fmt: skip
+            loss = selected_nll_sum(logits, batch["labels"], keep)
+            (loss.total / loss.count).backward()
+            model.zero_grad(set_to_none=True)
+            step_times[bf16].append(time.perf_counter() - started)
+
+    def settings(batch_size: int, chat: bool, limit: int | None = None) -> BenchmarkSettings:
+        return BenchmarkSettings(
+            tasks=("pirate_style",), include_path=str(REPO / "data" / "demo" / "benchmark"), num_fewshot=None,
+            limit=limit, batch_size=batch_size, seed=0, apply_chat_template=chat,
+        )  # fmt: skip
+
+    load_before = os.getloadavg()[0]
+    started = time.perf_counter()
+    evaluate_tasks(model, tokenizer, settings(8, False, limit=2))  # indexes and loads the task; not counted
+    first = time.perf_counter() - started
+    time_training_steps()  # warm-up
+    step_times = {False: [], True: []}
+    measured = []
+    for chat in (False, True):
+        for batch_size in args.batch_sizes:
+            times = []
+            for _ in range(args.repeats):
+                time_training_steps()
+                started = time.perf_counter()
+                results = evaluate_tasks(model, tokenizer, settings(batch_size, chat))
+                times.append(time.perf_counter() - started)
+            measured.append((chat, batch_size, results.samples["pirate_style"], statistics.median(times)))
+    time_training_steps()
+    step = {bf16: statistics.median(times) for bf16, times in step_times.items()}
+    lines = [
+        f"lm-eval {HARNESS_VERSION}, task pirate_style (data/demo/benchmark: questions of two choices), SmolLM2-135M "
+        f"float32, {torch.get_num_threads()} threads, median of {args.repeats} timed run(s); the first evaluation "
+        f"(task index and data loading, 2 questions) took {first:.1f} s. Load average {load_before:.1f} before, "
+        f"{os.getloadavg()[0]:.1f} after. A training step of the demo (8 chat examples, forward + backward): "
+        f"{step[False]:.2f} s in float32, {step[True]:.2f} s in bfloat16 autocast (medians, timed between the "
+        f"evaluations).",
+        "",
+        "| prompts | batch size | questions | seconds | s per 100 questions | in float32 steps | in bf16 steps |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for chat, batch_size, questions, seconds in measured:
+        per_100 = 100 * seconds / questions
+        lines.append(
+            f"| {'chat template' if chat else 'plain'} | {batch_size} | {questions} | {seconds:.1f} | {per_100:.1f} | "
+            f"{per_100 / step[False]:.1f} | {per_100 / step[True]:.1f} |"
+        )
+    return "\n".join(lines)
+
+
 WORDS = np.array(SHIP_WORDS)
 
 
@@ -748,6 +851,14 @@ def main() -> None:
     scale.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     scale.add_argument("--mean-words", type=float, default=92.0, help="words per row (~300 tiny-model tokens)")
     scale.add_argument("--work", help="folder for data and caches (kept; default: a new temporary folder)")
+    qlora = sub.add_parser("qlora")
+    qlora.add_argument("--steps", type=int, default=6, help="timed steps per run")
+    qlora.add_argument("--warmup-steps", type=int, default=2)
+    qlora.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    cost = sub.add_parser("eval-cost")
+    cost.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
+    cost.add_argument("--repeats", type=int, default=1)
+    cost.add_argument("--smollm2", default=str(default_tokenizer))
     args = parser.parse_args()
     runners = {
         "preprocess": bench_preprocess,
@@ -757,6 +868,8 @@ def main() -> None:
         "shared-prompt": bench_shared_prompt,
         "cpu-options": bench_cpu_options,
         "scale": bench_scale,
+        "eval-cost": bench_eval_cost,
+        "qlora": bench_qlora,
     }
     table = runners[args.what](args)
     command = "python scripts/benchmark.py " + " ".join(sys.argv[1:])

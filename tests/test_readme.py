@@ -25,6 +25,8 @@ USAGE_SECTIONS = (
     "Training your own model",
     "Chat, plots, sharing and cleaning up",
     "Preference optimization and continued pretraining",
+    "Evaluation",
+    "Big models",
 )
 SKIPPED = {  # text of a command: why this test does not run it
     "bash scripts/quickstart.sh": "installs the project and trains SmolLM2-135M for ~5 minutes (CI installs already)",
