@@ -1,7 +1,8 @@
 """Merge a LoRA adapter (FINAL/adapter/ or a step checkpoint's model/ folder) into its base model.
 
 Usage: python scripts/merge_lora.py BASE ADAPTER OUT [--verbose]
-Writes OUT as a plain Hugging Face model folder (safetensors) with the base model's tokenizer and a model card
+Writes OUT as a plain Hugging Face model folder (safetensors) with the run's tokenizer (the adapter folder's, else the
+base model's; embeddings grown to it where the run added tokens) and a model card
 (README.md: the base model, with its hub id where the folder says it, the adapter, and the run's tags and datasets).
 The libraries' loading bars and known warnings are kept out unless --verbose.
 """
@@ -23,9 +24,14 @@ def merge(base: Path, adapter: Path, out: Path) -> Path:
     from train.loop.run_files import MODEL_CARD_FILE
 
     model = AutoModelForCausalLM.from_pretrained(base)
+    # The run's tokenizer where the adapter folder has one: it carries model.add_special_tokens and the chat template
+    # the run trained with. Embeddings grown for added tokens are grown on the base too (the adapter holds them).
+    tokenizer = AutoTokenizer.from_pretrained(adapter if (adapter / "tokenizer_config.json").exists() else base)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     merged.save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    tokenizer.save_pretrained(out)
     (out / MODEL_CARD_FILE).write_text(render_merged(str(base), adapter))
     return out
 

@@ -190,10 +190,15 @@ def test_sigterm_kill_during_save_and_resume_match_an_uninterrupted_run(tiny_cac
 
 @pytest.mark.slow
 def test_lora_resume_with_dropout_is_exact_and_checkpoints_hold_only_the_adapter(tiny_cache):
+    """With DoRA, rsLoRA and an added token (embeddings and head grown and trained whole): resume is exact, and
+    scripts/merge_lora.py grows the base to the run's tokenizer and merges to what FINAL/ holds."""
     common = [
         "++model.use_peft=true",
         "save_merged=both",
         "model.peft.lora_dropout=0.2",
+        "model.peft.use_dora=true",
+        "model.peft.use_rslora=true",
+        "model.add_special_tokens=['<tool_call>']",
         "max_steps=8",
         "save_every_steps=100",
         "resume_from_checkpoint=auto",
@@ -219,6 +224,7 @@ def test_lora_resume_with_dropout_is_exact_and_checkpoints_hold_only_the_adapter
         load_file(tiny_cache / "lora_cut" / "FINAL" / "model.safetensors"),
     )
     assert all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in theirs)
+    assert theirs["model.embed_tokens.weight"].shape[0] == 601  # the tiny model's 600 ids and <tool_call>
 
 
 @pytest.mark.slow
@@ -240,6 +246,29 @@ def test_fsdp_resume_from_sharded_checkpoint_is_exact(tiny_cache):
     assert shards == ["model-rank0.safetensors", "model-rank1.safetensors"]
     assert run(tiny_cache, "fsdp_cut", common, launcher=launcher).returncode == 0
     assert_same_run(tiny_cache / "fsdp_ref", tiny_cache / "fsdp_cut")
+
+
+@pytest.mark.slow
+def test_fsdp_offload_resume_matches_the_run_without_offload(tiny_cache):
+    """fsdp_offload_params: true (CPUOffloadPolicy): stopped after step 3 and resumed from its sharded checkpoint,
+    the run matches the uninterrupted run without offload (the one above: its folder is reused when there)."""
+    from test_launch import accelerate_launcher
+
+    common = [
+        "max_steps=6",
+        "save_every_steps=100",
+        "resume_from_checkpoint=auto",
+        "model.gradient_accumulation_steps=2",
+    ]
+    if not (tiny_cache / "fsdp_ref" / "FINAL").is_dir():
+        assert run(tiny_cache, "fsdp_ref", common, launcher=accelerate_launcher("fsdp_cpu_2proc.yaml")).returncode == 0
+    launcher = accelerate_launcher("fsdp_offload_cpu_2proc.yaml")
+    stopped = run(tiny_cache, "offload_cut", common, faults="sigterm@3", launcher=launcher)
+    assert stopped.returncode != 0 and "offloaded to CPU memory" in stopped.stderr
+    assert len(list((tiny_cache / "offload_cut" / "step-3").glob("model-rank*.safetensors"))) == 2
+    resumed = run(tiny_cache, "offload_cut", common, launcher=launcher)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(tiny_cache / "fsdp_ref", tiny_cache / "offload_cut")
 
 
 @pytest.mark.slow

@@ -197,3 +197,12 @@ def test_pairs_are_counted_once_under_their_own_name():
     throughput.add(Work(trained=PassCounts(8, 5, 21), supervised_tokens=5, slots=10, sequences=16), seconds=1.0)
     report = throughput.report()
     assert report["pairs"] == 8 and "examples" not in report
+
+
+def test_measuring_the_peak_leaves_the_run_s_random_state_alone():
+    """The one run per cache_dir that measures the CPU's peak must draw the same dropout masks as the next."""
+    from train.loop.throughput import measure_matmul_flops
+
+    before = torch.get_rng_state()
+    assert measure_matmul_flops(torch.device("cpu"), torch.float32, repeats=1) > 0
+    assert torch.equal(torch.get_rng_state(), before)

@@ -297,10 +297,12 @@ def load_model_folder(model: torch.nn.Module, folder: Path, adapter: bool) -> No
         from peft import set_peft_model_state_dict
 
         result = set_peft_model_state_dict(model, state)
-        if result.unexpected_keys:
-            raise HalyardError(
-                f"checkpoint {folder} has adapter weights this model lacks: {result.unexpected_keys[:5]}"
-            )
+        # Embeddings grown by model.add_special_tokens are saved by PEFT a second time (save_embedding_layers), the
+        # trained copy also under `<module>.modules_to_save.weight`, a key its loader does not expect: it loads
+        # that copy from `<module>.weight`.
+        unexpected = [key for key in result.unexpected_keys if not key.endswith(".modules_to_save.weight")]
+        if unexpected:
+            raise HalyardError(f"checkpoint {folder} has adapter weights this model lacks: {unexpected[:5]}")
         return
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = _tied_parameter_names(model)

@@ -219,9 +219,12 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, repeats: int 
     """The best FLOP/s of square matmuls of each size in MATMUL_SIZES, after a warm-up: the practical ceiling of
     this device for dense layers (the best, not the median: a peak must not be lowered by a busy machine)."""
     best = 0.0
+    # A generator of its own: drawn from the global one, the operands would shift the run's random state (LoRA
+    # dropout masks) in the one run per cache_dir that measures, and that run would not match the next.
+    generator = torch.Generator(device).manual_seed(0)
     for size in MATMUL_SIZES:
-        a = torch.randn(size, size, device=device, dtype=dtype)
-        b = torch.randn(size, size, device=device, dtype=dtype)
+        a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+        b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
         (a @ b).sum().item()  # warm-up: first-call allocation and kernel selection
         for _ in range(repeats):
             started = time.perf_counter()
