@@ -6,6 +6,7 @@ import json
 import pytest
 from data_helpers import CONVERSATION, THREE_TURNS, ids, supervised_text, template, write
 
+from conftest import REPO
 from train.app.config import DataConfig
 from train.data.chat import tokenize_conversation
 from train.data.preprocess import load_examples
@@ -269,3 +270,36 @@ def test_last_assistant_is_the_last_trained_turn(tiny_tokenizers):
     example = tokenize_conversation(messages, tokenizer, "t", "last_assistant")
     assert supervised_text(tokenizer, example) == "Arr, grass be green!<|im_end|>"
     assert "Arr, 4!" not in tokenizer.decode(example.input_ids)  # what follows the last trained turn is dropped
+
+
+FAMILY_PRESETS = ("gemma", "llama", "mistral", "qwen2_5", "qwen3")  # config/model/: the families people fine-tune
+
+
+def cached_family_tokenizer(family: str):
+    """The real tokenizer of a family preset's hub model, from the local Hugging Face cache, or a skip saying how to
+    get it: this test holds no copy of any family's chat template, so it checks each where its tokenizer is."""
+    from huggingface_hub import try_to_load_from_cache
+    from omegaconf import OmegaConf
+    from transformers import AutoTokenizer
+
+    hub_id = OmegaConf.load(REPO / "config" / "model" / f"{family}.yaml").name_or_path
+    if not isinstance(try_to_load_from_cache(hub_id, "tokenizer_config.json"), str):
+        pytest.skip(f"{hub_id}'s tokenizer is not in the local cache (hf download {hub_id} --include 'tokenizer*')")
+    return AutoTokenizer.from_pretrained(hub_id)
+
+
+@pytest.mark.parametrize("family", FAMILY_PRESETS)
+def test_each_family_s_own_template_masks_exactly(family):
+    """With the family's real tokenizer and template: a multi-turn conversation with a system prompt supervises its
+    assistant answers and nothing of the prompt (tokenize_conversation checks the supervised tokens against each
+    turn's text by equality, so a wrong mask raises), and an answer with reasoning trains as its last turn."""
+    tokenizer = cached_family_tokenizer(family)
+    supervised = supervised_text(tokenizer, tokenize_conversation(CONVERSATION, tokenizer, family))
+    assert "Arr, grass be green, matey!" in supervised and "Arr, 2 plus 2 be 4, matey!" in supervised
+    assert "What color is grass?" not in supervised and "Be brief." not in supervised
+    reasoning = [
+        CONVERSATION[1],
+        {"role": "assistant", "content": "<think>\nGrass has chlorophyll.\n</think>\n\nArr, grass be green!"},
+    ]
+    last = supervised_text(tokenizer, tokenize_conversation(reasoning, tokenizer, family, "last_assistant"))
+    assert last.strip().startswith(("<think>", "Arr")) and "Arr, grass be green!" in last
