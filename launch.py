@@ -203,22 +203,28 @@ def check_run(args, overrides: list[str]) -> None:
     from train.files import make_run_dir
 
     raw = compose_raw(overrides, args.config_dir, args.config_name or "config")
-    validate(_job_part(raw), check_model_files=True)  # before the run directory exists: a typo leaves none
+    # before the run directory exists: a typo leaves none; the memory plan against this machine, which trains
+    validate(_job_part(raw), check_model_files=True, check_memory=True)
     if is_main_process():
         make_run_dir(Path(str(raw.hydra.run.dir)))
 
 
 def show_job_config(args, overrides: list[str]) -> None:
     """`--cfg job`: the config a run would train with, checked as a run checks it (keys, types, values, data files,
-    model and tokenizer), printed typed and resolved with every default, the loss's own settings included. Nothing
-    is written. `--package KEY` prints one section, as Hydra's `--cfg job` does."""
+    model and tokenizer, the memory plan), printed typed and resolved with every default, the loss's own settings
+    included; the memory plan is logged. Nothing is written. `--package KEY` prints one section, as Hydra's
+    `--cfg job` does."""
     from omegaconf import Container, OmegaConf
 
+    from train.app.loss_registry import loss_spec
+    from train.app.memory_plan import log_plan
     from train.app.validate import validate
     from train.errors import ConfigError
 
     raw = compose_raw(overrides, args.config_dir, args.config_name or "config")
-    node = OmegaConf.structured(validate(_job_part(raw), check_model_files=True))
+    cfg = validate(_job_part(raw), check_model_files=True, check_memory=True)
+    log_plan(cfg, loss_spec(cfg))  # the memory plan, on stderr: stdout is the config
+    node = OmegaConf.structured(cfg)
     package = None if args.package in (None, "_global_") else args.package
     if package:
         node = OmegaConf.select(node, package, default=KeyError)

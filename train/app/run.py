@@ -12,6 +12,7 @@ from pathlib import Path
 from train.app.assemble import loop_settings, trainer_parts
 from train.app.config import Config
 from train.app.loss_registry import loss_spec
+from train.app.memory_plan import log_plan
 from train.app.models import build_model, build_tokenizer, resolve_dtype, resolve_save_dtype
 from train.app.runtime import build_accelerator, prepare_run_dir
 from train.app.serialize import flat_config
@@ -45,6 +46,7 @@ def run(cfg: Config) -> None:
     if why != "set":
         logger.info(f"model.dtype=auto: {cfg.model.dtype} ({why})")
     spec = loss_spec(cfg)
+    log_plan(cfg, spec)  # before anything loads: what the run will need, what the device has
     cfg.save_dtype, why = resolve_save_dtype(cfg.save_dtype, cfg.model)
     if why != "set":
         logger.info(f"save_dtype=auto: FINAL/ in {cfg.save_dtype} ({why})")

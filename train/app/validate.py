@@ -58,13 +58,17 @@ TRANSFORMERS_KEYS: dict[str, tuple[str, str]] = {
 }
 
 
-def validate(raw: DictConfig, world_size: int | None = None, check_model_files: bool = False) -> Config:
+def validate(
+    raw: DictConfig, world_size: int | None = None, check_model_files: bool = False, check_memory: bool = False
+) -> Config:
     """Check a composed config against the schema and the rules between keys; return it typed.
 
     Collects every problem (unknown keys with their closest valid name, wrong types, bad values, missing files, a
     loss that cannot be imported or does not support a setting) and raises one ConfigError listing them all. The
     loss's trainer is imported to read its settings schema and capabilities; no model or data is loaded.
-    With `check_model_files` (the CLI, before a run), the model and tokenizer folders or hub ids are checked too.
+    With `check_model_files` (the CLI, before a run), the model and tokenizer folders or hub ids are checked too;
+    with `check_memory` as well (on the machine that will train), the memory plan against this machine's device
+    (memory_check).
     """
     problems: list[str] = []
     raw_tree = OmegaConf.to_container(raw, resolve=False)
@@ -89,6 +93,10 @@ def validate(raw: DictConfig, world_size: int | None = None, check_model_files: 
         from train.app.model_paths import model_path_problems
 
         problems += model_path_problems(cfg.model)
+        if check_memory and not problems and spec:  # the plan reads config.json: once everything else is right
+            from train.app.memory_plan import memory_problem
+
+            problems += [p for p in [memory_problem(cfg, spec)] if p]
     if problems:
         raise ConfigError(problems)
     return cfg
