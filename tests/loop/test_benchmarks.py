@@ -195,14 +195,15 @@ SCORES = ("acc", "acc_norm", "brier_score")
 
 @pytest.fixture(scope="module")
 def bench_runs(tiny_cache, tmp_path_factory):
-    """The same 4 steps in one process and in two (FSDP2, each holding half of every weight); benchmarks before
-    training, at step 2 and on the final model."""
+    """The same 4 steps in one process and in two (FSDP2, each holding half of every weight: the harder case for
+    lock-step evaluation than DDP's replicas); benchmarks before training, at step 2 and on the final model."""
     tasks = write_task(tmp_path_factory.mktemp("bench_run_task"))
     runs = {}
-    for name, layout in (
-        ("bench_1proc", []),
-        ("bench_fsdp", ["accelerate_config=accelerate_config/fsdp_cpu_2proc.yaml"]),
-    ):
+    layouts = {
+        "bench_1proc": [],
+        "bench_fsdp": ["accelerate_config=accelerate_config/fsdp_cpu_2proc.yaml"],
+    }
+    for name, layout in layouts.items():
         args = [*BENCH_RUN, f"benchmarks.include_path={tasks}", f"cache_dir={tiny_cache}", f"exp_name={name}", *layout]
         result = run_cli(args, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
@@ -274,6 +275,7 @@ def test_the_lm_eval_command_on_final_gives_the_final_numbers(bench_runs, tmp_pa
 
 @pytest.mark.slow
 def test_one_process_and_two_sharded_processes_give_the_same_scores(bench_runs):
+    """1-shot prompts too: every process draws the same few-shot examples (the harness's own split would not)."""
     runs, _ = bench_runs
     one, fsdp = (bench_rows(runs[name][0]) for name in ("bench_1proc", "bench_fsdp"))
     summary = json.loads((runs["bench_fsdp"][0] / "summary.json").read_text())
