@@ -196,9 +196,17 @@ def prepare_quantized_base(model, settings: ModelConfig) -> None:
             parameter.data = parameter.data.float()
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    layers = sum(1 for module in model.modules() if _is_quantized_linear(module))
+    layers = [module for module in model.modules() if _is_quantized_linear(module)]
+    for layer in layers:
+        # bitsandbytes 0.50 on a CPU with AVX512-BF16 repacks a 4-bit weight for inference at its first forward in
+        # eval mode without gradients (an evaluation, the packing check), for good; training then runs through an
+        # op with no backward (gemv_4bit: "an autograd kernel was not registered"), and the gradients reaching the
+        # adapters below it are silently wrong (a grad norm of 0.36 became 0.20 on the tiny model). Evaluation
+        # keeps the training format: slower on such CPUs, never wrong.
+        if hasattr(layer, "support_avx512bf16_for_cpu"):
+            layer.support_avx512bf16_for_cpu = False
     logger.info(
-        f"model.quantization={settings.quantization}: {layers} linear layers quantized by bitsandbytes, "
+        f"model.quantization={settings.quantization}: {len(layers)} linear layers quantized by bitsandbytes, "
         f"{model.get_memory_footprint() / 2**20:.0f} MiB of weights"
     )
 
@@ -225,10 +233,11 @@ def add_lora(model, settings: ModelConfig, task_type: str = "CAUSAL_LM"):
         missing = [name for name in embeddings if name not in to_save]
         if missing:
             to_save += missing
-            logger.info(
-                f"model.add_special_tokens under LoRA: {', '.join(missing)} trained whole and saved with the adapter "
-                f"(model.peft.modules_to_save), so the new tokens' rows learn"
-            )
+            if not model.get_input_embeddings().weight.is_meta:  # the memory plan's shape-only copy says nothing
+                logger.info(
+                    f"model.add_special_tokens under LoRA: {', '.join(missing)} trained whole and saved with the "
+                    f"adapter (model.peft.modules_to_save), so the new tokens' rows learn"
+                )
     lora = LoraConfig(
         r=peft.lora_r,
         lora_alpha=peft.lora_alpha,
