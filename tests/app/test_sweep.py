@@ -149,6 +149,22 @@ def test_a_sweep_with_a_bad_value_runs_nothing_and_names_the_job(tmp_path, tiny_
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow  # ~30 s: an unknown task's close matches come from the index of every built-in task
+def test_a_sweep_whose_objective_no_task_produces_runs_nothing(tmp_path, tiny_cache):
+    """The objective and the tasks are checked with every job, before the first starts; a swept direction too."""
+    from bench_helpers import TASK, write_task
+
+    bench = [f"benchmarks.include_path={write_task(tmp_path / 'tasks')}", f"benchmarks.tasks=[{TASK},no_such_task]"]
+    search = [f"sweep.objective=bench/{TASK}/accuracy", "sweep.direction=minimize,maximize"]
+    result = run_cli(["-m", *SFT, f"cache_dir={tiny_cache}", "exp_name=bad-objective", *bench, *search])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "invalid configuration (3 problems)" in result.stderr, result.stderr
+    assert "sweep.direction says what the whole sweep optimizes and cannot take several values" in result.stderr
+    assert "benchmarks.tasks: unknown task 'no_such_task'" in result.stderr
+    assert f"sweep.objective=bench/{TASK}/accuracy: no task of benchmarks.tasks produces it" in result.stderr
+    assert not (tiny_cache / "bad-objective").exists()
+
+
 def test_a_sweep_under_several_processes_is_refused(tmp_path):
     """Under `accelerate launch` every process would run the whole sweep: refused, with what to do instead."""
     env_world = {**os.environ, "WORLD_SIZE": "2", "RANK": "0"}
