@@ -19,6 +19,7 @@ from train.app.serialize import flat_config
 from train.batching.layout import decide_layout
 from train.data.datasets import build_datasets
 from train.errors import HalyardError
+from train.loop.benchmarks import STDERR_SUFFIX, task_and_metric
 from train.loop.checkpoint import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -138,10 +139,10 @@ def benchmark_lines(summary: dict) -> list[str]:
     before = summary.get("benchmarks_before_training", {})
     lines = []
     for key, value in summary.items():
-        if not key.startswith("bench/") or key.endswith("_stderr"):
+        if (named := task_and_metric(key)) is None:
             continue
-        task, _, metric = key.removeprefix("bench/").partition("/")
-        stderr = summary.get(key + "_stderr")
+        task, metric = named
+        stderr = summary.get(key + STDERR_SUFFIX)
         line = f"benchmark {task} {metric} {value:.3f}" + (f" ± {stderr:.3f}" if stderr is not None else "")
         lines.append(line + (f" (before training {before[key]:.3f})" if key in before else ""))
     return lines

@@ -29,6 +29,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from train.errors import ConfigError
+from train.loop.benchmarks import task_and_metric
 from train.loop.run_files import JOB_FILE, METRICS_FILE, SUMMARY_FILE, TABLE_FILE, TABLE_JSON
 
 logger = logging.getLogger(__name__)
@@ -263,7 +264,7 @@ def _job_files(sweep_dir: Path) -> list[Path]:
 
 def _benchmark_column(key: str) -> bool:
     """A benchmark metric of the final model (bench/<task>/<metric>), stderrs aside: a column of the table."""
-    return key.startswith("bench/") and not key.endswith("_stderr")
+    return task_and_metric(key) is not None
 
 
 def format_table(rows: list[dict]) -> str:

@@ -86,6 +86,15 @@ def is_benchmark_metric(name: str) -> bool:
     return name.startswith(METRIC_PREFIX)
 
 
+def task_and_metric(name: str) -> tuple[str, str] | None:
+    """("mc", "acc") for "bench/mc/acc": a benchmark metric's task and metric; None for other names and for the
+    stderrs (what tables and progress lines show a value of)."""
+    if not is_benchmark_metric(name) or name.endswith(STDERR_SUFFIX):
+        return None
+    task, _, metric = name.removeprefix(METRIC_PREFIX).partition("/")
+    return task, metric
+
+
 def flatten_results(results: dict[str, Any]) -> dict[str, float]:
     """The harness's `results["results"]` ({task: {"acc,none": 0.5, "acc_stderr,none": 0.1, "alias": ...}}) as
     Halyard's flat metrics. Values that are not numbers ("N/A" stderrs of metrics without one) are left out."""

@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from train.app.config import Config, LossConfig
+from train.loop.benchmarks import STDERR_SUFFIX, task_and_metric
 
 # A model folder's hub id, one line: written beside a converted copy of a hub model (scripts/prepare_smollm2.py), so
 # that a card can name the hub model rather than the local path.
@@ -161,10 +162,10 @@ def evaluation_table(summary: dict) -> list[str]:
     setup = summary.get("benchmarks") or {}
     rows = []
     for key, value in summary.items():
-        if not key.startswith("bench/") or key.endswith("_stderr"):
+        if (named := task_and_metric(key)) is None:
             continue
-        task, _, metric = key.removeprefix("bench/").partition("/")
-        stderr = summary.get(f"{key}_stderr")
+        task, metric = named
+        stderr = summary.get(f"{key}{STDERR_SUFFIX}")
         fewshot = setup.get("num_fewshot", {}).get(task, "-")
         limit = setup.get("limit_per_task")
         rows.append(

@@ -16,6 +16,8 @@ import warnings
 
 from tqdm.auto import tqdm
 
+from train.loop.benchmarks import is_benchmark_metric, task_and_metric
+
 logger = logging.getLogger(__name__)
 
 # Warnings that libraries print on every run and that the user can do nothing about.
@@ -71,13 +73,9 @@ def benchmark_headlines(row: dict[str, float]) -> dict[str, float]:
     metrics.jsonl has them all."""
     shown: dict[str, float] = {}
     for key, value in row.items():
-        task, _, metric = key.removeprefix("bench/").partition("/")
-        if (
-            key.startswith("bench/")
-            and not metric.endswith("_stderr")
-            and not any(k.startswith(task + " ") for k in shown)
-        ):
-            shown[f"{task} {metric}"] = value
+        named = task_and_metric(key)
+        if named and not any(k.startswith(named[0] + " ") for k in shown):
+            shown[" ".join(named)] = value
     return shown
 
 
@@ -115,7 +113,7 @@ class Progress:
         left = self.seconds_left(row["step"]) if row["step"] > self.start_step else None
         text = full_line(row) if self.verbose else short_line(row, self.total_steps, left)
         if self.bar is not None:
-            if any(k.endswith("/eval") or k.startswith("bench/") for k in row):
+            if any(k.endswith("/eval") or is_benchmark_metric(k) for k in row):
                 self.bar.write(text, file=sys.stderr)
             return
         if self.verbose and left is not None:
