@@ -192,11 +192,11 @@ def evaluate(source: Source, settings, dtype: str):
 
 def table_rows(after: dict[str, float], before: dict[str, float] | None) -> list[dict]:
     """One row per task and metric (bench/<task>/<metric>), its stderr beside it."""
-    from train.loop.benchmarks import METRIC_PREFIX, STDERR_SUFFIX
+    from train.loop.benchmarks import STDERR_SUFFIX, task_and_metric
 
     rows = []
-    for key in sorted(k for k in after if not k.endswith(STDERR_SUFFIX)):
-        task, _, metric = key.removeprefix(METRIC_PREFIX).rpartition("/")
+    for key in sorted(k for k in after if task_and_metric(k)):
+        task, metric = task_and_metric(key)
         row = {"task": task, "metric": metric, "after": after[key], "stderr": after.get(key + STDERR_SUFFIX)}
         if before is not None:
             row |= {"before": before.get(key), "before_stderr": before.get(key + STDERR_SUFFIX)}
