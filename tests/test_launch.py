@@ -156,6 +156,7 @@ SPLITS = {  # name: (accelerate config, gradient accumulation steps, extra args)
     "1proc_accum4": (None, 4, ["data.num_workers=0", "data.group_by_length=false"]),  # collated in-process
     "2proc_accum2": ("cpu_2proc.yaml", 2, ["data.num_workers=2", "data.group_by_length=false"]),
     "2proc_fsdp_accum2": ("fsdp_cpu_2proc.yaml", 2, ["data.group_by_length=false"]),
+    "2proc_fsdp_offload_accum2": ("fsdp_offload_cpu_2proc.yaml", 2, ["data.group_by_length=false"]),
     "1proc_accum1_sequence": (None, 1, ["loss.reduction=sequence", "data.group_by_length=false"]),
     "2proc_fsdp_accum2_sequence": ("fsdp_cpu_2proc.yaml", 2, ["loss.reduction=sequence", "data.group_by_length=false"]),
     "1proc_accum1_grouped": (None, 1, []),  # grouped by length: the default
@@ -177,6 +178,7 @@ def accelerate_launcher(config_name: str) -> list[str]:
 def split_runs(tiny_cache):
     """The same 6 steps with the global batch split several ways (the demo data has uneven example lengths)."""
     runs = {}
+    logs = {}
     for name, (accelerate_config, accumulation, extra) in SPLITS.items():
         launcher = accelerate_launcher(accelerate_config) if accelerate_config else None
         args = [
@@ -190,6 +192,9 @@ def split_runs(tiny_cache):
         result = run_cli([*args, f"model.gradient_accumulation_steps={accumulation}", *extra], launcher=launcher)
         assert result.returncode == 0, result.stderr[-3000:]
         runs[name] = tiny_cache / name
+        logs[name] = result.stderr
+    offloaded = "parameters and optimizer state offloaded to CPU memory"
+    assert offloaded in logs["2proc_fsdp_offload_accum2"] and offloaded not in logs["2proc_fsdp_accum2"]
     return runs
 
 
@@ -204,6 +209,11 @@ def test_processes_and_sharding_are_real(split_runs):
     fsdp = summary_of(split_runs["2proc_fsdp_accum2"])
     assert (fsdp["num_processes"], fsdp["parallelism"]) == (2, "fsdp2")
     assert 0.45 < fsdp["local_parameter_fraction"] < 0.55  # each process holds about half of every parameter
+    offloaded = summary_of(split_runs["2proc_fsdp_offload_accum2"])
+    assert (
+        offloaded["parallelism"] == "fsdp2"
+        and offloaded["local_parameter_fraction"] == fsdp["local_parameter_fraction"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -212,6 +222,7 @@ def test_processes_and_sharding_are_real(split_runs):
         ("1proc_accum1", "1proc_accum4"),
         ("1proc_accum1", "2proc_accum2"),
         ("1proc_accum1", "2proc_fsdp_accum2"),
+        ("2proc_fsdp_accum2", "2proc_fsdp_offload_accum2"),  # offload changes where the shards live, not the math
         ("1proc_accum1_sequence", "2proc_fsdp_accum2_sequence"),
         ("1proc_accum1_grouped", "2proc_accum2_grouped"),
     ],
