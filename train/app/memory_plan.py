@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 from train.app.config import Config
@@ -346,7 +347,8 @@ def _trained(model, cfg: Config, method: str, n_layers: int) -> tuple[tuple[tupl
 
     from train.app.models import add_lora
 
-    with torch.device("meta"):
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # PEFT's call of a renamed transformers method: noise here
         adapted = add_lora(model, cfg.model)
     shapes = tuple(tuple(p.shape) for p in adapted.parameters() if p.requires_grad)
     lora_a = [m for name, m in adapted.named_modules() if name.endswith("lora_A.default")]
