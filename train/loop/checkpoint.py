@@ -488,7 +488,8 @@ def unquantized_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Mod
         base.resize_token_embeddings(rows)
     copy = get_peft_model(base, peft_config)
     set_peft_model_state_dict(copy, get_peft_model_state_dict(model))
-    copy.generation_config = trained.generation_config
+    if getattr(trained, "generation_config", None) is not None:  # a causal LM's (a reward model has none)
+        copy.generation_config = trained.generation_config
     return copy
 
 
