@@ -207,7 +207,7 @@ def prepare_quantized_base(model, settings: ModelConfig) -> None:
             layer.support_avx512bf16_for_cpu = False
     logger.info(
         f"model.quantization={settings.quantization}: {len(layers)} linear layers quantized by bitsandbytes, "
-        f"{model.get_memory_footprint() / 2**20:.0f} MiB of weights"
+        f"{model.get_memory_footprint() / 2**20:,.1f} MiB of weights"
     )
 
 
