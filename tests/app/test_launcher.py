@@ -104,3 +104,16 @@ def test_a_slurm_head_node_that_cannot_be_found_is_a_user_error(monkeypatch):
     monkeypatch.setattr(launcher.subprocess, "run", no_scontrol)
     with pytest.raises(HalyardError, match=r"first node of the SLURM allocation 'gpu\[07-08\]'"):
         launcher._slurm_head_node()
+
+
+def test_planned_fsdp_reads_the_config_before_launch_and_the_environment_after(monkeypatch):
+    """What validation refuses quantization under: FSDP from the accelerate config this process will relaunch
+    through, or from the environment `accelerate launch --config_file <fsdp config>` gave this process."""
+    from train.app.launcher import planned_fsdp
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert planned_fsdp(str(CONFIGS / "fsdp_offload_cpu_2proc.yaml")) and planned_fsdp(str(CONFIGS / "fsdp_8gpu.yaml"))
+    assert not planned_fsdp(str(CONFIGS / "cpu_2proc.yaml")) and not planned_fsdp(None)
+    monkeypatch.setenv(ACCELERATE_MARKER, "no")  # started by accelerate launch
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert planned_fsdp(None) and planned_fsdp(str(CONFIGS / "cpu_2proc.yaml"))  # what was launched decides
