@@ -338,3 +338,18 @@ def test_a_run_that_adds_tokens_saves_them_and_trains_their_rows_under_fsdp(tiny
     prompt = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
     generated = merged.generate(prompt, max_new_tokens=4, do_sample=False)[0, prompt.shape[1] :].tolist()
     assert generated  # it answers (after 4 steps, not yet with the tool call)
+
+
+def test_the_reference_cache_keys_on_the_quantization(tiny_cache, tmp_path):
+    """Reference log-probs of a 4-bit base are not the 16-bit base's: reference.precompute's cache folder differs by
+    quantization and by each 4-bit option, so neither run reuses the other's values."""
+    from train.app.models import numerics_id
+    from train.objectives.reference import ReferenceCache
+
+    path = str(tiny_cache / "tiny-llama")
+    variants = [{}, {"quantization": "nf4"}, {"quantization": "nf4", "double_quantization": False},
+                {"quantization": "fp4"}, {"quantization": "nf4", "quantization_compute_dtype": "float32"}]  # fmt: skip
+    settings = [ModelConfig(name_or_path=path, dtype="bfloat16", use_peft=True, **v) for v in variants]
+    folders = {ReferenceCache(str(tmp_path), path, numerics_id(s)).folder for s in settings}
+    assert len(folders) == len(variants)
+    assert numerics_id(settings[0]) == "bfloat16"  # unquantized: the key it always had, earlier caches stay valid
