@@ -101,6 +101,9 @@ def setup_logging() -> None:
     # Before Hydra configures logging (config/hydra/job_logging/halyard.yaml): the same format, on stderr.
     level = logging.INFO if is_main_process() else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from train.loop.progress import silence_kernel_notices  # light: no torch
+
+    silence_kernel_notices()
 
 
 def main(argv: list[str] | None = None) -> int:

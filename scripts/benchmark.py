@@ -536,37 +536,48 @@ def bench_shared_prompt(args) -> str:
     return "\n".join(lines)
 
 
+def middling_chat_batch(tokenizer, prefix: str) -> dict:
+    """A padded batch of 8 synthetic chat examples of similar, middling length (the 25th-32nd shortest of 64)."""
+    from train.app.config import DataConfig
+    from train.batching.collate import collate
+    from train.data.preprocess import load_examples
+
+    data = Path(tempfile.mkdtemp(prefix=prefix)) / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_chat_rows(64, seed=4)))
+    examples = sorted(load_examples([str(data)], tokenizer, DataConfig(), 512)[0], key=lambda e: len(e.input_ids))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return collate(examples[24:32], pad)
+
+
+def training_step_seconds(model, batch: dict, bf16: bool) -> float:
+    """Wall seconds of one forward + backward with Halyard's lean loss (logits at supervised positions only)."""
+    import torch
+
+    from train.objectives.losses import selected_nll_sum, supervised_positions
+
+    started = time.perf_counter()
+    keep = supervised_positions(batch["labels"])
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    loss = selected_nll_sum(logits, batch["labels"], keep)
+    (loss.total / loss.count).backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - started
+
+
 def bench_cpu_options(args) -> str:
     """CPU settings on one training step of SmolLM2-135M (real weights, a padded batch of chat examples), in one
     process on the same batch: threads, bfloat16 autocast, torch.compile. Median of the timed repeats."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from train.app.config import DataConfig
-    from train.batching.collate import collate
-    from train.data.preprocess import load_examples
-    from train.objectives.losses import selected_nll_sum, supervised_positions
-
     tokenizer = AutoTokenizer.from_pretrained(args.smollm2)
-    work = Path(tempfile.mkdtemp(prefix="halyard-bench-cpu-"))
-    data = work / "chat.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_chat_rows(64, seed=4)))
-    examples = sorted(load_examples([str(data)], tokenizer, DataConfig(), 512)[0], key=lambda e: len(e.input_ids))
-    batch = collate(examples[24:32], tokenizer.pad_token_id)  # 8 examples of similar, middling length
+    batch = middling_chat_batch(tokenizer, "halyard-bench-cpu-")
     threads = torch.get_num_threads()
 
     def step_seconds(model, bf16: bool, repeats: int) -> float:
-        times = []
-        for _ in range(repeats + 1):  # the first is a warm-up (and, compiled, the compilation)
-            started = time.perf_counter()
-            keep = supervised_positions(batch["labels"])
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               logits_to_keep=keep).logits  # fmt: skip
-            loss = selected_nll_sum(logits, batch["labels"], keep)
-            (loss.total / loss.count).backward()
-            model.zero_grad(set_to_none=True)
-            times.append(time.perf_counter() - started)
+        # the first is a warm-up (and, compiled, the compilation)
+        times = [training_step_seconds(model, batch, bf16) for _ in range(repeats + 1)]
         return statistics.median(times[1:]), times[0]
 
     def fresh():
@@ -610,33 +621,17 @@ def bench_eval_cost(args) -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from train.app.config import DataConfig
-    from train.batching.collate import collate
-    from train.data.preprocess import load_examples
     from train.loop.benchmarks import HARNESS_VERSION, BenchmarkSettings, evaluate_tasks
-    from train.objectives.losses import selected_nll_sum, supervised_positions
 
     tokenizer = AutoTokenizer.from_pretrained(args.smollm2)
     model = AutoModelForCausalLM.from_pretrained(args.smollm2, dtype=torch.float32, attn_implementation="sdpa")
-    work = Path(tempfile.mkdtemp(prefix="halyard-bench-eval-"))
-    (work / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in synthetic_chat_rows(64, seed=4)))
-    examples = load_examples([str(work / "chat.jsonl")], tokenizer, DataConfig(), 512)[0]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    batch = collate(sorted(examples, key=lambda e: len(e.input_ids))[24:32], pad)
+    batch = middling_chat_batch(tokenizer, "halyard-bench-eval-")
     step_times: dict[bool, list[float]] = {False: [], True: []}
 
     def time_training_steps() -> None:
         model.train()
         for bf16 in (False, True):
-            started = time.perf_counter()
-            keep = supervised_positions(batch["labels"])
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               logits_to_keep=keep).logits  # fmt: skip
-            loss = selected_nll_sum(logits, batch["labels"], keep)
-            (loss.total / loss.count).backward()
-            model.zero_grad(set_to_none=True)
-            step_times[bf16].append(time.perf_counter() - started)
+            step_times[bf16].append(training_step_seconds(model, batch, bf16))
 
     def settings(batch_size: int, chat: bool, limit: int | None = None) -> BenchmarkSettings:
         return BenchmarkSettings(
@@ -648,8 +643,9 @@ def bench_eval_cost(args) -> str:
     started = time.perf_counter()
     evaluate_tasks(model, tokenizer, settings(8, False, limit=2))  # indexes and loads the task; not counted
     first = time.perf_counter() - started
-    time_training_steps()  # warm-up
-    step_times = {False: [], True: []}
+    time_training_steps()  # warm-up, not counted
+    for times in step_times.values():
+        times.clear()
     measured = []
     for chat in (False, True):
         for batch_size in args.batch_sizes:

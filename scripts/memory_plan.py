@@ -199,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args, overrides = parser.parse_known_args(argv)
     from train.errors import HalyardError
+    from train.loop.progress import silence_kernel_notices
 
+    silence_kernel_notices()
     try:
         if args.table:
             table(args.steps, args.glibc_defaults)

@@ -25,11 +25,22 @@ KNOWN_LIBRARY_WARNINGS = (
     (FutureWarning, r".*`is_gradient_checkpointing` is deprecated"),  # transformers 5, called by peft
 )
 QUIET_LOGGERS = ("transformers", "accelerate", "datasets", "huggingface_hub", "peft")
+# bitsandbytes (imported by peft) and kernels warn at every start, offline, that an optional faster CPU kernel cannot
+# be fetched from the Hub ("pip install kernels", which is installed): nothing to act on, verbose or not. The
+# pure-torch path they fall back to is the one Halyard tests.
+KERNEL_NOTICE_LOGGERS = ("bitsandbytes", "kernels")
+
+
+def silence_kernel_notices() -> None:
+    """Before anything imports peft or bitsandbytes: launch.py, the scripts, and every run (quiet_libraries)."""
+    for name in KERNEL_NOTICE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def quiet_libraries(verbose: bool) -> None:
     """Keep the libraries' known warnings, info logs and nested progress bars (loading weights, writing shards) out
     of the run's output, unless `verbose`. Errors still show."""
+    silence_kernel_notices()
     if verbose:
         return
     for category, message in KNOWN_LIBRARY_WARNINGS:
