@@ -161,6 +161,9 @@ SPLITS = {  # name: (accelerate config, gradient accumulation steps, extra args)
     "2proc_fsdp_accum2_sequence": ("fsdp_cpu_2proc.yaml", 2, ["loss.reduction=sequence", "data.group_by_length=false"]),
     "1proc_accum1_grouped": (None, 1, []),  # grouped by length: the default
     "2proc_accum2_grouped": ("cpu_2proc.yaml", 2, []),
+    # passes of at most 90 tokens: 16 extra passes in 15 steps, into as many passes on both processes (FSDP2 all-gathers
+    # in every forward, so unequal counts would hang)
+    "2proc_fsdp_budget90": ("fsdp_cpu_2proc.yaml", 2, ["data.group_by_length=false", "model.micro_batch_tokens=90"]),
 }
 
 
@@ -195,6 +198,7 @@ def split_runs(tiny_cache):
         logs[name] = result.stderr
     offloaded = "parameters and optimizer state offloaded to CPU memory"
     assert offloaded in logs["2proc_fsdp_offload_accum2"] and offloaded not in logs["2proc_fsdp_accum2"]
+    assert "forward passes of at most 90 tokens" in logs["2proc_fsdp_budget90"]
     return runs
 
 
@@ -225,6 +229,7 @@ def test_processes_and_sharding_are_real(split_runs):
         ("2proc_fsdp_accum2", "2proc_fsdp_offload_accum2"),  # offload changes where the shards live, not the math
         ("1proc_accum1_sequence", "2proc_fsdp_accum2_sequence"),
         ("1proc_accum1_grouped", "2proc_accum2_grouped"),
+        ("1proc_accum1", "2proc_fsdp_budget90"),
     ],
 )
 def test_batch_split_does_not_change_the_math(split_runs, tiny_cache, reference, split):

@@ -130,6 +130,13 @@ def test_settings_change_the_plan_as_derived():
     offloaded = estimate(SHAPE, dataclasses.replace(sharded, offload=True))
     assert offloaded.optimizer_state == 0 and offloaded.offloaded > 0 and offloaded.total < half.total
 
+    # model.micro_batch_tokens=64: passes of one 64-token row instead of two; never below one full row
+    budget = dataclasses.replace(settings, micro_batch_tokens=64)
+    assert mp.activation_bytes(SHAPE, budget) == 64 * (4 * per_layer + 12 * h)
+    assert mp.logit_bytes(SHAPE, budget) == 62 * 1000 * 8 + 62 * 1000 * 12
+    assert mp.pass_tokens(dataclasses.replace(settings, micro_batch_tokens=10)) == 64
+    assert mp.pass_tokens(dataclasses.replace(settings, micro_batch_tokens=10_000)) == 128
+
 
 def test_the_peak_is_the_larger_moment_of_a_step():
     big_batch = PlanSettings(method="full", compute_dtype="float32", rows_per_micro_batch=8, tokens_per_row=512)

@@ -9,7 +9,15 @@ import torch
 
 from train.batching.collate import collate_batch
 from train.batching.layout import Layout
-from train.batching.plan import GROUP_BATCHES, BatchPlan, StepBatches, step_loader
+from train.batching.plan import (
+    GROUP_BATCHES,
+    BatchPlan,
+    StepBatches,
+    auto_micro_batch_tokens,
+    split_evenly,
+    step_loader,
+    token_passes,
+)
 from train.data.store import Example
 
 
@@ -103,3 +111,66 @@ def test_loader_workers_prepare_the_same_batches_in_order():
     before = torch.get_rng_state()
     list(step_loader(batches, num_workers=1, pin_memory=False))
     assert torch.equal(torch.get_rng_state(), before)  # the global RNG (dropout) is untouched: resume stays exact
+
+
+# ---- the token budget per forward pass (model.micro_batch_tokens) ----
+
+
+def test_token_passes_sort_by_length_and_cut_where_the_budget_is_reached():
+    # lengths 50, 10, 40, 30, 20: sorted 10, 20, 30, 40, 50. Budget 90: {10, 20, 30} pads to 3 x 30 = 90 (fits);
+    # adding 40 would be 4 x 40 = 160; {40, 50}: 2 x 50 = 100 > 90, so 40 and 50 each alone.
+    lengths = np.array([50, 10, 40, 30, 20])
+    passes = token_passes(lengths, max_tokens=90)
+    assert [lengths[p].tolist() for p in passes] == [[10, 20, 30], [40], [50]]
+    assert [p.tolist() for p in passes] == [[1, 4, 3], [2], [0]]
+    assert [lengths[p].tolist() for p in token_passes(lengths, max_tokens=250)] == [[10, 20, 30, 40, 50]]
+    assert [lengths[p].tolist() for p in token_passes(lengths, max_tokens=5)] == [[10], [20], [30], [40], [50]]
+
+
+def test_split_evenly_halves_the_largest_pass_until_there_are_enough():
+    lengths = np.array([10, 10, 10, 10, 100])
+    passes = split_evenly([np.array([0, 1, 2, 3]), np.array([4])], lengths, 4)
+    assert [p.tolist() for p in passes] == [[0], [1], [2, 3], [4]]
+
+
+def test_auto_budget_is_the_mean_micro_batch_plus_a_quarter_at_least_the_longest_item():
+    assert auto_micro_batch_tokens(np.array([100, 300]), micro_batch_size=4) == 1000  # 4 x 200 x 1.25
+    assert auto_micro_batch_tokens(np.array([10, 10, 10, 900]), micro_batch_size=1) == 900
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_a_token_budget_keeps_every_step_s_examples_and_equal_passes_on_every_process(grouped):
+    """Splitting micro-batches into passes never changes which examples a step trains on (so the exactly normalized
+    gradient is the same), bounds every pass's padded tokens unless one item alone exceeds the budget, and every
+    process runs as many passes (a sharded model communicates in each forward)."""
+    lengths = np.random.default_rng(1).lognormal(5, 0.8, 203).astype(np.int64) + 1
+    args = {"n_items": 203, "batch_size": 8, "seed": 3, "lengths": lengths if grouped else None}
+    budget = 600
+    split_steps = 0
+    for step in (0, 5, 25, 26, 60):
+        expected = sorted(global_batch(args, 1, 1, step))
+        for n_processes, accumulation_steps in ((1, 1), (2, 1), (2, 2), (4, 2)):
+            seen, n_passes = [], set()
+            for rank in range(n_processes):
+                plan = BatchPlan(**args, n_processes=n_processes, rank=rank, accumulation_steps=accumulation_steps,
+                                 item_tokens=lengths, micro_batch_tokens=budget)  # fmt: skip
+                _, passes = plan.micro_batches(step)
+                assert len(passes) == plan.passes_per_step(step)
+                n_passes.add(len(passes))
+                for items in passes:
+                    assert len(items) == 1 or len(items) * lengths[items].max() <= budget
+                for mine, after in zip(passes, plan.successors(step), strict=True):
+                    assert len(mine) == len(after)
+                seen += [int(i) for p in passes for i in p]
+                split_steps += len(passes) > accumulation_steps
+            assert sorted(seen) == expected
+            assert len(n_passes) == 1
+    assert split_steps  # the budget did split some micro-batches
+
+
+def test_without_a_budget_the_micro_batches_are_cut_as_before():
+    args = {"n_items": 40, "batch_size": 8, "n_processes": 2, "rank": 1, "accumulation_steps": 2, "seed": 0}
+    lengths = np.arange(1, 41)
+    plain = BatchPlan(**args).micro_batches(3)[1]
+    roomy = BatchPlan(**args, item_tokens=lengths, micro_batch_tokens=10_000).micro_batches(3)[1]
+    assert [m.tolist() for m in roomy] == [m.tolist() for m in plain]

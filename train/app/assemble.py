@@ -4,6 +4,7 @@ batch plan and the number of steps, the throughput meter. The trainer reads no c
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from train.app.config import Config
 from train.app.models import TORCH_DTYPES, resolve_save_dtype, verify_packing_isolation
 from train.app.serialize import config_yaml
 from train.batching.layout import Layout
-from train.batching.plan import BatchPlan
+from train.batching.plan import AUTO_TOKEN_HEADROOM, BatchPlan, auto_micro_batch_tokens
 from train.data.store import PackedStore, TokenStore, packed_row_tokens
 from train.errors import DataError, HalyardError
 from train.loop import checkpoint
@@ -55,6 +56,7 @@ def loop_settings(cfg: Config, trainer_class: type[BasicTrainer], *, total_steps
         verbose=cfg.verbose,
         benchmarks=BenchmarkSettings.from_config(cfg.benchmarks, cfg.seed) if cfg.benchmarks.tasks else None,
         benchmarks_every_steps=cfg.benchmarks.every_steps,
+        head_loss=cfg.model.head_loss,
     )
 
 
@@ -114,7 +116,11 @@ def trainer_parts(
         batch_plan=plan,
         total_steps=total_steps,
         throughput=throughput,
-        summary={"peak_flops_per_second": peak.flops_per_second, "peak_flops_source": peak.source},
+        summary={
+            "peak_flops_per_second": peak.flops_per_second,
+            "peak_flops_source": peak.source,
+            "micro_batch_tokens": plan.micro_batch_tokens,
+        },
         sample_rewards=rewards,
     )
 
@@ -153,10 +159,15 @@ def batch_plan(
         accumulation_steps=cfg.model.gradient_accumulation_steps,
         seed=cfg.seed,
         lengths=train_data.lengths() if cfg.data.group_by_length else None,
+        item_tokens=train_data.lengths(),
     )
     packed = train_data.layout is Layout.PACKED
     unit = batch_unit(train_data, trainer_class.example_unit)
     logger.info(batching_choice(packed, cfg.data.group_by_length))
+    if plan.steps_per_epoch:
+        budget = cfg.model.micro_batch_tokens or auto_micro_batch_tokens(train_data.lengths(), plan.micro_batch_size)
+        plan = dataclasses.replace(plan, micro_batch_tokens=budget)
+        logger.info(token_budget_line(plan, cfg.model.micro_batch_tokens is None, unit))
     if plan.steps_per_epoch == 0:
         what = f"has {len(train_data)} {trainer_class.example_unit}"
         if packed:
@@ -176,6 +187,27 @@ def batch_plan(
             f"left out (the order is reshuffled every epoch)"
         )
     return plan
+
+
+SPLIT_SURVEY_STEPS = 1000  # the start-up log counts split micro-batches over at most this many steps
+
+
+def token_budget_line(plan: BatchPlan, auto: bool, unit: str) -> str:
+    """What the log says about model.micro_batch_tokens: the budget, why, and how often it splits a micro-batch."""
+    surveyed = min(plan.steps_per_epoch, SPLIT_SURVEY_STEPS)
+    extra = [plan.passes_per_step(step) - plan.accumulation_steps for step in range(surveyed)]
+    mean_tokens = float(plan.item_tokens.mean())
+    why = (
+        f"model.micro_batch_tokens=null: {plan.micro_batch_size} {unit} x {mean_tokens:.0f} tokens on average, "
+        f"+{AUTO_TOKEN_HEADROOM - 1:.0%}"
+        if auto
+        else "model.micro_batch_tokens"
+    )
+    return (
+        f"forward passes of at most {plan.micro_batch_tokens} tokens, padding included ({why}); "
+        f"{sum(1 for e in extra if e)} of the first {surveyed} steps run longer micro-batches as "
+        f"{sum(extra)} extra pass(es) in all (same examples, same gradient, less memory)"
+    )
 
 
 def batching_choice(packed: bool, grouped: bool) -> str:

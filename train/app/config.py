@@ -122,6 +122,13 @@ class ModelConfig:
     )
     eval_batch_size: int = setting(8, "Global batch for evaluation, in examples.")
     gradient_accumulation_steps: int = setting(1, "Micro-batches accumulated per optimizer step on each process.")
+    micro_batch_tokens: int | None = setting(
+        None,
+        "Most tokens one forward pass holds on a process, padding included (items x the longest): a micro-batch "
+        "over it runs as several passes of the same optimizer step (the same examples, so the same gradient), so "
+        "peak memory follows this budget, not which long examples meet. null: the data's mean micro-batch plus a "
+        "quarter, at least its longest item.",
+    )
     max_length: int = setting(512, "Maximum tokens per example (prompt + response); longer examples are truncated.")
     max_grad_norm: float | None = setting(
         1.0, "Clip the global gradient L2 norm to this value; null disables clipping."

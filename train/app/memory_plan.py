@@ -100,6 +100,7 @@ class PlanSettings:
     rows_per_micro_batch: int = 1  # sequences in one micro-batch (a pair is two)
     gradient_accumulation_steps: int = 1
     tokens_per_row: int = 512
+    micro_batch_tokens: int | None = None  # model.micro_batch_tokens when set: a forward pass holds at most this
     gradient_checkpointing: bool = False
     lora_dropout: float = 0.0
     reference: str = "none"  # "none", "model" (a separate copy), "adapters" (the policy without them), "precomputed"
@@ -250,7 +251,7 @@ def _adafactor_state(shape: tuple[int, ...]) -> int:
 def activation_bytes(shape: ModelShape, settings: PlanSettings) -> int:
     """What autograd keeps for backward over one micro-batch: every layer's saved tensors, or with gradient
     checkpointing each layer's input and one layer's tensors at a time (recomputed in backward)."""
-    tokens = settings.rows_per_micro_batch * settings.tokens_per_row
+    tokens = pass_tokens(settings)
     dtype = "float32" if settings.compute_dtype == "float32" else "bfloat16"
     per_layer = layer_bytes_per_token(shape, settings.method, dtype, settings.lora_dropout)
     kind = "full" if settings.method == "full" else "lora"
@@ -260,6 +261,15 @@ def activation_bytes(shape: ModelShape, settings: PlanSettings) -> int:
     # The residual stream between layers is float32, but for a LoRA base held in bfloat16.
     residual = 2 if settings.method == "lora" and dtype == "bfloat16" else 4
     return int(tokens * (shape.n_layers * residual * shape.hidden + per_layer + outside))
+
+
+def pass_tokens(settings: PlanSettings) -> int:
+    """Tokens of the largest forward pass: a full micro-batch, or model.micro_batch_tokens where that is less (one
+    full row always fits: an item over the budget runs alone)."""
+    tokens = settings.rows_per_micro_batch * settings.tokens_per_row
+    if settings.micro_batch_tokens is None:
+        return tokens
+    return min(tokens, max(settings.micro_batch_tokens, settings.tokens_per_row))
 
 
 def layer_bytes_per_token(shape: ModelShape, method: str, dtype: str, lora_dropout: float) -> float:
@@ -277,7 +287,7 @@ def logit_bytes(shape: ModelShape, settings: PlanSettings) -> int:
     the float32 chunk being log-softmaxed in backward: its upcast, its log-softmax and its gradient."""
     if not settings.lm_head:
         return 0
-    positions = settings.rows_per_micro_batch * max(settings.tokens_per_row - 1, 1)
+    positions = max(pass_tokens(settings) - settings.rows_per_micro_batch, 1)
     logit = DTYPE_BYTES[settings.compute_dtype]
     chunk = min(positions, LOGIT_CHUNK_POSITIONS)
     return int(positions * shape.vocab * 2 * logit + chunk * shape.vocab * 3 * 4)
@@ -387,6 +397,7 @@ def plan_settings(cfg: Config, spec, n_processes: int, sharded: bool, offload: b
         rows_per_micro_batch=micro_batch * rows_per_item,
         gradient_accumulation_steps=cfg.model.gradient_accumulation_steps,
         tokens_per_row=tokens,
+        micro_batch_tokens=cfg.model.micro_batch_tokens,
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         lora_dropout=cfg.model.peft.lora_dropout if method != "full" else 0.0,
         reference=_reference_kind(cfg, spec),
@@ -565,6 +576,8 @@ def summary_line(planned: PlannedRun) -> str:
     plan, settings = planned.plan, planned.settings
     what = f"{settings.method}, {settings.compute_dtype}, {settings.optimizer}"
     what += f", micro-batch {settings.rows_per_micro_batch} x {settings.tokens_per_row} tokens"
+    if pass_tokens(settings) < settings.rows_per_micro_batch * settings.tokens_per_row:
+        what += f" in passes of at most {pass_tokens(settings)}"
     if settings.gradient_checkpointing:
         what += ", gradient checkpointing"
     if settings.sharded:

@@ -481,6 +481,11 @@ def _check_model(model: ModelConfig, world_size: int) -> list[str]:
             f"model.batch_size={model.batch_size} does not split into {world_size} process(es) x "
             f"{model.gradient_accumulation_steps} accumulation step(s); choose a multiple of {micro_batches}"
         )
+    if model.micro_batch_tokens is not None and model.micro_batch_tokens <= 0:
+        problems.append(
+            f"model.micro_batch_tokens={model.micro_batch_tokens}: must be a positive number of tokens per forward "
+            f"pass (null: from the data's mean micro-batch)"
+        )
     if model.eval_batch_size > 0 and model.eval_batch_size % world_size:
         problems.append(
             f"model.eval_batch_size={model.eval_batch_size}: must be a multiple of the {world_size} processes"
