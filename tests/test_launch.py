@@ -41,8 +41,9 @@ def final_eval_loss_by_the_models_own_loss(final_dir) -> float:
 @pytest.fixture(scope="module")
 def full_run(tiny_cache):
     result = run_cli(
-        [*COMMON, f"cache_dir={tiny_cache}", "exp_name=full", "n_epochs=3", "log_every_steps=5", "eval_every_steps=15"]
-    )
+        [*COMMON, f"cache_dir={tiny_cache}", "exp_name=full", "n_epochs=3", "log_every_steps=5", "eval_every_steps=15",
+         "profile_steps=3"]
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return tiny_cache / "full"
 
@@ -83,6 +84,22 @@ def test_summary_matches_the_metrics(full_run):
     # MFU against a robustly measured peak (recorded with its source) stays a fraction, on every logged step
     assert summary["peak_flops_source"].startswith("measured") and summary["peak_flops_per_second"] > 1e9
     assert all(0 < row["mfu"] <= 1 for row in read_metrics(full_run) if "mfu" in row)
+
+
+def test_profiled_steps_are_broken_down_by_phase(full_run):
+    """profile_steps=3: steps 2-4 timed by phase; the phases and "other" add up to the step, and the trace holds the
+    phases' ranges around the operators."""
+    from train.loop.profile import PHASES
+
+    profile = json.loads((full_run / "summary.json").read_text())["profile"]
+    assert set(profile) == {*PHASES, "other", "step"}
+    assert all(profile[name] >= 0 for name in PHASES) and profile["forward"] > 0 and profile["backward"] > 0
+    assert profile["step"] < 10 * max(profile["forward"], profile["backward"])
+    text = (full_run / "profile.md").read_text()
+    assert text.startswith("# Profile of steps 2-4") and "| backward |" in text and "aten::mm" in text
+    trace = json.loads((full_run / "profile_trace.json").read_text())
+    names = {event.get("name") for event in trace["traceEvents"]}
+    assert {"halyard/forward", "halyard/loss", "halyard/backward", "halyard/optimizer"} <= names
 
 
 def test_run_dir_holds_config_metrics_and_a_loadable_final(full_run):

@@ -9,6 +9,7 @@ import torch
 
 from train.batching.collate import Batch
 from train.batching.layout import Layout
+from train.loop.profile import phase
 from train.loop.trainer import forward_supervised
 from train.objectives.losses import selected_sequence_logps, token_logps
 
@@ -21,7 +22,8 @@ def forward_sequence_logps(model, batch: Batch) -> tuple[torch.Tensor, torch.Ten
         logits, keep = forward_supervised(model, batch)
         return selected_sequence_logps(logits, batch["labels"], keep, example_ids=batch.example_ids)
     inputs = {key: batch[key] for key in ("input_ids", "position_ids", "attention_mask")}
-    logits = model(**inputs, logits_to_keep=batch["keep"]).logits
+    with phase("forward"):
+        logits = model(**inputs, logits_to_keep=batch["keep"]).logits
     # the prompt's last position predicts both responses' first tokens: its logits row is used twice
     logps = token_logps(logits[batch["logit_rows"]], batch["targets"])
     n = 2 * batch["input_ids"].shape[0]
