@@ -64,6 +64,19 @@ def profile_written(run_dir) -> bool:
     )
 
 
+def test_a_whole_phase_keeps_the_phases_inside_it(tmp_path, clock):
+    """The reference model's forward is the reference phase, not a forward."""
+    profiler = StepProfiler(1, total_steps=5, run_dir=tmp_path, device=torch.device("cpu"), is_main=False)
+    profiler.begin_step(2, data_seconds=0.0)
+    with phase("loss"):
+        with phase("forward"):
+            clock.now += 1.0
+        with phase("reference", whole=True), phase("forward"):
+            clock.now += 4.0
+    medians = profiler.end_step(2)
+    assert (medians["forward"], medians["reference"], medians["loss"]) == (1.0, 4.0, 0.0)
+
+
 def test_a_short_run_profiles_what_there_is_and_closing_stops_the_profiler(tmp_path, clock):
     short = StepProfiler(5, total_steps=3, run_dir=tmp_path, device=torch.device("cpu"), is_main=False)
     assert (short.first, short.last) == (2, 3)

@@ -7,6 +7,7 @@ asynchronous GPU work lands in the phase that queued it. The phases, in step ord
     data       waiting for the step's collated micro-batches (collation itself, with data.num_workers=0)
     to_device  copying them to the training device
     forward    the model's forward passes (the loss's head included where the model computes it)
+    reference  the frozen reference model's forward passes (preference losses with a live reference)
     loss       the loss from the model's output: the float32 log-softmax, the loss function
     backward   the backward passes (with DDP, the gradient all-reduce overlapping them)
     reduce     all-reducing the step's unit counts, loss and metrics over processes
@@ -35,7 +36,7 @@ from train.loop.run_files import PROFILE_TRACE_FILE as TRACE_FILE
 
 logger = logging.getLogger(__name__)
 
-PHASES = ("data", "to_device", "forward", "loss", "backward", "reduce", "clip", "optimizer", "log")
+PHASES = ("data", "to_device", "forward", "reference", "loss", "backward", "reduce", "clip", "optimizer", "log")
 FIRST_PROFILED_STEP = 2  # step 1 pays one-time costs (allocator growth, lazy initialization, compilation)
 TOP_OPERATORS = 20
 
@@ -43,13 +44,14 @@ _active: StepProfiler | None = None  # the profiler of the step being profiled; 
 
 
 @contextlib.contextmanager
-def phase(name: str):
+def phase(name: str, whole: bool = False):
     """Time the enclosed code as phase `name` of the step being profiled; does nothing when none is. A phase inside
-    another (forward inside loss) is subtracted from the outer one."""
+    another (forward inside loss) is subtracted from the outer one, unless the outer one is `whole` (the reference
+    model's forward is the reference phase, not a forward)."""
     if _active is None:
         yield
         return
-    with _active.timed(name):
+    with _active.timed(name, whole):
         yield
 
 
@@ -63,6 +65,7 @@ class StepProfiler:
         self.steps: list[dict[str, float]] = []  # per profiled step: phase -> seconds, and "step"
         self.current: dict[str, float] = defaultdict(float)
         self.stack: list[float] = []  # the time nested phases took, one entry per open phase
+        self.inside_whole = 0  # open `whole` phases: the phases inside them are not timed apart
         self.torch_profiler = None
         self.started = 0.0
 
@@ -109,7 +112,11 @@ class StepProfiler:
         self.torch_profiler = None
 
     @contextlib.contextmanager
-    def timed(self, name: str):
+    def timed(self, name: str, whole: bool = False):
+        if self.inside_whole:
+            yield
+            return
+        self.inside_whole += whole
         self._synchronize()
         started = time.perf_counter()
         self.stack.append(0.0)
@@ -117,6 +124,7 @@ class StepProfiler:
             with torch.profiler.record_function(f"halyard/{name}"):
                 yield
         finally:
+            self.inside_whole -= whole
             self._synchronize()
             elapsed = time.perf_counter() - started
             nested = self.stack.pop()

@@ -24,6 +24,7 @@ from train.data.store import PackedStore, TokenStore, TokenTable
 from train.errors import HalyardError
 from train.files import partial_of, publish
 from train.loop.distributed import shard_model
+from train.loop.profile import phase
 from train.loop.throughput import Work, pass_counts
 
 logger = logging.getLogger(__name__)
@@ -57,14 +58,14 @@ class ReferenceMixin:
         if "reference_logps" in batch:
             return batch["reference_logps"]
         if self.reference_model is not None:
-            with self.accelerator.autocast():
+            with self.accelerator.autocast(), phase("reference", whole=True):
                 return forward_sequence_logps(self.reference_model, batch)[0]
         policy = self.accelerator.unwrap_model(self.model)  # LoRA: the policy with its adapters switched off
         if not hasattr(policy, "disable_adapter"):
             raise HalyardError(
                 "no reference model: this loss needs one (or ++model.use_peft=true, or reference.precompute)"
             )
-        with policy.disable_adapter(), self.accelerator.autocast():
+        with policy.disable_adapter(), self.accelerator.autocast(), phase("reference", whole=True):
             return forward_sequence_logps(policy, batch)[0]
 
     @torch.no_grad()
