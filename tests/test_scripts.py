@@ -432,3 +432,41 @@ def test_evaluate_loads_an_adapter_on_its_base_and_refuses_what_it_cannot_run(lo
     assert "smollm2" in nothing.stderr  # the presets are listed
     bad = run_script("evaluate.py", lora_run, *task[:-1], "0")
     assert bad.returncode == 2 and "argument --limit: 0 is invalid: must be > 0" in bad.stderr
+
+
+def test_every_benchmark_subcommand_parses_and_runs_a_function_of_scripts_bench():
+    """scripts/benchmark.py is the command line of scripts/bench/: each subcommand parses with its defaults and names
+    a function of the package, and each runner has its subcommand."""
+    import importlib
+
+    import benchmark
+
+    parser = benchmark.build_parser()
+    [subcommands] = [action.choices for action in parser._actions if action.dest == "what"]
+    assert sorted(subcommands) == sorted(benchmark.RUNNERS)
+    for subcommand, (module, function) in benchmark.RUNNERS.items():
+        assert parser.parse_args([subcommand]).what == subcommand
+        assert callable(getattr(importlib.import_module(f"scripts.bench.{module}"), function)), subcommand
+
+
+@pytest.mark.slow
+def test_the_benchmark_child_trains_the_bare_loop_on_packed_batches(tiny_cache, tmp_path):
+    """The peer runs' program (scripts/bench/child.py, run as a module in its own process) trains the bare loop on
+    packed batches as sft.py writes them: one loss per step, the supervised tokens of each (labels past the first
+    position that are not -100), the timed steps after the warm-up."""
+    import torch
+    from safetensors.torch import save_file
+
+    from scripts.bench.runs import run_child
+
+    ids = torch.arange(3 * 16).reshape(3, 1, 16) % 50 + 3
+    labels = ids.clone()
+    labels[:, :, :6] = -100  # 10 supervised tokens a step
+    batches = {f"{i}.{key}": value[i] for i in range(3)
+               for key, value in (("input_ids", ids), ("position_ids", torch.arange(16).expand(3, 1, 16)),
+                                  ("labels", labels))}  # fmt: skip
+    save_file({key: value.contiguous() for key, value in batches.items()}, tmp_path / "packed_batches.safetensors")
+    settings = {"model": str(tiny_cache / "tiny-llama"), "dtype": "float32", "lr": 1e-5, "steps": 3, "warmup_steps": 1}
+    result = run_child("bare", tmp_path, settings)
+    assert result["units_per_step"] == 10 and len(result["losses"]) == 2
+    assert result["step_seconds"] > 0 and result["rate"] > 0 and result["peak_mb"] > 0

@@ -1,0 +1,143 @@
+"""One peer run of the sft and dpo benchmarks, in its own process so that its peak RSS is its own: TRL 1.16's
+SFTTrainer or DPOTrainer, or a bare PyTorch loop over Halyard's packed batches with the model's own loss.
+
+    python -m scripts.bench.child MODE WORK SETTINGS     (from the repository root; runs.run_child runs it)
+
+MODE: trl-sft, trl-sft-pf (padding-free), trl-dpo, trl-dpo-pre (precompute_ref_log_probs) or bare. WORK: the
+benchmark's folder, holding what sft.py and dpo.py wrote there (sft.jsonl, pairs.jsonl, packed_batches.safetensors).
+SETTINGS: a JSON object with model (a folder), dtype, lr, steps, warmup_steps, and pairs (pairs per step, DPO).
+The last line printed is a JSON object: the median step seconds and mean units per step over the timed steps (after
+warmup_steps), their rate (units/s), the peak RSS in MB and the first two losses.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+IGNORE_INDEX = -100  # a label the loss skips (Halyard's and transformers' convention)
+
+
+class Clock(TrainerCallback):
+    """Each optimizer step's wall seconds and each logged loss of a TRL run, into the lists it is given."""
+
+    def __init__(self, times: list[float], losses: list[float]) -> None:
+        self.times, self.losses, self.started = times, losses, 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter() - self.started)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append(logs["loss"])
+
+
+def trl_arguments(mode: str, work: Path, settings: dict) -> dict:
+    """The TrainingArguments both TRL trainers share: constant learning rate, no clipping, no checkpointing, a CPU
+    run logged every step."""
+    return dict(output_dir=str(work / f"trl-{mode}"), num_train_epochs=1, learning_rate=settings["lr"],
+                max_grad_norm=0.0, lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
+                use_cpu=True, seed=0, gradient_checkpointing=False, bf16=settings["dtype"] == "bfloat16",
+                dataloader_num_workers=0, max_length=None)  # fmt: skip
+
+
+def in_order(trainer) -> None:
+    """Batches in the file's order, as Halyard's runs see them: TRL would shuffle."""
+    trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
+
+
+def trl_sft(model, mode: str, work: Path, settings: dict, clock: Clock) -> list[int]:
+    """SFTTrainer, padded or padding-free (mode trl-sft-pf), 8 examples per step, on Halyard's tokens and labels;
+    the supervised tokens of each step."""
+    # TRL is optional (pip install -e ".[bench]"): imported only by the modes that use it
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    lines = (work / "sft.jsonl").read_text().splitlines()
+    examples = [json.loads(line) for line in lines][: settings["steps"] * 8]
+    rows = [{"input_ids": e["input_ids"], "completion_mask": [0] + [int(t != IGNORE_INDEX) for t in e["labels"][1:]]}
+            for e in examples]  # fmt: skip
+    config = SFTConfig(per_device_train_batch_size=8, completion_only_loss=True, padding_free=mode.endswith("-pf"),
+                       shuffle_dataset=False, **trl_arguments(mode, work, settings))  # fmt: skip
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), callbacks=[clock])
+    in_order(trainer)
+    trainer.train()
+    return [sum(sum(r["completion_mask"]) for r in rows[i : i + 8]) for i in range(0, len(rows), 8)]
+
+
+def trl_dpo(model, mode: str, work: Path, settings: dict, clock: Clock) -> list[int]:
+    """DPOTrainer, padded, with a live or a precomputed (mode trl-dpo-pre) reference, on Halyard's token ids; the
+    pairs of each step."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    class Pretokenized(DPOTrainer):  # the same token ids as Halyard's runs: no re-tokenization
+        def _prepare_dataset(self, dataset, *args, **kwargs):
+            return dataset
+
+    n = settings["pairs"]
+    pairs = [json.loads(line) for line in (work / "pairs.jsonl").read_text().splitlines()][: settings["steps"] * n]
+    config = DPOConfig(per_device_train_batch_size=n, beta=0.1, precompute_ref_log_probs=mode.endswith("-pre"),
+                       **trl_arguments(mode, work, settings))  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(settings["model"])
+    trainer = Pretokenized(model=model, args=config, processing_class=tokenizer, train_dataset=Dataset.from_list(pairs),
+                           callbacks=[clock])  # fmt: skip
+    in_order(trainer)
+    trainer.train()
+    return [n] * (len(pairs) // n)
+
+
+def bare_loop(model, work: Path, settings: dict, times: list[float], losses: list[float]) -> list[int]:
+    """A plain loop over Halyard's packed batches with the model's own loss and AdamW; the supervised tokens of each
+    step."""
+    from safetensors.torch import load_file
+
+    saved = load_file(work / "packed_batches.safetensors")
+    batches = [{key: saved[f"{i}.{key}"] for key in ("input_ids", "position_ids", "labels")}
+               for i in range(len({k.split(".")[0] for k in saved}))][: settings["steps"]]  # fmt: skip
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"])
+    for batch in batches:
+        started = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings["dtype"] == "bfloat16"):
+            loss = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - started)
+        losses.append(loss.item())
+    return [(b["labels"][:, 1:] != IGNORE_INDEX).sum().item() for b in batches]
+
+
+def main() -> None:
+    mode, work, settings = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(settings["model"], attn_implementation="sdpa", dtype=torch.float32)
+    model.config.use_cache = False
+    times: list[float] = []
+    losses: list[float] = []
+    if mode.startswith("trl-sft"):
+        per_step = trl_sft(model, mode, work, settings, Clock(times, losses))
+    elif mode.startswith("trl-dpo"):
+        per_step = trl_dpo(model, mode, work, settings, Clock(times, losses))
+    else:
+        per_step = bare_loop(model, work, settings, times, losses)
+    warm = settings["warmup_steps"]
+    n = min(len(times), len(per_step))
+    print(json.dumps({"step_seconds": statistics.median(times[warm:n]),
+                      "units_per_step": statistics.mean(per_step[warm:n]),
+                      "rate": sum(per_step[warm:n]) / sum(times[warm:n]),
+                      "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "losses": losses[:2]}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

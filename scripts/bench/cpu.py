@@ -1,0 +1,86 @@
+"""cpu-options: threads, bfloat16 autocast and torch.compile on one SmolLM2 training step; and that step (a batch
+of middling chat examples, one forward + backward with Halyard's lean loss), which eval-cost counts in too."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from train.app.config import DataConfig
+from train.batching.collate import collate
+from train.data.preprocess import load_examples
+from train.objectives.losses import selected_nll_sum, supervised_positions
+
+from .data import synthetic_chat_rows
+
+
+def middling_chat_batch(tokenizer, prefix: str) -> dict:
+    """A padded batch of 8 synthetic chat examples of similar, middling length (the 25th-32nd shortest of 64)."""
+    data = Path(tempfile.mkdtemp(prefix=prefix)) / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_chat_rows(64, seed=4)))
+    examples = sorted(load_examples([str(data)], tokenizer, DataConfig(), 512)[0], key=lambda e: len(e.input_ids))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return collate(examples[24:32], pad)
+
+
+def training_step_seconds(model, batch: dict, bf16: bool) -> float:
+    """Wall seconds of one forward + backward with Halyard's lean loss (logits at supervised positions only)."""
+    started = time.perf_counter()
+    keep = supervised_positions(batch["labels"])
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    loss = selected_nll_sum(logits, batch["labels"], keep)
+    (loss.total / loss.count).backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - started
+
+
+def bench_cpu_options(args) -> str:
+    """CPU settings on one training step of SmolLM2-135M (real weights, a padded batch of chat examples), in one
+    process on the same batch: threads, bfloat16 autocast, torch.compile. Median of the timed repeats."""
+    tokenizer = AutoTokenizer.from_pretrained(args.smollm2)
+    batch = middling_chat_batch(tokenizer, "halyard-bench-cpu-")
+    threads = torch.get_num_threads()
+
+    def step_seconds(model, bf16: bool, repeats: int) -> float:
+        # the first is a warm-up (and, compiled, the compilation)
+        times = [training_step_seconds(model, batch, bf16) for _ in range(repeats + 1)]
+        return statistics.median(times[1:]), times[0]
+
+    def fresh():
+        model = AutoModelForCausalLM.from_pretrained(args.smollm2, attn_implementation="sdpa", dtype=torch.float32)
+        model.config.use_cache = False
+        return model
+
+    model = fresh()
+    results = {f"float32, {threads} threads (default)": step_seconds(model, False, args.repeats)}
+    torch.set_num_threads(1)
+    results["float32, 1 thread"] = step_seconds(model, False, args.repeats)
+    torch.set_num_threads(threads)
+    results[f"bfloat16 autocast, {threads} threads"] = step_seconds(model, True, args.repeats)
+    if args.compile:
+        compiled = torch.compile(fresh(), dynamic=True)
+        results[f"float32, torch.compile(dynamic=True), {threads} threads"] = step_seconds(
+            compiled, False, args.repeats
+        )
+    base = results[f"float32, {threads} threads (default)"][0]
+    tokens = int(batch["attention_mask"].sum())
+    lines = [
+        f"SmolLM2-135M real weights, one forward + backward with Halyard's lean loss on 8 chat examples ({tokens} real "
+        f"tokens, padded to {batch['input_ids'].shape[1]}), {args.repeats} timed repeats after one warm-up, in one "
+        "process.",
+        "",
+        "| setting | median step (s) | vs default | first step (s) |",
+        "|---|---|---|---|",
+        *(
+            f"| {name} | {median:.2f} | {median / base:.2f}x | {first:.1f} |"
+            for name, (median, first) in results.items()
+        ),
+    ]
+    return "\n".join(lines)
