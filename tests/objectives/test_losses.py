@@ -12,6 +12,7 @@ from train.objectives.losses import (
     count_loss_units,
     cpo_loss,
     dpo_loss,
+    fused_linear_nll_sum,
     hinge_loss,
     ipo_loss,
     kto_loss,
@@ -282,3 +283,148 @@ def test_orpo_float32_keeps_precision_when_a_response_is_nearly_certain(x):
         # the inputs are summed log-probs: d / d sum = (d / d mean) / tokens
         assert policy_chosen.grad[i].item() == pytest.approx(d_chosen / 4, rel=5e-6)
         assert policy_rejected.grad[i].item() == pytest.approx(d_rejected / 4, rel=5e-6)
+
+
+# ---- the fused linear cross-entropy head ----
+
+
+def _naive_head_loss(hidden, weight, targets, bias=None):
+    """Loss and gradients of hidden, weight (and bias) through the full logits: what the fused head must equal."""
+    hidden, weight = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    bias = bias.detach().requires_grad_() if bias is not None else None
+    loss = torch.nn.functional.cross_entropy(
+        torch.nn.functional.linear(hidden, weight, bias).float(), targets, reduction="sum"
+    )
+    loss.backward()
+    return loss.detach(), hidden.grad, weight.grad, bias.grad if bias is not None else None
+
+
+def _fused_head_loss(hidden, weight, targets, bias=None, **options):
+    hidden, weight = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    bias = bias.detach().requires_grad_() if bias is not None else None
+    loss = fused_linear_nll_sum(hidden, weight, targets, bias=bias, **options)
+    loss.backward()
+    return loss.detach(), hidden.grad, weight.grad, bias.grad if bias is not None else None
+
+
+def test_fused_head_hand_derived_on_two_tokens():
+    # hidden (1, 0) and (0, 1); weight rows (0, 0), (ln 3, 0), (0, 0): token 0 gets logits (0, ln 3, 0), p = (1, 3, 1)/5
+    # and its target 1 costs ln(5/3); token 1 gets logits (0, 0, 0) and its target 2 costs ln 3.
+    hidden = torch.eye(2)
+    weight = torch.tensor([[0.0, 0.0], [math.log(3), 0.0], [0.0, 0.0]])
+    targets = torch.tensor([1, 2])
+    loss, grad_hidden, grad_weight, _ = _fused_head_loss(hidden, weight, targets, chunk_size=1)
+    assert loss.item() == pytest.approx(math.log(5 / 3) + math.log(3), rel=1e-6)
+    assert loss.dtype == torch.float32
+    # d loss / d logits = softmax - one_hot: token 0 (1/5, 3/5 - 1, 1/5), token 1 (1/3, 1/3, 1/3 - 1).
+    grad_logits = torch.tensor([[0.2, -0.4, 0.2], [1 / 3, 1 / 3, -2 / 3]])
+    assert torch.allclose(grad_hidden, grad_logits @ weight, atol=1e-6)
+    assert torch.allclose(grad_weight, grad_logits.T @ hidden, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 7, 64])  # 7 rows: chunks that do not divide them, and one chunk
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fused_head_equals_the_full_logits_loss_and_gradients(chunk_size, with_bias):
+    generator = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(7, 16, generator=generator), torch.randn(50, 16, generator=generator)
+    bias = torch.randn(50, generator=generator) if with_bias else None
+    targets = torch.randint(0, 50, (7,), generator=generator)
+    expected = _naive_head_loss(hidden, weight, targets, bias)
+    got = _fused_head_loss(hidden, weight, targets, bias, chunk_size=chunk_size, kernel="torch")
+    for name, want, have in zip(("loss", "hidden", "weight", "bias"), expected, got, strict=True):
+        if want is not None:
+            assert torch.allclose(have, want, rtol=1e-5, atol=1e-6), name
+
+
+def test_fused_head_backward_scales_by_the_incoming_gradient():
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(5, 8, generator=generator, requires_grad=True)
+    weight = torch.randn(11, 8, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 11, (5,), generator=generator)
+    (fused_linear_nll_sum(hidden, weight, targets, chunk_size=2) * 0.25).backward()
+    _, grad_hidden, grad_weight, _ = _naive_head_loss(hidden, weight, targets)
+    assert torch.allclose(hidden.grad, 0.25 * grad_hidden, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(weight.grad, 0.25 * grad_weight, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_head_token_weights_weigh_each_token():
+    generator = torch.Generator().manual_seed(2)
+    hidden, weight = torch.randn(6, 8, generator=generator), torch.randn(13, 8, generator=generator)
+    targets = torch.randint(0, 13, (6,), generator=generator)
+    token_weights = torch.tensor([0.5, 0.5, 1 / 3, 1 / 3, 1 / 3, 1.0])
+    hidden_ref, weight_ref = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    per_token = torch.nn.functional.cross_entropy(hidden_ref @ weight_ref.T, targets, reduction="none")
+    expected = (per_token * token_weights).sum()
+    expected.backward()
+    loss, grad_hidden, grad_weight, _ = _fused_head_loss(
+        hidden, weight, targets, token_weights=token_weights, chunk_size=4
+    )
+    assert torch.allclose(loss, expected, rtol=1e-5)
+    assert torch.allclose(grad_hidden, hidden_ref.grad, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(grad_weight, weight_ref.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_head_with_no_targets_is_zero_and_connected():
+    hidden = torch.randn(0, 4, requires_grad=True)
+    weight = torch.randn(9, 4, requires_grad=True)
+    loss = fused_linear_nll_sum(hidden, weight, torch.zeros(0, dtype=torch.long))
+    assert loss.item() == 0.0 and loss.dtype == torch.float32
+    loss.backward()
+    assert hidden.grad.shape == (0, 4) and torch.equal(weight.grad, torch.zeros(9, 4))
+
+
+def test_fused_head_without_gradients_keeps_no_graph():
+    hidden, weight = torch.randn(3, 4, requires_grad=True), torch.randn(9, 4, requires_grad=True)
+    targets = torch.tensor([0, 4, 8])
+    with torch.no_grad():
+        loss = fused_linear_nll_sum(hidden, weight, targets)
+    assert loss.grad_fn is None
+    assert torch.allclose(loss, _naive_head_loss(hidden, weight, targets)[0], rtol=1e-6)
+
+
+def test_fused_head_under_bfloat16_autocast_matches_the_autocast_head():
+    # The model's head under autocast: a bfloat16 matmul, logits upcast to float32 for the log-softmax.
+    generator = torch.Generator().manual_seed(3)
+    hidden, weight = torch.randn(9, 32, generator=generator), torch.randn(40, 32, generator=generator) * 0.3
+    targets = torch.randint(0, 40, (9,), generator=generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = _naive_head_loss(hidden, weight, targets)
+        got = _fused_head_loss(hidden, weight, targets, chunk_size=4)
+    assert torch.allclose(got[0], expected[0], rtol=1e-5)  # the same bfloat16 logits, the same float32 loss
+    assert got[1].dtype == torch.float32 and got[2].dtype == torch.float32  # gradients in the inputs' dtypes
+    for want, have in zip(expected[1:3], got[1:3], strict=True):
+        assert torch.allclose(have, want, rtol=2e-2, atol=2e-2)
+
+
+def test_fused_head_bfloat16_inputs_are_close_to_float32():
+    generator = torch.Generator().manual_seed(4)
+    hidden, weight = torch.randn(8, 32, generator=generator), torch.randn(40, 32, generator=generator) * 0.3
+    targets = torch.randint(0, 40, (8,), generator=generator)
+    expected = _naive_head_loss(hidden, weight, targets)
+    got = _fused_head_loss(hidden.bfloat16(), weight.bfloat16(), targets, chunk_size=3)
+    assert got[1].dtype == torch.bfloat16 and got[2].dtype == torch.bfloat16
+    assert torch.allclose(got[0], expected[0], rtol=2e-2)
+    for want, have in zip(expected[1:3], got[1:3], strict=True):
+        assert torch.allclose(have.float(), want, rtol=5e-2, atol=5e-2)
+
+
+def test_fused_head_refuses_liger_where_it_cannot_run():
+    with pytest.raises(ValueError, match="liger"):
+        fused_linear_nll_sum(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([1, 2]), kernel="liger")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_liger_fused_head_equals_the_torch_chunks_on_cuda(dtype):
+    pytest.importorskip("liger_kernel")
+    generator = torch.Generator(device="cuda").manual_seed(5)
+    hidden = torch.randn(1000, 256, generator=generator, device="cuda")
+    weight = torch.randn(4096, 256, generator=generator, device="cuda") * 0.05
+    targets = torch.randint(0, 4096, (1000,), generator=generator, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        torch_chunks = _fused_head_loss(hidden, weight, targets, chunk_size=300, kernel="torch")
+        liger = _fused_head_loss(hidden, weight, targets, kernel="liger")
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    for name, want, have in zip(("loss", "hidden", "weight"), torch_chunks[:3], liger[:3], strict=True):
+        assert torch.allclose(have.float(), want.float(), rtol=tolerance, atol=tolerance), name

@@ -136,6 +136,17 @@ class ModelConfig:
     gradient_checkpointing: bool = setting(
         False, "Recompute activations in the backward pass: less memory, ~30% slower."
     )
+    head_loss: str = setting(
+        "logits",
+        "How the SFT and pretraining loss goes from the final hidden states to token losses",
+        choices={
+            "logits": "the model's head returns the supervised positions' logits, then a chunked float32 "
+            "cross-entropy: (supervised tokens x vocab) logits and their gradient exist whole",
+            "fused": "a fused linear cross-entropy: hidden states in, loss out, the head's logits one chunk at a "
+            "time with their gradients taken in the forward pass (liger-kernel on CUDA when installed, "
+            "pip install .[gpu]); not under FSDP",
+        },
+    )
     trust_remote_code: bool = setting(
         False, "Allow model code shipped with the checkpoint to run. Off unless you trust it."
     )

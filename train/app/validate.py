@@ -131,6 +131,25 @@ def check_loss_capabilities(cfg: Config, spec: LossSpec) -> list[str]:
     if cfg.reference.precompute and not spec.supports_reference_precompute:
         why = "it uses no reference model" if not spec.uses_reference else "its reference log-probs change every step"
         problems.append(f"reference.precompute=true: {which} cannot precompute them ({why}); set it to false")
+    return problems + _check_head_loss(cfg, spec, sharded=planned_fsdp(cfg.accelerate_config))
+
+
+def _check_head_loss(cfg: Config, spec: LossSpec, sharded: bool) -> list[str]:
+    """model.head_loss=fused where it cannot work: a loss that does not compute token NLLs from the head, FSDP."""
+    if cfg.model.head_loss != "fused":
+        return []
+    problems = []
+    if not getattr(spec.trainer, "supports_fused_head", False):
+        problems.append(
+            f"model.head_loss=fused: loss={spec.name} ({spec.trainer_path}) does not take its loss from fused hidden "
+            f"states and head (only the SFT and pretraining losses do); set model.head_loss=logits"
+        )
+    if sharded:
+        problems.append(
+            "model.head_loss=fused under FSDP (the accelerate config's distributed_type: FSDP): the head's weight is "
+            "a sharded DTensor outside the model's forward, so the fused loss cannot read it whole; set "
+            "model.head_loss=logits, or train with DDP (accelerate_config/cpu_2proc.yaml, or --multi_gpu)"
+        )
     return problems
 
 

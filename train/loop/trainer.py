@@ -88,6 +88,7 @@ class LoopSettings:
     verbose: bool = False
     benchmarks: BenchmarkSettings | None = None  # lm-evaluation-harness tasks on the live model; None: none
     benchmarks_every_steps: int | None = None  # also before training and every this many steps; None: final only
+    head_loss: str = "logits"  # model.head_loss: "logits" or "fused" (a trainer with supports_fused_head reads it)
 
 
 @dataclass
@@ -119,6 +120,46 @@ def forward_supervised(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
     return model(**inputs, logits_to_keep=keep).logits, keep
 
 
+def forward_supervised_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The final hidden states (after the final norm) at the positions whose next token is supervised, and those
+    positions: what `fused_selected_nll_sum` takes instead of logits.
+
+    Returns (n_kept, hidden) and the (batch, seq) bool mask `keep`. `model` is called as it is, wrapper included:
+    DDP's gradient sync hooks need its forward to run. An all-false `logits_to_keep` makes the head run on no
+    position, and with `output_hidden_states` transformers puts the final norm's output last (tie_last_hidden_states).
+    """
+    keep = supervised_positions(batch["labels"])
+    inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
+    outputs = model(**inputs, logits_to_keep=torch.zeros_like(keep), output_hidden_states=True)
+    return outputs.hidden_states[-1][keep], keep
+
+
+def output_head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The (vocab, hidden) weight and (vocab,) bias or None of the model's output head (tied or not).
+
+    `model`: unwrapped from DDP (accelerator.unwrap_model), maybe a PEFT model, whose get_output_embeddings reaches
+    the base model's head; a head PEFT trains whole (modules_to_save) answers with its trained copy's weight.
+    Raises HalyardError where the weight alone is not the head: LoRA on the head, a quantized or soft-capped head.
+    """
+    config = getattr(model, "config", None)
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    problem = None
+    if head is None or weight is None:
+        problem = f"the model ({type(model).__name__}) has no output embeddings with a weight"
+    elif hasattr(head, "lora_A"):
+        problem = "LoRA adapts the output head (model.peft.target_modules names it): its weight is not the head"
+    elif not weight.is_floating_point():
+        problem = f"the output head is quantized ({weight.dtype})"
+    elif getattr(config, "final_logit_softcapping", None):
+        problem = f"the model soft-caps its logits (final_logit_softcapping={config.final_logit_softcapping})"
+    elif getattr(config, "tie_last_hidden_states", True) is False:
+        problem = "the model's last hidden state is not its final norm's output (tie_last_hidden_states=false)"
+    if problem:
+        raise HalyardError(f"model.head_loss=fused: {problem}; set model.head_loss=logits")
+    return weight, getattr(head, "bias", None)
+
+
 def batch_unit(train_data: TokenStore | PackedStore, example_unit: str) -> str:
     """What model.batch_size counts: packed rows, or the loss's examples (pairs for paired losses)."""
     return "packed rows" if train_data.layout is Layout.PACKED else example_unit
@@ -138,6 +179,7 @@ class BasicTrainer:
     uses_reference = False  # whether it holds a frozen reference model (train/objectives/reference.py)
     supports_reference_precompute = False  # whether reference.precompute=true can replace that model
     model_head = "lm"  # "lm": a causal LM; "score": a sequence classifier with one output (a reward model)
+    supports_fused_head = False  # whether its loss can run model.head_loss=fused (hidden states in, token NLLs out)
     pairs_across_step = False  # collate(examples, successors): each example's successor in the global batch too
     example_unit = "examples"  # what one item of the training data is called in the log, metrics and summary
     rows_per_example = 1  # sequences a collated item holds in a micro-batch (a pair: chosen and rejected)

@@ -121,6 +121,155 @@ def selected_nll_sum(
     return LossSum(total=(per_row[has_tokens] / tokens_per_row[has_tokens]).sum(), count=has_tokens.sum())
 
 
+# ---- the fused linear cross-entropy head ----
+
+FUSED_CHUNK_ELEMENTS = 2**26  # float32 logits of one chunk: 256 MB (1,365 positions of SmolLM2's 49,152 tokens)
+FUSED_KERNELS = ("auto", "torch", "liger")
+
+
+def fused_linear_nll_sum(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    kernel: str = "auto",
+) -> torch.Tensor:
+    """Summed NLL of `targets` under the logits `hidden @ weight.T + bias`, without ever holding all the logits.
+
+    hidden: (n, hidden) the final hidden states at the supervised positions; weight: (vocab, hidden) the output head
+    (bias: (vocab,) or None); targets: (n,) int64 token ids, none of them -100. token_weights: (n,) float32 factors
+    of each token's NLL (not differentiated; `loss.reduction=sequence` gives 1 / its example's token count), None: 1.
+    Returns () float32. The float32 logits exist one chunk of `chunk_size` positions at a time (default: 256 MB of
+    them), and the gradients of hidden, weight and bias are computed chunk by chunk in the forward pass: the loss is a
+    scalar sum, so the backward pass only scales them by its incoming gradient (no second head matmul).
+    Under autocast the head's matmul runs in the autocast dtype, as the model's own head would; the log-softmax always
+    runs in float32.
+    kernel: "torch" (these chunks, any device), "liger" (liger-kernel's fused linear cross-entropy: CUDA, no
+    token_weights), "auto": liger where it applies and is installed, else torch.
+    """
+    parameters = (hidden, weight) + ((bias,) if bias is not None else ())
+    if targets.numel() == 0:
+        return sum(p.sum().float() for p in parameters) * 0.0  # (), still connected to the graph
+    if kernel not in FUSED_KERNELS:
+        raise ValueError(f"fused_linear_nll_sum kernel={kernel!r}: use one of {', '.join(FUSED_KERNELS)}")
+    liger = _liger_fused_linear_cross_entropy() if kernel != "torch" and _liger_applies(hidden, token_weights) else None
+    if kernel == "liger" and liger is None:
+        raise ValueError("kernel='liger' needs CUDA tensors, no token_weights and the liger-kernel package installed")
+    if liger is not None:
+        loss = liger(hidden, weight, targets, bias=bias, ignore_index=IGNORE_INDEX, reduction="sum")
+        return (loss[0] if isinstance(loss, tuple) else loss).float()  # some versions return (loss, z_loss)
+    device_type = hidden.device.type
+    compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+    chunk = chunk_size or max(1, FUSED_CHUNK_ELEMENTS // weight.shape[0])
+    if not (torch.is_grad_enabled() and any(p.requires_grad for p in parameters)):
+        # Evaluation, or nothing trainable upstream: the loss alone, no gradient buffers.
+        return _fused_chunks(hidden, weight, bias, targets, token_weights, chunk, compute_dtype, (False,) * 3)[0]
+    return _FusedLinearNLL.apply(hidden, weight, bias, targets, token_weights, chunk, compute_dtype)
+
+
+def fused_selected_nll_sum(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    keep: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    reduction: str = "token",
+    example_ids: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> LossSum:
+    """The same loss as `selected_nll_sum`, from the final hidden states at the supervised positions and the output
+    head instead of their logits (model.head_loss=fused).
+
+    hidden: (n_kept, hidden) in the row-major order of `keep`; weight: (vocab, hidden), bias: (vocab,) or None;
+    labels, keep, reduction, example_ids: as in `selected_nll_sum`. "sequence" weighs each token by 1 / its
+    example's token count, so each example adds its mean token NLL.
+    """
+    targets = labels[:, 1:][keep[:, :-1]]
+    if reduction == "token" or targets.numel() == 0:
+        total = fused_linear_nll_sum(hidden, weight, targets, bias=bias, chunk_size=chunk_size)
+        return LossSum(total=total, count=torch.tensor(targets.numel(), device=hidden.device))
+    examples = keep.nonzero()[:, 0] if example_ids is None else example_ids[keep]
+    tokens_per_example = torch.bincount(examples)
+    token_weights = 1.0 / tokens_per_example[examples].float()
+    total = fused_linear_nll_sum(hidden, weight, targets, bias=bias, token_weights=token_weights, chunk_size=chunk_size)
+    return LossSum(total=total, count=(tokens_per_example > 0).sum())
+
+
+class _FusedLinearNLL(torch.autograd.Function):
+    """`fused_linear_nll_sum`'s chunks with their gradients computed in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, token_weights, chunk_size, compute_dtype):
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        total, *grads = _fused_chunks(
+            hidden, weight, bias, targets, token_weights, chunk_size, compute_dtype, ctx.needs_input_grad[:3]
+        )
+        ctx.save_for_backward(*grads)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        # The stored gradients are those of the summed loss: scale in float32, then cast like the inputs.
+        scaled = [
+            None if grad is None else (grad * grad_output.float()).to(dtype)
+            for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes, strict=True)
+        ]
+        return *scaled, None, None, None, None
+
+
+def _fused_chunks(hidden, weight, bias, targets, token_weights, chunk_size, compute_dtype, needs_grad):
+    """() float32 summed (weighted) NLL, and the float32 gradients of hidden, weight and bias (None where not needed)."""
+    need_hidden, need_weight, need_bias = needs_grad
+    with torch.autocast(hidden.device.type, enabled=False):  # the dtypes below are chosen by hand
+        head = weight.to(compute_dtype)
+        head_bias = bias.to(compute_dtype) if bias is not None else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
+        for start in range(0, targets.numel(), chunk_size):
+            rows = slice(start, start + chunk_size)
+            inputs, target = hidden[rows].to(compute_dtype), targets[rows]
+            logits = F.linear(inputs, head, head_bias).float()  # (chunk, vocab): the model head's rounding, then fp32
+            log_normalizer = torch.logsumexp(logits, dim=-1)
+            nll = log_normalizer - logits.gather(1, target[:, None]).squeeze(1)
+            scale = token_weights[rows].float() if token_weights is not None else None
+            total += (nll * scale).sum() if scale is not None else nll.sum()
+            if not any(needs_grad):
+                continue
+            # d nll / d logits = softmax - one_hot(target), built in place in the logits' buffer
+            grad_logits = logits.sub_(log_normalizer[:, None]).exp_()
+            grad_logits[torch.arange(target.numel(), device=target.device), target] -= 1.0
+            if scale is not None:
+                grad_logits.mul_(scale[:, None])
+            low = grad_logits.to(compute_dtype)  # the matmuls' backward runs in the head's dtype, as autocast's would
+            if need_hidden:
+                grad_hidden[rows] = (low @ head).float()
+            if need_weight:
+                grad_weight += (low.T @ inputs).float()
+            if need_bias:
+                grad_bias += grad_logits.sum(dim=0)
+    return total, grad_hidden, grad_weight, grad_bias
+
+
+def _liger_applies(hidden: torch.Tensor, token_weights: torch.Tensor | None) -> bool:
+    return hidden.is_cuda and token_weights is None  # liger weighs classes, not tokens
+
+
+def _liger_fused_linear_cross_entropy():
+    """liger-kernel's functional fused linear cross-entropy, or None when it is not installed (an optional extra:
+    pip install .[gpu]); imported here, never at module import, so CPU installs do not need it."""
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError:
+        return None
+    return liger_fused_linear_cross_entropy
+
+
 # ---- preference losses ----
 
 

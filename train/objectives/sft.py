@@ -8,8 +8,8 @@ import torch
 
 from train.app.config import LossConfig, setting
 from train.batching.collate import Batch
-from train.loop.trainer import BasicTrainer, forward_supervised
-from train.objectives.losses import LossSum, count_loss_units, selected_nll_sum
+from train.loop.trainer import BasicTrainer, forward_supervised, forward_supervised_hidden, output_head
+from train.objectives.losses import LossSum, count_loss_units, fused_selected_nll_sum, selected_nll_sum
 
 
 @dataclass
@@ -30,14 +30,27 @@ class SFTTrainer(BasicTrainer):
 
     settings_class = SFTSettings
     supports_packing = True
+    supports_fused_head = True
     settings: SFTSettings
 
     def loss_units(self, batch: Batch) -> torch.Tensor:
         return count_loss_units(batch["labels"], self.settings.reduction, batch.example_ids)
 
     def batch_loss(self, model, batch: Batch) -> LossSum:
+        if self.loop.head_loss == "fused":
+            return self.fused_head_loss(model, batch)
         logits, keep = forward_supervised(model, batch)
         return selected_nll_sum(logits, batch["labels"], keep, self.settings.reduction, example_ids=batch.example_ids)
+
+    def fused_head_loss(self, model, batch: Batch) -> LossSum:
+        """model.head_loss=fused: the same loss from the final hidden states and the head's weight, whose logits
+        never exist whole (train/objectives/losses.py: fused_linear_nll_sum)."""
+        hidden, keep = forward_supervised_hidden(model, batch)
+        weight, bias = output_head(self.accelerator.unwrap_model(model))
+        return fused_selected_nll_sum(
+            hidden, weight, batch["labels"], keep,
+            bias=bias, reduction=self.settings.reduction, example_ids=batch.example_ids,
+        )  # fmt: skip
 
 
 class PretrainTrainer(SFTTrainer):
