@@ -249,8 +249,10 @@ def _fused_chunks(hidden, weight, bias, targets, token_weights, chunk_size, comp
             low = grad_logits.to(compute_dtype)  # the matmuls' backward runs in the head's dtype, as autocast's would
             if need_hidden:
                 grad_hidden[rows] = (low @ head).float()
-            if need_weight:
-                grad_weight += (low.T @ inputs).float()
+            if need_weight and low.dtype == grad_weight.dtype:
+                grad_weight.addmm_(low.T, inputs)  # in place: no (vocab, hidden) temporary per chunk
+            elif need_weight:
+                grad_weight.add_(low.T @ inputs)  # one (vocab, hidden) temporary in the head's dtype, no float32 copy
             if need_bias:
                 grad_bias += grad_logits.sum(dim=0)
     return total, grad_hidden, grad_weight, grad_bias
