@@ -56,6 +56,7 @@ def loop_settings(cfg: Config, trainer_class: type[BasicTrainer], *, total_steps
         verbose=cfg.verbose,
         benchmarks=BenchmarkSettings.from_config(cfg.benchmarks, cfg.seed) if cfg.benchmarks.tasks else None,
         benchmarks_every_steps=cfg.benchmarks.every_steps,
+        profile_steps=cfg.profile_steps,
         head_loss=cfg.model.head_loss,
     )
 

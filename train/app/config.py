@@ -389,6 +389,13 @@ class Config:
         "Write a metrics line every this many optimizer steps (and at the last step); null: about 50 lines per run "
         "(every max(1, total steps // 50) steps), so short runs plot a curve too.",
     )
+    profile_steps: int = setting(
+        0,
+        "Profile this many optimizer steps from step 2: each step's time by phase (data wait, copy to the device, "
+        "forward, reference model, loss, backward, reduction, clipping, optimizer, logging), the device synced at each "
+        "boundary, and torch.profiler's top operators, in profile.md and summary.json, with a Chrome trace in "
+        "profile_trace.json; 0: off.",
+    )
     eval_samples: int = setting(
         0, "At each evaluation, generate answers to this many held-out prompts (samples.jsonl)."
     )

@@ -447,9 +447,12 @@ def _check_positive(cfg: Config) -> list[str]:
         "model.max_length": cfg.model.max_length,
         "model.max_grad_norm": cfg.model.max_grad_norm,
     }
-    return [
+    problems = [
         f"{key}={value}: must be > 0" for key, value in must_be_positive.items() if value is not None and value <= 0
     ]
+    if cfg.profile_steps < 0:
+        problems.append(f"profile_steps={cfg.profile_steps}: must be >= 0 (0: no profiling)")
+    return problems
 
 
 def _check_data_files(cfg: Config) -> list[str]:

@@ -43,6 +43,7 @@ from train.loop.distributed import (
     no_gradient_sync,
 )
 from train.loop.faults import StopRequest, TrainingStopped, fault_at
+from train.loop.profile import StepProfiler, phase
 from train.loop.progress import Progress
 from train.loop.samples import SampleRewards, write_samples
 from train.loop.throughput import Throughput, Work, peak_memory, trained_work
@@ -88,6 +89,7 @@ class LoopSettings:
     verbose: bool = False
     benchmarks: BenchmarkSettings | None = None  # lm-evaluation-harness tasks on the live model; None: none
     benchmarks_every_steps: int | None = None  # also before training and every this many steps; None: final only
+    profile_steps: int = 0  # steps timed phase by phase from step 2 (train/loop/profile.py); 0: none
     head_loss: str = "logits"  # model.head_loss: "logits" or "fused" (a trainer with supports_fused_head reads it)
 
 
@@ -117,7 +119,8 @@ def forward_supervised(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
     """
     keep = supervised_positions(batch["labels"])
     inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
-    return model(**inputs, logits_to_keep=keep).logits, keep
+    with phase("forward"):
+        return model(**inputs, logits_to_keep=keep).logits, keep
 
 
 def forward_supervised_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,8 +133,9 @@ def forward_supervised_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[to
     """
     keep = supervised_positions(batch["labels"])
     inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
-    outputs = model(**inputs, logits_to_keep=torch.zeros_like(keep), output_hidden_states=True)
-    return outputs.hidden_states[-1][keep], keep
+    with phase("forward"):
+        outputs = model(**inputs, logits_to_keep=torch.zeros_like(keep), output_hidden_states=True)
+        return outputs.hidden_states[-1][keep], keep
 
 
 def output_head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -252,7 +256,13 @@ class BasicTrainer:
             f"training for {self.total_steps} steps ({self.batch_plan.steps_per_epoch} per epoch) of {self.batch_plan.batch_size} "
             f"{batch_unit(self.train_data, self.example_unit)} "
             f"on {world} process(es), {self.batch_plan.accumulation_steps} micro-batch(es) of "
-            f"{self.batch_plan.micro_batch_size} each" + (f", from step {self.step}" if self.step else "")
+            f"{self.batch_plan.micro_batch_size} each"
+            + (
+                f" (passes of at most {self.batch_plan.micro_batch_tokens} tokens)"
+                if self.batch_plan.micro_batch_tokens
+                else ""
+            )
+            + (f", from step {self.step}" if self.step else "")
         )
         sharded = is_sharded(self.accelerator.unwrap_model(self.model))
         self.summary.update(
@@ -274,14 +284,24 @@ class BasicTrainer:
             if row:
                 self.log({"step": 0, **row})
         self.model.train()
-        with self.stop_request.installed(), contextlib.closing(self.progress):
+        profiler = StepProfiler(
+            self.loop.profile_steps, self.total_steps, self.loop.run_dir, self.accelerator.device,
+            self.accelerator.is_main_process,
+        ) if self.loop.profile_steps else None  # fmt: skip
+        with self.stop_request.installed(), contextlib.closing(self.progress), _closing(profiler):
+            waiting_since = time.perf_counter()
             for epoch, micro_batches in self.step_batches(start_step=self.step):
                 self.step += 1
+                if profiler:
+                    profiler.begin_step(self.step, data_seconds=time.perf_counter() - waiting_since)
                 stop = self.train_and_log_step(epoch, micro_batches)
                 if stop or self.checkpoint_due():
                     self.save_checkpoint()
                 if stop:
                     raise TrainingStopped(self.stop_request.signal_name or "a signal", self.step)
+                if profiler and (medians := profiler.end_step(self.step)):
+                    self.summary["profile"] = medians
+                waiting_since = time.perf_counter()
         seconds = max(self.throughput.seconds, 1e-9)
         self.summary["tokens_per_second"] = self.throughput.tokens / seconds
         self.summary["supervised_tokens_per_second"] = self.throughput.supervised_tokens / seconds
@@ -311,9 +331,10 @@ class BasicTrainer:
             row.update(self.run_evaluation())
         if self.benchmarks_due(is_last):
             row.update(self.run_benchmarks())
-        if len(row) > 1:
-            self.log(row)
-        self.progress.advance(self.step, row)
+        with phase("log"):
+            if len(row) > 1:
+                self.log(row)
+            self.progress.advance(self.step, row)
         return stop
 
     def benchmarks_due(self, is_last: bool) -> bool:
@@ -354,36 +375,45 @@ class BasicTrainer:
         whose loss or gradient is not finite is never applied (on_nonfinite=stop raises, skip counts it).
         """
         work = sum(map(self.batch_work, on_cpu), Work())  # counted before the copy to the device: no device syncs
-        batches = [self.to_device(batch) for batch in on_cpu]
+        with phase("to_device"):
+            batches = [self.to_device(batch) for batch in on_cpu]
         self.before_step(batches)
-        local_units = sum(self.loss_units(batch) for batch in batches)
-        global_units = self.accelerator.reduce(local_units.to(self.accelerator.device), reduction="sum").clamp(min=1)
+        with phase("reduce"):
+            local_units = sum(self.loss_units(batch) for batch in batches)
+            global_units = self.accelerator.reduce(local_units.to(self.accelerator.device), reduction="sum")
+            global_units = global_units.clamp(min=1)
         loss_total = torch.zeros((), device=self.accelerator.device)
         metric_sums = MetricSums()
         for index, batch in enumerate(batches):
             # Gradients are all-reduced (averaged over processes) only on the last micro-batch.
             sync = index == len(batches) - 1
             with contextlib.nullcontext() if sync else no_gradient_sync(self.accelerator, self.model):
-                loss_sum = self.batch_loss(self.model, batch)
+                with phase("loss"):  # the model's forward inside it is its own phase
+                    loss_sum = self.batch_loss(self.model, batch)
                 if fault_at("nan_loss", self.step):
                     loss_sum.total = loss_sum.total * float("nan")
                 # DDP averages gradients over processes, so scale by their number to get sum / global_units.
-                self.accelerator.backward(loss_sum.total * self.accelerator.num_processes / global_units)
+                with phase("backward"):
+                    self.accelerator.backward(loss_sum.total * self.accelerator.num_processes / global_units)
             loss_total += loss_sum.total.detach()
             metric_sums.add(loss_sum.metrics)
         self.stop_request.inject_faults(self.step)
-        counts = work.as_tensor().to(loss_total)
-        stop_flag = torch.tensor(float(self.stop_request.requested), device=loss_total.device)
-        totals = self.accelerator.reduce(torch.cat([torch.stack([loss_total, stop_flag]), counts]), reduction="sum")
-        loss = (totals[0] / global_units).item()
-        metrics = metric_sums.reduce(self.accelerator, "train")
-        grad_norm = clip_gradients(self.accelerator, self.model, self.loop.max_grad_norm or math.inf)
-        if math.isfinite(loss) and math.isfinite(grad_norm):
-            self.optimizer.step()
-        else:
-            self.handle_nonfinite(loss, grad_norm)
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with phase("reduce"):
+            counts = work.as_tensor().to(loss_total)
+            stop_flag = torch.tensor(float(self.stop_request.requested), device=loss_total.device)
+            totals = torch.cat([torch.stack([loss_total, stop_flag]), counts])
+            totals = self.accelerator.reduce(totals, reduction="sum")
+            loss = (totals[0] / global_units).item()
+            metrics = metric_sums.reduce(self.accelerator, "train")
+        with phase("clip"):
+            grad_norm = clip_gradients(self.accelerator, self.model, self.loop.max_grad_norm or math.inf)
+        with phase("optimizer"):
+            if math.isfinite(loss) and math.isfinite(grad_norm):
+                self.optimizer.step()
+            else:
+                self.handle_nonfinite(loss, grad_norm)
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
         work = Work.from_tensor(totals[2:])
         return StepResult(loss, grad_norm, metrics, work=work, stop_requested=bool(totals[1] > 0))
 
@@ -502,6 +532,10 @@ class BasicTrainer:
         )  # fmt: skip
         if final is not None:
             self.summary["final_dir"] = str(final.resolve())
+
+
+def _closing(profiler: StepProfiler | None):
+    return contextlib.closing(profiler) if profiler else contextlib.nullcontext()
 
 
 class MetricSums:
