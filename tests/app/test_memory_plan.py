@@ -136,6 +136,13 @@ def test_settings_change_the_plan_as_derived():
     assert mp.logit_bytes(SHAPE, budget) == 62 * 1000 * 8 + 62 * 1000 * 12
     assert mp.pass_tokens(dataclasses.replace(settings, micro_batch_tokens=10)) == 64
     assert mp.pass_tokens(dataclasses.replace(settings, micro_batch_tokens=10_000)) == 128
+    # model.head_loss=fused: one chunk of float32 logits and their softmax, the head's float32 gradient (vocab x
+    # hidden), the hidden states' gradient; chunks of 2**26 // 1000 positions, more than the 126 here
+    from train.objectives import losses  # the plan mirrors its chunk sizes without importing torch
+
+    assert (mp.FUSED_CHUNK_ELEMENTS, mp.LOGIT_CHUNK_POSITIONS) == (losses.FUSED_CHUNK_ELEMENTS, 4096)
+    fused = dataclasses.replace(settings, fused_head=True)
+    assert mp.logit_bytes(SHAPE, fused) == 126 * 1000 * 8 + 1000 * h * 4 + 126 * h * 4
 
 
 def test_the_peak_is_the_larger_moment_of_a_step():

@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 GB = 1e9
 FIT_MARGIN = 1.25  # the estimate's accuracy goal: a plan above 1.25x the device's memory clearly does not fit
 LOGIT_CHUNK_POSITIONS = 4096  # train/objectives/losses.py token_logps: positions per float32 log-softmax chunk
+FUSED_CHUNK_ELEMENTS = 2**26  # train/objectives/losses.py fused_linear_nll_sum: float32 logits per chunk
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # Bytes that autograd keeps per token in one decoder layer (a Llama-style block, sdpa attention), as multiples of the
@@ -108,6 +109,7 @@ class PlanSettings:
     sharded: bool = False  # FSDP2: weights, gradients and optimizer state split over the processes
     offload: bool = False  # FSDP2 CPU offload: sharded weights, gradients and optimizer state in CPU RAM
     lm_head: bool = True  # False: a reward model's one-output score head, no vocabulary logits
+    fused_head: bool = False  # model.head_loss=fused: logits one chunk at a time, gradients taken in the forward
 
 
 @dataclass(frozen=True)
@@ -288,6 +290,9 @@ def logit_bytes(shape: ModelShape, settings: PlanSettings) -> int:
     if not settings.lm_head:
         return 0
     positions = max(pass_tokens(settings) - settings.rows_per_micro_batch, 1)
+    if settings.fused_head:  # a chunk's float32 logits and softmax, the head's float32 gradient, the hidden gradient
+        chunk = min(positions, max(1, FUSED_CHUNK_ELEMENTS // shape.vocab))
+        return int(chunk * shape.vocab * 2 * 4 + shape.vocab * shape.hidden * 4 + positions * shape.hidden * 4)
     logit = DTYPE_BYTES[settings.compute_dtype]
     chunk = min(positions, LOGIT_CHUNK_POSITIONS)
     return int(positions * shape.vocab * 2 * logit + chunk * shape.vocab * 3 * 4)
@@ -405,6 +410,7 @@ def plan_settings(cfg: Config, spec, n_processes: int, sharded: bool, offload: b
         sharded=sharded,
         offload=offload,
         lm_head=spec.model_head == "lm",
+        fused_head=cfg.model.head_loss == "fused",
     )
 
 
