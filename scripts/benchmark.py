@@ -9,6 +9,7 @@
     python scripts/benchmark.py scale [--rows 10000 100000 1000000] [--work DIR]
     python scripts/benchmark.py eval-cost [--batch-sizes 8 32] [--repeats 1]
     python scripts/benchmark.py qlora [--dtype float32|bfloat16] [--steps 6]
+    python scripts/benchmark.py compile [--dtypes float32 bfloat16] [--layouts grouped packed] [--steps 12]
 
 This file is the command line; each benchmark is a module of scripts/bench/ (the table RUNNERS names it).
 
@@ -42,6 +43,10 @@ demo timed in the same process (the ratio to choose benchmarks.every_steps by, a
 qlora: LoRA over a 16-bit base vs QLoRA (4-bit NF4 base, double quantization) on SmolLM2-135M's real weights
 through the CLI, batch 8: median step seconds after the warm-up, peak RSS, the first losses.
 
+compile: model.compile (each decoder layer compiled) vs eager on SmolLM2-135M's real weights, float32 and bfloat16
+autocast, grouped padded batches (a new length every step) and packed rows: the same batches in turn in one process;
+first-step seconds (the compilation), graphs compiled and at which steps, median steady step seconds, speed-up.
+
 preprocess: tokenization throughput (rows/s) of the data pipeline on a synthetic multi-turn chat set, uncached with
 1 and 2 processes (data.num_proc) and cached (a second run with the same inputs), medians over repeats, measured
 side by side in one invocation.
@@ -69,6 +74,7 @@ RUNNERS = {
     "scale": ("scale", "bench_scale"),
     "eval-cost": ("eval_cost", "bench_eval_cost"),
     "qlora": ("qlora", "bench_qlora"),
+    "compile": ("compile", "bench_compile"),
 }
 
 
@@ -118,6 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     qlora.add_argument("--steps", type=int, default=6, help="timed steps per run")
     qlora.add_argument("--warmup-steps", type=int, default=2)
     qlora.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    comp = sub.add_parser("compile")
+    comp.add_argument("--model-dir", default=str(default_tokenizer), help="model folder (default: SmolLM2-135M's)")
+    comp.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"])
+    comp.add_argument("--layouts", nargs="+", choices=["grouped", "packed"], default=["grouped", "packed"])
+    comp.add_argument("--steps", type=int, default=12, help="steps per setting, each on a new batch")
+    comp.add_argument("--warmup-steps", type=int, default=3, help="first steps left out of the medians")
+    comp.add_argument("--rows", type=int, default=512, help="synthetic chat rows the batches are drawn from")
+    comp.add_argument("--batch-size", type=int, default=8, help="grouped: examples per batch")
+    comp.add_argument("--packed-rows", type=int, default=2, help="packed: rows per batch")
+    comp.add_argument("--max-length", type=int, default=512)
     cost = sub.add_parser("eval-cost")
     cost.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
     cost.add_argument("--repeats", type=int, default=1)

@@ -116,6 +116,14 @@ class ModelConfig:
     attn_implementation: str = setting(
         "sdpa", "Attention kernel", choices={"eager": "", "sdpa": "", "flash_attention_2": "CUDA only"}
     )
+    compile: bool = setting(
+        False,
+        "Compile each decoder layer's training passes with torch.compile (regional: one graph serves every layer; "
+        "dynamic shapes, so new sequence lengths reuse it; evaluation and generation stay eager). Costs compilation "
+        "time at the first steps and at each new kind of batch (with or without padding, one row or several): tens "
+        "of seconds to minutes each on CPU, so it can pay off only on long runs. Needs a C++ compiler on CPU (g++, "
+        "or $CXX), Triton on CUDA.",
+    )
     batch_size: int = setting(
         8,
         "Global batch per optimizer step, in examples (pairs for paired losses, packed rows with data.packing), summed over processes and accumulation.",

@@ -13,7 +13,7 @@ from train.app.assemble import loop_settings, trainer_parts
 from train.app.config import Config
 from train.app.loss_registry import loss_spec
 from train.app.memory_plan import log_plan
-from train.app.models import build_model, build_tokenizer, resolve_dtype, resolve_save_dtype
+from train.app.models import build_model, build_tokenizer, compile_summary, resolve_dtype, resolve_save_dtype
 from train.app.runtime import build_accelerator, prepare_run_dir
 from train.app.serialize import flat_config
 from train.batching.layout import decide_layout
@@ -82,7 +82,8 @@ def run(cfg: Config) -> None:
         if accelerator.is_main_process:
             wall_seconds = time.perf_counter() - started
             data = in_units(data_stats, spec.trainer.example_unit)
-            write_summary(cfg.run_dir, {**trainer.summary, "wall_seconds": wall_seconds, "data": data})
+            compiled = compile_summary() if cfg.model.compile else {}
+            write_summary(cfg.run_dir, {**trainer.summary, **compiled, "wall_seconds": wall_seconds, "data": data})
         accelerator.wait_for_everyone()  # every process leaves together
     finally:
         accelerator.end_training()  # closes the trackers (a stopped run's too) and the process group

@@ -286,7 +286,37 @@ def check_values(cfg: Config, world_size: int) -> list[str]:
     problems += _check_model(cfg.model, world_size)
     problems += check_benchmarks(cfg)
     problems += _check_quantization(cfg, sharded=planned_fsdp(cfg.accelerate_config))
-    return problems
+    return problems + _check_compile(cfg)
+
+
+def _check_compile(cfg: Config) -> list[str]:
+    """model.compile where torch.compile cannot build kernels on this machine: inductor writes C++ for the CPU (it
+    looks for $CXX, else g++) and Triton kernels for CUDA GPUs. Works (tested on CPU): FSDP2, QLoRA, LoRA and DoRA
+    (DoRA breaks the graph in many places: little gain), gradient checkpointing, bfloat16."""
+    if not cfg.model.compile:
+        return []
+    import torch
+
+    if torch.cuda.is_available():
+        from torch.utils._triton import has_triton
+
+        if has_triton():
+            return []
+        return [
+            "model.compile=true on a CUDA GPU needs Triton, which is not installed: pip install triton, or set "
+            "model.compile=false"
+        ]
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    try:
+        get_cpp_compiler()
+    except InvalidCxxCompiler:
+        return [
+            "model.compile=true: torch.compile builds C++ kernels for the CPU and finds no C++ compiler ($CXX, "
+            "or g++ on the PATH); install one (apt-get install g++) or set CXX, or model.compile=false"
+        ]
+    return []
 
 
 def _check_quantization(cfg: Config, sharded: bool) -> list[str]:

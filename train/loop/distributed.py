@@ -54,7 +54,7 @@ def shard_model(model: torch.nn.Module, settings: FsdpSettings, device: torch.de
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     names = settings.layer_class_names or list(getattr(model, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    blocks = decoder_layers(model, names)
     if not blocks:
         raise HalyardError(
             f"FSDP found no module of class {names} to shard in {type(model).__name__}; set "
@@ -80,6 +80,14 @@ def shard_model(model: torch.nn.Module, settings: FsdpSettings, device: torch.de
     where = ", parameters and optimizer state offloaded to CPU memory" if settings.offload_params else ""
     logger.info(f"FSDP2: {len(blocks)} {type(blocks[0]).__name__} blocks sharded over {mesh.size()} processes{where}")
     return model
+
+
+def decoder_layers(model: torch.nn.Module, class_names: list[str] | None = None) -> list[torch.nn.Module]:
+    """The model's repeated blocks, in order: every module whose class is named in `class_names`, by default the
+    model's `_no_split_modules` (transformers' decoder layer class, e.g. LlamaDecoderLayer; read through PEFT's
+    wrappers). The units FSDP2 shards and model.compile compiles; empty when the model names none."""
+    names = class_names or list(getattr(model, "_no_split_modules", None) or [])
+    return [module for module in model.modules() if type(module).__name__ in names]
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
