@@ -246,7 +246,7 @@ def test_the_cli_shows_the_plan_at_start_up_and_refuses_what_clearly_does_not_fi
     assert run.returncode == 0, run.stderr[-2000:]
     log = run.stderr + run.stdout
     start = log.index("memory plan: this run needs about")
-    assert "per process (full, float32, adamw, micro-batch 4 x 128 tokens" in log[start:]
+    assert "per process (full, float32, adamw_fused, micro-batch 4 x 128 tokens" in log[start:]
     assert start < log.index("model: ")  # before the model loads
 
     huge = [*base, "model.batch_size=4096", "model.max_length=512", "model.gradient_accumulation_steps=1"]
