@@ -9,14 +9,18 @@
     python scripts/benchmark.py scale [--rows 10000 100000 1000000] [--work DIR]
     python scripts/benchmark.py eval-cost [--batch-sizes 8 32] [--repeats 1]
     python scripts/benchmark.py qlora [--dtype float32|bfloat16] [--steps 6]
+    python scripts/benchmark.py profile [--loss sft|dpo] [--dtype float32|bfloat16] [--steps 4]
     python scripts/benchmark.py compile [--dtypes float32 bfloat16] [--layouts grouped packed] [--steps 12]
 
 This file is the command line; each benchmark is a module of scripts/bench/ (the table RUNNERS names it).
 
-sft: supervised fine-tuning, each run its own process, one after the other: Halyard unpacked with random batches,
-grouped by length (the default) and packed (rows sized to the same tokens per step), TRL 1.16's SFTTrainer padded
-and padding-free (its padding-free step-1 loss is compared with the padded one on the same batch: equal means the
-examples stayed apart), and a bare PyTorch loop over Halyard's packed batches with the model's own loss. The model is
+sft: supervised fine-tuning, each run its own process, one after the other: Halyard's default (grouped by length,
+passes within the token budget model.micro_batch_tokens), grouped without the budget, unpacked with random batches
+and packed (rows sized to the same tokens per step), TRL 1.16's SFTTrainer padded and padding-free (its padding-free
+step-1 loss is compared with the padded one on the same batch: equal means the examples stayed apart), and a bare
+PyTorch loop over the exact forward passes of Halyard's default and packed runs (rebuilt by scripts/bench/replay.py
+with Halyard's own plan and collation; the table says whether its tokens per step equal the run's) with the model's
+own loss. The model is
 SmolLM2-135M's real weights, or Qwen2.5-0.5B's layer shape at reduced depth; the data synthetic multi-turn chat with
 skewed lengths; the same tokens and labels for every run. Rates: the timed steps' supervised tokens over their
 seconds (steps differ in size, grouped by length most); the median step time is shown beside them.
@@ -42,6 +46,10 @@ demo timed in the same process (the ratio to choose benchmarks.every_steps by, a
 
 qlora: LoRA over a 16-bit base vs QLoRA (4-bit NF4 base, double quantization) on SmolLM2-135M's real weights
 through the CLI, batch 8: median step seconds after the warm-up, peak RSS, the first losses.
+
+profile: where the time of a step of Halyard's default goes (profile_steps: data wait, to_device, forward, reference,
+loss, backward, reduce, clip, optimizer, log), beside the bare loop's forward, backward and optimizer on the same
+passes (SFT), both under torch.profiler; for DPO, Halyard's phases alone.
 
 compile: model.compile (each decoder layer compiled) vs eager on SmolLM2-135M's real weights, float32 and bfloat16
 autocast, grouped padded batches (a new length every step) and packed rows: the same batches in turn in one process;
@@ -74,6 +82,7 @@ RUNNERS = {
     "scale": ("scale", "bench_scale"),
     "eval-cost": ("eval_cost", "bench_eval_cost"),
     "qlora": ("qlora", "bench_qlora"),
+    "profile": ("step_profile", "bench_profile"),
     "compile": ("compile", "bench_compile"),
 }
 
@@ -104,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
         bench.add_argument("--smollm2", default=str(default_tokenizer), help="SmolLM2-135M-Instruct's folder")
         bench.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
         bench.add_argument("--max-length", type=int, default=512)
+        if name == "sft":
+            bench.add_argument("--fused-head", action="store_true", help="also the default with model.head_loss=fused")
         if name == "dpo":
             bench.add_argument("--pairs", type=int, default=4, help="pairs per optimizer step")
     shared = sub.add_parser("shared-prompt")
@@ -124,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     qlora.add_argument("--steps", type=int, default=6, help="timed steps per run")
     qlora.add_argument("--warmup-steps", type=int, default=2)
     qlora.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    profile = sub.add_parser("profile")
+    profile.add_argument("--loss", choices=["sft", "dpo"], default="sft")
+    profile.add_argument("--steps", type=int, default=4, help="profiled steps, after an unprofiled first step")
+    profile.add_argument("--pairs", type=int, default=4, help="DPO: pairs per optimizer step")
+    profile.add_argument("--model", choices=["smollm2", "qwen-shape"], default="smollm2")
+    profile.add_argument("--smollm2", default=str(default_tokenizer), help="SmolLM2-135M-Instruct's folder")
+    profile.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    profile.add_argument("--max-length", type=int, default=512)
     comp = sub.add_parser("compile")
     comp.add_argument("--model-dir", default=str(default_tokenizer), help="model folder (default: SmolLM2-135M's)")
     comp.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"])

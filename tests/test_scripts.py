@@ -1,5 +1,6 @@
 """The helper scripts: plots of runs, chatting with checkpoints, the demo data."""
 
+import itertools
 import json
 import os
 import shutil
@@ -11,7 +12,7 @@ import matplotlib.image
 import pytest
 import yaml
 
-from conftest import DEMO_EVAL, DEMO_TRAIN, OFFLINE_ENV, REPO, run_cli
+from conftest import DEMO_EVAL, DEMO_TRAIN, OFFLINE_ENV, REPO, read_metrics, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -450,23 +451,24 @@ def test_every_benchmark_subcommand_parses_and_runs_a_function_of_scripts_bench(
 
 
 @pytest.mark.slow
-def test_the_benchmark_child_trains_the_bare_loop_on_packed_batches(tiny_cache, tmp_path):
-    """The peer runs' program (scripts/bench/child.py, run as a module in its own process) trains the bare loop on
-    packed batches as sft.py writes them: one loss per step, the supervised tokens of each (labels past the first
-    position that are not -100), the timed steps after the warm-up."""
-    import torch
-    from safetensors.torch import save_file
-
+def test_the_bare_loop_replays_a_halyard_run_s_exact_passes(tiny_cache, tmp_path):
+    """scripts/bench/replay.py rebuilds a run's forward passes with Halyard's own plan and collation (here passes of
+    at most 150 tokens, so steps hold several): step by step they hold the supervised tokens the run logged, and the
+    peer runs' program (scripts/bench/child.py, its own process) trains the bare loop on them."""
+    from scripts.bench.replay import halyard_passes, save_passes, supervised_tokens
     from scripts.bench.runs import run_child
 
-    ids = torch.arange(3 * 16).reshape(3, 1, 16) % 50 + 3
-    labels = ids.clone()
-    labels[:, :, :6] = -100  # 10 supervised tokens a step
-    batches = {f"{i}.{key}": value[i] for i in range(3)
-               for key, value in (("input_ids", ids), ("position_ids", torch.arange(16).expand(3, 1, 16)),
-                                  ("labels", labels))}  # fmt: skip
-    save_file({key: value.contiguous() for key, value in batches.items()}, tmp_path / "packed_batches.safetensors")
-    settings = {"model": str(tiny_cache / "tiny-llama"), "dtype": "float32", "lr": 1e-5, "steps": 3, "warmup_steps": 1}
+    overrides = ["loss=sft", "model=tiny", f"datasets=[{DEMO_TRAIN}]", f"cache_dir={tiny_cache}", "exp_name=replayed",
+                 "max_steps=3", "log_every_steps=1", "model.micro_batch_tokens=150"]  # fmt: skip
+    assert run_cli(overrides).returncode == 0
+    logged = [row["supervised_tokens"] for row in read_metrics(tiny_cache / "replayed") if "loss/train" in row]
+    steps = halyard_passes(overrides, 3)
+    assert max(map(len, steps)) > 1  # the budget split some micro-batch
+    assert list(itertools.accumulate(map(supervised_tokens, steps))) == logged
+    save_passes(steps, tmp_path / "passes.safetensors")
+    settings = {"model": str(tiny_cache / "tiny-llama"), "dtype": "float32", "lr": 1e-5, "steps": 3, "warmup_steps": 1,
+                "passes": "passes.safetensors", "phases": True}  # fmt: skip
     result = run_child("bare", tmp_path, settings)
-    assert result["units_per_step"] == 10 and len(result["losses"]) == 2
+    assert result["per_step"] == [supervised_tokens(step) for step in steps] and len(result["losses"]) == 2
     assert result["step_seconds"] > 0 and result["rate"] > 0 and result["peak_mb"] > 0
+    assert set(result["phases"]) == {"forward", "backward", "optimizer"}

@@ -1,17 +1,20 @@
 """One peer run of the sft and dpo benchmarks, in its own process so that its peak RSS is its own: TRL 1.16's
-SFTTrainer or DPOTrainer, or a bare PyTorch loop over Halyard's packed batches with the model's own loss.
+SFTTrainer or DPOTrainer, or a bare PyTorch loop over a Halyard run's forward passes with the model's own loss.
 
     python -m scripts.bench.child MODE WORK SETTINGS     (from the repository root; runs.run_child runs it)
 
 MODE: trl-sft, trl-sft-pf (padding-free), trl-dpo, trl-dpo-pre (precompute_ref_log_probs) or bare. WORK: the
-benchmark's folder, holding what sft.py and dpo.py wrote there (sft.jsonl, pairs.jsonl, packed_batches.safetensors).
-SETTINGS: a JSON object with model (a folder), dtype, lr, steps, warmup_steps, and pairs (pairs per step, DPO).
+benchmark's folder, holding what sft.py and dpo.py wrote there (sft.jsonl, pairs.jsonl, the passes replay.py saved).
+SETTINGS: a JSON object with model (a folder), dtype, lr, steps, warmup_steps, pairs (pairs per step, DPO), passes
+(the bare loop's file in WORK) and phases (bare: time its phases under torch.profiler).
 The last line printed is a JSON object: the median step seconds and mean units per step over the timed steps (after
-warmup_steps), their rate (units/s), the peak RSS in MB and the first two losses.
+warmup_steps), their rate (units/s), the units of every step, the bare loop's phase medians, the peak RSS in MB and
+the first two losses.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import statistics
@@ -98,24 +101,40 @@ def trl_dpo(model, mode: str, work: Path, settings: dict, clock: Clock) -> list[
 
 
 def bare_loop(model, work: Path, settings: dict, times: list[float], losses: list[float]) -> list[int]:
-    """A plain loop over Halyard's packed batches with the model's own loss and AdamW; the supervised tokens of each
-    step."""
-    from safetensors.torch import load_file
+    """A plain loop over the forward passes of a Halyard run (replay.py saved them in settings["passes"]), with the
+    model's own loss and fused AdamW: each pass forward and backward, then the optimizer step. The supervised tokens of
+    each step; with settings["phases"], the median seconds of forward, backward and optimizer per step go into
+    settings' "phases" output (under torch.profiler, as Halyard's profiled steps run)."""
+    from scripts.bench.replay import load_passes, supervised_tokens
 
-    saved = load_file(work / "packed_batches.safetensors")
-    batches = [{key: saved[f"{i}.{key}"] for key in ("input_ids", "position_ids", "labels")}
-               for i in range(len({k.split(".")[0] for k in saved}))][: settings["steps"]]  # fmt: skip
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"])
-    for batch in batches:
-        started = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings["dtype"] == "bfloat16"):
-            loss = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - started)
-        losses.append(loss.item())
-    return [(b["labels"][:, 1:] != IGNORE_INDEX).sum().item() for b in batches]
+    steps = load_passes(work / settings["passes"])[: settings["steps"]]
+    # Halyard's default optimizer (and transformers'): the fused kernel, so that the loops differ only in the loop
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], fused=True)
+    bf16 = settings["dtype"] == "bfloat16"
+    profiler = torch.profiler.profile() if settings.get("phases") else contextlib.nullcontext()
+    with profiler:
+        for passes in steps:
+            started = time.perf_counter()
+            phase = {"forward": 0.0, "backward": 0.0}
+            for batch in passes:
+                mark = time.perf_counter()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss = model(**batch).loss
+                phase["forward"] += time.perf_counter() - mark
+                mark = time.perf_counter()
+                loss.backward()
+                phase["backward"] += time.perf_counter() - mark
+            mark = time.perf_counter()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            phase["optimizer"] = time.perf_counter() - mark
+            times.append(time.perf_counter() - started)
+            PHASES.append(phase)
+            losses.append(loss.item())
+    return [supervised_tokens(passes) for passes in steps]
+
+
+PHASES: list[dict[str, float]] = []  # the bare loop's phases per step
 
 
 def main() -> None:
@@ -133,7 +152,8 @@ def main() -> None:
         per_step = bare_loop(model, work, settings, times, losses)
     warm = settings["warmup_steps"]
     n = min(len(times), len(per_step))
-    print(json.dumps({"step_seconds": statistics.median(times[warm:n]),
+    phases = {key: statistics.median(p[key] for p in PHASES[warm:n]) for key in PHASES[0]} if PHASES else {}
+    print(json.dumps({"step_seconds": statistics.median(times[warm:n]), "phases": phases, "per_step": per_step,
                       "units_per_step": statistics.mean(per_step[warm:n]),
                       "rate": sum(per_step[warm:n]) / sum(times[warm:n]),
                       "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "losses": losses[:2]}))  # fmt: skip

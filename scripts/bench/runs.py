@@ -37,11 +37,18 @@ def run_child(mode: str, work: Path, settings: dict) -> dict:
     return result
 
 
+def halyard_overrides(work: Path, name: str, overrides: list[str]) -> list[str]:
+    """The whole command line of a benchmark's Halyard run: metrics every step, a constant learning rate, no
+    clipping, epochs enough for max_steps."""
+    return [f"cache_dir={work}", f"exp_name={name}", "log_every_steps=1", "warmup_ratio=0", "model.max_grad_norm=null",
+            "n_epochs=100", *overrides]  # fmt: skip
+
+
 def run_halyard(work: Path, name: str, overrides: list[str], warmup_steps: int, unit: str) -> dict:
     """One Halyard run through the CLI: median step seconds after the warm-up, `unit` (supervised_tokens or
-    examples) per step, peak RSS, and the first losses."""
-    command = [sys.executable, str(REPO / "launch.py"), f"cache_dir={work}", f"exp_name={name}", "log_every_steps=1",
-               "warmup_ratio=0", "model.max_grad_norm=null", "n_epochs=100", *overrides]  # fmt: skip
+    examples) per step (and of every step: per_step), peak RSS, the first losses, and the phase medians of
+    profile_steps (profile) where it was set."""
+    command = [sys.executable, str(REPO / "launch.py"), *halyard_overrides(work, name, overrides)]
     output = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, **OFFLINE})
     if output.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{output.stderr[-3000:]}")
@@ -51,7 +58,9 @@ def run_halyard(work: Path, name: str, overrides: list[str], warmup_steps: int, 
     units = [b[unit] - a[unit] for a, b in itertools.pairwise(rows)][warmup_steps - 1 :]
     summary = json.loads((work / name / "summary.json").read_text())
     step_seconds = statistics.median(seconds)
-    return {"step_seconds": step_seconds, "units_per_step": statistics.mean(units),
+    per_step = [rows[0][unit]] + [b[unit] - a[unit] for a, b in itertools.pairwise(rows)]
+    return {"step_seconds": step_seconds, "units_per_step": statistics.mean(units), "per_step": per_step,
+            "profile": summary.get("profile"), "micro_batch_tokens": summary.get("micro_batch_tokens"),
             "rate": sum(units) / sum(seconds), "peak_mb": summary["peak_memory_mb"],
             "losses": [r["loss/train"] for r in rows[:2]], "mfu": statistics.median(r["mfu"] for r in rows[warmup_steps:])}  # fmt: skip
 
