@@ -22,6 +22,20 @@ OFFLINE_ENV = {
 }
 os.environ.update(OFFLINE_ENV)
 
+
+def share_cores_between_workers() -> None:
+    """Under pytest-xdist (`-n N`, scripts/test.sh), give each worker's torch, and the CLI runs it starts, an equal
+    share of the cores: N workers each running torch's default one thread per core would contend for the same cores
+    (OpenMP threads spin while they wait), slower than the serial suite. Set before anything imports torch, which
+    reads OMP_NUM_THREADS once; a value already in the environment is kept."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // workers)))
+
+
+share_cores_between_workers()
+
 DEMO_TRAIN = str(REPO / "data" / "demo" / "train.jsonl")
 DEMO_EVAL = str(REPO / "data" / "demo" / "eval.jsonl")
 
@@ -55,3 +69,43 @@ def run_cli(
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def shared_fixture_groups(items: list[pytest.Item]) -> dict[pytest.Item, str]:
+    """Each test that uses a module- or class-scoped fixture, with a group name: tests linked through such fixtures
+    (A and B share one, B and C another) get the same name. Tests that share none are left out."""
+    parent: dict[str, str] = {}  # "file::fixture" -> another of its group (union-find)
+
+    def root(key: str) -> str:
+        while parent[key] != key:
+            key = parent[key]
+        return key
+
+    shared = {}
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)  # absent on items that are not test functions
+        fixtures = info.name2fixturedefs.items() if info else ()
+        file = item.nodeid.split("::")[0]
+        keys = [f"{file}::{name}" for name, defs in fixtures if defs and defs[-1].scope in ("module", "class")]
+        for key in keys:
+            parent.setdefault(key, key)
+            parent[root(key)] = root(keys[0])
+        if keys:
+            shared[item] = keys[0]
+    return {item: root(key) for item, key in shared.items()}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks to schedule
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """For pytest-xdist (`-n 2 --dist loadgroup`, scripts/test.sh): keep the tests that share a module-scoped fixture
+    on one worker, since those fixtures are mostly whole CLI runs that each worker would otherwise repeat; every
+    other test is scheduled on its own, so the workers stay evenly loaded. Without xdist this changes nothing."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return  # xdist_group would be an unknown mark
+    for item, group in shared_fixture_groups(items).items():
+        item.add_marker(pytest.mark.xdist_group(group))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # xdist hands out the groups first (largest first), then single tests in this order: the slow CLI runs before
+        # the unit tests, so the last tests are short ones and no worker sits idle while another finishes a
+        # minutes-long run. A stable sort, the same on every worker, as xdist requires.
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)

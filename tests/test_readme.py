@@ -59,7 +59,9 @@ def checkout(root: Path, tiny_model: Path) -> dict[str, str]:
     models = root / "home" / ".cache" / "halyard" / "models"
     models.mkdir(parents=True)
     (models / "SmolLM2-135M-Instruct").symlink_to(tiny_model)
-    return {**os.environ, **OFFLINE_ENV, "HOME": str(root / "home"), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, **OFFLINE_ENV, "HOME": str(root / "home"), "PYTHONPATH": str(REPO)}
+    env.setdefault("OMP_NUM_THREADS", "2")  # under xdist, conftest has set each worker's share of the cores
+    return env
 
 
 def test_the_readme_usage_commands_run_as_typed(tiny_cache, tmp_path):

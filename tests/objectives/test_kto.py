@@ -3,7 +3,7 @@ Packed KTO against unpacked, exactly: tests/batching/test_packing.py."""
 
 import pytest
 
-from conftest import REPO, read_metrics, run_cli
+from conftest import read_metrics, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -12,18 +12,14 @@ def test_kto_is_split_invariant(tiny_cache):
     """KTO's KL reference point comes from the whole step (each prompt with the next example's completion across the
     global batch), so its losses are the same with 1 or 8 micro-batches and with 1 or 2 processes. Before, with
     per-micro-batch estimates, step 3 was 0.4221 with accumulation 1 and 0.4733 with 8."""
-    import sys
+    from test_launch import accelerate_launcher  # on a free port: another xdist worker may run 2 processes too
 
     common = ["model=tiny", "loss=kto", f"cache_dir={tiny_cache}", "datasets=[data/demo/kto_train.jsonl]", "lr=1e-3"]
     common += ["warmup_ratio=0", "max_steps=3", "log_every_steps=1"]
-    two = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
     runs = {
         "kto-accum1": (None, []),
         "kto-accum8": (None, ["model.gradient_accumulation_steps=8"]),
-        "kto-2proc": (
-            [*two, str(REPO / "accelerate_config" / "cpu_2proc.yaml")],
-            ["model.gradient_accumulation_steps=2"],
-        ),
+        "kto-2proc": (accelerate_launcher("cpu_2proc.yaml"), ["model.gradient_accumulation_steps=2"]),
     }
     losses = {}
     for name, (launcher, extra) in runs.items():
