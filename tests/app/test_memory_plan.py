@@ -228,6 +228,7 @@ def test_advice_names_the_settings_that_would_fit():
     found = mp.advice(shape_for, settings, a_little_short)
     assert any(text.startswith("model.gradient_checkpointing=true (about") for text in found)
     assert any(text.startswith("model.gradient_accumulation_steps=2 (micro-batches of 4)") for text in found)
+    assert any(text.startswith("model.micro_batch_tokens=") for text in found)  # passes of fewer whole rows
     assert all(total <= a_little_short.bytes_per_process + 0.005e9 for total in estimates(found))
 
     far_short = Device(need // 4, "a quarter")

@@ -470,7 +470,8 @@ def fits(plan: MemoryPlan, device: Device) -> str:
 
 def advice(shape_for, settings: PlanSettings, device: Device) -> list[str]:
     """Settings that would make the run fit the device, each with its estimate: gradient checkpointing, LoRA,
-    QLoRA, smaller micro-batches (more accumulation, the same batch), shorter rows, more GPUs with FSDP2.
+    QLoRA, smaller micro-batches (more accumulation, the same batch), a token budget per pass (the same
+    micro-batches in more passes), shorter rows, more GPUs with FSDP2.
 
     `shape_for(method)` gives the ModelShape for a method (LoRA adds adapters)."""
     shape = shape_for(settings.method)
@@ -483,6 +484,7 @@ def advice(shape_for, settings: PlanSettings, device: Device) -> list[str]:
         qlora = _with(settings, method="qlora", quantization="nf4")
         candidates.append(("method=qlora", shape_for("qlora"), qlora))
     candidates += _smaller_micro_batches(shape, settings, device)
+    candidates += _smaller_passes(shape, settings, device)
     if settings.rows_per_micro_batch == 1 and settings.tokens_per_row > 256:
         shorter = _with(settings, tokens_per_row=settings.tokens_per_row // 2)
         candidates.append((f"model.max_length={shorter.tokens_per_row}", shape, shorter))
@@ -507,6 +509,19 @@ def _smaller_micro_batches(shape: ModelShape, settings: PlanSettings, device: De
                 return [
                     (f"model.gradient_accumulation_steps={steps} (micro-batches of {rows // factor})", shape, smaller)
                 ]
+    return []
+
+
+def _smaller_passes(shape: ModelShape, settings: PlanSettings, device: Device) -> list:
+    """The largest token budget per forward pass (model.micro_batch_tokens, in whole rows) that fits, if any: the
+    same micro-batches, the long ones run in several passes."""
+    for rows in range(settings.rows_per_micro_batch - 1, 0, -1):
+        budget = rows * settings.tokens_per_row
+        if pass_tokens(settings) <= budget:
+            continue
+        smaller = _with(settings, micro_batch_tokens=budget)
+        if estimate(shape, smaller).total <= device.bytes_per_process:
+            return [(f"model.micro_batch_tokens={budget}", shape, smaller)]
     return []
 
 
