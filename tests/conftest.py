@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -95,17 +96,53 @@ def shared_fixture_groups(items: list[pytest.Item]) -> dict[pytest.Item, str]:
     return {item: root(key) for item, key in shared.items()}
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks to schedule
+# pytest-xdist (`-n 2 --dist loadgroup`, scripts/test.sh). xdist's own loadgroup reads `xdist_group` marks into the
+# node ids, which pytest 9 no longer lets it change: the marks are silently ignored. So the workers, which collect,
+# write each test's group to a file the controller names, and the controller's scheduler reads it.
+GROUPS_FILE = "halyard_groups_file"  # the workerinput key
+
+
+def groups_file() -> Path:
+    """Where the workers write the groups, named by the controller's process id."""
+    return Path(tempfile.gettempdir()) / f"halyard-test-groups-{os.getpid()}.json"
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: the controller, once per worker it starts
+def pytest_configure_node(node) -> None:
+    node.workerinput[GROUPS_FILE] = str(groups_file())
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)  # before xdist's own scheduler
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """With `--dist loadgroup`: the tests that share a module-scoped fixture (mostly a whole CLI run) go to one
+    worker, which builds it once; every other test is scheduled on its own, so the workers stay evenly loaded. xdist
+    hands out the groups first, largest first, then single tests in collection order."""
+    if config.getoption("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        groups: dict[str, str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.groups is None:  # first called once every worker has collected, and so written the file
+                path = groups_file()
+                self.groups = json.loads(path.read_text()) if path.exists() else {}
+                path.unlink(missing_ok=True)
+            return self.groups.get(nodeid, nodeid)
+
+    return SharedFixtureScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """For pytest-xdist (`-n 2 --dist loadgroup`, scripts/test.sh): keep the tests that share a module-scoped fixture
-    on one worker, since those fixtures are mostly whole CLI runs that each worker would otherwise repeat; every
-    other test is scheduled on its own, so the workers stay evenly loaded. Without xdist this changes nothing."""
-    if not config.pluginmanager.hasplugin("xdist"):
-        return  # xdist_group would be an unknown mark
-    for item, group in shared_fixture_groups(items).items():
-        item.add_marker(pytest.mark.xdist_group(group))
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        # xdist hands out the groups first (largest first), then single tests in this order: the slow CLI runs before
-        # the unit tests, so the last tests are short ones and no worker sits idle while another finishes a
-        # minutes-long run. A stable sort, the same on every worker, as xdist requires.
-        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """On an xdist worker: write each test's group for the controller's scheduler, and put the slow CLI runs before
+    the unit tests, so the last tests handed out are short ones and no worker sits idle while another finishes a
+    minutes-long run (a stable sort, the same on every worker, as xdist requires). Without xdist: nothing."""
+    path = getattr(config, "workerinput", {}).get(GROUPS_FILE)
+    if not path:
+        return
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    groups = {item.nodeid: group for item, group in shared_fixture_groups(items).items()}
+    partial = Path(f"{path}.{os.environ.get('PYTEST_XDIST_WORKER', 'worker')}")
+    partial.write_text(json.dumps(groups))
+    partial.replace(path)  # every worker writes the same groups; the file appears whole
