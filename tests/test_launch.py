@@ -102,6 +102,12 @@ def test_profiled_steps_are_broken_down_by_phase(full_run):
     assert {"halyard/forward", "halyard/loss", "halyard/backward", "halyard/optimizer"} <= names
 
 
+def test_the_log_says_why_the_layers_are_not_compiled(full_run):
+    """model.compile=null decides at start-up and says why: a float32 run on a CPU stays eager."""
+    assert "model.compile=null: off (float32 on a CPU: smaller gains" in (full_run / "launch.log").read_text()
+    assert "compiled_graphs" not in json.loads((full_run / "summary.json").read_text())
+
+
 def test_run_dir_holds_config_metrics_and_a_loadable_final(full_run):
     assert (full_run / "config.yaml").read_text() == (full_run / "FINAL" / "halyard_config.yaml").read_text()
     assert "exp_name: full" in (full_run / "config.yaml").read_text()

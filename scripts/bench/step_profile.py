@@ -45,9 +45,13 @@ def bench_profile(args) -> str:
     lines = [
         f"Model: {model_text}, {args.dtype}, loss={args.loss}, {batch_size} {'examples' if args.loss == 'sft' else 'pairs'} per step "
         f"(Halyard's default batching: grouped by length, passes of at most {halyard['micro_batch_tokens']} tokens); "
-        f"steps 2-{steps} profiled; medians per step. The bare loop (SFT) runs the same passes (same supervised "
-        f"tokens per step: {bare['per_step'] == halyard['per_step'] if bare else '-'}) with the model's own loss, "
-        "under torch.profiler too.",
+        f"steps 2-{steps} profiled; medians per step."
+        + (
+            f" The bare loop runs the same passes (same supervised tokens per step: "
+            f"{bare['per_step'] == halyard['per_step']}) with the model's own loss, under torch.profiler too."
+            if bare
+            else ""
+        ),
         "",
         "| phase | Halyard (s) | share of Halyard's step | bare loop (s) |",
         "|---|---|---|---|",

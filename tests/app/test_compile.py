@@ -162,3 +162,27 @@ def test_the_compile_benchmark_prints_its_table_on_the_tiny_model(tiny_cache):
     for row in rows:
         graphs = int(row.split("|")[8].split()[0])
         assert 1 <= graphs <= 3  # counted per setting, not per step
+
+
+def test_null_compiles_where_it_was_measured_to_win(monkeypatch):
+    """model.compile=null: on a CPU in bfloat16 for runs of AUTO_COMPILE_MIN_STEPS steps or more, with a compiler;
+    an explicit value is kept; off on a GPU (not measured) and in float32."""
+    from train.app import models
+
+    steps = models.AUTO_COMPILE_MIN_STEPS
+    assert models.resolve_compile(True, "float32", 1) == (True, "set")
+    assert models.resolve_compile(False, "bfloat16", 10**6) == (False, "set")
+    monkeypatch.setattr(models, "compiler_problem", lambda: None)
+    assert models.resolve_compile(None, "bfloat16", steps)[0] is True
+    assert models.resolve_compile(None, "bfloat16", steps - 1) == (
+        False,
+        f"{steps - 1} steps, fewer than the {steps} that earn back the compilation",
+    )
+    assert models.resolve_compile(None, "float32", 10**6)[0] is False
+    monkeypatch.setattr(models, "compiler_problem", lambda: "no compiler")
+    assert models.resolve_compile(None, "bfloat16", 10**6) == (
+        False,
+        "no C++ compiler for torch.compile's CPU kernels (g++, or $CXX)",
+    )
+    monkeypatch.setattr(models.torch.cuda, "is_available", lambda: True)
+    assert models.resolve_compile(None, "bfloat16", 10**6)[0] is False

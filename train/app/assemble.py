@@ -74,6 +74,12 @@ def log_every_steps_of(total_steps: int, log_every_steps: int | None) -> int:
     return chosen
 
 
+def total_steps_of(cfg: Config, steps_per_epoch: int) -> int:
+    """The run's optimizer steps: n_epochs epochs, at most max_steps."""
+    total_steps = cfg.n_epochs * steps_per_epoch
+    return total_steps if cfg.max_steps is None else min(total_steps, cfg.max_steps)
+
+
 def trainer_parts(
     trainer_class: type[BasicTrainer],
     cfg: Config,
@@ -85,9 +91,7 @@ def trainer_parts(
     fsdp: FsdpSettings | None,
 ) -> TrainerParts:
     plan = batch_plan(cfg, accelerator, train_data, trainer_class)
-    total_steps = cfg.n_epochs * plan.steps_per_epoch
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
+    total_steps = total_steps_of(cfg, plan.steps_per_epoch)
     model, optimizer = prepare_model(model, fsdp, cfg, accelerator)
     warmup_steps = warmup_steps_of(total_steps, warmup_steps=cfg.warmup_steps, warmup_ratio=cfg.warmup_ratio)
     scheduler = build_scheduler(

@@ -117,13 +117,14 @@ class ModelConfig:
     attn_implementation: str = setting(
         "sdpa", "Attention kernel", choices={"eager": "", "sdpa": "", "flash_attention_2": "CUDA only"}
     )
-    compile: bool = setting(
-        False,
+    compile: bool | None = setting(
+        None,
         "Compile each decoder layer's training passes with torch.compile (regional: one graph serves every layer; "
         "dynamic shapes, so new sequence lengths reuse it; evaluation and generation stay eager). Costs compilation "
         "time at the first steps and at each new kind of batch (with or without padding, one row or several): tens "
-        "of seconds to minutes each on CPU, so it can pay off only on long runs. Needs a C++ compiler on CPU (g++, "
-        "or $CXX), Triton on CUDA.",
+        "of seconds each on CPU, so it pays off only on long runs. Needs a C++ compiler on CPU (g++, or $CXX), "
+        "Triton on CUDA. null: on where it was measured to win, a CPU in bfloat16 for runs of 200 steps or more "
+        "(the log says why, either way).",
     )
     batch_size: int = setting(
         8,

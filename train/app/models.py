@@ -149,6 +149,49 @@ def build_model(
     return model
 
 
+AUTO_COMPILE_MIN_STEPS = 200  # model.compile=null: runs this long earn back ~20 s of compilation many times over
+# On a CPU, where compiled layers were measured faster by the most (docs/BENCHMARKS.md): bfloat16 1.22-1.29x, float32
+# 1.09-1.14x (left to model.compile=true: the tiny test models' runs would pay compilation for nothing).
+AUTO_COMPILE_DTYPES = ("bfloat16",)
+
+
+def resolve_compile(compile_layers: bool | None, dtype: str, total_steps: int) -> tuple[bool, str]:
+    """model.compile with null decided, and why: on where it was measured to win (a CPU in bfloat16: SmolLM2's
+    steps 1.22-1.29x faster after 12-20 s of compilation, docs/BENCHMARKS.md) for runs of at least
+    AUTO_COMPILE_MIN_STEPS steps, with a compiler to build the kernels; off elsewhere."""
+    if compile_layers is not None:
+        return compile_layers, "set"
+    if torch.cuda.is_available():
+        return False, "not measured on GPUs here yet; model.compile=true compiles"
+    if dtype not in AUTO_COMPILE_DTYPES:
+        return False, f"{dtype} on a CPU: smaller gains, left to model.compile=true (docs/BENCHMARKS.md)"
+    if total_steps < AUTO_COMPILE_MIN_STEPS:
+        return False, f"{total_steps} steps, fewer than the {AUTO_COMPILE_MIN_STEPS} that earn back the compilation"
+    if compiler_problem():
+        return False, "no C++ compiler for torch.compile's CPU kernels (g++, or $CXX)"
+    return True, f"a CPU in {dtype}, {total_steps} steps"
+
+
+def compiler_problem() -> str | None:
+    """Why torch.compile cannot build kernels here, or None: inductor writes C++ for the CPU (it looks for $CXX,
+    else g++) and Triton kernels for CUDA GPUs."""
+    if torch.cuda.is_available():
+        from torch.utils._triton import has_triton
+
+        return None if has_triton() else "on a CUDA GPU it needs Triton, which is not installed: pip install triton"
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    try:
+        get_cpp_compiler()
+    except InvalidCxxCompiler:
+        return (
+            "torch.compile builds C++ kernels for the CPU and finds no C++ compiler ($CXX, or g++ on the PATH); "
+            "install one (apt-get install g++) or set CXX"
+        )
+    return None
+
+
 RECOMPILE_LIMIT = 16  # graphs per compiled forward; torch's default, 8, is close to what a run can meet (below)
 
 

@@ -9,14 +9,22 @@ import shutil
 import time
 from pathlib import Path
 
-from train.app.assemble import loop_settings, trainer_parts
+from train.app.assemble import loop_settings, total_steps_of, trainer_parts
 from train.app.config import Config
 from train.app.loss_registry import loss_spec
 from train.app.memory_plan import log_plan
-from train.app.models import build_model, build_tokenizer, compile_summary, resolve_dtype, resolve_save_dtype
+from train.app.models import (
+    build_model,
+    build_tokenizer,
+    compile_summary,
+    resolve_compile,
+    resolve_dtype,
+    resolve_save_dtype,
+)
 from train.app.runtime import build_accelerator, prepare_run_dir
 from train.app.serialize import flat_config
 from train.batching.layout import decide_layout
+from train.batching.plan import steps_per_epoch
 from train.data.datasets import build_datasets
 from train.errors import HalyardError
 from train.loop.benchmarks import STDERR_SUFFIX, task_and_metric
@@ -65,6 +73,10 @@ def run(cfg: Config) -> None:
             cfg, tokenizer, spec.data_kind, accelerator.main_process_first, layout
         )
         fsdp = fsdp_settings_from_launcher()
+        total_steps = total_steps_of(cfg, steps_per_epoch(len(train_data), cfg.model.batch_size))
+        cfg.model.compile, why = resolve_compile(cfg.model.compile, cfg.model.dtype, total_steps)
+        if why != "set":
+            logger.info(f"model.compile=null: {'on' if cfg.model.compile else 'off'} ({why})")
         pad_id = tokenizer.pad_token_id if spec.model_head == "score" else None  # a reward model scores sequences
         model = build_model(cfg.model, cfg.seed, sharded=fsdp is not None, score_pad_token_id=pad_id)
         reference, reference_cache = build_reference(cfg, accelerator, fsdp, train_data, eval_data, spec.trainer)

@@ -290,33 +290,15 @@ def check_values(cfg: Config, world_size: int) -> list[str]:
 
 
 def _check_compile(cfg: Config) -> list[str]:
-    """model.compile where torch.compile cannot build kernels on this machine: inductor writes C++ for the CPU (it
-    looks for $CXX, else g++) and Triton kernels for CUDA GPUs. Works (tested on CPU): FSDP2, QLoRA, LoRA and DoRA
-    (DoRA breaks the graph in many places: little gain), gradient checkpointing, bfloat16."""
+    """model.compile=true where torch.compile cannot build kernels on this machine (null decides at start-up, and
+    stays off there). Works (tested on CPU): FSDP2, QLoRA, LoRA and DoRA (DoRA breaks the graph in many places:
+    little gain), gradient checkpointing, bfloat16."""
     if not cfg.model.compile:
         return []
-    import torch
+    from train.app.models import compiler_problem
 
-    if torch.cuda.is_available():
-        from torch.utils._triton import has_triton
-
-        if has_triton():
-            return []
-        return [
-            "model.compile=true on a CUDA GPU needs Triton, which is not installed: pip install triton, or set "
-            "model.compile=false"
-        ]
-    from torch._inductor.cpp_builder import get_cpp_compiler
-    from torch._inductor.exc import InvalidCxxCompiler
-
-    try:
-        get_cpp_compiler()
-    except InvalidCxxCompiler:
-        return [
-            "model.compile=true: torch.compile builds C++ kernels for the CPU and finds no C++ compiler ($CXX, "
-            "or g++ on the PATH); install one (apt-get install g++) or set CXX, or model.compile=false"
-        ]
-    return []
+    problem = compiler_problem()
+    return [f"model.compile=true: {problem}; or set model.compile=false"] if problem else []
 
 
 def _check_quantization(cfg: Config, sharded: bool) -> list[str]:

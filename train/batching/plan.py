@@ -41,6 +41,11 @@ def auto_micro_batch_tokens(item_tokens: np.ndarray, micro_batch_size: int) -> i
     return max(int(item_tokens.max(initial=1)), math.ceil(mean_micro_batch * AUTO_TOKEN_HEADROOM))
 
 
+def steps_per_epoch(n_items: int, batch_size: int) -> int:
+    """Optimizer steps in an epoch of `n_items` in global batches of `batch_size`: the last partial batch is left out."""
+    return n_items // batch_size
+
+
 def padded_tokens(item_tokens: np.ndarray) -> int:
     """Token slots of a pass holding items of these lengths: each is padded to the longest."""
     return len(item_tokens) * int(item_tokens.max(initial=0))
@@ -87,7 +92,7 @@ class BatchPlan:
     def __post_init__(self) -> None:
         self.per_process = self.batch_size // self.n_processes
         self.micro_batch_size = self.per_process // self.accumulation_steps
-        self.steps_per_epoch = self.n_items // self.batch_size
+        self.steps_per_epoch = steps_per_epoch(self.n_items, self.batch_size)
         self._order: tuple[int, np.ndarray] | None = None  # the last epoch's order, reused by its steps
 
     def epoch_order(self, epoch: int) -> np.ndarray:
