@@ -105,6 +105,7 @@ def build_model(
     sharded: bool = False,
     score_pad_token_id: int | None = None,
     role: str = "model",
+    compile_layers_now: bool | None = None,
 ):
     """The causal LM to train, in float32; for LoRA without FSDP, the frozen base in the compute dtype.
 
@@ -138,7 +139,8 @@ def build_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if settings.use_peft:
         model = add_lora(model, settings, task_type="CAUSAL_LM" if score_pad_token_id is None else "SEQ_CLS")
-    if settings.compile and role == "model":  # after the adapters (they are in the graph), before FSDP2 shards
+    compiled = settings.compile if compile_layers_now is None else compile_layers_now  # run.py decides null
+    if compiled and role == "model":  # after the adapters (they are in the graph), before FSDP2 shards
         compile_layers(model)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())

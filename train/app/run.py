@@ -74,11 +74,14 @@ def run(cfg: Config) -> None:
         )
         fsdp = fsdp_settings_from_launcher()
         total_steps = total_steps_of(cfg, steps_per_epoch(len(train_data), cfg.model.batch_size))
-        cfg.model.compile, why = resolve_compile(cfg.model.compile, cfg.model.dtype, total_steps)
+        # decided here, where the run's length is known; the saved configs keep the setting as given (null)
+        compiled, why = resolve_compile(cfg.model.compile, cfg.model.dtype, total_steps)
         if why != "set":
-            logger.info(f"model.compile=null: {'on' if cfg.model.compile else 'off'} ({why})")
+            logger.info(f"model.compile=null: {'on' if compiled else 'off'} ({why})")
         pad_id = tokenizer.pad_token_id if spec.model_head == "score" else None  # a reward model scores sequences
-        model = build_model(cfg.model, cfg.seed, sharded=fsdp is not None, score_pad_token_id=pad_id)
+        model = build_model(
+            cfg.model, cfg.seed, sharded=fsdp is not None, score_pad_token_id=pad_id, compile_layers_now=compiled
+        )
         reference, reference_cache = build_reference(cfg, accelerator, fsdp, train_data, eval_data, spec.trainer)
         extra = {"reference_model": reference} if spec.uses_reference else {}
         parts = trainer_parts(spec.trainer, cfg, accelerator, model, tokenizer, train_data, eval_data, fsdp)
@@ -94,8 +97,8 @@ def run(cfg: Config) -> None:
         if accelerator.is_main_process:
             wall_seconds = time.perf_counter() - started
             data = in_units(data_stats, spec.trainer.example_unit)
-            compiled = compile_summary() if cfg.model.compile else {}
-            write_summary(cfg.run_dir, {**trainer.summary, **compiled, "wall_seconds": wall_seconds, "data": data})
+            compile_facts = compile_summary() if compiled else {}
+            write_summary(cfg.run_dir, {**trainer.summary, **compile_facts, "wall_seconds": wall_seconds, "data": data})
         accelerator.wait_for_everyone()  # every process leaves together
     finally:
         accelerator.end_training()  # closes the trackers (a stopped run's too) and the process group
