@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py preprocess [--rows 20000] [--repeats 3] [--tokenizer DIR]
     python scripts/benchmark.py sft [--model smollm2|qwen-shape] [--dtype float32|bfloat16] [--steps 6]
+                                    [--fused-head] [--compile] [--runs default packed trl-pf ...]
     python scripts/benchmark.py dpo [--model smollm2|qwen-shape] [--pairs 4] [--steps 5]
     python scripts/benchmark.py shared-prompt [--pairs 32] [--batch 4] [--long-prompts]
     python scripts/benchmark.py cpu-options [--repeats 3] [--compile]
@@ -20,7 +21,10 @@ and packed (rows sized to the same tokens per step), TRL 1.16's SFTTrainer padde
 step-1 loss is compared with the padded one on the same batch: equal means the examples stayed apart), and a bare
 PyTorch loop over the exact forward passes of Halyard's default and packed runs (rebuilt by scripts/bench/replay.py
 with Halyard's own plan and collation; the table says whether its tokens per step equal the run's) with the model's
-own loss. The model is
+own loss. --compile adds Halyard's default and packed runs with model.compile=true (the first step, its
+compilation, falls in the warm-up); --runs picks a subset, among them TRL padding-free with the Trainer's
+torch_compile=True (trl-pf-compiled: not by default, it recompiles the whole model at new shapes), and TRL padded
+still runs one step where a padding-free run needs it (the correctness check). The model is
 SmolLM2-135M's real weights, or Qwen2.5-0.5B's layer shape at reduced depth; the data synthetic multi-turn chat with
 skewed lengths; the same tokens and labels for every run. Rates: the timed steps' supervised tokens over their
 seconds (steps differ in size, grouped by length most); the median step time is shown beside them.
@@ -85,6 +89,11 @@ RUNNERS = {
     "profile": ("step_profile", "bench_profile"),
     "compile": ("compile", "bench_compile"),
 }
+# The sft benchmark's runs (scripts/bench/sft.py): Halyard's, TRL's, and the bare loop on Halyard's default's and
+# packed's passes.
+SFT_RUNS = ("default", "grouped", "unpacked", "packed", "fused", "compiled", "packed-compiled", "trl-padded", "trl-pf",
+            "trl-pf-compiled", "bare-default", "bare-packed")  # fmt: skip
+SFT_DEFAULT_RUNS = [run for run in SFT_RUNS if run not in ("fused", "compiled", "packed-compiled", "trl-pf-compiled")]
 
 
 def use_repository_root() -> None:
@@ -114,7 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
         bench.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
         bench.add_argument("--max-length", type=int, default=512)
         if name == "sft":
+            bench.add_argument("--runs", nargs="+", choices=SFT_RUNS, default=SFT_DEFAULT_RUNS,
+                               help="the runs to compare (default: all but fused and the compiled ones)")  # fmt: skip
             bench.add_argument("--fused-head", action="store_true", help="also the default with model.head_loss=fused")
+            bench.add_argument("--compile", action="store_true",
+                               help="also the default and packed with model.compile=true")  # fmt: skip
         if name == "dpo":
             bench.add_argument("--pairs", type=int, default=4, help="pairs per optimizer step")
     shared = sub.add_parser("shared-prompt")

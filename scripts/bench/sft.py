@@ -52,37 +52,55 @@ def bench_sft(args) -> str:
         "unpacked": ("Halyard, unpacked, random batches", ["model.batch_size=8", "data.group_by_length=false"]),
         "packed": (f"Halyard, packed ({rows_per_step} rows of {args.max_length} per step)",
                    [f"model.batch_size={rows_per_step}", "data.packing=true"]),
+        "fused": ("Halyard default, model.head_loss=fused", ["model.batch_size=8", "model.head_loss=fused"]),
+        "compiled": ("Halyard default, model.compile=true", ["model.batch_size=8", "model.compile=true"]),
+        "packed-compiled": ("Halyard packed, model.compile=true",
+                            [f"model.batch_size={rows_per_step}", "data.packing=true", "model.compile=true"]),
     }  # fmt: skip
-    if args.fused_head:
-        runs["fused"] = ("Halyard default, model.head_loss=fused", ["model.batch_size=8", "model.head_loss=fused"])
+    chosen = set(args.runs) | ({"fused"} if args.fused_head else set())
+    chosen |= {"compiled", "packed-compiled"} if args.compile else set()
+    runs = {name: run for name, run in runs.items() if name in chosen}
     results = {label: run_halyard(work, name, [*base, *extra], args.warmup_steps, "supervised_tokens")
                for name, (label, extra) in runs.items()}  # fmt: skip
     settings = {"model": str(model_dir), "dtype": args.dtype, "lr": 1e-5, "steps": steps,
                 "warmup_steps": args.warmup_steps}  # fmt: skip
-    trl_padded = run_child("trl-sft", work, settings)
-    trl_free = run_child("trl-sft-pf", work, settings)
     # Padding-free is correct only if each example still attends only to itself: its first loss must equal the
-    # padded run's on the same batch.
-    free_ok = abs(trl_free["losses"][0] - trl_padded["losses"][0]) <= 1e-3 * abs(trl_padded["losses"][0])
-    results["TRL 1.16 SFTTrainer, padded"] = trl_padded
-    label = "correct" if free_ok else "WRONG: examples attend to each other"
-    results[f"TRL 1.16 SFTTrainer, padding_free ({label}: step-1 loss {trl_free['losses'][0]:.4f} vs padded "
-            f"{trl_padded['losses'][0]:.4f})"] = trl_free  # fmt: skip
+    # padded run's on the same batch (the padded run is the check even where it is not in the table: one step).
+    padded_steps = steps if "trl-padded" in chosen else 1
+    trl_padded = run_child(
+        "trl-sft", work, {**settings, "steps": padded_steps, "warmup_steps": min(args.warmup_steps, padded_steps - 1)}
+    )
+    if "trl-padded" in chosen:
+        results["TRL 1.16 SFTTrainer, padded"] = trl_padded
+    trl_rates = [trl_padded["rate"]] if "trl-padded" in chosen else []
+    for mode, name in (("trl-sft-pf", "trl-pf"), ("trl-sft-pf-compiled", "trl-pf-compiled")):
+        if name not in chosen:
+            continue
+        free = run_child(mode, work, settings)
+        free_ok = abs(free["losses"][0] - trl_padded["losses"][0]) <= 1e-3 * abs(trl_padded["losses"][0])
+        label = "correct" if free_ok else "WRONG: examples attend to each other"
+        compiled = ", torch_compile=True" if mode.endswith("compiled") else ""
+        results[f"TRL 1.16 SFTTrainer, padding_free{compiled} ({label}: step-1 loss {free['losses'][0]:.4f} vs "
+                f"padded {trl_padded['losses'][0]:.4f})"] = free  # fmt: skip
+        trl_rates += [free["rate"]] if free_ok else []
     for name in ("default", "packed"):
+        if f"bare-{name}" not in chosen or name not in runs:
+            continue
         halyard = results[runs[name][0]]
         bare = bare_loop_on(work, name, [*base, *runs[name][1]], settings)
         same = "same" if bare["per_step"] == halyard["per_step"] else "DIFFERENT"
         results[f"bare PyTorch loop on the passes of '{runs[name][0]}', model's own loss ({same} tokens per step)"] = (
             bare
         )
-    best_trl = max(trl_padded["rate"], trl_free["rate"] if free_ok else 0.0)
+    best_trl = max(trl_rates, default=float("nan"))  # of the TRL runs in the table, correct ones only
+    budget = results[runs["default"][0]]["micro_batch_tokens"] if "default" in runs else "(not run)"
     lines = [
         f"Model: {model_text}, {args.dtype}. Data: {len(examples)} synthetic multi-turn chat examples, "
         f"{min(lengths)}-{max(lengths)} tokens (median {statistics.median(lengths):.0f}, mean "
         f"{statistics.mean(lengths):.0f}); 8 examples per step (packed: {rows_per_step} rows of {args.max_length}, "
         f"efficiency {efficiency:.0%}); AdamW lr 1e-5, no clipping, no gradient checkpointing; "
         f"{args.warmup_steps} warm-up + {args.steps} timed steps per run; rate = their tokens / their seconds; "
-        f"the default's token budget: {results[runs['default'][0]]['micro_batch_tokens']} tokens per pass.",
+        f"the default's token budget: {budget} tokens per pass.",
         "",
         "| run | supervised tokens/s | vs best TRL | median step (s) | supervised tokens per step | peak RSS (MB) |",
         "|---|---|---|---|---|---|",

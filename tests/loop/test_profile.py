@@ -60,6 +60,9 @@ def profile_written(run_dir) -> bool:
     return (
         text.startswith("# Profile of steps 2-4")
         and "| forward | 2.000 |" in text
+        # each step's row: step 3 ran one forward pass of 3 s (data, to_device, forward, ..., other, whole step)
+        and "| 3 | 1 | 0.500 | 0.000 | 3.000 | 0.000 | 0.125 | 2.000 | 0.000 | 0.000 | 0.000 | 0.000 | 0.250 | 5.875 |"
+        in text
         and (run_dir / PROFILE_TRACE_FILE).exists()
     )
 

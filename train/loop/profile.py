@@ -62,7 +62,7 @@ class StepProfiler:
         self.first = min(FIRST_PROFILED_STEP, total_steps)
         self.last = min(self.first + n_steps - 1, total_steps)
         self.run_dir, self.device, self.is_main = run_dir, device, is_main
-        self.steps: list[dict[str, float]] = []  # per profiled step: phase -> seconds, and "step"
+        self.steps: list[dict[str, float]] = []  # per profiled step: phase -> seconds, "step" and "forward_passes"
         self.current: dict[str, float] = defaultdict(float)
         self.stack: list[float] = []  # the time nested phases took, one entry per open phase
         self.inside_whole = 0  # open `whole` phases: the phases inside them are not timed apart
@@ -92,6 +92,7 @@ class StepProfiler:
             return None
         self._synchronize()
         self.current["step"] = time.perf_counter() - self.started
+        self.current.setdefault("forward_passes", 0)
         self.steps.append(dict(self.current))
         _active = None
         if step < self.last:
@@ -117,6 +118,8 @@ class StepProfiler:
             yield
             return
         self.inside_whole += whole
+        if name == "forward":
+            self.current["forward_passes"] += 1
         self._synchronize()
         started = time.perf_counter()
         self.stack.append(0.0)
@@ -144,6 +147,7 @@ class StepProfiler:
         operators = self.torch_profiler.key_averages().table(sort_by=sort_key, row_limit=TOP_OPERATORS)
         (self.run_dir / PROFILE_FILE).write_text(
             f"# Profile of steps {self.first}-{self.last}\n\n{phase_table(medians)}\n\n"
+            f"## Each profiled step (seconds)\n\n{step_table(self.first, self.steps)}\n\n"
             f"## Top operators (torch.profiler, all profiled steps)\n\n```\n{operators}\n```\n\n"
             f"Trace: {TRACE_FILE} (chrome://tracing or https://ui.perfetto.dev)\n"
         )
@@ -160,6 +164,20 @@ def phase_table(medians: dict[str, float]) -> str:
     lines = ["| phase | seconds per step (median) | share of the step |", "|---|---|---|"]
     lines += [f"| {name} | {medians[name]:.3f} | {medians[name] / step:.1%} |" for name in (*PHASES, "other")]
     lines.append(f"| whole step | {medians['step']:.3f} | 100% |")
+    return "\n".join(lines)
+
+
+def step_table(first: int, steps: list[dict[str, float]]) -> str:
+    """The markdown table of each profiled step's phases, from step `first` on: steps differ (their sizes, how many
+    forward passes they run), and a median hides which ones are slow."""
+    lines = [
+        "| step | forward passes | " + " | ".join(PHASES) + " | other | whole step |",
+        "|---|---|" + "---|" * (len(PHASES) + 2),
+    ]
+    for number, step in enumerate(steps, start=first):
+        other = step["step"] - sum(step.get(p, 0.0) for p in PHASES)
+        cells = [f"{step.get(p, 0.0):.3f}" for p in PHASES] + [f"{other:.3f}", f"{step['step']:.3f}"]
+        lines.append(f"| {number} | {step['forward_passes']:.0f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
