@@ -66,15 +66,17 @@ def bench_sft(args) -> str:
                 "warmup_steps": args.warmup_steps}  # fmt: skip
     # Padding-free is correct only if each example still attends only to itself: its first loss must equal the
     # padded run's on the same batch (the padded run is the check even where it is not in the table: one step).
+    free_runs = {"trl-pf", "trl-pf-compiled"} & chosen
     padded_steps = steps if "trl-padded" in chosen else 1
-    trl_padded = run_child(
-        "trl-sft", work, {**settings, "steps": padded_steps, "warmup_steps": min(args.warmup_steps, padded_steps - 1)}
-    )
+    trl_padded = None
+    if "trl-padded" in chosen or free_runs:
+        warmup = min(args.warmup_steps, padded_steps - 1)
+        trl_padded = run_child("trl-sft", work, {**settings, "steps": padded_steps, "warmup_steps": warmup})
     if "trl-padded" in chosen:
         results["TRL 1.16 SFTTrainer, padded"] = trl_padded
     trl_rates = [trl_padded["rate"]] if "trl-padded" in chosen else []
     for mode, name in (("trl-sft-pf", "trl-pf"), ("trl-sft-pf-compiled", "trl-pf-compiled")):
-        if name not in chosen:
+        if name not in free_runs:
             continue
         free = run_child(mode, work, settings)
         free_ok = abs(free["losses"][0] - trl_padded["losses"][0]) <= 1e-3 * abs(trl_padded["losses"][0])
@@ -92,7 +94,7 @@ def bench_sft(args) -> str:
         results[f"bare PyTorch loop on the passes of '{runs[name][0]}', model's own loss ({same} tokens per step)"] = (
             bare
         )
-    best_trl = max(trl_rates, default=float("nan"))  # of the TRL runs in the table, correct ones only
+    best_trl = max(trl_rates, default=0.0)  # of the TRL runs in the table, correct ones only
     budget = results[runs["default"][0]]["micro_batch_tokens"] if "default" in runs else "(not run)"
     lines = [
         f"Model: {model_text}, {args.dtype}. Data: {len(examples)} synthetic multi-turn chat examples, "
@@ -105,7 +107,7 @@ def bench_sft(args) -> str:
         "| run | supervised tokens/s | vs best TRL | median step (s) | supervised tokens per step | peak RSS (MB) |",
         "|---|---|---|---|---|---|",
         *(
-            f"| {name} | {r['rate']:,.0f} | {r['rate'] / best_trl:.2f}x | {r['step_seconds']:.2f} | "
+            f"| {name} | {r['rate']:,.0f} | {vs_trl(r['rate'], best_trl)} | {r['step_seconds']:.2f} | "
             f"{r['units_per_step']:,.0f} | {r['peak_mb']:,.0f} |"
             for name, r in results.items()
         ),
@@ -116,6 +118,11 @@ def bench_sft(args) -> str:
         "Halyard's logged MFU (median over timed steps): " + ", ".join(f"{n}: {m:.3f}" for n, m in mfus.items()),
     ]
     return "\n".join(lines)
+
+
+def vs_trl(rate: float, best_trl: float) -> str:
+    """A run's rate as a multiple of TRL's best; "-" where no TRL run is in the table."""
+    return f"{rate / best_trl:.2f}x" if best_trl else "-"
 
 
 def bare_loop_on(work: Path, name: str, overrides: list[str], settings: dict) -> dict:

@@ -165,14 +165,20 @@ def test_the_compile_benchmark_prints_its_table_on_the_tiny_model(tiny_cache):
 
 
 def test_null_compiles_where_it_was_measured_to_win(monkeypatch):
-    """model.compile=null: on a CPU in bfloat16 for runs of AUTO_COMPILE_MIN_STEPS steps or more, with a compiler;
-    an explicit value is kept; off on a GPU (not measured) and in float32."""
+    """model.compile=null: on a CPU with AMX in bfloat16 for runs of AUTO_COMPILE_MIN_STEPS steps or more, with a
+    compiler; an explicit value is kept; off on a GPU (not measured), in float32 and without AMX."""
     from train.app import models
 
     steps = models.AUTO_COMPILE_MIN_STEPS
     assert models.resolve_compile(True, "float32", 1) == (True, "set")
     assert models.resolve_compile(False, "bfloat16", 10**6) == (False, "set")
     monkeypatch.setattr(models, "compiler_problem", lambda: None)
+    monkeypatch.setattr(models, "cpu_has_amx", lambda: False)
+    assert models.resolve_compile(None, "bfloat16", 10**6) == (
+        False,
+        "bfloat16 on a CPU without AMX: 1.00-1.04x measured, left to model.compile=true",
+    )
+    monkeypatch.setattr(models, "cpu_has_amx", lambda: True)
     assert models.resolve_compile(None, "bfloat16", steps)[0] is True
     assert models.resolve_compile(None, "bfloat16", steps - 1) == (
         False,

@@ -107,8 +107,8 @@ class ModelConfig:
         "auto",
         "Compute dtype",
         choices={
-            "auto": "bfloat16 where the hardware computes it fast, a CUDA GPU with bf16 or a CPU with AMX or "
-            "AVX512-BF16, else float32; the run logs and records which",
+            "auto": "bfloat16 where the hardware computes it fast, a CUDA GPU with bf16 or a CPU with AMX, else "
+            "float32 (AVX512-BF16 without AMX was slower in bfloat16); the run logs and records which",
             "float32": "",
             "bfloat16": "autocasts the forward pass; trained weights and optimizer state stay float32, and with "
             "use_peft the frozen base weights are loaded in bfloat16",

@@ -24,19 +24,24 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 
 def resolve_dtype(dtype: str) -> tuple[str, str]:
     """model.dtype with `auto` decided for this machine, and why: bfloat16 where it is fast (autocast on a CUDA GPU
-    that supports it, or a CPU with bf16 matrix instructions: 2.3x float32's speed for a SmolLM2 step on an AMX
-    Xeon, docs/BENCHMARKS.md), float32 elsewhere (bf16 emulated on older CPUs is slower than float32)."""
+    that supports it, or a CPU with AMX tiles: 2.3x float32's speed for a SmolLM2 step), float32 elsewhere: a CPU
+    with AVX512-BF16 but no AMX ran the same step 1.75x slower in bfloat16, and emulated bf16 is slower still
+    (docs/BENCHMARKS.md, cpu-options)."""
     if dtype != "auto":
         return dtype, "set"
     if torch.cuda.is_available():
         fast = torch.cuda.is_bf16_supported()
         return ("bfloat16" if fast else "float32"), f"CUDA {'with' if fast else 'without'} bf16"
-    cpu = torch.cpu
-    amx = getattr(cpu, "_is_amx_tile_supported", lambda: False)()
-    avx512_bf16 = getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
-    if amx or avx512_bf16:
-        return "bfloat16", "this CPU has " + ("AMX" if amx else "AVX512-BF16") + " bf16 instructions"
+    if cpu_has_amx():
+        return "bfloat16", "this CPU has AMX bf16 tiles"
+    if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return "float32", "this CPU has AVX512-BF16 but no AMX: bfloat16 measured 1.75x slower than float32 there"
     return "float32", "this CPU has no bf16 matrix instructions"
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles, where bfloat16 matmuls are fast (torch's check; False where it has none)."""
+    return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
 
 
 def resolve_save_dtype(save_dtype: str, settings: ModelConfig) -> tuple[str, str]:
@@ -158,20 +163,22 @@ AUTO_COMPILE_DTYPES = ("bfloat16",)
 
 
 def resolve_compile(compile_layers: bool | None, dtype: str, total_steps: int) -> tuple[bool, str]:
-    """model.compile with null decided, and why: on where it was measured to win (a CPU in bfloat16: SmolLM2's
-    steps 1.22-1.29x faster after 12-20 s of compilation, docs/BENCHMARKS.md) for runs of at least
-    AUTO_COMPILE_MIN_STEPS steps, with a compiler to build the kernels; off elsewhere."""
+    """model.compile with null decided, and why: on where it was measured to win (a CPU with AMX in bfloat16:
+    SmolLM2's steps 1.22-1.29x faster after 12-20 s of compilation; without AMX 1.00-1.04x, docs/BENCHMARKS.md) for
+    runs of at least AUTO_COMPILE_MIN_STEPS steps, with a compiler to build the kernels; off elsewhere."""
     if compile_layers is not None:
         return compile_layers, "set"
     if torch.cuda.is_available():
         return False, "not measured on GPUs here yet; model.compile=true compiles"
     if dtype not in AUTO_COMPILE_DTYPES:
         return False, f"{dtype} on a CPU: smaller gains, left to model.compile=true (docs/BENCHMARKS.md)"
+    if not cpu_has_amx():
+        return False, f"{dtype} on a CPU without AMX: 1.00-1.04x measured, left to model.compile=true"
     if total_steps < AUTO_COMPILE_MIN_STEPS:
         return False, f"{total_steps} steps, fewer than the {AUTO_COMPILE_MIN_STEPS} that earn back the compilation"
     if compiler_problem():
         return False, "no C++ compiler for torch.compile's CPU kernels (g++, or $CXX)"
-    return True, f"a CPU in {dtype}, {total_steps} steps"
+    return True, f"a CPU with AMX in {dtype}, {total_steps} steps"
 
 
 def compiler_problem() -> str | None:
