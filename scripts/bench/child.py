@@ -3,8 +3,9 @@ SFTTrainer or DPOTrainer, or a bare PyTorch loop over a Halyard run's forward pa
 
     python -m scripts.bench.child MODE WORK SETTINGS     (from the repository root; runs.run_child runs it)
 
-MODE: trl-sft, trl-sft-pf (padding-free), trl-sft-pf-compiled (padding-free, torch_compile=True), trl-dpo, trl-dpo-pre (precompute_ref_log_probs) or bare. WORK: the
-benchmark's folder, holding what sft.py and dpo.py wrote there (sft.jsonl, pairs.jsonl, the passes replay.py saved).
+MODE: trl-sft, trl-sft-pf (padding-free), trl-sft-pf-compiled (padding-free, torch_compile=True), trl-dpo,
+trl-dpo-pre (precompute_ref_log_probs) or bare. WORK: the benchmark's folder, holding what sft.py and dpo.py wrote
+there (sft.jsonl, pairs.jsonl, the passes replay.py saved).
 SETTINGS: a JSON object with model (a folder), dtype, lr, steps, warmup_steps, pairs (pairs per step, DPO), passes
 (the bare loop's file in WORK) and phases (bare: time its phases under torch.profiler).
 The last line printed is a JSON object: the median step seconds and mean units per step over the timed steps (after
@@ -72,7 +73,8 @@ def trl_sft(model, mode: str, work: Path, settings: dict, clock: Clock) -> list[
     rows = [{"input_ids": e["input_ids"], "completion_mask": [0] + [int(t != IGNORE_INDEX) for t in e["labels"][1:]]}
             for e in examples]  # fmt: skip
     config = SFTConfig(per_device_train_batch_size=8, completion_only_loss=True, padding_free="-pf" in mode,
-                       torch_compile=mode.endswith("-compiled"), shuffle_dataset=False, **trl_arguments(mode, work, settings))  # fmt: skip
+                       torch_compile=mode.endswith("-compiled"), shuffle_dataset=False,
+                       **trl_arguments(mode, work, settings))  # fmt: skip
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), callbacks=[clock])
     in_order(trainer)
     trainer.train()

@@ -164,7 +164,7 @@ AUTO_COMPILE_DTYPES = ("bfloat16",)
 
 def resolve_compile(compile_layers: bool | None, dtype: str, total_steps: int) -> tuple[bool, str]:
     """model.compile with null decided, and why: on where it was measured to win (a CPU with AMX in bfloat16:
-    SmolLM2's steps 1.22-1.29x faster after 12-20 s of compilation; without AMX 1.00-1.04x, docs/BENCHMARKS.md) for
+    SmolLM2's steps 1.22-1.29x faster after 12-20 s of compilation; without AMX 1.02-1.04x, docs/BENCHMARKS.md) for
     runs of at least AUTO_COMPILE_MIN_STEPS steps, with a compiler to build the kernels; off elsewhere."""
     if compile_layers is not None:
         return compile_layers, "set"
@@ -173,7 +173,7 @@ def resolve_compile(compile_layers: bool | None, dtype: str, total_steps: int) -
     if dtype not in AUTO_COMPILE_DTYPES:
         return False, f"{dtype} on a CPU: smaller gains, left to model.compile=true (docs/BENCHMARKS.md)"
     if not cpu_has_amx():
-        return False, f"{dtype} on a CPU without AMX: 1.00-1.04x measured, left to model.compile=true"
+        return False, f"{dtype} on a CPU without AMX: 1.02-1.04x measured, left to model.compile=true"
     if total_steps < AUTO_COMPILE_MIN_STEPS:
         return False, f"{total_steps} steps, fewer than the {AUTO_COMPILE_MIN_STEPS} that earn back the compilation"
     if compiler_problem():
