@@ -97,6 +97,10 @@ def test_profiled_steps_are_broken_down_by_phase(full_run):
     assert profile["step"] < 10 * max(profile["forward"], profile["backward"])
     text = (full_run / "profile.md").read_text()
     assert text.startswith("# Profile of steps 2-4") and "| backward |" in text and "aten::mm" in text
+    # each profiled step's row: its forward passes, its phases and "other" adding up to the whole step
+    rows = [line.split("|")[1:-1] for line in text.split("## Each profiled step")[1].splitlines()[4:7]]
+    assert [int(row[0]) for row in rows] == [2, 3, 4] and all(int(row[1]) >= 1 for row in rows)
+    assert all(sum(map(float, row[2:-1])) == pytest.approx(float(row[-1]), abs=0.01) for row in rows)
     trace = json.loads((full_run / "profile_trace.json").read_text())
     names = {event.get("name") for event in trace["traceEvents"]}
     assert {"halyard/forward", "halyard/loss", "halyard/backward", "halyard/optimizer"} <= names

@@ -123,7 +123,7 @@ class ModelConfig:
         "dynamic shapes, so new sequence lengths reuse it; evaluation and generation stay eager). Costs compilation "
         "time at the first steps and at each new kind of batch (with or without padding, one row or several): tens "
         "of seconds each on CPU, so it pays off only on long runs. Needs a C++ compiler on CPU (g++, or $CXX), "
-        "Triton on CUDA. null: on where it was measured to win, a CPU in bfloat16 for runs of 200 steps or more "
+        "Triton on CUDA. null: on where it was measured to win, a CPU with AMX in bfloat16 for runs of 200 steps or more "
         "(the log says why, either way).",
     )
     batch_size: int = setting(

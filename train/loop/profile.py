@@ -137,7 +137,7 @@ class StepProfiler:
 
     def medians(self) -> dict[str, float]:
         """Median seconds per step of each phase, "other" and the whole step, over the profiled steps."""
-        rows = [{**step, "other": step["step"] - sum(step.get(p, 0.0) for p in PHASES)} for step in self.steps]
+        rows = [{**step, "other": other_seconds(step)} for step in self.steps]
         return {key: statistics.median(r.get(key, 0.0) for r in rows) for key in (*PHASES, "other", "step")}
 
     def write(self, medians: dict[str, float]) -> None:
@@ -167,6 +167,11 @@ def phase_table(medians: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def other_seconds(step: dict[str, float]) -> float:
+    """What of a profiled step's wall time no phase took (Python between the phases, an evaluation, a checkpoint)."""
+    return step["step"] - sum(step.get(p, 0.0) for p in PHASES)
+
+
 def step_table(first: int, steps: list[dict[str, float]]) -> str:
     """The markdown table of each profiled step's phases, from step `first` on: steps differ (their sizes, how many
     forward passes they run), and a median hides which ones are slow."""
@@ -175,8 +180,7 @@ def step_table(first: int, steps: list[dict[str, float]]) -> str:
         "|---|---|" + "---|" * (len(PHASES) + 2),
     ]
     for number, step in enumerate(steps, start=first):
-        other = step["step"] - sum(step.get(p, 0.0) for p in PHASES)
-        cells = [f"{step.get(p, 0.0):.3f}" for p in PHASES] + [f"{other:.3f}", f"{step['step']:.3f}"]
+        cells = [f"{step.get(p, 0.0):.3f}" for p in PHASES] + [f"{other_seconds(step):.3f}", f"{step['step']:.3f}"]
         lines.append(f"| {number} | {step['forward_passes']:.0f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
