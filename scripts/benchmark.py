@@ -21,13 +21,16 @@ and packed (rows sized to the same tokens per step), TRL 1.16's SFTTrainer padde
 step-1 loss is compared with the padded one on the same batch: equal means the examples stayed apart), and a bare
 PyTorch loop over the exact forward passes of Halyard's default and packed runs (rebuilt by scripts/bench/replay.py
 with Halyard's own plan and collation; the table says whether its tokens per step equal the run's) with the model's
-own loss. --compile adds Halyard's default and packed runs with model.compile=true (the first step, its
-compilation, falls in the warm-up); --runs picks a subset, among them TRL padding-free with the Trainer's
-torch_compile=True (trl-pf-compiled: not by default, it recompiles the whole model at new shapes), and TRL padded
-still runs one step where a padding-free run needs it (the correctness check). The model is
-SmolLM2-135M's real weights, or Qwen2.5-0.5B's layer shape at reduced depth; the data synthetic multi-turn chat with
-skewed lengths; the same tokens and labels for every run. Rates: the timed steps' supervised tokens over their
-seconds (steps differ in size, grouped by length most); the median step time is shown beside them.
+own loss, its process with Halyard's default keep_freed_host_memory as a run's has it. --compile adds Halyard's
+default and packed runs with model.compile=true (the first step, its compilation, falls in the warm-up); --runs picks
+a subset, among them the default with keep_freed_host_memory=false (returned: what the kept heap is worth), TRL
+padding-free with the Trainer's torch_compile=True (trl-pf-compiled: not by default, it recompiles the whole model at
+new shapes) and TRL padding-free with Halyard's keep_freed_host_memory applied to its process (trl-pf-kept: how much
+of a gap is the allocator; not counted as TRL's best, which is among its own configurations); TRL padded still runs
+one step where a padding-free run needs it (the correctness check). The model is SmolLM2-135M's real weights, or
+Qwen2.5-0.5B's layer shape at reduced depth; the data synthetic multi-turn chat with skewed lengths; the same tokens
+and labels for every run. Rates: the timed steps' supervised tokens over their seconds (steps differ in size, grouped
+by length most); the median step time is shown beside them, and each run's minor page faults.
 
 dpo: DPO pairs/s and peak RSS, Halyard padded and packed, each with a live and a precomputed reference, against TRL's
 DPOTrainer (padded, with and without precompute_ref_log_probs), on the same tokenized pairs (TRL is handed Halyard's
@@ -91,9 +94,11 @@ RUNNERS = {
 }
 # The sft benchmark's runs (scripts/bench/sft.py): Halyard's, TRL's, and the bare loop on Halyard's default's and
 # packed's passes.
-SFT_RUNS = ("default", "grouped", "unpacked", "packed", "fused", "compiled", "packed-compiled", "trl-padded", "trl-pf",
-            "trl-pf-compiled", "bare-default", "bare-packed")  # fmt: skip
-SFT_DEFAULT_RUNS = [run for run in SFT_RUNS if run not in ("fused", "compiled", "packed-compiled", "trl-pf-compiled")]
+SFT_RUNS = ("default", "returned", "grouped", "unpacked", "packed", "fused", "compiled", "packed-compiled", "trl-padded", "trl-pf",
+            "trl-pf-compiled", "trl-pf-kept", "bare-default", "bare-packed")  # fmt: skip
+SFT_DEFAULT_RUNS = [
+    run for run in SFT_RUNS if run not in ("fused", "compiled", "packed-compiled", "trl-pf-compiled", "returned")
+]
 
 
 def use_repository_root() -> None:

@@ -112,6 +112,14 @@ def test_the_log_says_why_the_layers_are_not_compiled(full_run):
     assert "compiled_graphs" not in json.loads((full_run / "summary.json").read_text())
 
 
+def test_the_log_says_freed_host_memory_is_kept(full_run):
+    """keep_freed_host_memory (default true) applies to a CPU run, before its model loads."""
+    log = (full_run / "launch.log").read_text()
+    applied = "keep_freed_host_memory: freed memory stays in the process for the next step"
+    assert applied in log or "keep_freed_host_memory: not applied (not glibc" in log
+    assert log.index("keep_freed_host_memory") < log.index("model.compile=null")
+
+
 def test_run_dir_holds_config_metrics_and_a_loadable_final(full_run):
     assert (full_run / "config.yaml").read_text() == (full_run / "FINAL" / "halyard_config.yaml").read_text()
     assert "exp_name: full" in (full_run / "config.yaml").read_text()

@@ -7,7 +7,8 @@ MODE: trl-sft, trl-sft-pf (padding-free), trl-sft-pf-compiled (padding-free, tor
 trl-dpo-pre (precompute_ref_log_probs) or bare. WORK: the benchmark's folder, holding what sft.py and dpo.py wrote
 there (sft.jsonl, pairs.jsonl, the passes replay.py saved).
 SETTINGS: a JSON object with model (a folder), dtype, lr, steps, warmup_steps, pairs (pairs per step, DPO), passes
-(the bare loop's file in WORK) and phases (bare: time its phases under torch.profiler).
+(the bare loop's file in WORK), phases (bare: time its phases under torch.profiler) and keep_freed_host_memory (glibc
+keeps freed memory for reuse in this process, as Halyard's keep_freed_host_memory does in a run).
 The last line printed is a JSON object: the median step seconds and mean units per step over the timed steps (after
 warmup_steps), their rate (units/s), the units of every step, the bare loop's phase medians, the peak RSS in MB and
 the first two losses.
@@ -142,6 +143,12 @@ PHASES: list[dict[str, float]] = []  # the bare loop's phases per step
 
 def main() -> None:
     mode, work, settings = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
+    if settings.get("keep_freed_host_memory"):  # Halyard's default on a CPU, applied to this process as a run does
+        from train.app.host_memory import keep_freed_memory
+
+        why_not = keep_freed_memory()
+        if why_not:
+            raise SystemExit(f"keep_freed_host_memory: {why_not}")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(settings["model"], attn_implementation="sdpa", dtype=torch.float32)
     model.config.use_cache = False

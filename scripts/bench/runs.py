@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -29,12 +30,19 @@ OFFLINE = {
 
 def run_child(mode: str, work: Path, settings: dict) -> dict:
     """One peer run (TRL, or the bare loop) in its own process: median step seconds, units per step, peak RSS."""
+    faults = children_page_faults()
     output = subprocess.run([sys.executable, "-m", CHILD, mode, str(work), json.dumps(settings)], cwd=REPO,
                             capture_output=True, text=True, env={**os.environ, **OFFLINE})  # fmt: skip
     if output.returncode != 0:
         raise RuntimeError(f"{mode} failed:\n{output.stderr[-3000:]}")
     result = json.loads(output.stdout.strip().splitlines()[-1])
-    return result
+    return {**result, "page_faults": children_page_faults() - faults}
+
+
+def children_page_faults() -> int:
+    """Minor page faults of this process's finished children (and theirs: a run's data loader workers): a page
+    the kernel had to map, and zero, on first touch."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt
 
 
 def halyard_overrides(work: Path, name: str, overrides: list[str]) -> list[str]:
@@ -49,7 +57,9 @@ def run_halyard(work: Path, name: str, overrides: list[str], warmup_steps: int, 
     examples) per step (and of every step: per_step), peak RSS, the first losses, and the phase medians of
     profile_steps (profile) where it was set."""
     command = [sys.executable, str(REPO / "launch.py"), *halyard_overrides(work, name, overrides)]
+    faults = children_page_faults()
     output = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, **OFFLINE})
+    faults = children_page_faults() - faults
     if output.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{output.stderr[-3000:]}")
     rows = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
@@ -61,7 +71,7 @@ def run_halyard(work: Path, name: str, overrides: list[str], warmup_steps: int, 
     per_step = [rows[0][unit]] + [b[unit] - a[unit] for a, b in itertools.pairwise(rows)]
     return {"step_seconds": step_seconds, "units_per_step": statistics.mean(units), "per_step": per_step,
             "profile": summary.get("profile"), "micro_batch_tokens": summary.get("micro_batch_tokens"),
-            "rate": sum(units) / sum(seconds), "peak_mb": summary["peak_memory_mb"],
+            "rate": sum(units) / sum(seconds), "peak_mb": summary["peak_memory_mb"], "page_faults": faults,
             "losses": [r["loss/train"] for r in rows[:2]], "mfu": statistics.median(r["mfu"] for r in rows[warmup_steps:])}  # fmt: skip
 
 

@@ -22,6 +22,11 @@ from .replay import halyard_passes, save_passes
 from .runs import halyard_overrides, run_child, run_halyard
 
 NO_BUDGET = 10**9  # model.micro_batch_tokens that never splits a micro-batch: the default before the token budget
+TRL_FREE_RUNS = (  # (child mode, run name, what the table's label adds) of TRL's padding-free runs
+    ("trl-sft-pf", "trl-pf", ""),
+    ("trl-sft-pf-compiled", "trl-pf-compiled", ", torch_compile=True"),
+    ("trl-sft-pf", "trl-pf-kept", ", its process with Halyard's keep_freed_host_memory (not a TRL setting)"),
+)
 
 
 def bench_sft(args) -> str:
@@ -47,6 +52,8 @@ def bench_sft(args) -> str:
             f"model.max_length={args.max_length}", f"max_steps={steps}", "lr=1e-5"]  # fmt: skip
     runs = {  # name: (label, overrides)
         "default": ("Halyard, grouped by length, passes within the token budget (default)", ["model.batch_size=8"]),
+        "returned": ("Halyard default, keep_freed_host_memory=false (glibc returns freed memory)",
+                     ["model.batch_size=8", "keep_freed_host_memory=false"]),
         "grouped": ("Halyard, grouped by length, no token budget (the default before)",
                     ["model.batch_size=8", f"model.micro_batch_tokens={NO_BUDGET}"]),
         "unpacked": ("Halyard, unpacked, random batches", ["model.batch_size=8", "data.group_by_length=false"]),
@@ -66,7 +73,7 @@ def bench_sft(args) -> str:
                 "warmup_steps": args.warmup_steps}  # fmt: skip
     # Padding-free is correct only if each example still attends only to itself: its first loss must equal the
     # padded run's on the same batch (the padded run is the check even where it is not in the table: one step).
-    free_runs = {"trl-pf", "trl-pf-compiled"} & chosen
+    free_runs = {name for _, name, _ in TRL_FREE_RUNS} & chosen
     padded_steps = steps if "trl-padded" in chosen else 1
     trl_padded = None
     if "trl-padded" in chosen or free_runs:
@@ -75,16 +82,16 @@ def bench_sft(args) -> str:
     if "trl-padded" in chosen:
         results["TRL 1.16 SFTTrainer, padded"] = trl_padded
     trl_rates = [trl_padded["rate"]] if "trl-padded" in chosen else []
-    for mode, name in (("trl-sft-pf", "trl-pf"), ("trl-sft-pf-compiled", "trl-pf-compiled")):
+    for mode, name, extra in TRL_FREE_RUNS:
         if name not in free_runs:
             continue
-        free = run_child(mode, work, settings)
+        free = run_child(mode, work, {**settings, "keep_freed_host_memory": name.endswith("-kept")})
         free_ok = abs(free["losses"][0] - trl_padded["losses"][0]) <= 1e-3 * abs(trl_padded["losses"][0])
         label = "correct" if free_ok else "WRONG: examples attend to each other"
-        compiled = ", torch_compile=True" if mode.endswith("compiled") else ""
-        results[f"TRL 1.16 SFTTrainer, padding_free{compiled} ({label}: step-1 loss {free['losses'][0]:.4f} vs "
+        results[f"TRL 1.16 SFTTrainer, padding_free{extra} ({label}: step-1 loss {free['losses'][0]:.4f} vs "
                 f"padded {trl_padded['losses'][0]:.4f})"] = free  # fmt: skip
-        trl_rates += [free["rate"]] if free_ok else []
+        # TRL's best among its own configurations: Halyard's allocator setting applied to its process is not one
+        trl_rates += [free["rate"]] if free_ok and not name.endswith("-kept") else []
     for name in ("default", "packed"):
         if f"bare-{name}" not in chosen or name not in runs:
             continue
@@ -104,13 +111,17 @@ def bench_sft(args) -> str:
         f"{args.warmup_steps} warm-up + {args.steps} timed steps per run; rate = their tokens / their seconds; "
         f"the default's token budget: {budget} tokens per pass.",
         "",
-        "| run | supervised tokens/s | vs best TRL | median step (s) | supervised tokens per step | peak RSS (MB) |",
-        "|---|---|---|---|---|---|",
+        "| run | supervised tokens/s | vs best TRL | median step (s) | supervised tokens per step | peak RSS (MB) | "
+        "page faults (M) |",
+        "|---|---|---|---|---|---|---|",
         *(
             f"| {name} | {r['rate']:,.0f} | {vs_trl(r['rate'], best_trl)} | {r['step_seconds']:.2f} | "
-            f"{r['units_per_step']:,.0f} | {r['peak_mb']:,.0f} |"
+            f"{r['units_per_step']:,.0f} | {r['peak_mb']:,.0f} | {r['page_faults'] / 1e6:.2f} |"
             for name, r in results.items()
         ),
+        "",
+        "Page faults: minor faults of the run's processes, start-up and warm-up included (each a page the kernel "
+        "mapped and zeroed on first touch).",
     ]
     mfus = {name: r["mfu"] for name, r in results.items() if "mfu" in r}
     lines += [
@@ -129,4 +140,5 @@ def bare_loop_on(work: Path, name: str, overrides: list[str], settings: dict) ->
     """The bare loop (child.py) over the exact forward passes of Halyard's run `name` (replay.py)."""
     passes = halyard_passes(halyard_overrides(work, name, overrides), settings["steps"])
     save_passes(passes, work / f"{name}.passes.safetensors")
-    return run_child("bare", work, {**settings, "passes": f"{name}.passes.safetensors"})
+    # the process setting Halyard's run had (keep_freed_host_memory, its default): the loops differ only in the loop
+    return run_child("bare", work, {**settings, "passes": f"{name}.passes.safetensors", "keep_freed_host_memory": True})

@@ -9,8 +9,11 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
 from train.app.assemble import loop_settings, total_steps_of, trainer_parts
 from train.app.config import Config
+from train.app.host_memory import configure_host_memory
 from train.app.loss_registry import loss_spec
 from train.app.memory_plan import log_plan
 from train.app.models import (
@@ -51,6 +54,8 @@ def run(cfg: Config) -> None:
     """Build everything from the validated config, train (or resume), and save FINAL/."""
     started = time.perf_counter()
     quiet_libraries(cfg.verbose)
+    # before the model loads: the heap it is loaded into is the one the steps reuse
+    logger.info(configure_host_memory(cfg.keep_freed_host_memory, trains_on_cpu=not torch.cuda.is_available()))
     cfg.model.dtype, why = resolve_dtype(cfg.model.dtype)  # before anything reads it, the saved config included
     if why != "set":
         logger.info(f"model.dtype=auto: {cfg.model.dtype} ({why})")

@@ -167,7 +167,7 @@ NON_MATH_KEYS = {
     "save_total_limit", "resume_from_checkpoint", "resume_allow_config_change", "on_nonfinite",
     "model.eval_batch_size", "model.gradient_accumulation_steps", "model.gradient_checkpointing",
     "model.attn_implementation", "model.name_or_path", "model.tokenizer_name_or_path", "verbose", "save_merged",
-    "save_dtype", "overwrite_run", "model.compile",
+    "save_dtype", "overwrite_run", "model.compile", "keep_freed_host_memory",
 }  # fmt: skip
 NON_MATH_PREFIXES = ("wandb.", "tensorboard.")
 
