@@ -2,11 +2,13 @@
 
 import json
 import math
+import subprocess
 import sys
 
 import pytest
 import torch
 
+from conftest import REPO
 from train.errors import HalyardError
 from train.loop import checkpoint
 from train.loop.optim import build_optimizer, build_scheduler, warmup_steps_of
@@ -159,3 +161,39 @@ def test_resume_through_checkpoint_files_is_exact(tmp_path, name, schedule):
     train(resumed, optimizer, scheduler, range(3, 6))
     for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("name", "warmup", "floor", "decay_ratio"),
+    [("cosine", 3, 0.0, 0.1), ("cosine", 0, 0.1, 0.1), ("linear", 4, 0.2, 0.1), ("constant", 5, 0.3, 0.1),
+     ("warmup_stable_decay", 2, 0.1, 0.3), ("warmup_stable_decay", 3, 0.0, 0.01)],
+)  # fmt: skip
+def test_each_schedule_is_transformers_own_to_the_last_bit(name, warmup, floor, decay_ratio):
+    """build_scheduler computes transformers' schedules itself (importing them costs every run 1.8 s of start-up):
+    the same multipliers at every step, bit for bit, past the end of the run too."""
+    from transformers import get_constant_schedule_with_warmup, get_wsd_schedule
+
+    total = 23
+    ours = build_scheduler(
+        build_optimizer(torch.nn.Linear(2, 2), lr=1.0, weight_decay=0.0), total, name=name, warmup_steps=warmup,
+        min_lr_ratio=floor, decay_ratio=decay_ratio,
+    )  # fmt: skip
+    theirs_optimizer = build_optimizer(torch.nn.Linear(2, 2), lr=1.0, weight_decay=0.0)
+    if name == "constant":
+        theirs = get_constant_schedule_with_warmup(theirs_optimizer, warmup)
+    else:
+        decay = min(round(decay_ratio * total), total - warmup) if name == "warmup_stable_decay" else total - warmup
+        theirs = get_wsd_schedule(theirs_optimizer, num_warmup_steps=warmup, num_stable_steps=total - warmup - decay,
+                                  num_decay_steps=decay, decay_type="cosine" if name == "cosine" else "linear",
+                                  min_lr_ratio=floor)  # fmt: skip
+    assert [ours.lr_lambdas[0](t) for t in range(total + 3)] == [theirs.lr_lambdas[0](t) for t in range(total + 3)]
+
+
+def test_building_the_schedule_imports_neither_peft_nor_bitsandbytes():
+    probe = (
+        "import sys, torch\nfrom train.loop.optim import build_optimizer, build_scheduler\n"
+        "build_scheduler(build_optimizer(torch.nn.Linear(2, 2), lr=1.0, weight_decay=0.0), 10, warmup_steps=2)\n"
+        "print(sorted({'transformers.trainer_utils', 'peft', 'bitsandbytes'} & set(sys.modules)))"
+    )
+    imported = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
+    assert imported.stdout.strip() == "[]"
