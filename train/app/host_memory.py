@@ -4,7 +4,7 @@ A training step allocates and frees the same large tensors every step (activatio
 malloc hands blocks above its mmap threshold (at most 32 MB) to the kernel on free, and trims the top of its heap
 when much of it is free; the next step's tensors then fault those pages in again, each one zeroed by the kernel:
 about 400,000 page faults per SmolLM2 step in float32 on a 2-core CPU. Served from a heap that is never trimmed,
-the same tensors reuse pages the process already holds (docs/BENCHMARKS.md: 12% more tokens/s in float32).
+the same tensors reuse pages the process already holds (docs/BENCHMARKS.md: 12-43% more tokens/s in float32).
 
 No torch here: the decision and the call, testable in a bare interpreter.
 """
