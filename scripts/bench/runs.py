@@ -29,7 +29,8 @@ OFFLINE = {
 
 
 def run_child(mode: str, work: Path, settings: dict) -> dict:
-    """One peer run (TRL, or the bare loop) in its own process: median step seconds, units per step, peak RSS."""
+    """One peer run (TRL, or the bare loop) in its own process: median step seconds, units per step, peak RSS, page
+    faults."""
     faults = children_page_faults()
     output = subprocess.run([sys.executable, "-m", CHILD, mode, str(work), json.dumps(settings)], cwd=REPO,
                             capture_output=True, text=True, env={**os.environ, **OFFLINE})  # fmt: skip
@@ -54,8 +55,8 @@ def halyard_overrides(work: Path, name: str, overrides: list[str]) -> list[str]:
 
 def run_halyard(work: Path, name: str, overrides: list[str], warmup_steps: int, unit: str) -> dict:
     """One Halyard run through the CLI: median step seconds after the warm-up, `unit` (supervised_tokens or
-    examples) per step (and of every step: per_step), peak RSS, the first losses, and the phase medians of
-    profile_steps (profile) where it was set."""
+    examples) per step (and of every step: per_step), peak RSS, page faults, the first losses, and the phase medians
+    of profile_steps (profile) where it was set."""
     command = [sys.executable, str(REPO / "launch.py"), *halyard_overrides(work, name, overrides)]
     faults = children_page_faults()
     output = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, **OFFLINE})

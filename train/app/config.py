@@ -462,7 +462,7 @@ class Config:
         True,
         "CPU training on Linux (glibc): memory freed by a step stays in the process for the next step's tensors "
         "instead of going back to the system and being faulted in again (malloc: no trimming, no mmap). Measured on "
-        "SmolLM2 on a 2-core CPU: 12-43% more tokens/s in float32, 3% in bfloat16, peak within 10% "
+        "SmolLM2 on a 2-core CPU: 12-43% more tokens/s in float32, 3-13% in bfloat16, at a peak up to 26% higher "
         "(docs/BENCHMARKS.md). GPU runs are left alone.",
     )
     memory_check: str = setting(
