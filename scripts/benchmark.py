@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
             bench.add_argument("--fused-head", action="store_true", help="also the default with model.head_loss=fused")
             bench.add_argument("--compile", action="store_true",
                                help="also the default and packed with model.compile=true")  # fmt: skip
+            bench.add_argument("--same-examples", action="store_true",
+                               help="every run times the same examples: --steps x 8 of them, two epochs per run, the "
+                                    "first its warm-up (--warmup-steps unused)")  # fmt: skip
         if name == "dpo":
             bench.add_argument("--pairs", type=int, default=4, help="pairs per optimizer step")
     shared = sub.add_parser("shared-prompt")

@@ -472,3 +472,13 @@ def test_the_bare_loop_replays_a_halyard_run_s_exact_passes(tiny_cache, tmp_path
     assert result["per_step"] == [supervised_tokens(step) for step in steps] and len(result["losses"]) == 2
     assert result["step_seconds"] > 0 and result["rate"] > 0 and result["peak_mb"] > 0
     assert set(result["phases"]) == {"forward", "backward", "optimizer"}
+
+
+def test_a_run_s_warm_up_is_its_steps_or_its_whole_first_epoch():
+    """The benchmarks time a run after its warm-up: a number of steps, or with --same-examples (None) the whole first
+    epoch, read from the epoch progress the run logs (3 steps per epoch: 1/3, 2/3, 1, 4/3, ...)."""
+    from scripts.bench.runs import warmup_of
+
+    rows = [{"epoch": epoch} for epoch in (1 / 3, 2 / 3, 1.0, 1 + 1 / 3, 1 + 2 / 3, 2.0)]
+    assert warmup_of(rows, None) == 3
+    assert warmup_of(rows, 1) == 1

@@ -6,7 +6,8 @@ SFTTrainer or DPOTrainer, or a bare PyTorch loop over a Halyard run's forward pa
 MODE: trl-sft, trl-sft-pf (padding-free), trl-sft-pf-compiled (padding-free, torch_compile=True), trl-dpo,
 trl-dpo-pre (precompute_ref_log_probs) or bare. WORK: the benchmark's folder, holding what sft.py and dpo.py wrote
 there (sft.jsonl, pairs.jsonl, the passes replay.py saved).
-SETTINGS: a JSON object with model (a folder), dtype, lr, steps, warmup_steps, pairs (pairs per step, DPO), passes
+SETTINGS: a JSON object with model (a folder), dtype, lr, steps, warmup_steps, epochs (SFT: passes over the first
+`steps` batches, 1 unless set; warmup_steps counts steps of all of them), pairs (pairs per step, DPO), passes
 (the bare loop's file in WORK), phases (bare: time its phases under torch.profiler) and keep_freed_host_memory (glibc
 keeps freed memory for reuse in this process, as Halyard's keep_freed_host_memory does in a run).
 The last line printed is a JSON object: the median step seconds and mean units per step over the timed steps (after
@@ -50,7 +51,7 @@ class Clock(TrainerCallback):
 def trl_arguments(mode: str, work: Path, settings: dict) -> dict:
     """The TrainingArguments both TRL trainers share: constant learning rate, no clipping, no checkpointing, a CPU
     run logged every step."""
-    return dict(output_dir=str(work / f"trl-{mode}"), num_train_epochs=1, learning_rate=settings["lr"],
+    return dict(output_dir=str(work / f"trl-{mode}"), num_train_epochs=settings.get("epochs", 1), learning_rate=settings["lr"],
                 max_grad_norm=0.0, lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
                 use_cpu=True, seed=0, gradient_checkpointing=False, bf16=settings["dtype"] == "bfloat16",
                 dataloader_num_workers=0, max_length=None)  # fmt: skip
@@ -63,8 +64,8 @@ def in_order(trainer) -> None:
 
 def trl_sft(model, mode: str, work: Path, settings: dict, clock: Clock) -> list[int]:
     """SFTTrainer, padded or padding-free (mode trl-sft-pf; trl-sft-pf-compiled with the Trainer's torch_compile:
-    the whole model compiled), 8 examples per step, on Halyard's tokens and labels; the supervised tokens of each
-    step."""
+    the whole model compiled), 8 examples per step, on Halyard's tokens and labels (the first `steps` batches, for
+    `epochs` epochs); the supervised tokens of each step."""
     # TRL is optional (pip install -e ".[bench]"): imported only by the modes that use it
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -79,7 +80,8 @@ def trl_sft(model, mode: str, work: Path, settings: dict, clock: Clock) -> list[
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), callbacks=[clock])
     in_order(trainer)
     trainer.train()
-    return [sum(sum(r["completion_mask"]) for r in rows[i : i + 8]) for i in range(0, len(rows), 8)]
+    per_epoch = [sum(sum(r["completion_mask"]) for r in rows[i : i + 8]) for i in range(0, len(rows), 8)]
+    return per_epoch * config.num_train_epochs  # in order: every epoch's steps are the same batches
 
 
 def trl_dpo(model, mode: str, work: Path, settings: dict, clock: Clock) -> list[int]:

@@ -48,15 +48,24 @@ def children_page_faults() -> int:
 
 def halyard_overrides(work: Path, name: str, overrides: list[str]) -> list[str]:
     """The whole command line of a benchmark's Halyard run: metrics every step, a constant learning rate, no
-    clipping, epochs enough for max_steps."""
+    clipping, epochs enough for max_steps unless the overrides set n_epochs."""
+    epochs = [] if any(o.startswith("n_epochs=") for o in overrides) else ["n_epochs=100"]
     return [f"cache_dir={work}", f"exp_name={name}", "log_every_steps=1", "warmup_ratio=0", "model.max_grad_norm=null",
-            "n_epochs=100", *overrides]  # fmt: skip
+            *epochs, *overrides]  # fmt: skip
 
 
-def run_halyard(work: Path, name: str, overrides: list[str], warmup_steps: int, unit: str) -> dict:
-    """One Halyard run through the CLI: median step seconds after the warm-up, `unit` (supervised_tokens or
-    examples) per step (and of every step: per_step), peak RSS, page faults, the first losses, and the phase medians
-    of profile_steps (profile) where it was set."""
+def warmup_of(rows: list[dict], warmup_steps: int | None) -> int:
+    """How many of a run's first steps (its logged rows) are its warm-up: `warmup_steps`, or with None its whole first
+    epoch (the steps whose logged epoch progress is at most 1)."""
+    if warmup_steps is not None:
+        return warmup_steps
+    return sum(1 for row in rows if row["epoch"] <= 1 + 1e-9)
+
+
+def run_halyard(work: Path, name: str, overrides: list[str], warmup_steps: int | None, unit: str) -> dict:
+    """One Halyard run through the CLI: median step seconds after the warm-up (`warmup_steps`, None: the first
+    epoch), `unit` (supervised_tokens or examples) per step (and of every step: per_step), peak RSS, page faults, the
+    first losses, and the phase medians of profile_steps (profile) where it was set."""
     command = [sys.executable, str(REPO / "launch.py"), *halyard_overrides(work, name, overrides)]
     faults = children_page_faults()
     output = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, **OFFLINE})
@@ -65,6 +74,7 @@ def run_halyard(work: Path, name: str, overrides: list[str], warmup_steps: int, 
         raise RuntimeError(f"{name} failed:\n{output.stderr[-3000:]}")
     rows = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss/train" in r]
+    warmup_steps = warmup_of(rows, warmup_steps)
     seconds = [b["train_seconds"] - a["train_seconds"] for a, b in itertools.pairwise(rows)][warmup_steps - 1 :]
     units = [b[unit] - a[unit] for a, b in itertools.pairwise(rows)][warmup_steps - 1 :]
     summary = json.loads((work / name / "summary.json").read_text())
@@ -73,7 +83,7 @@ def run_halyard(work: Path, name: str, overrides: list[str], warmup_steps: int, 
     return {"step_seconds": step_seconds, "units_per_step": statistics.mean(units), "per_step": per_step,
             "profile": summary.get("profile"), "micro_batch_tokens": summary.get("micro_batch_tokens"),
             "rate": sum(units) / sum(seconds), "peak_mb": summary["peak_memory_mb"], "page_faults": faults,
-            "losses": [r["loss/train"] for r in rows[:2]], "mfu": statistics.median(r["mfu"] for r in rows[warmup_steps:])}  # fmt: skip
+            "losses": [r["loss/train"] for r in rows[:2]], "warmup_steps": warmup_steps, "mfu": statistics.median(r["mfu"] for r in rows[warmup_steps:])}  # fmt: skip
 
 
 class TreeMemory:

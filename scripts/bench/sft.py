@@ -37,8 +37,11 @@ def bench_sft(args) -> str:
     tokenizer = AutoTokenizer.from_pretrained(args.smollm2)
     model_dir, model_text = model_for(args, work, tokenizer)
     steps = args.steps + args.warmup_steps
+    # --same-examples: exactly the timed steps' examples, two epochs per run, the first its warm-up, so that every run
+    # times the very same examples once each (equal tokens per step on average, not merely similar ones)
+    rows = args.steps * 8 if args.same_examples else steps * 8 * 4
     data = work / "chat.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_chat_rows(steps * 8 * 4, seed=1)))
+    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_chat_rows(rows, seed=1)))
     examples = list(load_examples([str(data)], tokenizer, DataConfig(), max_length=args.max_length)[0])
     (work / "sft.jsonl").write_text(
         "".join(json.dumps({"input_ids": e.input_ids, "labels": e.labels}) + "\n" for e in examples)
@@ -49,7 +52,8 @@ def bench_sft(args) -> str:
     efficiency = sum(lengths) / ((len(row_starts) - 1) * args.max_length)
     rows_per_step = max(1, round(8 * statistics.mean(lengths) / (args.max_length * efficiency)))
     base = ["model=smollm2", f"++model.name_or_path={model_dir}", f"datasets=[{data}]", f"model.dtype={args.dtype}",
-            f"model.max_length={args.max_length}", f"max_steps={steps}", "lr=1e-5"]  # fmt: skip
+            f"model.max_length={args.max_length}", "n_epochs=2" if args.same_examples else f"max_steps={steps}",
+            "lr=1e-5"]  # fmt: skip
     runs = {  # name: (label, overrides)
         "default": ("Halyard, grouped by length, passes within the token budget (default)", ["model.batch_size=8"]),
         "returned": ("Halyard default, keep_freed_host_memory=false (glibc returns freed memory)",
@@ -67,18 +71,21 @@ def bench_sft(args) -> str:
     chosen = set(args.runs) | ({"fused"} if args.fused_head else set())
     chosen |= {"compiled", "packed-compiled"} if args.compile else set()
     runs = {name: run for name, run in runs.items() if name in chosen}
-    results = {label: run_halyard(work, name, [*base, *extra], args.warmup_steps, "supervised_tokens")
+    warmup = None if args.same_examples else args.warmup_steps  # None: the first epoch
+    results = {label: run_halyard(work, name, [*base, *extra], warmup, "supervised_tokens")
                for name, (label, extra) in runs.items()}  # fmt: skip
     settings = {"model": str(model_dir), "dtype": args.dtype, "lr": 1e-5, "steps": steps,
                 "warmup_steps": args.warmup_steps}  # fmt: skip
+    if args.same_examples:
+        settings |= {"steps": args.steps, "epochs": 2, "warmup_steps": args.steps}
     # Padding-free is correct only if each example still attends only to itself: its first loss must equal the
     # padded run's on the same batch (the padded run is the check even where it is not in the table: one step).
     free_runs = {name for _, name, _ in TRL_FREE_RUNS} & chosen
     padded_steps = steps if "trl-padded" in chosen else 1
     trl_padded = None
     if "trl-padded" in chosen or free_runs:
-        warmup = min(args.warmup_steps, padded_steps - 1)
-        trl_padded = run_child("trl-sft", work, {**settings, "steps": padded_steps, "warmup_steps": warmup})
+        padded = {"steps": padded_steps, "warmup_steps": min(args.warmup_steps, padded_steps - 1), "epochs": 1}
+        trl_padded = run_child("trl-sft", work, settings | padded)
     if "trl-padded" in chosen:
         results["TRL 1.16 SFTTrainer, padded"] = trl_padded
     trl_rates = [trl_padded["rate"]] if "trl-padded" in chosen else []
@@ -96,7 +103,7 @@ def bench_sft(args) -> str:
         if f"bare-{name}" not in chosen or name not in runs:
             continue
         halyard = results[runs[name][0]]
-        bare = bare_loop_on(work, name, [*base, *runs[name][1]], settings)
+        bare = bare_loop_on(work, name, [*base, *runs[name][1]], halyard, settings)
         same = "same" if bare["per_step"] == halyard["per_step"] else "DIFFERENT"
         results[f"bare PyTorch loop on the passes of '{runs[name][0]}', model's own loss ({same} tokens per step)"] = (
             bare
@@ -108,7 +115,7 @@ def bench_sft(args) -> str:
         f"{min(lengths)}-{max(lengths)} tokens (median {statistics.median(lengths):.0f}, mean "
         f"{statistics.mean(lengths):.0f}); 8 examples per step (packed: {rows_per_step} rows of {args.max_length}, "
         f"efficiency {efficiency:.0%}); AdamW lr 1e-5, no clipping, no gradient checkpointing; "
-        f"{args.warmup_steps} warm-up + {args.steps} timed steps per run; rate = their tokens / their seconds; "
+        f"{timing(args)}; rate = their tokens / their seconds; "
         f"the default's token budget: {budget} tokens per pass.",
         "",
         "| run | supervised tokens/s | vs best TRL | median step (s) | supervised tokens per step | peak RSS (MB) | "
@@ -136,8 +143,18 @@ def vs_trl(rate: float, best_trl: float) -> str:
     return f"{rate / best_trl:.2f}x" if best_trl else "-"
 
 
-def bare_loop_on(work: Path, name: str, overrides: list[str], settings: dict) -> dict:
-    """The bare loop (child.py) over the exact forward passes of Halyard's run `name` (replay.py)."""
+def timing(args) -> str:
+    """Which steps of a run its rate counts."""
+    if args.same_examples:
+        return (f"each run 2 epochs of these {args.steps * 8} examples, the first its warm-up, so every run's timed "
+                "steps hold the same examples")  # fmt: skip
+    return f"{args.warmup_steps} warm-up + {args.steps} timed steps per run"
+
+
+def bare_loop_on(work: Path, name: str, overrides: list[str], halyard: dict, settings: dict) -> dict:
+    """The bare loop (child.py) over the exact forward passes of Halyard's run `name` (replay.py): its steps, its
+    warm-up."""
+    settings = settings | {"steps": len(halyard["per_step"]), "warmup_steps": halyard["warmup_steps"], "epochs": 1}
     passes = halyard_passes(halyard_overrides(work, name, overrides), settings["steps"])
     save_passes(passes, work / f"{name}.passes.safetensors")
     # the process setting Halyard's run had (keep_freed_host_memory, its default): the loops differ only in the loop
