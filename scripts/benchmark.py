@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
             bench.add_argument("--fused-head", action="store_true", help="also the default with model.head_loss=fused")
             bench.add_argument("--compile", action="store_true",
                                help="also the default and packed with model.compile=true")  # fmt: skip
+            bench.add_argument("--repeats", type=int, default=1,
+                               help="run each run this many times, the runs in turn; the median rate is shown")  # fmt: skip
             bench.add_argument("--same-examples", action="store_true",
                                help="every run times the same examples: --steps x 8 of them, two epochs per run, the "
                                     "first its warm-up (--warmup-steps unused)")  # fmt: skip

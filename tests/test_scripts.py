@@ -482,3 +482,15 @@ def test_a_run_s_warm_up_is_its_steps_or_its_whole_first_epoch():
     rows = [{"epoch": epoch} for epoch in (1 / 3, 2 / 3, 1.0, 1 + 1 / 3, 1 + 2 / 3, 2.0)]
     assert warmup_of(rows, None) == 3
     assert warmup_of(rows, 1) == 1
+
+
+def test_a_repeated_run_shows_its_median_repeat_and_the_range():
+    """--repeats: each run's row is its repeat with the median rate (the lower middle one of an even count), its
+    cell the range of all repeats."""
+    from scripts.bench.sft import median_repeat, rate_text
+
+    repeats = [{"rate": 120.0, "step_seconds": 4.0}, {"rate": 100.4, "step_seconds": 5.0}, {"rate": 131.0}]
+    assert median_repeat(repeats) == {"rate": 120.0, "step_seconds": 4.0, "rates": [120.0, 100.4, 131.0]}
+    assert median_repeat(repeats[:2])["rate"] == 100.4
+    assert rate_text(median_repeat(repeats)) == "120 (100-131)"
+    assert rate_text(median_repeat(repeats[:1])) == "120"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import statistics
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -72,38 +73,49 @@ def bench_sft(args) -> str:
     chosen |= {"compiled", "packed-compiled"} if args.compile else set()
     runs = {name: run for name, run in runs.items() if name in chosen}
     warmup = None if args.same_examples else args.warmup_steps  # None: the first epoch
-    results = {label: run_halyard(work, name, [*base, *extra], warmup, "supervised_tokens")
-               for name, (label, extra) in runs.items()}  # fmt: skip
     settings = {"model": str(model_dir), "dtype": args.dtype, "lr": 1e-5, "steps": steps,
                 "warmup_steps": args.warmup_steps}  # fmt: skip
     if args.same_examples:
         settings |= {"steps": args.steps, "epochs": 2, "warmup_steps": args.steps}
+    jobs: dict[str, Callable[[int], dict]] = {  # run name: the run, given its repeat's number
+        name: lambda r, name=name, extra=extra: run_halyard(
+            work, name if r == 0 else f"{name}-{r + 1}", [*base, *extra], warmup, "supervised_tokens"
+        )
+        for name, (_, extra) in runs.items()
+    }
     # Padding-free is correct only if each example still attends only to itself: its first loss must equal the
     # padded run's on the same batch (the padded run is the check even where it is not in the table: one step).
-    free_runs = {name for _, name, _ in TRL_FREE_RUNS} & chosen
-    padded_steps = steps if "trl-padded" in chosen else 1
-    trl_padded = None
-    if "trl-padded" in chosen or free_runs:
-        padded = {"steps": padded_steps, "warmup_steps": min(args.warmup_steps, padded_steps - 1), "epochs": 1}
-        trl_padded = run_child("trl-sft", work, settings | padded)
+    free_runs = [(mode, name, extra) for mode, name, extra in TRL_FREE_RUNS if name in chosen]
     if "trl-padded" in chosen:
-        results["TRL 1.16 SFTTrainer, padded"] = trl_padded
-    trl_rates = [trl_padded["rate"]] if "trl-padded" in chosen else []
-    for mode, name, extra in TRL_FREE_RUNS:
-        if name not in free_runs:
-            continue
-        free = run_child(mode, work, {**settings, "keep_freed_host_memory": name.endswith("-kept")})
-        free_ok = abs(free["losses"][0] - trl_padded["losses"][0]) <= 1e-3 * abs(trl_padded["losses"][0])
+        jobs["trl-padded"] = lambda r: run_child("trl-sft", work, settings)
+    elif free_runs:
+        check = run_child("trl-sft", work, settings | {"steps": 1, "warmup_steps": 0, "epochs": 1})
+    for mode, name, _ in free_runs:
+        kept = name.endswith("-kept")
+        jobs[name] = lambda r, mode=mode, kept=kept: run_child(mode, work, settings | {"keep_freed_host_memory": kept})
+    bare_runs = [name for name in ("default", "packed") if f"bare-{name}" in chosen and name in runs]
+    every: dict[str, list[dict]] = {name: [] for name in [*jobs, *(f"bare-{name}" for name in bare_runs)]}
+    for name in bare_runs:  # on the passes of the run's first repeat (the same in every repeat)
+        overrides = [*base, *runs[name][1]]
+        jobs[f"bare-{name}"] = lambda r, n=name, o=overrides: bare_loop_on(work, n, o, every[n][0], settings)
+    for r in range(args.repeats):  # in turn, so that a change in the machine's load falls on every run
+        for name, job in jobs.items():
+            every[name].append(job(r))
+    median = {name: median_repeat(repeats) for name, repeats in every.items()}
+    results = {label: median[name] for name, (label, _) in runs.items()}
+    if "trl-padded" in chosen:
+        results["TRL 1.16 SFTTrainer, padded"] = check = median["trl-padded"]
+    trl_rates = [check["rate"]] if "trl-padded" in chosen else []
+    for _, name, extra in free_runs:
+        free = median[name]
+        free_ok = abs(free["losses"][0] - check["losses"][0]) <= 1e-3 * abs(check["losses"][0])
         label = "correct" if free_ok else "WRONG: examples attend to each other"
         results[f"TRL 1.16 SFTTrainer, padding_free{extra} ({label}: step-1 loss {free['losses'][0]:.4f} vs "
-                f"padded {trl_padded['losses'][0]:.4f})"] = free  # fmt: skip
+                f"padded {check['losses'][0]:.4f})"] = free  # fmt: skip
         # TRL's best among its own configurations: Halyard's allocator setting applied to its process is not one
         trl_rates += [free["rate"]] if free_ok and not name.endswith("-kept") else []
-    for name in ("default", "packed"):
-        if f"bare-{name}" not in chosen or name not in runs:
-            continue
-        halyard = results[runs[name][0]]
-        bare = bare_loop_on(work, name, [*base, *runs[name][1]], halyard, settings)
+    for name in bare_runs:
+        halyard, bare = median[name], median[f"bare-{name}"]
         same = "same" if bare["per_step"] == halyard["per_step"] else "DIFFERENT"
         results[f"bare PyTorch loop on the passes of '{runs[name][0]}', model's own loss ({same} tokens per step)"] = (
             bare
@@ -115,14 +127,14 @@ def bench_sft(args) -> str:
         f"{min(lengths)}-{max(lengths)} tokens (median {statistics.median(lengths):.0f}, mean "
         f"{statistics.mean(lengths):.0f}); 8 examples per step (packed: {rows_per_step} rows of {args.max_length}, "
         f"efficiency {efficiency:.0%}); AdamW lr 1e-5, no clipping, no gradient checkpointing; "
-        f"{timing(args)}; rate = their tokens / their seconds; "
+        f"{timing(args)}; rate = their tokens / their seconds{repeats_text(args.repeats)}; "
         f"the default's token budget: {budget} tokens per pass.",
         "",
         "| run | supervised tokens/s | vs best TRL | median step (s) | supervised tokens per step | peak RSS (MB) | "
         "page faults (M) |",
         "|---|---|---|---|---|---|---|",
         *(
-            f"| {name} | {r['rate']:,.0f} | {vs_trl(r['rate'], best_trl)} | {r['step_seconds']:.2f} | "
+            f"| {name} | {rate_text(r)} | {vs_trl(r['rate'], best_trl)} | {r['step_seconds']:.2f} | "
             f"{r['units_per_step']:,.0f} | {r['peak_mb']:,.0f} | {r['page_faults'] / 1e6:.2f} |"
             for name, r in results.items()
         ),
@@ -136,6 +148,25 @@ def bench_sft(args) -> str:
         "Halyard's logged MFU (median over timed steps): " + ", ".join(f"{n}: {m:.3f}" for n, m in mfus.items()),
     ]
     return "\n".join(lines)
+
+
+def median_repeat(repeats: list[dict]) -> dict:
+    """The repeat of a run with the median rate (the lower of the middle two), with every repeat's rate."""
+    ranked = sorted(repeats, key=lambda result: result["rate"])
+    return ranked[(len(ranked) - 1) // 2] | {"rates": [result["rate"] for result in repeats]}
+
+
+def rate_text(result: dict) -> str:
+    """A run's rate, with the range of its repeats where it ran more than once."""
+    rates = result["rates"]
+    return f"{result['rate']:,.0f}" + (f" ({min(rates):,.0f}-{max(rates):,.0f})" if len(rates) > 1 else "")
+
+
+def repeats_text(repeats: int) -> str:
+    if repeats == 1:
+        return ""
+    return (f"; each run {repeats} times, the runs in turn, the repeat with the median rate shown (the range of the "
+            "rates in brackets)")  # fmt: skip
 
 
 def vs_trl(rate: float, best_trl: float) -> str:
@@ -155,7 +186,8 @@ def bare_loop_on(work: Path, name: str, overrides: list[str], halyard: dict, set
     """The bare loop (child.py) over the exact forward passes of Halyard's run `name` (replay.py): its steps, its
     warm-up."""
     settings = settings | {"steps": len(halyard["per_step"]), "warmup_steps": halyard["warmup_steps"], "epochs": 1}
-    passes = halyard_passes(halyard_overrides(work, name, overrides), settings["steps"])
-    save_passes(passes, work / f"{name}.passes.safetensors")
+    path = work / f"{name}.passes.safetensors"
+    if not path.exists():  # the same run's passes again: its plan is a pure function of its config and data
+        save_passes(halyard_passes(halyard_overrides(work, name, overrides), settings["steps"]), path)
     # the process setting Halyard's run had (keep_freed_host_memory, its default): the loops differ only in the loop
     return run_child("bare", work, {**settings, "passes": f"{name}.passes.safetensors", "keep_freed_host_memory": True})

@@ -39,9 +39,8 @@ def bench_profile(args) -> str:
     profile = halyard["profile"]
     bare = None
     if args.loss == "sft":
-        settings = {"model": str(model_dir), "dtype": args.dtype, "lr": 1e-5, "steps": steps, "warmup_steps": 1,
-                    "phases": True}  # fmt: skip
-        bare = bare_loop_on(work, "profiled", overrides, settings)
+        settings = {"model": str(model_dir), "dtype": args.dtype, "lr": 1e-5, "phases": True}
+        bare = bare_loop_on(work, "profiled", overrides, halyard, settings)
     lines = [
         f"Model: {model_text}, {args.dtype}, loss={args.loss}, {batch_size} {'examples' if args.loss == 'sft' else 'pairs'} per step "
         f"(Halyard's default batching: grouped by length, passes of at most {halyard['micro_batch_tokens']} tokens); "
