@@ -3,6 +3,7 @@
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -494,3 +495,17 @@ def test_a_repeated_run_shows_its_median_repeat_and_the_range():
     assert median_repeat(repeats[:2])["rate"] == 100.4
     assert rate_text(median_repeat(repeats)) == "120 (100-131)"
     assert rate_text(median_repeat(repeats[:1])) == "120"
+
+
+def test_the_sft_benchmark_times_every_run_on_the_same_examples_in_repeats(tiny_cache):
+    """scripts/benchmark.py sft --same-examples --repeats 2 through the real CLI (the tiny model in SmolLM2's place):
+    Halyard's default and the bare loop on its passes time the very same examples (equal supervised tokens per
+    step), and each row shows the range of its two repeats."""
+    result = run_script("benchmark.py", "sft", "--smollm2", tiny_cache / "tiny-llama", "--steps", "1",
+                        "--same-examples", "--repeats", "2", "--runs", "default", "bare-default")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith(("| Halyard", "| bare"))]
+    assert len(rows) == 2 and "each run 2 epochs of these examples" in result.stdout
+    rates, tokens_per_step = [row[1] for row in rows], {row[4] for row in rows}
+    assert all(re.fullmatch(r"[\d,]+ \([\d,]+-[\d,]+\)", rate) for rate in rates), rates
+    assert len(tokens_per_step) == 1, rows

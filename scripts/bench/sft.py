@@ -22,6 +22,7 @@ from .models import model_for
 from .replay import halyard_passes, save_passes
 from .runs import halyard_overrides, run_child, run_halyard
 
+SAME_EXAMPLES_EPOCHS = 2  # --same-examples: the first epoch warms up, the second is timed
 NO_BUDGET = 10**9  # model.micro_batch_tokens that never splits a micro-batch: the default before the token budget
 TRL_FREE_RUNS = (  # (child mode, run name, what the table's label adds) of TRL's padding-free runs
     ("trl-sft-pf", "trl-pf", ""),
@@ -53,7 +54,7 @@ def bench_sft(args) -> str:
     efficiency = sum(lengths) / ((len(row_starts) - 1) * args.max_length)
     rows_per_step = max(1, round(8 * statistics.mean(lengths) / (args.max_length * efficiency)))
     base = ["model=smollm2", f"++model.name_or_path={model_dir}", f"datasets=[{data}]", f"model.dtype={args.dtype}",
-            f"model.max_length={args.max_length}", "n_epochs=2" if args.same_examples else f"max_steps={steps}",
+            f"model.max_length={args.max_length}", f"n_epochs={SAME_EXAMPLES_EPOCHS}" if args.same_examples else f"max_steps={steps}",
             "lr=1e-5"]  # fmt: skip
     runs = {  # name: (label, overrides)
         "default": ("Halyard, grouped by length, passes within the token budget (default)", ["model.batch_size=8"]),
@@ -76,7 +77,7 @@ def bench_sft(args) -> str:
     settings = {"model": str(model_dir), "dtype": args.dtype, "lr": 1e-5, "steps": steps,
                 "warmup_steps": args.warmup_steps}  # fmt: skip
     if args.same_examples:
-        settings |= {"steps": args.steps, "epochs": 2, "warmup_steps": args.steps}
+        settings |= {"steps": args.steps, "epochs": SAME_EXAMPLES_EPOCHS, "warmup_steps": args.steps}
     jobs: dict[str, Callable[[int], dict]] = {  # run name: the run, given its repeat's number
         name: lambda r, name=name, extra=extra: run_halyard(
             work, name if r == 0 else f"{name}-{r + 1}", [*base, *extra], warmup, "supervised_tokens"
@@ -94,10 +95,10 @@ def bench_sft(args) -> str:
         kept = name.endswith("-kept")
         jobs[name] = lambda r, mode=mode, kept=kept: run_child(mode, work, settings | {"keep_freed_host_memory": kept})
     bare_runs = [name for name in ("default", "packed") if f"bare-{name}" in chosen and name in runs]
-    every: dict[str, list[dict]] = {name: [] for name in [*jobs, *(f"bare-{name}" for name in bare_runs)]}
     for name in bare_runs:  # on the passes of the run's first repeat (the same in every repeat)
         overrides = [*base, *runs[name][1]]
         jobs[f"bare-{name}"] = lambda r, n=name, o=overrides: bare_loop_on(work, n, o, every[n][0], settings)
+    every: dict[str, list[dict]] = {name: [] for name in jobs}
     for r in range(args.repeats):  # in turn, so that a change in the machine's load falls on every run
         for name, job in jobs.items():
             every[name].append(job(r))
@@ -177,8 +178,8 @@ def vs_trl(rate: float, best_trl: float) -> str:
 def timing(args) -> str:
     """Which steps of a run its rate counts."""
     if args.same_examples:
-        return (f"each run 2 epochs of these {args.steps * 8} examples, the first its warm-up, so every run's timed "
-                "steps hold the same examples")  # fmt: skip
+        return (f"each run {SAME_EXAMPLES_EPOCHS} epochs of these examples, the first its warm-up, so every run's "
+                "timed steps hold the same examples")  # fmt: skip
     return f"{args.warmup_steps} warm-up + {args.steps} timed steps per run"
 
 
