@@ -6,7 +6,8 @@ change fails a test (tests/objectives/test_curves.py runs the same runs and comp
 
 The losses are the files of config/loss/; each trains on the demo file of the rows its trainer class consumes (its
 `data_kind`), so a new loss needs no entry here, only its recorded curve. Each run goes through the real CLI
-(launch.py in a subprocess) with the tiny model built by make_tiny_model.py.
+(launch.py in a subprocess) with the tiny model built by make_tiny_model.py; the losses that share their data and
+settings run as one sweep.
 """
 
 from __future__ import annotations
@@ -70,17 +71,36 @@ def run_overrides(loss: str) -> list[str]:
     return [f"{key}={value}" for key, value in settings.items()]
 
 
-def run_curve(loss: str, cache_dir: Path) -> list[float]:
-    """The training loss of each of the first 10 steps of `loss` on the demo data; `cache_dir` holds tiny-llama/."""
-    args = [f"loss={loss}", *COMMON, *run_overrides(loss), f"cache_dir={cache_dir}", f"exp_name=curve-{loss}"]
+def run_curves(names: list[str], cache_dir: Path) -> dict[str, list[float]]:
+    """The training loss of each of the first 10 steps of each loss in `names` on the demo data; `cache_dir` holds
+    tiny-llama/. The losses that share their overrides run as one sweep (`launch.py -m loss=a,b,...`): one process
+    trains them in turn, so each curve also proves that a sweep's job computes what a run of its own would (the
+    stored curves were recorded one process per loss)."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for loss in names:
+        groups.setdefault(tuple(run_overrides(loss)), []).append(loss)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
-    result = subprocess.run(
-        [sys.executable, str(REPO / "launch.py"), *args], cwd=REPO, env=env, capture_output=True, text=True
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"loss={loss} failed:\n{result.stderr[-3000:]}")
-    rows = [json.loads(line) for line in (cache_dir / f"curve-{loss}" / "metrics.jsonl").read_text().splitlines()]
-    return [row["loss/train"] for row in rows if "loss/train" in row]
+    curves = {}
+    for number, (overrides, group) in enumerate(groups.items()):
+        sweep = f"curves-{number}-{group[0]}"
+        args = ["-m", f"loss={','.join(group)}", *COMMON, *overrides, f"cache_dir={cache_dir}", f"exp_name={sweep}"]
+        result = subprocess.run(
+            [sys.executable, str(REPO / "launch.py"), *args], cwd=REPO, env=env, capture_output=True, text=True
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"loss={','.join(group)} failed:\n{result.stderr[-3000:]}")
+        jobs = {}  # job number: its job.json (the sweep's record of it)
+        for path in (cache_dir / sweep).glob("*/job.json"):
+            job = json.loads(path.read_text())
+            jobs[job["num"]] = job
+        for number, loss in enumerate(group):  # job N trains the Nth loss of `loss=a,b,...`
+            job = jobs.get(number, {"overrides": [], "run_dir": str(cache_dir / sweep / "(missing)")})
+            metrics = Path(job["run_dir"]) / "metrics.jsonl"
+            if not metrics.exists() or not set(job["overrides"]) <= {f"loss={loss}"}:
+                raise RuntimeError(f"loss={loss}: no metrics in {metrics.parent}:\n{result.stderr[-3000:]}")
+            rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+            curves[loss] = [row["loss/train"] for row in rows if "loss/train" in row]
+    return curves
 
 
 def main() -> None:
@@ -96,8 +116,7 @@ def main() -> None:
     CURVES_DIR.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as cache:
         make_tiny_model.make(Path(cache) / "tiny-llama", "chatml")
-        for loss in args.losses or losses():
-            curve = run_curve(loss, Path(cache))
+        for loss, curve in run_curves(args.losses or losses(), Path(cache)).items():
             curve_path(loss).write_text(json.dumps({"loss/train": curve}, indent=1) + "\n")
             print(f"{loss}: {' '.join(f'{v:.5f}' for v in curve)}")
 

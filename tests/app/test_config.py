@@ -9,7 +9,14 @@ from omegaconf import OmegaConf
 
 import launch
 from conftest import DEMO_TRAIN, REPO, run_cli
-from train.app.config import CONFIG_DIR, Config, leaf_paths, register_defaults
+from train.app.config import (
+    CONFIG_DIR,
+    Config,
+    keys_that_keep_the_math,
+    leaf_paths,
+    register_defaults,
+    schema_keys,
+)
 from train.app.help import describe_schema
 from train.app.loss_registry import builtin_losses, resolve_loss
 from train.app.validate import validate
@@ -110,6 +117,18 @@ def test_every_key_is_documented_in_help():
     table = describe_schema()
     for path in _leaf_paths_of_schema():
         assert re.search(rf"^  {re.escape(path)}[\s(]", table, re.MULTILINE), path
+
+
+def test_a_resumed_run_may_change_only_the_keys_that_keep_the_math():
+    """Declared per key (`setting(..., changes_math=False)`) or per section (wandb, benchmarks...): the operational
+    keys a long run is resumed with most often may change; what sets the numbers may not."""
+    may_change = keys_that_keep_the_math()
+    operational = ["profile_steps", "memory_check", "log_every_steps", "eval_samples", "data.num_workers",
+                   "model.micro_batch_tokens", "wandb.enabled", "benchmarks.tasks", "sweep.objective"]  # fmt: skip
+    math = ["seed", "lr", "max_steps", "datasets", "model.batch_size", "model.dtype", "model.peft.lora_r",
+            "data.packing", "optimizer.name", "reference.precompute", "loss.name"]  # fmt: skip
+    assert set(operational) <= may_change and not may_change & set(math)
+    assert may_change <= schema_keys()
 
 
 def test_every_key_is_read_by_the_code():

@@ -2,12 +2,14 @@
 and today's run equals it (1e-5): a change in the numbers, wanted or not, fails here (relative 1e-5: float32
 summation order alone moves the last digits). The stored curves were made before the preference losses moved to the
 lean log-prob path, which kept them within 2e-6. A new loss's run, and its data, come from scripts/loss_curves.py;
-record its curve, or regenerate one deliberately, with `.venv/bin/python scripts/loss_curves.py LOSS`."""
+record its curve, or regenerate one deliberately, with `.venv/bin/python scripts/loss_curves.py LOSS`. The losses
+that share their data and settings train as one sweep, in one process: each curve also proves that a sweep's job
+computes exactly what a run of its own computes."""
 
 import json
 
 import pytest
-from loss_curves import CURVES_DIR, STEPS, curve_path, losses, missing_curve, run_curve
+from loss_curves import CURVES_DIR, STEPS, curve_path, losses, missing_curve, run_curves
 
 LOSSES = losses()  # config/loss/*.yaml
 
@@ -23,11 +25,17 @@ def test_every_built_in_loss_has_a_stored_curve_and_every_curve_a_loss():
     assert not problems, "\n".join(problems)
 
 
+@pytest.fixture(scope="module")
+def curves(tiny_cache) -> dict[str, list[float]]:
+    """Today's curve of every built-in loss: one sweep per group of losses sharing their data and settings."""
+    return run_curves(LOSSES, tiny_cache)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", LOSSES)
-def test_the_loss_curve_is_unchanged(tiny_cache, loss):
+def test_the_loss_curve_is_unchanged(curves, loss):
     if not curve_path(loss).is_file():
         pytest.fail(missing_curve(loss))
     stored = json.loads(curve_path(loss).read_text())["loss/train"]
     assert len(stored) == STEPS
-    assert run_curve(loss, tiny_cache) == pytest.approx(stored, rel=1e-5, abs=1e-5)
+    assert curves[loss] == pytest.approx(stored, rel=1e-5, abs=1e-5)

@@ -24,22 +24,43 @@ from train.data.formats import FORMAT_NAMES
 from train.data.templates import CHAT_TEMPLATES
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"  # Hydra's presets: config.yaml, loss/, model/
+CHANGES_MATH = "changes_math"  # a field's metadata: False where a resumed run may change it (see `setting`)
 
 
-def setting(default: Any, help: str, choices: Sequence | Mapping[Any, str] = ()) -> Any:
+def setting(default: Any, help: str, choices: Sequence | Mapping[Any, str] = (), changes_math: bool = True) -> Any:
     """A dataclass field with its one default and its documentation (lists get a fresh copy per instance).
 
     `choices`: the only values allowed, or a mapping from each to what it means ('' for nothing to add). Validation
     rejects any other value, listing these; `--help` prints them after `help`, so `help` does not list them again:
     setting("sdpa", "Attention kernel", choices={"eager": "", "sdpa": "", "flash_attention_2": "CUDA only"}) reads
     "Attention kernel: eager | sdpa | flash_attention_2 (CUDA only)."
+
+    `changes_math=False`: the key leaves the trained numbers as they are (where and how often the run logs, saves
+    and evaluates; how a step's examples are split into passes; which kernel computes the same function), so a
+    resumed run may change it; a resume that changes any other key is refused (`keys_that_keep_the_math`).
     """
     metadata: dict[str, Any] = {"help": help}
     if choices:
         metadata["choices"] = dict(choices) if isinstance(choices, Mapping) else dict.fromkeys(choices, "")
+    if not changes_math:
+        metadata[CHANGES_MATH] = False
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def keys_that_keep_the_math(node: Any = None, prefix: str = "", keeps: bool = False) -> set[str]:
+    """The dotted keys declared with `changes_math=False`, or inside a section declared so (wandb, benchmarks...):
+    the settings a resumed run may change (train/app/run.py compares every other key with the checkpoint's)."""
+    node = Config() if node is None else node
+    keys: set[str] = set()
+    for f in dataclasses.fields(node):
+        value, keeps_here = getattr(node, f.name), keeps or f.metadata.get(CHANGES_MATH) is False
+        if dataclasses.is_dataclass(value):
+            keys |= keys_that_keep_the_math(value, f"{prefix}{f.name}.", keeps_here)
+        elif keeps_here:
+            keys.add(prefix + f.name)
+    return keys
 
 
 def leaf_settings(node: Any, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, Any]]:
@@ -101,8 +122,12 @@ class PeftConfig:
 
 @dataclass
 class ModelConfig:
-    name_or_path: str | None = setting(None, "Local folder (or hub id, when online) of the model to fine-tune.")
-    tokenizer_name_or_path: str | None = setting(None, "Tokenizer folder or hub id; defaults to model.name_or_path.")
+    name_or_path: str | None = setting(
+        None, "Local folder (or hub id, when online) of the model to fine-tune.", changes_math=False
+    )
+    tokenizer_name_or_path: str | None = setting(
+        None, "Tokenizer folder or hub id; defaults to model.name_or_path.", changes_math=False
+    )
     dtype: str = setting(
         "auto",
         "Compute dtype",
@@ -115,7 +140,10 @@ class ModelConfig:
         },
     )
     attn_implementation: str = setting(
-        "sdpa", "Attention kernel", choices={"eager": "", "sdpa": "", "flash_attention_2": "CUDA only"}
+        "sdpa",
+        "Attention kernel",
+        choices={"eager": "", "sdpa": "", "flash_attention_2": "CUDA only"},
+        changes_math=False,
     )
     compile: bool | None = setting(
         None,
@@ -125,26 +153,30 @@ class ModelConfig:
         "of seconds each on CPU, so it pays off only on long runs. Needs a C++ compiler on CPU (g++, or $CXX), "
         "Triton on CUDA. null: on where it was measured to win, a CPU with AMX in bfloat16 for runs of 200 steps or more "
         "(the log says why, either way).",
+        changes_math=False,
     )
     batch_size: int = setting(
         8,
         "Global batch per optimizer step, in examples (pairs for paired losses, packed rows with data.packing), summed over processes and accumulation.",
     )
-    eval_batch_size: int = setting(8, "Global batch for evaluation, in examples.")
-    gradient_accumulation_steps: int = setting(1, "Micro-batches accumulated per optimizer step on each process.")
+    eval_batch_size: int = setting(8, "Global batch for evaluation, in examples.", changes_math=False)
+    gradient_accumulation_steps: int = setting(
+        1, "Micro-batches accumulated per optimizer step on each process.", changes_math=False
+    )
     micro_batch_tokens: int | None = setting(
         None,
         "Most tokens one forward pass holds on a process, padding included (items x the longest): a micro-batch "
         "over it runs as several passes of the same optimizer step (the same examples, so the same gradient), so "
         "peak memory follows this budget, not which long examples meet. null: the data's mean micro-batch plus a "
         "quarter, at least its longest item.",
+        changes_math=False,
     )
     max_length: int = setting(512, "Maximum tokens per example (prompt + response); longer examples are truncated.")
     max_grad_norm: float | None = setting(
         1.0, "Clip the global gradient L2 norm to this value; null disables clipping."
     )
     gradient_checkpointing: bool = setting(
-        False, "Recompute activations in the backward pass: less memory, ~30% slower."
+        False, "Recompute activations in the backward pass: less memory, ~30% slower.", changes_math=False
     )
     head_loss: str = setting(
         "logits",
@@ -156,6 +188,7 @@ class ModelConfig:
             "time with their gradients taken in the forward pass (liger-kernel on CUDA when installed, "
             "pip install .[gpu]); not under FSDP",
         },
+        changes_math=False,
     )
     trust_remote_code: bool = setting(
         False, "Allow model code shipped with the checkpoint to run. Off unless you trust it."
@@ -234,15 +267,18 @@ class DataConfig:
         choices={"error": "stop, naming file, row and field", "skip": "counted, reported"},
     )
     num_proc: int = setting(
-        1, "Processes tokenizing in parallel when preprocessing (shards of rows; the cache is the same either way)."
+        1,
+        "Processes tokenizing in parallel when preprocessing (shards of rows; the cache is the same either way).",
+        changes_math=False,
     )
     num_workers: int = setting(
         1,
         "Data loader processes per training process that gather and collate the next steps' batches while the "
         "current step computes; 0: collate in the training process.",
+        changes_math=False,
     )
     cache_preprocessing: bool = setting(
-        True, "Reuse tokenized data cached under ${cache_dir}/preprocessed/ when inputs match."
+        True, "Reuse tokenized data cached under ${cache_dir}/preprocessed/ when inputs match.", changes_math=False
     )
     dataset_samples: list[float] = setting(
         [], "Per training dataset, in order: a count (>= 1, repeats data if larger) or a fraction (< 1); empty: all."
@@ -373,12 +409,16 @@ class SweepConfig:
 
 @dataclass
 class Config:
-    exp_name: str = setting("default", "Name of the run; its files go to ${cache_dir}/${exp_name}.")
+    exp_name: str = setting("default", "Name of the run; its files go to ${cache_dir}/${exp_name}.", changes_math=False)
     seed: int = setting(0, "Seed for data order, initialization and dropout.")
-    cache_dir: str = setting("runs", "Folder that holds run directories.")
-    run_dir: str = setting("${cache_dir}/${exp_name}", "Where this run writes config.yaml, metrics.jsonl and FINAL/.")
+    cache_dir: str = setting("runs", "Folder that holds run directories.", changes_math=False)
+    run_dir: str = setting(
+        "${cache_dir}/${exp_name}", "Where this run writes config.yaml, metrics.jsonl and FINAL/.", changes_math=False
+    )
     datasets: list[str] = setting([], "Training data: .json/.jsonl/.parquet/.csv files, save_to_disk folders or names.")
-    eval_datasets: list[str] = setting([], "Held-out data evaluated every eval_every_steps; empty disables evaluation.")
+    eval_datasets: list[str] = setting(
+        [], "Held-out data evaluated every eval_every_steps; empty disables evaluation.", changes_math=False
+    )
     n_epochs: int = setting(1, "Passes over the training data.")
     max_steps: int | None = setting(
         None, "Stop after this many optimizer steps (caps n_epochs); null runs every epoch."
@@ -392,12 +432,13 @@ class Config:
     weight_decay: float = setting(0.0, "Decoupled weight decay, applied to matrices only (not to biases or norms).")
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig, metadata={"help": "The optimizer."})
     eval_every_steps: int = setting(
-        100, "Evaluate every this many optimizer steps (and before the first, and at the end)."
+        100, "Evaluate every this many optimizer steps (and before the first, and at the end).", changes_math=False
     )
     log_every_steps: int | None = setting(
         None,
         "Write a metrics line every this many optimizer steps (and at the last step); null: about 50 lines per run "
         "(every max(1, total steps // 50) steps), so short runs plot a curve too.",
+        changes_math=False,
     )
     profile_steps: int = setting(
         0,
@@ -405,24 +446,32 @@ class Config:
         "forward, reference model, loss, backward, reduction, clipping, optimizer, logging), the device synced at each "
         "boundary, and torch.profiler's top operators, in profile.md and summary.json, with a Chrome trace in "
         "profile_trace.json; 0: off.",
+        changes_math=False,
     )
     eval_samples: int = setting(
-        0, "At each evaluation, generate answers to this many held-out prompts (samples.jsonl)."
+        0, "At each evaluation, generate answers to this many held-out prompts (samples.jsonl).", changes_math=False
     )
-    eval_samples_max_new_tokens: int = setting(64, "Longest generated answer for eval_samples, in tokens.")
+    eval_samples_max_new_tokens: int = setting(
+        64, "Longest generated answer for eval_samples, in tokens.", changes_math=False
+    )
     eval_reward_model: str | None = setting(
         None,
         "A reward model folder (a loss=rm run's FINAL/) that scores the eval_samples answers at each evaluation, "
         "each prompt and answer rendered with its own chat template: the mean is logged as samples/reward, each "
         "answer's reward goes into samples.jsonl. Needs eval_samples > 0 and eval_datasets; null: no scoring.",
+        changes_math=False,
     )
     peak_flops_per_second: float | None = setting(
-        None, "Peak FLOP/s per process for mfu; null: the GPU's datasheet bf16 rate, or a matmul rate measured on CPU."
+        None,
+        "Peak FLOP/s per process for mfu; null: the GPU's datasheet bf16 rate, or a matmul rate measured on CPU.",
+        changes_math=False,
     )
     save_every_steps: int | None = setting(
-        None, "Write a resumable checkpoint ${run_dir}/step-<N>/ every this many steps; null: none."
+        None, "Write a resumable checkpoint ${run_dir}/step-<N>/ every this many steps; null: none.", changes_math=False
     )
-    save_total_limit: int | None = setting(None, "Keep only the newest this many step checkpoints; null keeps all.")
+    save_total_limit: int | None = setting(
+        None, "Keep only the newest this many step checkpoints; null keeps all.", changes_math=False
+    )
     save_merged: str = setting(
         "adapter",
         "LoRA runs, what FINAL/ holds",
@@ -431,6 +480,7 @@ class Config:
             "merged": "the merged model",
             "both": "merged, and the adapter in FINAL/adapter/",
         },
+        changes_math=False,
     )
     save_dtype: str = setting(
         "auto",
@@ -442,21 +492,31 @@ class Config:
             "bfloat16": "",
             "float16": "",
         },
+        changes_math=False,
     )
     resume_from_checkpoint: str | None = setting(
         None,
         "auto: continue from this run's newest complete checkpoint (or start fresh if none); or a checkpoint path.",
+        changes_math=False,
     )
     overwrite_run: bool = setting(
         False,
         "Start over in a run directory that already holds a run (its checkpoints, metrics and FINAL/ are deleted "
         "first). false: such a run is refused, saying how to continue it (resume_from_checkpoint=auto).",
+        changes_math=False,
     )
     resume_allow_config_change: bool = setting(
-        False, "Resume even if settings that change the math (lr, batch, data...) differ."
+        False,
+        "Resume even if settings that change the math (lr, batch, data...) differ. Where, how often and how the "
+        "run logs, saves, evaluates and reports, how a step's examples split into passes (model.micro_batch_tokens, "
+        "model.gradient_accumulation_steps) and which kernels compute them may change on any resume.",
+        changes_math=False,
     )
     on_nonfinite: str = setting(
-        "stop", "A step with a NaN/inf loss or gradient", choices={"stop": "exit 2", "skip": "no update, counted"}
+        "stop",
+        "A step with a NaN/inf loss or gradient",
+        choices={"stop": "exit 2", "skip": "no update, counted"},
+        changes_math=False,
     )
     keep_freed_host_memory: bool = setting(
         True,
@@ -464,6 +524,7 @@ class Config:
         "instead of going back to the system and being faulted in again (malloc: no trimming, no mmap). Measured on "
         "SmolLM2 on a 2-core CPU: 12-43% more tokens/s in float32, 3-13% in bfloat16, at a peak up to 26% higher "
         "(docs/BENCHMARKS.md). GPU runs are left alone.",
+        changes_math=False,
     )
     memory_check: str = setting(
         "error",
@@ -474,29 +535,38 @@ class Config:
             "settings that would fit",
             "warn": "it is logged with that advice, and the run starts anyway",
         },
+        changes_math=False,
     )
     verbose: bool = setting(
         False,
         "Print every metric in each progress line (not only step, loss, lr, tokens/s, time left), and let the "
         "libraries' warnings, info logs and progress bars (loading, saving) through.",
+        changes_math=False,
     )
     accelerate_config: str | None = setting(
         None,
         "An accelerate config file (e.g. accelerate_config/fsdp_8gpu.yaml): `python launch.py` runs the job's "
         "processes through `accelerate launch --config_file <this>` (each job of a sweep, on its SLURM node); null: "
         "train in this process.",
+        changes_math=False,
     )
     loss: LossConfig = field(default_factory=LossConfig, metadata={"help": "The loss; chosen with loss=<name>."})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The model; chosen with model=<name>."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "How rows of the data files are read."})
     reference: ReferenceConfig = field(default_factory=ReferenceConfig, metadata={"help": "The reference model."})
-    wandb: WandbConfig = field(default_factory=WandbConfig, metadata={"help": "Weights & Biases logging."})
-    tensorboard: TensorboardConfig = field(default_factory=TensorboardConfig, metadata={"help": "TensorBoard logging."})
+    wandb: WandbConfig = field(
+        default_factory=WandbConfig, metadata={"help": "Weights & Biases logging.", CHANGES_MATH: False}
+    )
+    tensorboard: TensorboardConfig = field(
+        default_factory=TensorboardConfig, metadata={"help": "TensorBoard logging.", CHANGES_MATH: False}
+    )
     benchmarks: BenchmarksConfig = field(
-        default_factory=BenchmarksConfig, metadata={"help": "Benchmark evaluation with lm-evaluation-harness."}
+        default_factory=BenchmarksConfig,
+        metadata={"help": "Benchmark evaluation with lm-evaluation-harness.", CHANGES_MATH: False},
     )
     sweep: SweepConfig = field(
-        default_factory=SweepConfig, metadata={"help": "What a sweep's best job and the Optuna search optimize."}
+        default_factory=SweepConfig,
+        metadata={"help": "What a sweep's best job and the Optuna search optimize.", CHANGES_MATH: False},
     )
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from train.app.assemble import loop_settings, total_steps_of, trainer_parts
-from train.app.config import Config
+from train.app.config import Config, keys_that_keep_the_math
 from train.app.host_memory import configure_host_memory
 from train.app.loss_registry import loss_spec
 from train.app.memory_plan import log_plan
@@ -132,7 +132,9 @@ def find_checkpoint_to_resume(cfg: Config) -> Path | None:
         if cfg.resume_from_checkpoint == "auto":
             logger.info(f"resume_from_checkpoint=auto: no checkpoint in {cfg.run_dir} yet, starting fresh")
         return None
-    differences = config_differences((resume_dir / CONFIG_FILE).read_text(), flat_config(cfg))
+    differences = config_differences(
+        (resume_dir / CONFIG_FILE).read_text(), flat_config(cfg), may_change=keys_that_keep_the_math()
+    )
     if differences and not cfg.resume_allow_config_change:
         listed = "\n".join(f"  - {d}" for d in differences)
         raise HalyardError(

@@ -26,6 +26,7 @@ import os
 import random
 import shutil
 import signal
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,25 +162,15 @@ def read_state(checkpoint: Path) -> TrainerState:
     return TrainerState(**json.loads((checkpoint / STATE_FILE).read_text()))
 
 
-# Keys that do not change the math of training: they may differ on resume.
-NON_MATH_KEYS = {
-    "exp_name", "cache_dir", "run_dir", "eval_datasets", "eval_every_steps", "log_every_steps", "save_every_steps",
-    "save_total_limit", "resume_from_checkpoint", "resume_allow_config_change", "on_nonfinite",
-    "model.eval_batch_size", "model.gradient_accumulation_steps", "model.gradient_checkpointing",
-    "model.attn_implementation", "model.name_or_path", "model.tokenizer_name_or_path", "verbose", "save_merged",
-    "save_dtype", "overwrite_run", "model.compile", "keep_freed_host_memory",
-}  # fmt: skip
-NON_MATH_PREFIXES = ("wandb.", "tensorboard.")
-
-
-def config_differences(saved_yaml: str, current: dict[str, object]) -> list[str]:
-    """Differences, in keys that change the math, between a checkpoint's config and the current one."""
+def config_differences(saved_yaml: str, current: dict[str, object], may_change: Collection[str]) -> list[str]:
+    """Differences between a checkpoint's config and the current one (dotted keys), but in the keys that
+    `may_change` (train/app/config.py: keys_that_keep_the_math)."""
     saved = flatten(OmegaConf.to_container(OmegaConf.create(saved_yaml)))
-    keys = sorted((set(saved) | set(current)) - NON_MATH_KEYS)
+    keys = sorted((set(saved) | set(current)) - set(may_change))
     return [
         f"{key}: {saved.get(key, '(unset)')} -> {current.get(key, '(unset)')}"
         for key in keys
-        if not key.startswith(NON_MATH_PREFIXES) and str(saved.get(key)) != str(current.get(key))
+        if str(saved.get(key)) != str(current.get(key))
     ]
 
 
