@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script, train/ is not on the path
 
 from train.app.loss_registry import builtin_losses, resolve_loss  # noqa: E402 (after the path above)
+from train.app.sweep import sweep_rows  # noqa: E402
 
 CURVES_DIR = REPO / "tests" / "objectives" / "curves"
 STEPS = 10
@@ -73,34 +74,34 @@ def run_overrides(loss: str) -> list[str]:
 
 def run_curves(names: list[str], cache_dir: Path) -> dict[str, list[float]]:
     """The training loss of each of the first 10 steps of each loss in `names` on the demo data; `cache_dir` holds
-    tiny-llama/. The losses that share their overrides run as one sweep (`launch.py -m loss=a,b,...`): one process
-    trains them in turn, so each curve also proves that a sweep's job computes what a run of its own would (the
-    stored curves were recorded one process per loss)."""
+    tiny-llama/. The losses that share their overrides train as one sweep, so each curve also proves that a sweep's
+    job computes what a run of its own would (the stored curves were recorded one process per loss)."""
     groups: dict[tuple[str, ...], list[str]] = {}
     for loss in names:
         groups.setdefault(tuple(run_overrides(loss)), []).append(loss)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
     curves = {}
-    for number, (overrides, group) in enumerate(groups.items()):
-        sweep = f"curves-{number}-{group[0]}"
-        args = ["-m", f"loss={','.join(group)}", *COMMON, *overrides, f"cache_dir={cache_dir}", f"exp_name={sweep}"]
-        result = subprocess.run(
-            [sys.executable, str(REPO / "launch.py"), *args], cwd=REPO, env=env, capture_output=True, text=True
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"loss={','.join(group)} failed:\n{result.stderr[-3000:]}")
-        jobs = {}  # job number: its job.json (the sweep's record of it)
-        for path in (cache_dir / sweep).glob("*/job.json"):
-            job = json.loads(path.read_text())
-            jobs[job["num"]] = job
-        for number, loss in enumerate(group):  # job N trains the Nth loss of `loss=a,b,...`
-            job = jobs.get(number, {"overrides": [], "run_dir": str(cache_dir / sweep / "(missing)")})
-            metrics = Path(job["run_dir"]) / "metrics.jsonl"
-            if not metrics.exists() or not set(job["overrides"]) <= {f"loss={loss}"}:
-                raise RuntimeError(f"loss={loss}: no metrics in {metrics.parent}:\n{result.stderr[-3000:]}")
-            rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    for overrides, group in groups.items():
+        for loss, run_dir in run_losses_as_sweep(group, [*COMMON, *overrides], cache_dir, f"curves-{group[0]}").items():
+            rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
             curves[loss] = [row["loss/train"] for row in rows if "loss/train" in row]
     return curves
+
+
+def run_losses_as_sweep(names: list[str], args: list[str], cache_dir: Path, sweep: str) -> dict[str, Path]:
+    """Train each loss in `names` with the overrides `args` as one sweep in `cache_dir`/`sweep` (`launch.py -m
+    loss=a,b,... ARGS`: one process trains them in turn); each loss's run directory. Raises with the log's tail
+    unless every job finished."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
+    command = [sys.executable, str(REPO / "launch.py"), "-m", f"loss={','.join(names)}", *args]
+    command += [f"cache_dir={cache_dir}", f"exp_name={sweep}"]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    jobs = sweep_rows(cache_dir / sweep)  # in job order: job N trained the Nth loss of `loss=a,b,...`
+    if result.returncode != 0 or len(jobs) != len(names):
+        raise RuntimeError(f"loss={','.join(names)} failed:\n{result.stderr[-3000:]}")
+    for loss, job in zip(names, jobs, strict=True):
+        if job["status"] != "done" or job["overrides"] not in ("-", f"loss={loss}"):  # "-": a sweep of one job
+            raise RuntimeError(f"loss={loss}: {job['status']} ({job['overrides']}):\n{result.stderr[-3000:]}")
+    return {loss: Path(job["run_dir"]) for loss, job in zip(names, jobs, strict=True)}
 
 
 def main() -> None:

@@ -3,8 +3,10 @@
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
+from loss_curves import run_losses_as_sweep
 
 from conftest import REPO, read_metrics, run_cli
 from train.batching.plan import BatchPlan
@@ -236,24 +238,37 @@ ADDED_OBJECTIVES = {  # loss: its settings for a 17-step run
 }
 
 
+@pytest.fixture(scope="module")
+def added_objective_runs(tiny_cache) -> dict[str, tuple[Path, Path]]:
+    """Each added objective's 17-step run and its first 2 steps in 4 accumulated micro-batches. The objectives with
+    the same settings train as one sweep of each (one process trains them in turn)."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for loss, settings in sorted(ADDED_OBJECTIVES.items()):
+        groups.setdefault(tuple(settings), []).append(loss)
+    runs = {}
+    for settings, group in groups.items():
+        common = [*PREF, *settings, "warmup_ratio=0", "log_every_steps=1"]
+        common.append("data.group_by_length=false")  # the settings above were tuned on random batches
+        learned = [*common, "max_steps=17", "eval_every_steps=17"]
+        split = [*common, "max_steps=2", "model.gradient_accumulation_steps=4"]
+        learned_dirs = run_losses_as_sweep(group, learned, tiny_cache, f"learned-{group[0]}")
+        split_dirs = run_losses_as_sweep(group, split, tiny_cache, f"accum4-{group[0]}")
+        runs |= {loss: (learned_dirs[loss], split_dirs[loss]) for loss in group}
+    return runs
+
+
 @pytest.mark.parametrize("loss", sorted(ADDED_OBJECTIVES))
-def test_each_objective_learns_is_split_invariant_and_its_final_model_reloads(tiny_cache, loss):
+def test_each_objective_learns_is_split_invariant_and_its_final_model_reloads(added_objective_runs, loss):
     """17 steps reach held-out reward accuracy >= 0.9; the first two steps' losses are the same with 4 accumulated
     micro-batches (step 2 carries step 1's update; warmup is off so both runs take the same first step)."""
     from transformers import AutoModelForCausalLM
 
-    common = [*PREF, f"loss={loss}", f"cache_dir={tiny_cache}", *ADDED_OBJECTIVES[loss], "warmup_ratio=0"]
-    common.append("data.group_by_length=false")  # the settings above were tuned on random batches
-    common.append("log_every_steps=1")
-    learned = run_cli([*common, f"exp_name={loss}", "max_steps=17", "eval_every_steps=17"])
-    assert learned.returncode == 0, learned.stderr[-3000:]
-    assert evals(tiny_cache / loss)[-1]["rewards_eval/accuracies"] >= 0.9
-    split = run_cli([*common, f"exp_name={loss}-accum4", "max_steps=2", "model.gradient_accumulation_steps=4"])
-    assert split.returncode == 0, split.stderr[-3000:]
-    whole = [m["loss/train"] for m in read_metrics(tiny_cache / loss) if "loss/train" in m][:2]
-    accumulated = [m["loss/train"] for m in read_metrics(tiny_cache / f"{loss}-accum4") if "loss/train" in m]
+    learned, split = added_objective_runs[loss]
+    assert evals(learned)[-1]["rewards_eval/accuracies"] >= 0.9
+    whole = [m["loss/train"] for m in read_metrics(learned) if "loss/train" in m][:2]
+    accumulated = [m["loss/train"] for m in read_metrics(split) if "loss/train" in m]
     assert accumulated == pytest.approx(whole, rel=1e-5)
-    model = AutoModelForCausalLM.from_pretrained(tiny_cache / loss / "FINAL")
+    model = AutoModelForCausalLM.from_pretrained(learned / "FINAL")
     assert model.config.num_hidden_layers == 2
 
 
