@@ -401,13 +401,16 @@ def test_model_paths_are_checked_with_the_config_and_leave_no_run_directory(tmp_
     assert not (tmp_path / "never").exists()
 
 
-def test_empty_data_file_exits_2_naming_it_and_leaves_no_run_directory(tiny_cache, tmp_path):
+def test_empty_data_files_exit_2_naming_them_before_anything_loads(tiny_cache, tmp_path):
+    """Refused with the config's other problems, so no run directory is made (a file of blank lines is refused
+    when it is read: tests/data/test_preprocess.py)."""
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    args = [f"cache_dir={tiny_cache}", "exp_name=empty_data", f"datasets=[{empty}]", "model=tiny"]
-    result = run_cli(args)
+    args = [f"cache_dir={tiny_cache}", "exp_name=empty_data", f"datasets=[{empty}]", f"eval_datasets=[{empty}]"]
+    result = run_cli([*args, "model=tiny"])
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert f"halyard: {empty}: no rows (the file is empty)" in result.stderr
+    assert f"datasets: '{empty}' is empty (0 bytes)" in result.stderr
+    assert f"eval_datasets: '{empty}' is empty (0 bytes)" in result.stderr  # every problem at once
     assert not (tiny_cache / "empty_data").exists()
 
 

@@ -110,8 +110,9 @@ def test_bad_rows_can_be_skipped_and_are_counted(tiny_tokenizers, tmp_path):
     assert "3 malformed rows skipped" in stats.describe("train", 128)
 
 
-def test_empty_data_file_is_an_error_naming_it(tiny_tokenizers, tmp_path):
+@pytest.mark.parametrize("content", ["", "\n\n"])  # validation refuses the first before any data is read
+def test_a_data_file_without_rows_is_an_error_naming_it(tiny_tokenizers, tmp_path, content):
     empty = tmp_path / "empty.jsonl"
-    empty.write_text("")
+    empty.write_text(content)
     with pytest.raises(DataError, match=f"{empty}: no rows \\(the file is empty\\)"):
         load_examples([str(empty)], tiny_tokenizers["chatml"], KEYS, max_length=64)

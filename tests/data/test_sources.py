@@ -41,6 +41,10 @@ def test_source_problems_are_named(tmp_path):
     assert "neither a file, a saved dataset folder, nor a named dataset" in source_problem(str(tmp_path / "nope.jsonl"))
     assert "not a dataset saved with datasets' save_to_disk" in source_problem(str(tmp_path / "folder"))
     assert "unsupported extension" in source_problem(str(tmp_path / "d.txt"))
+    (tmp_path / "d.jsonl").write_text("")
+    assert source_problem(str(tmp_path / "d.jsonl")).endswith(
+        "is empty (0 bytes); give data in it, or leave it out of the list"
+    )
     assert source_problem("ultrachat") is None
 
 

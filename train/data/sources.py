@@ -44,6 +44,8 @@ def source_problem(source: str) -> str | None:
         return f"'{source}' is neither a file, a saved dataset folder, nor a named dataset ({named}) (paths are relative to {Path.cwd()})"
     if path.suffix not in FILE_EXTENSIONS:
         return f"'{source}' has an unsupported extension; use one of {list(FILE_EXTENSIONS)} or a save_to_disk folder"
+    if path.stat().st_size == 0:  # a file of blank lines, or a table of no rows, is found when it is read
+        return f"'{source}' is empty (0 bytes); give data in it, or leave it out of the list"
     return None
 
 
