@@ -164,7 +164,7 @@ def batch(model, tokenizer, source: Path, out, system: str | None, sampling: Sam
     return count
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--prompt", help="answer this one prompt and exit")
@@ -182,6 +182,11 @@ def main() -> None:
     parser.add_argument("--repetition-penalty", type=number(float, "> 0 (1: none)", lambda v: v > 0),
                         default=Sampling.repetition_penalty, help="> 1 discourages repeating tokens (default 1: none)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     sampling = sampling_from(args, parser)
     sys.path.insert(0, str(REPO))

@@ -167,14 +167,25 @@ def test_generate_rejects_invalid_sampling_values(options, message, tmp_path):
 
 def test_generate_sampling_options_imply_sampling(lora_run):
     """--top-p or --top-k alone samples (at temperature 1); --top-k 1 keeps only the likeliest token, so it is greedy;
-    a repetition penalty changes the greedy answer of a model that repeats itself."""
-    final, prompt = lora_run / "FINAL", "What is the capital of France?"
-    greedy = script("generate.py", final, "--prompt", prompt, "--max-new-tokens", "24")
-    assert script("generate.py", final, "--prompt", prompt, "--max-new-tokens", "24", "--top-p", "0.95") != greedy
-    assert script("generate.py", final, "--prompt", prompt, "--max-new-tokens", "24", "--top-k", "1") == greedy
-    penalized = script("generate.py", final, "--prompt", prompt, "--max-new-tokens", "24", "--repetition-penalty", "5")
-    assert penalized != greedy
-    assert "--top-k" in script("generate.py", "--help") and "--repetition-penalty" in script("generate.py", "--help")
+    a repetition penalty changes the greedy answer of a model that repeats itself. generate.py's own parser and
+    sampling, on one loaded model (its command line runs in the tests above and in the README's)."""
+    import generate
+    from transformers import set_seed
+
+    parser, final = generate.build_parser(), lora_run / "FINAL"
+    model, tokenizer = generate.load(final)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+
+    def answer_with(*options: str) -> str:
+        args = parser.parse_args([str(final), "--max-new-tokens", "24", *options])
+        set_seed(args.seed)  # as generate.py seeds each run
+        return generate.reply(model.eval(), tokenizer, messages, generate.sampling_from(args, parser))
+
+    greedy = answer_with()
+    assert answer_with("--top-p", "0.95") != greedy
+    assert answer_with("--top-k", "1") == greedy
+    assert answer_with("--repetition-penalty", "5") != greedy
+    assert "--top-k" in parser.format_help() and "--repetition-penalty" in parser.format_help()
 
 
 def test_chat_keeps_the_conversation_and_the_system_prompt():
