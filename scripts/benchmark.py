@@ -39,7 +39,8 @@ token ids) and the same pairs per step.
 shared-prompt: a pair's prompt run once (one row `prompt, chosen, rejected`, a 4D mask keeping rejected from chosen)
 vs twice (two rows), same log-probs (checked), policy forward + backward time.
 
-cpu-options: threads, bfloat16 autocast and torch.compile on one SmolLM2 training step.
+cpu-options: threads, bfloat16 autocast and torch.compile on one SmolLM2 training step; each of its matmul shapes in
+float32 against bfloat16.
 
 scale: the data path at 10k, 100k and 1M synthetic multi-turn rows (lognormal lengths, ~300 tokens on average) on the
 tiny 2-layer model: seconds from the command to the end of step 1 (`max_steps=1`) and peak memory of all its

@@ -508,6 +508,22 @@ def test_a_repeated_run_shows_its_median_repeat_and_the_range():
     assert rate_text(median_repeat(repeats[:1])) == "120"
 
 
+def test_the_matmul_table_times_a_linear_layers_three_products_per_shape():
+    """cpu-options' matmul table: per layer shape, the forward, input-gradient and weight-gradient products (the
+    shapes a training step multiplies), float32 beside bfloat16."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from scripts.bench.cpu import MATMUL_DIRECTIONS, matmul_table
+
+    x, w, g = torch.ones(5, 3), torch.ones(4, 3), torch.ones(5, 4)  # 5 positions, 3 features in, 4 out
+    shapes = [tuple(product(x, w, g).shape) for product in MATMUL_DIRECTIONS.values()]
+    assert shapes == [(5, 4), (5, 3), (4, 3)]  # y, dx, dW
+    rows = matmul_table(SimpleNamespace(hidden_size=8, intermediate_size=16, vocab_size=32), tokens=4, repeats=1)
+    assert len(rows) == 2 + 4 * 3 and rows[-1].startswith("| head | 8 x 32 | weight gradient |")
+
+
 def test_the_sft_benchmark_times_every_run_on_the_same_examples_in_repeats(tiny_cache):
     """scripts/benchmark.py sft --same-examples --repeats 2 through the real CLI (the tiny model in SmolLM2's place):
     Halyard's default and the bare loop on its passes time the very same examples (equal supervised tokens per

@@ -1,5 +1,6 @@
-"""cpu-options: threads, bfloat16 autocast and torch.compile on one SmolLM2 training step; and that step (a batch
-of middling chat examples, one forward + backward with Halyard's lean loss), which eval-cost counts in too."""
+"""cpu-options: threads, bfloat16 autocast and torch.compile on one SmolLM2 training step, and each of the model's
+matmul shapes in float32 against bfloat16; and that step (a batch of middling chat examples, one forward + backward
+with Halyard's lean loss), which eval-cost counts in too."""
 
 from __future__ import annotations
 
@@ -71,6 +72,7 @@ def bench_cpu_options(args) -> str:
         )
     base = results[f"float32, {threads} threads (default)"][0]
     tokens = int(batch["attention_mask"].sum())
+    matmuls = matmul_table(model.config, batch["input_ids"].numel(), args.repeats)
     lines = [
         f"SmolLM2-135M real weights, one forward + backward with Halyard's lean loss on 8 chat examples ({tokens} real "
         f"tokens, padded to {batch['input_ids'].shape[1]}), {args.repeats} timed repeats after one warm-up, in one "
@@ -82,5 +84,54 @@ def bench_cpu_options(args) -> str:
             f"| {name} | {median:.2f} | {median / base:.2f}x | {first:.1f} |"
             for name, (median, first) in results.items()
         ),
+        "",
+        f"Each matmul of the model's layers and head at the batch's {batch['input_ids'].numel()} positions, float32 "
+        f"against bfloat16 tensors (what autocast multiplies), median of {args.repeats} after one warm-up:",
+        "",
+        *matmuls,
     ]
     return "\n".join(lines)
+
+
+MATMUL_DIRECTIONS = {  # a linear layer's three products in a training step: y = x W^T, dx = g W, dW = g^T x
+    "forward": lambda x, w, g: x @ w.T,
+    "input gradient": lambda x, w, g: g @ w,
+    "weight gradient": lambda x, w, g: g.T @ x,
+}
+
+
+def matmul_table(config, tokens: int, repeats: int) -> list[str]:
+    """Milliseconds of each matmul a decoder layer and the head run per step (forward, input gradient, weight
+    gradient), float32 against bfloat16, on `tokens` positions: where bfloat16 autocast gains or loses on this CPU."""
+    shapes = {  # name: (in features, out features)
+        "attention q/o": (config.hidden_size, config.hidden_size),
+        "MLP up/gate": (config.hidden_size, config.intermediate_size),
+        "MLP down": (config.intermediate_size, config.hidden_size),
+        "head": (config.hidden_size, config.vocab_size),
+    }
+    rows = [
+        "| matmul | in x out | direction | float32 (ms) | bfloat16 (ms) | bfloat16 / float32 |",
+        "|---|---|---|---|---|---|",
+    ]
+    generator = torch.Generator().manual_seed(0)
+    for name, (inputs, outputs) in shapes.items():
+        sizes = ((tokens, inputs), (outputs, inputs), (tokens, outputs))  # x, W, g
+        tensors = [torch.randn(*size, generator=generator) for size in sizes]
+        for direction, product in MATMUL_DIRECTIONS.items():
+            single = median_ms(product, tensors, repeats)
+            half = median_ms(product, [t.bfloat16() for t in tensors], repeats)
+            rows.append(
+                f"| {name} | {inputs} x {outputs} | {direction} | {single:.1f} | {half:.1f} | {half / single:.2f}x |"
+            )
+    return rows
+
+
+def median_ms(product, tensors: list[torch.Tensor], repeats: int) -> float:
+    """Median wall milliseconds of `product(*tensors)` over `repeats` calls after one warm-up."""
+    product(*tensors)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        product(*tensors)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000
