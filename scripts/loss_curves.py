@@ -6,8 +6,8 @@ change fails a test (tests/objectives/test_curves.py runs the same runs and comp
 
 The losses are the files of config/loss/; each trains on the demo file of the rows its trainer class consumes (its
 `data_kind`), so a new loss needs no entry here, only its recorded curve. Each run goes through the real CLI
-(launch.py in a subprocess) with the tiny model built by make_tiny_model.py; the losses that share their data and
-settings run as one sweep.
+(launch.py in a subprocess) with the tiny model built by make_tiny_model.py: recorded one process per loss, checked
+with the losses that share their data and settings trained as one sweep.
 """
 
 from __future__ import annotations
@@ -74,34 +74,41 @@ def run_overrides(loss: str) -> list[str]:
 
 def run_curves(names: list[str], cache_dir: Path) -> dict[str, list[float]]:
     """The training loss of each of the first 10 steps of each loss in `names` on the demo data; `cache_dir` holds
-    tiny-llama/. The losses that share their overrides train as one sweep, so each curve also proves that a sweep's
-    job computes what a run of its own would (the stored curves were recorded one process per loss)."""
-    groups: dict[tuple[str, ...], list[str]] = {}
-    for loss in names:
-        groups.setdefault(tuple(run_overrides(loss)), []).append(loss)
+    tiny-llama/. The losses that share their overrides train as one sweep (`main` records each in a process of its
+    own, so a curve that matches its stored one also proves that a sweep's job computes what a run of its own
+    does)."""
+    settings = {loss: run_overrides(loss) for loss in names}
     curves = {}
-    for overrides, group in groups.items():
-        for loss, run_dir in run_losses_as_sweep(group, [*COMMON, *overrides], cache_dir, f"curves-{group[0]}").items():
-            rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-            curves[loss] = [row["loss/train"] for row in rows if "loss/train" in row]
+    for loss, run_dir in run_losses_as_sweeps(settings, COMMON, cache_dir, "curves").items():
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        curves[loss] = [row["loss/train"] for row in rows if "loss/train" in row]
     return curves
 
 
-def run_losses_as_sweep(names: list[str], args: list[str], cache_dir: Path, sweep: str) -> dict[str, Path]:
-    """Train each loss in `names` with the overrides `args` as one sweep in `cache_dir`/`sweep` (`launch.py -m
-    loss=a,b,... ARGS`: one process trains them in turn); each loss's run directory. Raises with the log's tail
-    unless every job finished."""
+def run_losses_as_sweeps(
+    settings: dict[str, list[str]], args: list[str], cache_dir: Path, name: str
+) -> dict[str, Path]:
+    """Train each loss of `settings` with its own overrides there and `args`; the losses with the same overrides as one
+    sweep (`launch.py -m loss=a,b,... ARGS`: one process trains them in turn) in `cache_dir`/`name`-<first loss>.
+    Each loss's run directory; raises with the log's tail unless every job finished."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for loss, overrides in settings.items():
+        groups.setdefault(tuple(overrides), []).append(loss)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
-    command = [sys.executable, str(REPO / "launch.py"), "-m", f"loss={','.join(names)}", *args]
-    command += [f"cache_dir={cache_dir}", f"exp_name={sweep}"]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
-    jobs = sweep_rows(cache_dir / sweep)  # in job order: job N trained the Nth loss of `loss=a,b,...`
-    if result.returncode != 0 or len(jobs) != len(names):
-        raise RuntimeError(f"loss={','.join(names)} failed:\n{result.stderr[-3000:]}")
-    for loss, job in zip(names, jobs, strict=True):
-        if job["status"] != "done" or job["overrides"] not in ("-", f"loss={loss}"):  # "-": a sweep of one job
-            raise RuntimeError(f"loss={loss}: {job['status']} ({job['overrides']}):\n{result.stderr[-3000:]}")
-    return {loss: Path(job["run_dir"]) for loss, job in zip(names, jobs, strict=True)}
+    run_dirs = {}
+    for overrides, losses_of_group in groups.items():
+        sweep = f"{name}-{losses_of_group[0]}"
+        command = [sys.executable, str(REPO / "launch.py"), "-m", f"loss={','.join(losses_of_group)}", *args]
+        command += [*overrides, f"cache_dir={cache_dir}", f"exp_name={sweep}"]
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+        jobs = sweep_rows(cache_dir / sweep)  # in job order: job N trained the Nth loss of `loss=a,b,...`
+        if result.returncode != 0 or len(jobs) != len(losses_of_group):
+            raise RuntimeError(f"loss={','.join(losses_of_group)} failed:\n{result.stderr[-3000:]}")
+        for loss, job in zip(losses_of_group, jobs, strict=True):
+            if job["status"] != "done" or job["overrides"] not in ("-", f"loss={loss}"):  # "-": a sweep of one job
+                raise RuntimeError(f"loss={loss}: {job['status']} ({job['overrides']}):\n{result.stderr[-3000:]}")
+            run_dirs[loss] = Path(job["run_dir"])
+    return run_dirs
 
 
 def main() -> None:
@@ -117,7 +124,8 @@ def main() -> None:
     CURVES_DIR.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as cache:
         make_tiny_model.make(Path(cache) / "tiny-llama", "chatml")
-        for loss, curve in run_curves(args.losses or losses(), Path(cache)).items():
+        for loss in args.losses or losses():  # each in a process of its own: the test's sweeps are checked against it
+            curve = run_curves([loss], Path(cache))[loss]
             curve_path(loss).write_text(json.dumps({"loss/train": curve}, indent=1) + "\n")
             print(f"{loss}: {' '.join(f'{v:.5f}' for v in curve)}")
 

@@ -72,7 +72,8 @@ def bench_cpu_options(args) -> str:
         )
     base = results[f"float32, {threads} threads (default)"][0]
     tokens = int(batch["attention_mask"].sum())
-    matmuls = matmul_table(model.config, batch["input_ids"].numel(), args.repeats)
+    positions = batch["input_ids"].numel()
+    matmuls = matmul_table(model.config, positions, args.repeats)
     lines = [
         f"SmolLM2-135M real weights, one forward + backward with Halyard's lean loss on 8 chat examples ({tokens} real "
         f"tokens, padded to {batch['input_ids'].shape[1]}), {args.repeats} timed repeats after one warm-up, in one "
@@ -85,7 +86,7 @@ def bench_cpu_options(args) -> str:
             for name, (median, first) in results.items()
         ),
         "",
-        f"Each matmul of the model's layers and head at the batch's {batch['input_ids'].numel()} positions, float32 "
+        f"Each matmul of the model's layers and head at the batch's {positions} positions, float32 "
         f"against bfloat16 tensors (what autocast multiplies), median of {args.repeats} after one warm-up:",
         "",
         *matmuls,
@@ -118,10 +119,11 @@ def matmul_table(config, tokens: int, repeats: int) -> list[str]:
         sizes = ((tokens, inputs), (outputs, inputs), (tokens, outputs))  # x, W, g
         tensors = [torch.randn(*size, generator=generator) for size in sizes]
         for direction, product in MATMUL_DIRECTIONS.items():
-            single = median_ms(product, tensors, repeats)
-            half = median_ms(product, [t.bfloat16() for t in tensors], repeats)
+            float32_ms = median_ms(product, tensors, repeats)
+            bfloat16_ms = median_ms(product, [t.bfloat16() for t in tensors], repeats)
+            ratio = bfloat16_ms / float32_ms
             rows.append(
-                f"| {name} | {inputs} x {outputs} | {direction} | {single:.1f} | {half:.1f} | {half / single:.2f}x |"
+                f"| {name} | {inputs} x {outputs} | {direction} | {float32_ms:.1f} | {bfloat16_ms:.1f} | {ratio:.2f}x |"
             )
     return rows
 

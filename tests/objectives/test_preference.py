@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
-from loss_curves import run_losses_as_sweep
+from loss_curves import run_losses_as_sweeps
 
 from conftest import REPO, read_metrics, run_cli
 from train.batching.plan import BatchPlan
@@ -242,19 +242,15 @@ ADDED_OBJECTIVES = {  # loss: its settings for a 17-step run
 def added_objective_runs(tiny_cache) -> dict[str, tuple[Path, Path]]:
     """Each added objective's 17-step run and its first 2 steps in 4 accumulated micro-batches. The objectives with
     the same settings train as one sweep of each (one process trains them in turn)."""
-    groups: dict[tuple[str, ...], list[str]] = {}
-    for loss, settings in sorted(ADDED_OBJECTIVES.items()):
-        groups.setdefault(tuple(settings), []).append(loss)
-    runs = {}
-    for settings, group in groups.items():
-        common = [*PREF, *settings, "warmup_ratio=0", "log_every_steps=1"]
-        common.append("data.group_by_length=false")  # the settings above were tuned on random batches
-        learned = [*common, "max_steps=17", "eval_every_steps=17"]
-        split = [*common, "max_steps=2", "model.gradient_accumulation_steps=4"]
-        learned_dirs = run_losses_as_sweep(group, learned, tiny_cache, f"learned-{group[0]}")
-        split_dirs = run_losses_as_sweep(group, split, tiny_cache, f"accum4-{group[0]}")
-        runs |= {loss: (learned_dirs[loss], split_dirs[loss]) for loss in group}
-    return runs
+    common = [*PREF, "warmup_ratio=0", "log_every_steps=1"]
+    common.append("data.group_by_length=false")  # the settings above were tuned on random batches
+    learned = run_losses_as_sweeps(
+        ADDED_OBJECTIVES, [*common, "max_steps=17", "eval_every_steps=17"], tiny_cache, "learned"
+    )
+    split = run_losses_as_sweeps(
+        ADDED_OBJECTIVES, [*common, "max_steps=2", "model.gradient_accumulation_steps=4"], tiny_cache, "accum4"
+    )
+    return {loss: (learned[loss], split[loss]) for loss in ADDED_OBJECTIVES}
 
 
 @pytest.mark.parametrize("loss", sorted(ADDED_OBJECTIVES))
