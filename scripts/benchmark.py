@@ -95,11 +95,11 @@ RUNNERS = {
 }
 # The sft benchmark's runs (scripts/bench/sft.py): Halyard's, TRL's, and the bare loop on Halyard's default's and
 # packed's passes.
-SFT_RUNS = ("default", "returned", "grouped", "unpacked", "packed", "fused", "compiled", "packed-compiled", "trl-padded", "trl-pf",
-            "trl-pf-compiled", "trl-pf-kept", "bare-default", "bare-packed")  # fmt: skip
-SFT_DEFAULT_RUNS = [
-    run for run in SFT_RUNS if run not in ("fused", "compiled", "packed-compiled", "trl-pf-compiled", "returned")
-]
+SFT_RUNS = ("default", "returned", "grouped", "unpacked", "packed", "fused", "autocast-attention", "compiled",
+            "packed-compiled", "trl-padded", "trl-pf", "trl-pf-compiled", "trl-pf-kept", "bare-default",
+            "bare-packed")  # fmt: skip
+SFT_OPTIONAL_RUNS = ("fused", "autocast-attention", "compiled", "packed-compiled", "trl-pf-compiled", "returned")
+SFT_DEFAULT_RUNS = [run for run in SFT_RUNS if run not in SFT_OPTIONAL_RUNS]
 
 
 def use_repository_root() -> None:

@@ -341,7 +341,8 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
 
 
 def test_trackers_bfloat16_and_gradient_checkpointing(tiny_cache):
-    """TensorBoard and offline wandb get the logged metrics; bf16 autocast with checkpointing trains."""
+    """TensorBoard and offline wandb get the logged metrics; bf16 autocast with checkpointing and attention in
+    float32 trains and generates."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     args = [*COMMON, f"cache_dir={tiny_cache}", "exp_name=trackers", "max_steps=4", "log_every_steps=2"]
@@ -352,10 +353,12 @@ def test_trackers_bfloat16_and_gradient_checkpointing(tiny_cache):
         "model.gradient_checkpointing=true",
     ]
     flags += ["model.dtype=bfloat16", "eval_samples=2", "eval_samples_max_new_tokens=8", "eval_every_steps=2"]
+    flags += ["model.attention_float32=true"]  # through checkpointing and generation (its cache) too
     flags += ["optimizer.name=adafactor", "lr_scheduler=warmup_stable_decay", "warmup_steps=1", "lr_decay_ratio=0.5"]
     result = run_cli(args + flags)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "optimizer adafactor, lr 0.003, warmup_stable_decay schedule, 1 warmup step(s)" in result.stderr
+    assert "model.attention_float32: on: sdpa computes in float32 (set)" in result.stderr
     run = tiny_cache / "trackers"
     logged = [m for m in read_metrics(run) if "loss/train" in m]
     # 4 steps: warmup to step 1, held at step 2, then the last 2 steps decay to 0 (lr is logged after each step).

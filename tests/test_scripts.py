@@ -524,6 +524,23 @@ def test_the_matmul_table_times_a_linear_layers_three_products_per_shape():
     assert len(rows) == 2 + 4 * 3 and rows[-1].startswith("| head | 8 x 32 | weight gradient |")
 
 
+def test_the_attention_table_times_one_layers_attention_and_its_gradients_per_shape():
+    """cpu-options' attention table: one layer's causal attention with grouped-query heads, forward and the
+    gradients of query, key and value, per (rows, tokens) shape, float32 beside bfloat16."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from scripts.bench.cpu import attention_pass, attention_table
+
+    query = torch.randn(2, 4, 3, 2, requires_grad=True)  # 2 rows, 4 heads, 3 tokens, head dim 2
+    key, value = (torch.randn(2, 2, 3, 2, requires_grad=True) for _ in range(2))  # 2 key/value heads
+    assert [g.shape for g in attention_pass(query, key, value)] == [query.shape, key.shape, value.shape]
+    config = SimpleNamespace(num_attention_heads=4, num_key_value_heads=2, hidden_size=8)
+    rows = attention_table(config, {"padded": (2, 3), "packed": (1, 5)}, repeats=1)
+    assert len(rows) == 2 + 2 and rows[-1].startswith("| packed | 1 x 5 |")
+
+
 def test_the_sft_benchmark_times_every_run_on_the_same_examples_in_repeats(tiny_cache):
     """scripts/benchmark.py sft --same-examples --repeats 2 through the real CLI (the tiny model in SmolLM2's place):
     Halyard's default and the bare loop on its passes time the very same examples (equal supervised tokens per

@@ -1,5 +1,5 @@
-"""cpu-options: threads, bfloat16 autocast and torch.compile on one SmolLM2 training step, and each of the model's
-matmul shapes in float32 against bfloat16; and that step (a batch of middling chat examples, one forward + backward
+"""cpu-options: threads, bfloat16 autocast (with attention in float32 too) and torch.compile on one SmolLM2 training
+step, and each of the model's matmul shapes and its attention in float32 against bfloat16; and that step (a batch of middling chat examples, one forward + backward
 with Halyard's lean loss), which eval-cost counts in too."""
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from train.app.attention import float32_sdpa
 from train.app.config import DataConfig
 from train.batching.collate import collate
 from train.data.preprocess import load_examples
@@ -54,8 +56,8 @@ def bench_cpu_options(args) -> str:
         times = [training_step_seconds(model, batch, bf16) for _ in range(repeats + 1)]
         return statistics.median(times[1:]), times[0]
 
-    def fresh():
-        model = AutoModelForCausalLM.from_pretrained(args.smollm2, attn_implementation="sdpa", dtype=torch.float32)
+    def fresh(attention: str = "sdpa"):
+        model = AutoModelForCausalLM.from_pretrained(args.smollm2, attn_implementation=attention, dtype=torch.float32)
         model.config.use_cache = False
         return model
 
@@ -65,6 +67,9 @@ def bench_cpu_options(args) -> str:
     results["float32, 1 thread"] = step_seconds(model, False, args.repeats)
     torch.set_num_threads(threads)
     results[f"bfloat16 autocast, {threads} threads"] = step_seconds(model, True, args.repeats)
+    results[f"bfloat16 autocast, attention in float32 (model.attention_float32), {threads} threads"] = step_seconds(
+        fresh(float32_sdpa()), True, args.repeats
+    )
     if args.compile:
         compiled = torch.compile(fresh(), dynamic=True)
         results[f"float32, torch.compile(dynamic=True), {threads} threads"] = step_seconds(
@@ -74,6 +79,8 @@ def bench_cpu_options(args) -> str:
     tokens = int(batch["attention_mask"].sum())
     positions = batch["input_ids"].numel()
     matmuls = matmul_table(model.config, positions, args.repeats)
+    rows, length = batch["input_ids"].shape
+    attention = attention_table(model.config, {"the batch": (rows, length), "a packed row": (1, 512)}, args.repeats)
     lines = [
         f"SmolLM2-135M real weights, one forward + backward with Halyard's lean loss on 8 chat examples ({tokens} real "
         f"tokens, padded to {batch['input_ids'].shape[1]}), {args.repeats} timed repeats after one warm-up, in one "
@@ -90,6 +97,11 @@ def bench_cpu_options(args) -> str:
         f"against bfloat16 tensors (what autocast multiplies), median of {args.repeats} after one warm-up:",
         "",
         *matmuls,
+        "",
+        f"One layer's causal sdpa attention, forward + backward, float32 against bfloat16 queries, keys and values "
+        f"(what autocast hands it), median of {args.repeats} after one warm-up:",
+        "",
+        *attention,
     ]
     return "\n".join(lines)
 
@@ -126,6 +138,39 @@ def matmul_table(config, tokens: int, repeats: int) -> list[str]:
                 f"| {name} | {inputs} x {outputs} | {direction} | {float32_ms:.1f} | {bfloat16_ms:.1f} | {ratio:.2f}x |"
             )
     return rows
+
+
+def attention_table(config, shapes: dict[str, tuple[int, int]], repeats: int) -> list[str]:
+    """Milliseconds of one decoder layer's causal sdpa attention, forward and backward, at each (rows, tokens per
+    row) of `shapes`, float32 against bfloat16: what model.attention_float32 chooses between."""
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    lines = [
+        "| attention | rows x tokens | float32 (ms) | bfloat16 (ms) | bfloat16 / float32 |",
+        "|---|---|---|---|---|",
+    ]
+    generator = torch.Generator().manual_seed(0)
+    for name, (rows, length) in shapes.items():
+        sizes = (
+            (rows, heads, length, head_dim),
+            (rows, kv_heads, length, head_dim),
+            (rows, kv_heads, length, head_dim),
+        )
+        tensors = [torch.randn(*size, generator=generator) for size in sizes]
+        float32_ms, bfloat16_ms = (
+            median_ms(attention_pass, [t.to(dtype).requires_grad_() for t in tensors], repeats)
+            for dtype in (torch.float32, torch.bfloat16)
+        )
+        lines.append(
+            f"| {name} | {rows} x {length} | {float32_ms:.1f} | {bfloat16_ms:.1f} | {bfloat16_ms / float32_ms:.2f}x |"
+        )
+    return lines
+
+
+def attention_pass(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Causal attention (grouped-query heads) and the gradients of its inputs: one layer's share of a step."""
+    output = F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True)
+    return torch.autograd.grad(output.sum(), (query, key, value))
 
 
 def median_ms(product, tensors: list[torch.Tensor], repeats: int) -> float:

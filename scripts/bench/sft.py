@@ -66,6 +66,8 @@ def bench_sft(args) -> str:
         "packed": (f"Halyard, packed ({rows_per_step} rows of {args.max_length} per step)",
                    [f"model.batch_size={rows_per_step}", "data.packing=true"]),
         "fused": ("Halyard default, model.head_loss=fused", ["model.batch_size=8", "model.head_loss=fused"]),
+        "autocast-attention": ("Halyard default, model.attention_float32=false (attention in the autocast dtype)",
+                               ["model.batch_size=8", "model.attention_float32=false"]),
         "compiled": ("Halyard default, model.compile=true", ["model.batch_size=8", "model.compile=true"]),
         "packed-compiled": ("Halyard packed, model.compile=true",
                             [f"model.batch_size={rows_per_step}", "data.packing=true", "model.compile=true"]),

@@ -143,6 +143,16 @@ def test_peft_options_that_cannot_work_are_refused_together():
     assert cfg.model.peft.use_rslora and cfg.model.peft.use_dora
 
 
+def test_float32_attention_is_refused_with_a_kernel_it_does_not_upcast():
+    with pytest.raises(ConfigError) as error:
+        launch.compose_config([*COMMON, "model.attention_float32=true", "model.attn_implementation=eager"])
+    assert error.value.problems == [
+        "model.attention_float32=true upcasts sdpa attention, but model.attn_implementation=eager; use "
+        "attn_implementation=sdpa, or attention_float32=false"
+    ]
+    assert launch.compose_config([*COMMON, "model.attention_float32=true"]).model.attention_float32 is True
+
+
 def test_quantized_bases_that_cannot_work_are_refused_with_the_reason():
     """QLoRA's refusals, all at once: a quantized base without LoRA, a 4-bit option with int8, FSDP (planned from the
     accelerate config, before any process starts)."""

@@ -145,6 +145,13 @@ class ModelConfig:
         choices={"eager": "", "sdpa": "", "flash_attention_2": "CUDA only"},
         changes_math=False,
     )
+    attention_float32: bool | None = setting(
+        None,
+        "Under bfloat16 or float16, compute sdpa attention in float32 (queries, keys and values upcast, the output "
+        "cast back): a more precise softmax, and faster where the device's low-precision attention kernel is slow. "
+        "null: on for sdpa on a CPU without AMX tiles (its bfloat16 attention about 2x slower than float32's; SmolLM2 "
+        "trained 1.12x faster in bfloat16, docs/BENCHMARKS.md), off on GPUs and AMX CPUs; the log says why.",
+    )
     compile: bool | None = setting(
         None,
         "Compile each decoder layer's training passes with torch.compile (regional: one graph serves every layer; "

@@ -50,6 +50,9 @@ LAYER_BYTES_PER_TOKEN = {
     ("qlora", "float32"): (25, 8, 16),
     ("qlora", "bfloat16"): (24.5, 4, 8),
 }
+# model.attention_float32 under bfloat16: attention saves its query, key, value and output in float32, not bfloat16:
+# more bytes per token as multiples of h and kv, counted as above (tests: to the byte on the tiny model).
+FLOAT32_ATTENTION_BYTES_PER_TOKEN = (6, 4)
 # Outside the layers (embedding output, final norm), bytes per token as a multiple of h.
 OUTSIDE_BYTES_PER_TOKEN = {"full": {"float32": 12, "bfloat16": 8}, "lora": {"float32": 4, "bfloat16": 4}}
 # LoRA dropout (lora_dropout > 0) keeps a dropped-out copy of each adapted module's input: bytes per input element.
@@ -110,6 +113,7 @@ class PlanSettings:
     offload: bool = False  # FSDP2 CPU offload: sharded weights, gradients and optimizer state in CPU RAM
     lm_head: bool = True  # False: a reward model's one-output score head, no vocabulary logits
     fused_head: bool = False  # model.head_loss=fused: logits one chunk at a time, gradients taken in the forward
+    attention_float32: bool = False  # model.attention_float32: sdpa in float32 under bfloat16 or float16
 
 
 @dataclass(frozen=True)
@@ -256,6 +260,9 @@ def activation_bytes(shape: ModelShape, settings: PlanSettings) -> int:
     tokens = pass_tokens(settings)
     dtype = "float32" if settings.compute_dtype == "float32" else "bfloat16"
     per_layer = layer_bytes_per_token(shape, settings.method, dtype, settings.lora_dropout)
+    if settings.attention_float32 and dtype != "float32":
+        h_bytes, kv_bytes = FLOAT32_ATTENTION_BYTES_PER_TOKEN
+        per_layer += h_bytes * shape.hidden + kv_bytes * shape.kv_width
     kind = "full" if settings.method == "full" else "lora"
     outside = OUTSIDE_BYTES_PER_TOKEN[kind][dtype] * shape.hidden
     if not settings.gradient_checkpointing:
@@ -393,9 +400,10 @@ def plan_settings(cfg: Config, spec, n_processes: int, sharded: bool, offload: b
     rows_per_item = 1 if packed else spec.trainer.rows_per_example
     tokens = packed_row_tokens(spec.data_kind, cfg.model.max_length) if packed else cfg.model.max_length
     method = method_of(cfg)
+    compute_dtype = cfg.model.dtype if cfg.model.dtype != "auto" else _resolved_dtype()
     return PlanSettings(
         method=method,
-        compute_dtype=cfg.model.dtype if cfg.model.dtype != "auto" else _resolved_dtype(),
+        compute_dtype=compute_dtype,
         quantization=quantization_of(cfg),
         double_quant=cfg.model.double_quantization is not False,  # null: on for 4-bit bases (models.py)
         optimizer=cfg.optimizer.name,
@@ -411,6 +419,7 @@ def plan_settings(cfg: Config, spec, n_processes: int, sharded: bool, offload: b
         offload=offload,
         lm_head=spec.model_head == "lm",
         fused_head=cfg.model.head_loss == "fused",
+        attention_float32=_resolved_attention_float32(cfg, compute_dtype),
     )
 
 
@@ -418,6 +427,12 @@ def _resolved_dtype() -> str:
     from train.app.models import resolve_dtype
 
     return resolve_dtype("auto")[0]
+
+
+def _resolved_attention_float32(cfg: Config, compute_dtype: str) -> bool:
+    from train.app.models import resolve_attention_float32
+
+    return resolve_attention_float32(cfg.model.attention_float32, compute_dtype, cfg.model.attn_implementation)[0]
 
 
 def _reference_kind(cfg: Config, spec) -> str:

@@ -10,6 +10,7 @@ import torch
 from accelerate.utils import set_seed
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from train.app.attention import float32_sdpa
 from train.app.config import ModelConfig
 from train.batching.collate import collate_packed
 from train.data.store import IGNORE_INDEX, PackedExample
@@ -42,6 +43,22 @@ def resolve_dtype(dtype: str) -> tuple[str, str]:
 def cpu_has_amx() -> bool:
     """Whether this CPU has AMX tiles, where bfloat16 matmuls are fast (torch's check; False where it has none)."""
     return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+
+
+def resolve_attention_float32(setting: bool | None, dtype: str, attn_implementation: str) -> tuple[bool, str]:
+    """model.attention_float32 with null decided for this machine, and why: on for bfloat16 or float16 sdpa on a CPU
+    without AMX tiles, where the float32 kernel is the faster one (train/app/attention.py)."""
+    if setting is not None:
+        return setting, "set"
+    if dtype == "float32":
+        return False, "the model computes in float32"
+    if attn_implementation != "sdpa":
+        return False, f"attn_implementation={attn_implementation} keeps its own kernel"
+    if torch.cuda.is_available():
+        return False, f"CUDA's {dtype} attention kernels are the fast ones"
+    if cpu_has_amx():
+        return False, f"this CPU has AMX tiles for {dtype} attention"
+    return True, f"a CPU without AMX: its {dtype} attention kernel ran about 2x slower than float32's"
 
 
 def resolve_save_dtype(save_dtype: str, settings: ModelConfig) -> tuple[str, str]:
@@ -121,7 +138,8 @@ def build_model(
     """
     set_seed(seed)  # LoRA and score-head initialization are random
     load_dtype = TORCH_DTYPES[settings.dtype] if settings.use_peft and not sharded else torch.float32
-    options = {"dtype": load_dtype, "attn_implementation": settings.attn_implementation}
+    attention = float32_sdpa() if settings.attention_float32 else settings.attn_implementation
+    options = {"dtype": load_dtype, "attn_implementation": attention}
     if settings.quantization != "none":  # validation allows it only under LoRA, without FSDP
         options |= {"quantization_config": bits_and_bytes_config(settings), "device_map": quantized_device_map()}
     if score_pad_token_id is not None:

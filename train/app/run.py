@@ -20,6 +20,7 @@ from train.app.models import (
     build_model,
     build_tokenizer,
     compile_summary,
+    resolve_attention_float32,
     resolve_compile,
     resolve_dtype,
     resolve_save_dtype,
@@ -59,6 +60,12 @@ def run(cfg: Config) -> None:
     cfg.model.dtype, why = resolve_dtype(cfg.model.dtype)  # before anything reads it, the saved config included
     if why != "set":
         logger.info(f"model.dtype=auto: {cfg.model.dtype} ({why})")
+    cfg.model.attention_float32, why = resolve_attention_float32(
+        cfg.model.attention_float32, cfg.model.dtype, cfg.model.attn_implementation
+    )
+    if cfg.model.attention_float32 or why != "set":
+        state = "on: sdpa computes in float32" if cfg.model.attention_float32 else "off"
+        logger.info(f"model.attention_float32: {state} ({why})")
     spec = loss_spec(cfg)
     log_plan(cfg, spec)  # before anything loads: what the run will need, what the device has
     cfg.save_dtype, why = resolve_save_dtype(cfg.save_dtype, cfg.model)

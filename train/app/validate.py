@@ -509,6 +509,11 @@ def _check_model(model: ModelConfig, world_size: int) -> list[str]:
         problems.append(
             "model.attn_implementation=flash_attention_2 needs the flash-attn package (CUDA): pip install .[gpu], or use sdpa"
         )
+    if model.attention_float32 and model.attn_implementation != "sdpa":
+        problems.append(
+            f"model.attention_float32=true upcasts sdpa attention, but model.attn_implementation="
+            f"{model.attn_implementation}; use attn_implementation=sdpa, or attention_float32=false"
+        )
     micro_batches = world_size * model.gradient_accumulation_steps
     if model.batch_size > 0 and model.gradient_accumulation_steps > 0 and model.batch_size % micro_batches:
         problems.append(
