@@ -150,7 +150,7 @@ class ModelConfig:
         "Under bfloat16 or float16, compute sdpa attention in float32 (queries, keys and values upcast, the output "
         "cast back): a more precise softmax, and faster where the device's low-precision attention kernel is slow. "
         "null: on for sdpa on a CPU without AMX tiles (its bfloat16 attention about 2x slower than float32's; SmolLM2 "
-        "trained 1.12x faster in bfloat16, docs/BENCHMARKS.md), off on GPUs and AMX CPUs; the log says why.",
+        "trained 1.08-1.12x faster in bfloat16, docs/BENCHMARKS.md), off on GPUs and AMX CPUs; the log says why.",
     )
     compile: bool | None = setting(
         None,
