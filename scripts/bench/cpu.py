@@ -1,6 +1,6 @@
 """cpu-options: threads, bfloat16 autocast (with attention in float32 too) and torch.compile on one SmolLM2 training
-step, and each of the model's matmul shapes and its attention in float32 against bfloat16; and that step (a batch of middling chat examples, one forward + backward
-with Halyard's lean loss), which eval-cost counts in too."""
+step, and each of the model's matmul shapes and its attention in float32 against bfloat16; and that step (a batch of
+middling chat examples, one forward + backward with Halyard's lean loss), which eval-cost counts in too."""
 
 from __future__ import annotations
 
