@@ -25,8 +25,9 @@ own loss, its process with Halyard's default keep_freed_host_memory as a run's h
 default and packed runs with model.compile=true (the first step, its compilation, falls in the warm-up); --runs picks
 a subset, among them the default with keep_freed_host_memory=false (returned: what the kept heap is worth), TRL
 padding-free with the Trainer's torch_compile=True (trl-pf-compiled: not by default, it recompiles the whole model at
-new shapes) and TRL padding-free with Halyard's keep_freed_host_memory applied to its process (trl-pf-kept: how much
-of a gap is the allocator; not counted as TRL's best, which is among its own configurations); TRL padded still runs
+new shapes), TRL padding-free with Halyard's keep_freed_host_memory applied to its process (trl-pf-kept: how much
+of a gap is the allocator; not counted as TRL's best, which is among its own configurations) and the default with
+model.attention_float32=false (autocast-attention: what attention in float32 is worth); TRL padded still runs
 one step where a padding-free run needs it (the correctness check). The model is SmolLM2-135M's real weights, or
 Qwen2.5-0.5B's layer shape at reduced depth; the data synthetic multi-turn chat with skewed lengths; the same tokens
 and labels for every run. Rates: the timed steps' supervised tokens over their seconds (steps differ in size, grouped
@@ -39,8 +40,8 @@ token ids) and the same pairs per step.
 shared-prompt: a pair's prompt run once (one row `prompt, chosen, rejected`, a 4D mask keeping rejected from chosen)
 vs twice (two rows), same log-probs (checked), policy forward + backward time.
 
-cpu-options: threads, bfloat16 autocast and torch.compile on one SmolLM2 training step; each of its matmul shapes in
-float32 against bfloat16.
+cpu-options: threads, bfloat16 autocast (with attention in float32 too) and torch.compile on one SmolLM2 training
+step; each of its matmul shapes, and one layer's attention, in float32 against bfloat16.
 
 scale: the data path at 10k, 100k and 1M synthetic multi-turn rows (lognormal lengths, ~300 tokens on average) on the
 tiny 2-layer model: seconds from the command to the end of step 1 (`max_steps=1`) and peak memory of all its

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from train.app import models
 from train.app.attention import FLOAT32_SDPA, float32_sdpa
@@ -44,16 +45,19 @@ def batches() -> dict[str, dict[str, torch.Tensor]]:
     padded = torch.ones(2, 12, dtype=torch.long)
     padded[1, :5] = 0  # left padding on the second row
     packed = torch.tensor([list(range(5)) + list(range(7))])  # two documents in one row: positions restart
+    shared = torch.ones(12, 12, dtype=torch.bool).tril()  # a shared-prompt row's 4D mask (collate_shared_prompt)
+    shared[8:, 4:8] = False  # the rejected response does not see the chosen one
     return {
         "padded": {"input_ids": ids, "attention_mask": padded},
         "packed": {"input_ids": ids[:1], "position_ids": packed},
+        "shared prompt": {"input_ids": ids[:1], "attention_mask": shared[None, None]},
     }
 
 
-@pytest.mark.parametrize("batch", ["padded", "packed"])
+@pytest.mark.parametrize("batch", ["padded", "packed", "shared prompt"])
 def test_the_upcast_attention_is_sdpa_exactly_with_its_masks(batch):
-    """In float32 the upcast is a no-op, so the logits must equal sdpa's bit for bit: padding masks and packed
-    rows (positions restarting) reach the kernel the same way."""
+    """In float32 the upcast is a no-op, so the logits must equal sdpa's bit for bit: padding masks, packed rows
+    (positions restarting) and the shared prompt's 4D mask reach the kernel the same way."""
     inputs = batches()[batch]
     with torch.no_grad():
         expected = tiny_llama("sdpa")(**inputs).logits
@@ -96,3 +100,21 @@ def test_under_bfloat16_autocast_the_kernel_computes_in_float32():
         assert outputs[0].dtype == torch.bfloat16
         assert all(p.grad is not None for p in model.parameters())
     assert model.config._attn_implementation == FLOAT32_SDPA
+
+
+def test_an_additive_mask_in_bfloat16_is_upcast_with_the_rest():
+    """A float mask (0 where a token may attend, the dtype's lowest value where not) in bfloat16, as eager-style
+    masks come: the kernel needs it in the queries' dtype, and it hides what the boolean mask hides."""
+    model = tiny_llama(float32_sdpa())
+    attention = model.model.layers[0].self_attn
+    generator = torch.Generator().manual_seed(2)
+    query = torch.randn(1, 4, 6, 16, generator=generator, dtype=torch.bfloat16)
+    key, value = (torch.randn(1, 2, 6, 16, generator=generator, dtype=torch.bfloat16) for _ in range(2))
+    allowed = torch.ones(6, 6, dtype=torch.bool).tril()[None, None]
+    additive = torch.zeros(allowed.shape, dtype=torch.bfloat16).masked_fill(~allowed, torch.finfo(torch.bfloat16).min)
+    attend = ALL_ATTENTION_FUNCTIONS[FLOAT32_SDPA]
+    with torch.no_grad():
+        by_bool, _ = attend(attention, query, key, value, allowed, scaling=0.25)
+        by_float, _ = attend(attention, query, key, value, additive, scaling=0.25)
+    assert by_float.dtype == torch.bfloat16
+    assert torch.equal(by_float, by_bool)
